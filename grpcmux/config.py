@@ -1,0 +1,659 @@
+"""Settings of the multiplexer server and client, and where they come from.
+
+Every option can be given, from strongest to weakest, as a command-line flag, as an
+environment variable ``GRPCMUX_<FLAG>`` (``--proxy-listener`` ->
+``GRPCMUX_PROXY_LISTENER``), as a key of a YAML file named like the long flag
+(``proxy-listener:``), or left at its default.  Any bad value raises one
+:class:`ConfigError` whose one-line message names where the value came from, the
+option and what was expected, so ``twistd`` can print it as a usage error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+
+ENV_PREFIX = "GRPCMUX_"
+DEFAULT_ETC_DIR = "/etc/grpc-multiplexer"
+SERVER_FILE_STEM = "grpc-multiplexer-server"
+CLIENT_FILE_STEM = "grpc-multiplexer-client"
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "pretty")
+WIRE_PROTOCOLS = ("native", "legacy")
+MAX_CLIENT_ID_LENGTH = 128
+MAX_LABEL_PART_LENGTH = 256
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; ``str(error)`` is one line naming source, key, expectation."""
+
+
+class _Invalid(ValueError):
+    """Raised by the value checkers with the 'expected ...' text."""
+
+
+# -- value checkers: typed value in, normalised value out, _Invalid on error --------
+
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_ADDRESS_EXPECTED = "HOST:PORT (IPv6 hosts in brackets, e.g. [::1]:7602)"
+
+
+def _is_hostname(host: str) -> bool:
+    """True for an RFC 1123 host name or an IPv4 address."""
+    if not host or len(host) > 253:
+        return False
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return all(_HOSTNAME_LABEL.match(label) for label in labels)
+
+
+def parse_host_port(value: str, *, listener: bool = False) -> Tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into ``(host, port)``.
+
+    A listener address may leave the host empty (all interfaces) and use port 0
+    (any free port); an address to dial may not.  Raises ``ValueError``.
+    """
+    expected = _ADDRESS_EXPECTED
+    if value.startswith("["):
+        close = value.find("]")
+        if close < 0 or value[close + 1 : close + 2] != ":":
+            raise _Invalid(expected)
+        host, port_text = value[1:close], value[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid(expected + "; the bracketed part must be an IPv6 address")
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or ":" in host:
+            raise _Invalid(expected)
+        if host or not listener:
+            if not _is_hostname(host):
+                raise _Invalid(expected + "; HOST must be a host name or an IP address")
+    if not port_text.isdigit() or not port_text.isascii():
+        raise _Invalid(expected + "; PORT must be a number")
+    port = int(port_text)
+    lowest = 0 if listener else 1
+    if not lowest <= port <= 65535:
+        raise _Invalid(f"{expected}; PORT must be in {lowest}..65535")
+    return host, port
+
+
+def _check_dial_address(value: str) -> str:
+    parse_host_port(value)
+    return value
+
+
+def _check_listen_address(value: str) -> str:
+    parse_host_port(value, listener=True)
+    return value
+
+
+class _NoReactor:
+    """Stands in for the reactor while an endpoint description is only parsed."""
+
+
+def _endpoint_types() -> set:
+    """Server endpoint type names Twisted knows: built-ins and plugin prefixes."""
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    names = {"tcp", "unix", "ssl"}
+    names.update(
+        p.prefix.lower() for p in getPlugins(IStreamServerEndpointStringParser)
+    )
+    return names
+
+
+def _is_host_port(value: str) -> bool:
+    """True for HOST:PORT; ``tcp:7602`` and the like are endpoint strings."""
+    if value.partition(":")[0].lower() in _endpoint_types():
+        return False
+    try:
+        parse_host_port(value, listener=True)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_multiplexer_listener(value: str) -> str:
+    """HOST:PORT, or a Twisted server endpoint description (tcp:, unix:, systemd:...).
+
+    An endpoint string is checked with ``serverFromString`` against a placeholder
+    reactor: that parses it (and resolves endpoint plugins) without listening.
+    """
+    if _is_host_port(value):
+        return value
+    if ":" not in value:
+        parse_host_port(value, listener=True)  # raises the HOST:PORT expectation
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(_NoReactor(), value)
+    except (IndexError, KeyError) as error:
+        detail = f"no such inherited socket: {error}"
+    except Exception as error:  # the parsers raise many kinds; all mean 'invalid'
+        detail = str(error) or type(error).__name__
+    else:
+        return value
+    raise _Invalid(
+        "HOST:PORT or a Twisted server endpoint such as tcp:7602, "
+        f"unix:/run/grpcmux.sock or systemd:domain=INET:index=0 ({detail})"
+    )
+
+
+def listener_endpoint_description(value: str) -> str:
+    """A Twisted server endpoint string for a listener setting.
+
+    ``HOST:PORT`` becomes ``tcp:`` (``tcp6:`` for bracketed IPv6) with the host as
+    interface; an endpoint description is returned unchanged.
+    """
+    if not _is_host_port(value):
+        return value
+    host, port = parse_host_port(value, listener=True)
+    if value.startswith("["):
+        return "tcp6:{}:interface={}".format(port, host.replace(":", "\\:"))
+    if not host:
+        return f"tcp:{port}"
+    return f"tcp:{port}:interface={host}"
+
+
+def _check_client_id(value: str) -> str:
+    if not (1 <= len(value) <= MAX_CLIENT_ID_LENGTH) or not all(
+        "!" <= c <= "~" and c != "/" for c in value
+    ):
+        raise _Invalid(
+            f"a client id of 1-{MAX_CLIENT_ID_LENGTH} printable ASCII characters "
+            "without whitespace or '/'"
+        )
+    return value
+
+
+def _check_domain(value: str) -> str:
+    if not _is_hostname(value.strip(".")) or value != value.strip():
+        raise _Invalid("a DNS domain name such as grpcmux.example.com")
+    return value.strip(".").lower()
+
+
+def _check_path(value: str) -> str:
+    if not value or "\0" in value:
+        raise _Invalid("a non-empty path")
+    return value
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise _Invalid("one of " + ", ".join(choices))
+        return value
+
+    return check
+
+
+def _positive_int(value: int) -> int:
+    if value <= 0:
+        raise _Invalid("a positive whole number")
+    return value
+
+
+def _number(minimum_exclusive: bool) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        value = float(value)
+        if not math.isfinite(value) or value < 0 or (minimum_exclusive and value == 0):
+            raise _Invalid(
+                "a positive number of seconds"
+                if minimum_exclusive
+                else "a number of seconds, zero or more"
+            )
+        return value
+
+    return check
+
+
+def _check_label_pair(key: str, value: str) -> Tuple[str, str]:
+    expected = (
+        "labels as key=value: a key of printable characters without whitespace "
+        f"or '=', a printable value, each at most {MAX_LABEL_PART_LENGTH} characters"
+    )
+    if (
+        not key
+        or len(key) > MAX_LABEL_PART_LENGTH
+        or len(value) > MAX_LABEL_PART_LENGTH
+        or not key.isprintable()
+        or any(c.isspace() or c == "=" for c in key)
+        or not value.isprintable()
+    ):
+        raise _Invalid(expected)
+    return key, value
+
+
+def _check_labels(pairs: Any) -> Tuple[Tuple[str, str], ...]:
+    """Normalise a mapping or a sequence of (key, value) pairs to a tuple of pairs."""
+    items = pairs.items() if isinstance(pairs, Mapping) else pairs
+    result = []
+    seen = set()
+    for item in items:
+        try:
+            key, value = item
+        except (TypeError, ValueError):
+            raise _Invalid("labels as (key, value) pairs")
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise _Invalid("labels with string keys and values")
+        pair = _check_label_pair(key, value)
+        if key in seen:
+            raise _Invalid(f"each label key once (key {key!r} repeats)")
+        seen.add(key)
+        result.append(pair)
+    return tuple(result)
+
+
+def _split_label(text: str) -> Tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise _Invalid("labels as key=value")
+    return key, value
+
+
+# -- option table ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One option: its flag name, the value kind, the checker, the help text."""
+
+    flag: str
+    kind: str  # "str", "int", "float", "labels"
+    check: Callable[[Any], Any]
+    help: str
+    optional: bool = False  # None is a valid value (the default)
+
+    @property
+    def attr(self) -> str:
+        return self.flag.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.attr.upper()
+
+
+def _from_text(option: _Option, text: Any) -> Any:
+    """Convert a flag or environment value (text; a list for repeated --label)."""
+    if option.kind == "labels":
+        parts = text if isinstance(text, (list, tuple)) else text.split(",")
+        return option.check([_split_label(p.strip()) for p in parts if p.strip()])
+    if option.kind == "int":
+        if not text.strip().isdigit():
+            raise _Invalid("a positive whole number")
+        return option.check(int(text))
+    if option.kind == "float":
+        try:
+            number = float(text)
+        except ValueError:
+            raise _Invalid("a number of seconds")
+        return option.check(number)
+    return option.check(text)
+
+
+def _yaml_type_name(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {
+        bool: "a boolean",
+        int: "a whole number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def _from_yaml(option: _Option, value: Any) -> Any:
+    """Check and convert a typed YAML value (no silent string/number coercion)."""
+    if option.kind == "labels":
+        if isinstance(value, dict):
+            pairs = []
+            for key, item in value.items():
+                if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                    raise _Invalid(
+                        "a mapping of label keys to text values, "
+                        f"got {_yaml_type_name(item)} for {key!r}"
+                    )
+                pairs.append((str(key), str(item)))
+            return option.check(pairs)
+        if isinstance(value, list) and all(isinstance(p, str) for p in value):
+            return option.check([_split_label(p) for p in value])
+        raise _Invalid(
+            "a mapping of label keys to values or a list of key=value strings, "
+            f"got {_yaml_type_name(value)}"
+        )
+    if option.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"a positive whole number, got {_yaml_type_name(value)}")
+        return option.check(value)
+    if option.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Invalid(f"a number of seconds, got {_yaml_type_name(value)}")
+        return option.check(value)
+    if not isinstance(value, str):
+        try:
+            option.check(str(value))
+        except _Invalid as error:
+            expected = f"{error}, as a string"
+        else:
+            expected = "a string"
+        raise _Invalid(f"{expected}, got {_yaml_type_name(value)} {value!r}")
+    return option.check(value)
+
+
+_LOG_OPTIONS = (
+    _Option("log-level", "str", _choice(LOG_LEVELS),
+            'Log level: "debug", "info", "warning" or "error".'),
+    _Option("log-format", "str", _choice(LOG_FORMATS),
+            'Log format: "json" (one object per line) or "pretty".'),
+)
+_CONFIG_OPTION = _Option(
+    "config", "str", _check_path,
+    "Config file (YAML). Default: search $HOME/.{stem}.yaml, $HOME/.{stem}, "
+    "{etc}/{stem}.yaml.",
+    optional=True,
+)
+
+SERVER_OPTIONS: Tuple[_Option, ...] = (
+    _Option("multiplexer-listener", "str", _check_multiplexer_listener,
+            "Listener address used by multiplexer clients: HOST:PORT or a Twisted "
+            "endpoint (tcp:..., unix:..., systemd:...)."),
+    _Option("proxy-listener", "str", _check_listen_address,
+            "Proxy listener address (HOST:PORT) for gRPC users."),
+    _Option("authority-domain", "str", _check_domain,
+            "Route calls without client-id metadata by :authority "
+            "<client-id>.<domain>.", optional=True),
+    _Option("default-client-id", "str", _check_client_id,
+            "Client that gets calls carrying no client-id.", optional=True),
+    _Option("max-message-size", "int", _positive_int,
+            "Largest gRPC message in bytes the proxy passes (default: unbounded).",
+            optional=True),
+    _Option("runtime-dir", "str", _check_path,
+            "Directory for the per-client UNIX sockets (default: a private "
+            "temporary directory).", optional=True),
+    _Option("handshake-timeout", "float", _number(True),
+            "Seconds a new multiplexer client has to finish its handshake."),
+    _Option("duplicate-ping-timeout", "float", _number(True),
+            "Seconds to wait for the old session's ping answer when a client id "
+            "connects twice."),
+    _Option("shutdown-grace", "float", _number(False),
+            "Seconds running calls get to finish on shutdown."),
+) + _LOG_OPTIONS + (_CONFIG_OPTION,)
+
+CLIENT_OPTIONS: Tuple[_Option, ...] = (
+    _Option("client-id", "str", _check_client_id,
+            "ID of the client. If no value specified, will generate one "
+            "automatically.", optional=True),
+    _Option("multiplexer-address", "str", _check_dial_address,
+            "Multiplexer server address (HOST:PORT)."),
+    _Option("grpc-server-address", "str", _check_dial_address,
+            "gRPC server address that will be proxied (HOST:PORT)."),
+    _Option("label", "labels", _check_labels,
+            "Label key=value announced to the server (repeatable; the environment "
+            "takes a comma-separated list)."),
+    _Option("wire-protocol", "str", _choice(WIRE_PROTOCOLS),
+            '"native" (grpcmux handshake) or "legacy" (Go grpc-multiplexer '
+            "v0.2.1 servers)."),
+) + _LOG_OPTIONS + (_CONFIG_OPTION,)
+
+
+def _validate_fields(settings: Any, options: Sequence[_Option]) -> None:
+    """Check every field of a settings object, normalising values in place."""
+    cls = type(settings).__name__
+    for option in options:
+        name = _field_name(option)
+        value = getattr(settings, name)
+        if value is None and option.optional:
+            continue
+        try:
+            if option.kind in ("int", "float"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise _Invalid("a number")
+                if option.kind == "int" and not isinstance(value, int):
+                    raise _Invalid("a whole number")
+            elif option.kind == "str" and not isinstance(value, str):
+                raise _Invalid("a string")
+            normalised = option.check(value)
+        except _Invalid as error:
+            raise ConfigError(f"{cls}.{name}: expected {error}, got {value!r}")
+        object.__setattr__(settings, name, normalised)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the multiplexer server needs; validated on construction."""
+
+    multiplexer_listener: str = "localhost:7602"
+    proxy_listener: str = "localhost:7592"
+    authority_domain: Optional[str] = None
+    default_client_id: Optional[str] = None
+    max_message_size: Optional[int] = None
+    runtime_dir: Optional[str] = None
+    handshake_timeout: float = 10.0
+    duplicate_ping_timeout: float = 2.0
+    shutdown_grace: float = 10.0
+    log_level: str = "info"
+    log_format: str = "pretty"
+    config: Optional[str] = None  # the config file the values were read from
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, SERVER_OPTIONS)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Everything the multiplexer client needs; validated on construction."""
+
+    client_id: Optional[str] = None  # None: the client picks a random pet name
+    multiplexer_address: str = "localhost:7602"
+    grpc_server_address: str = "localhost:7592"
+    labels: Tuple[Tuple[str, str], ...] = ()
+    wire_protocol: str = "native"
+    log_level: str = "info"
+    log_format: str = "pretty"
+    config: Optional[str] = None  # the config file the values were read from
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, CLIENT_OPTIONS)
+
+
+def _field_name(option: _Option) -> str:
+    """The settings attribute an option fills (the --label flag fills labels)."""
+    return "labels" if option.flag == "label" else option.attr
+
+
+# -- YAML files ------------------------------------------------------------------
+
+
+def _yaml_loader() -> type:
+    """A safe YAML loader that rejects a key given twice in one mapping."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
+def read_config_file(path: str, options: Sequence[_Option]) -> dict:
+    """Read a YAML config file into ``{attr: checked value}``; ConfigError if bad."""
+    import yaml
+
+    where = f"config file {path}"
+    try:
+        with open(path, "rb") as stream:
+            data = yaml.load(stream, Loader=_yaml_loader())
+    except OSError as error:
+        raise ConfigError(f"{where}: cannot be read: {error.strerror or error}")
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: expected valid YAML, syntax error{at}: {problem}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{where}: expected a mapping of option names to values at the top "
+            f"level, got {_yaml_type_name(data)}"
+        )
+    by_flag = {o.flag: o for o in options if o.flag != "config"}
+    values = {}
+    for key, value in data.items():
+        option = by_flag.get(key)
+        if option is None:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}; expected one of: "
+                + ", ".join(sorted(by_flag))
+            )
+        if value is None:
+            continue
+        try:
+            values[option.attr] = _from_yaml(option, value)
+        except _Invalid as error:
+            raise ConfigError(
+                f"{where}: key {key!r}: expected {error}"
+                + ("" if ", got " in str(error) else f", got {value!r}")
+            )
+    return values
+
+
+def config_search_path(
+    stem: str, home: Optional[str], etc_dir: str = DEFAULT_ETC_DIR
+) -> Tuple[str, ...]:
+    """Files tried, in order, when no config file is named."""
+    paths = []
+    if home:
+        paths.append(os.path.join(home, f".{stem}.yaml"))
+        paths.append(os.path.join(home, f".{stem}"))
+    paths.append(os.path.join(etc_dir, f"{stem}.yaml"))
+    return tuple(paths)
+
+
+# -- loading -----------------------------------------------------------------------
+
+
+def _load(
+    cls: type,
+    options: Sequence[_Option],
+    stem: str,
+    flags: Mapping[str, Any],
+    environ: Optional[Mapping[str, str]],
+    home: Optional[str],
+    etc_dir: str,
+) -> Any:
+    environ = os.environ if environ is None else environ
+    if home is None:
+        home = environ.get("HOME") or None
+    by_attr = {o.attr: o for o in options}
+    unknown = set(flags) - set(by_attr)
+    if unknown:
+        raise TypeError(f"unknown option names: {sorted(unknown)}")
+
+    flag_values, env_values = {}, {}
+    for attr, text in flags.items():
+        if text is None:
+            continue
+        option = by_attr[attr]
+        try:
+            flag_values[attr] = _from_text(option, text)
+        except _Invalid as error:
+            shown = text if isinstance(text, str) else " ".join(text)
+            raise ConfigError(f"--{option.flag}: expected {error}, got {shown!r}")
+    for option in options:
+        text = environ.get(option.env)
+        if not text:  # unset or empty: not given
+            continue
+        try:
+            env_values[option.attr] = _from_text(option, text)
+        except _Invalid as error:
+            raise ConfigError(
+                f"environment variable {option.env}: expected {error}, got {text!r}"
+            )
+
+    config_path = flag_values.get("config", env_values.get("config"))
+    if config_path is None:
+        config_path = next(
+            (p for p in config_search_path(stem, home, etc_dir) if os.path.isfile(p)),
+            None,
+        )
+    file_values = read_config_file(config_path, options) if config_path else {}
+
+    merged: dict = {}
+    for layer in (file_values, env_values, flag_values):
+        merged.update(layer)
+    merged["config"] = config_path
+    fields = {_field_name(by_attr[attr]): value for attr, value in merged.items()}
+    return cls(**fields)
+
+
+def load_server_settings(
+    flags: Mapping[str, Any] = {},
+    *,
+    environ: Optional[Mapping[str, str]] = None,
+    home: Optional[str] = None,
+    etc_dir: str = DEFAULT_ETC_DIR,
+) -> ServerSettings:
+    """Build ServerSettings: flags > GRPCMUX_* environment > YAML file > default.
+
+    *flags* holds only the options given on the command line, by attribute name
+    (``{"proxy_listener": "0.0.0.0:7592"}``) with their text values.  *environ*
+    (default ``os.environ``), *home* (default ``$HOME``) and *etc_dir* decide the
+    environment and the config file search.  ``settings.config`` is the file used.
+    """
+    return _load(ServerSettings, SERVER_OPTIONS, SERVER_FILE_STEM, flags, environ,
+                 home, etc_dir)
+
+
+def load_client_settings(
+    flags: Mapping[str, Any] = {},
+    *,
+    environ: Optional[Mapping[str, str]] = None,
+    home: Optional[str] = None,
+    etc_dir: str = DEFAULT_ETC_DIR,
+) -> ClientSettings:
+    """Build ClientSettings like :func:`load_server_settings`; ``label`` is a list."""
+    return _load(ClientSettings, CLIENT_OPTIONS, CLIENT_FILE_STEM, flags, environ,
+                 home, etc_dir)
+
+
+def default_of(settings_class: type, option: _Option) -> Any:
+    """The default value of the settings field an option fills."""
+    for field in dataclasses.fields(settings_class):
+        if field.name == _field_name(option):
+            return field.default
+    raise KeyError(option.flag)
+
+
+__all__ = [
+    "CLIENT_OPTIONS",
+    "ClientSettings",
+    "ConfigError",
+    "SERVER_OPTIONS",
+    "ServerSettings",
+    "config_search_path",
+    "default_of",
+    "listener_endpoint_description",
+    "load_client_settings",
+    "load_server_settings",
+    "parse_host_port",
+    "read_config_file",
+]
