@@ -271,6 +271,7 @@ class _Option:
     check: Callable[[Any], Any]
     help: str
     optional: bool = False  # None is a valid value (the default)
+    shown_default: Optional[str] = None  # how --help describes a None default
 
     @property
     def attr(self) -> str:
@@ -371,15 +372,16 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
             "Proxy listener address (HOST:PORT) for gRPC users."),
     _Option("authority-domain", "str", _check_domain,
             "Route calls without client-id metadata by :authority "
-            "<client-id>.<domain>.", optional=True),
+            "<client-id>.<domain>.", optional=True, shown_default="off"),
     _Option("default-client-id", "str", _check_client_id,
-            "Client that gets calls carrying no client-id.", optional=True),
+            "Client that gets calls carrying no client-id.", optional=True,
+            shown_default="none: such calls fail"),
     _Option("max-message-size", "int", _positive_int,
-            "Largest gRPC message in bytes the proxy passes (default: unbounded).",
-            optional=True),
+            "Largest gRPC message in bytes the proxy passes.",
+            optional=True, shown_default="unbounded"),
     _Option("runtime-dir", "str", _check_path,
-            "Directory for the per-client UNIX sockets (default: a private "
-            "temporary directory).", optional=True),
+            "Directory for the per-client UNIX sockets.", optional=True,
+            shown_default="a private temporary directory"),
     _Option("handshake-timeout", "float", _number(True),
             "Seconds a new multiplexer client has to finish its handshake."),
     _Option("duplicate-ping-timeout", "float", _number(True),
@@ -392,7 +394,7 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
 CLIENT_OPTIONS: Tuple[_Option, ...] = (
     _Option("client-id", "str", _check_client_id,
             "ID of the client. If no value specified, will generate one "
-            "automatically.", optional=True),
+            "automatically.", optional=True, shown_default="a random pet name"),
     _Option("multiplexer-address", "str", _check_dial_address,
             "Multiplexer server address (HOST:PORT)."),
     _Option("grpc-server-address", "str", _check_dial_address,

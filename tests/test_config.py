@@ -1,0 +1,534 @@
+"""grpcmux.config: validation, flag > environment > file > default, file search."""
+
+import dataclasses
+import os
+
+import pytest
+
+from grpcmux import config
+from grpcmux.config import (
+    ClientSettings,
+    ConfigError,
+    ServerSettings,
+    load_client_settings,
+    load_server_settings,
+)
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    """An empty home and etc directory: the real ones are never searched."""
+    home = tmp_path / "home"
+    etc = tmp_path / "etc"
+    home.mkdir()
+    etc.mkdir()
+    return home, etc
+
+
+def server(dirs, flags=None, environ=None):
+    home, etc = dirs
+    return load_server_settings(
+        flags or {}, environ=environ or {}, home=str(home), etc_dir=str(etc)
+    )
+
+
+def client(dirs, flags=None, environ=None):
+    home, etc = dirs
+    return load_client_settings(
+        flags or {}, environ=environ or {}, home=str(home), etc_dir=str(etc)
+    )
+
+
+def error_of(call, *args, **kwargs):
+    with pytest.raises(ConfigError) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# -- defaults and the contract ------------------------------------------------------
+
+
+def test_server_defaults(dirs):
+    assert server(dirs) == ServerSettings()
+    assert dataclasses.asdict(ServerSettings()) == {
+        "multiplexer_listener": "localhost:7602",
+        "proxy_listener": "localhost:7592",
+        "authority_domain": None,
+        "default_client_id": None,
+        "max_message_size": None,
+        "runtime_dir": None,
+        "handshake_timeout": 10.0,
+        "duplicate_ping_timeout": 2.0,
+        "shutdown_grace": 10.0,
+        "log_level": "info",
+        "log_format": "pretty",
+        "config": None,
+    }
+
+
+def test_client_defaults(dirs):
+    assert client(dirs) == ClientSettings()
+    assert dataclasses.asdict(ClientSettings()) == {
+        "client_id": None,
+        "multiplexer_address": "localhost:7602",
+        "grpc_server_address": "localhost:7592",
+        "labels": (),
+        "wire_protocol": "native",
+        "log_level": "info",
+        "log_format": "pretty",
+        "config": None,
+    }
+
+
+def test_settings_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ServerSettings().proxy_listener = "x:1"
+
+
+def test_settings_validate_on_construction():
+    assert (
+        error_of(ServerSettings, handshake_timeout=0)
+        == "ServerSettings.handshake_timeout: expected a positive number of seconds, got 0"
+    )
+    assert "ClientSettings.wire_protocol: expected one of native, legacy" in error_of(
+        ClientSettings, wire_protocol="grpc"
+    )
+    assert "ServerSettings.max_message_size: expected a whole number" in error_of(
+        ServerSettings, max_message_size=1.5
+    )
+
+
+def test_labels_normalised_to_tuple_of_pairs():
+    assert ClientSettings(labels={"a": "1", "b": "2"}).labels == (("a", "1"), ("b", "2"))
+    assert ClientSettings(labels=[("a", "")]).labels == (("a", ""),)
+
+
+# -- precedence ---------------------------------------------------------------------
+
+
+def test_precedence_flag_env_file_default(dirs):
+    home, _ = dirs
+    (home / ".grpc-multiplexer-server.yaml").write_text(
+        "multiplexer-listener: file:1\n"
+        "proxy-listener: file:2\n"
+        "handshake-timeout: 3\n"
+    )
+    environ = {
+        "GRPCMUX_MULTIPLEXER_LISTENER": "env:1",
+        "GRPCMUX_PROXY_LISTENER": "env:2",
+    }
+    flags = {"multiplexer_listener": "flag:1"}
+    settings = server(dirs, flags, environ)
+    assert settings.multiplexer_listener == "flag:1"  # flag beats env and file
+    assert settings.proxy_listener == "env:2"  # env beats file
+    assert settings.handshake_timeout == 3.0  # file beats default
+    assert settings.shutdown_grace == 10.0  # default
+    assert settings.config == str(home / ".grpc-multiplexer-server.yaml")
+
+
+def test_client_precedence_including_labels(dirs, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("client-id: from-file\nlabel: {zone: a}\nwire-protocol: legacy\n")
+    environ = {"GRPCMUX_CONFIG": str(path), "GRPCMUX_LABEL": "zone=b, rack=7"}
+    settings = client(dirs, {"client_id": "from-flag"}, environ)
+    assert settings.client_id == "from-flag"
+    assert settings.labels == (("zone", "b"), ("rack", "7"))  # env replaces file
+    assert settings.wire_protocol == "legacy"
+    assert settings.config == str(path)
+    flagged = client(dirs, {"label": ["x=1", "y=2"]}, environ)
+    assert flagged.labels == (("x", "1"), ("y", "2"))
+
+
+def test_empty_environment_variable_counts_as_unset(dirs):
+    settings = client(dirs, environ={"GRPCMUX_CLIENT_ID": ""})
+    assert settings.client_id is None
+
+
+def test_other_environment_variables_are_ignored(dirs):
+    assert server(dirs, environ={"GRPCMUX_CLIENT_ID": "x", "GRPCMUX_NOPE": "1"}) == (
+        ServerSettings()
+    )
+
+
+def test_config_flag_beats_config_env(dirs, tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("log-level: debug\n")
+    b.write_text("log-level: error\n")
+    settings = server(dirs, {"config": str(a)}, {"GRPCMUX_CONFIG": str(b)})
+    assert (settings.log_level, settings.config) == ("debug", str(a))
+
+
+def test_null_in_file_means_not_given(dirs, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("default-client-id:\nruntime-dir: ~\n")
+    settings = server(dirs, {"config": str(path)})
+    assert settings.default_client_id is None and settings.runtime_dir is None
+
+
+def test_empty_file_is_fine(dirs, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("# nothing yet\n")
+    assert server(dirs, {"config": str(path)}).config == str(path)
+
+
+def test_all_server_keys_from_file(dirs, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "multiplexer-listener: unix:/run/grpcmux.sock\n"
+        "proxy-listener: '[::1]:8000'\n"
+        "authority-domain: Tunnel.Example.COM\n"
+        "default-client-id: fallback\n"
+        "max-message-size: 4194304\n"
+        "runtime-dir: /run/grpcmux\n"
+        "handshake-timeout: 2.5\n"
+        "duplicate-ping-timeout: 1\n"
+        "shutdown-grace: 0\n"
+        "log-level: warning\n"
+        "log-format: json\n"
+    )
+    assert server(dirs, {"config": str(path)}) == ServerSettings(
+        multiplexer_listener="unix:/run/grpcmux.sock",
+        proxy_listener="[::1]:8000",
+        authority_domain="tunnel.example.com",
+        default_client_id="fallback",
+        max_message_size=4194304,
+        runtime_dir="/run/grpcmux",
+        handshake_timeout=2.5,
+        duplicate_ping_timeout=1.0,
+        shutdown_grace=0.0,
+        log_level="warning",
+        log_format="json",
+        config=str(path),
+    )
+
+
+def test_label_list_form_in_file(dirs, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("label: [a=1, 'b=x=y']\n")
+    assert client(dirs, {"config": str(path)}).labels == (("a", "1"), ("b", "x=y"))
+
+
+# -- file search ------------------------------------------------------------------
+
+
+def test_search_path_order(dirs):
+    home, etc = dirs
+    assert config.config_search_path("grpc-multiplexer-server", str(home), str(etc)) == (
+        str(home / ".grpc-multiplexer-server.yaml"),
+        str(home / ".grpc-multiplexer-server"),
+        str(etc / "grpc-multiplexer-server.yaml"),
+    )
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_search_finds_files_in_order(dirs, role):
+    home, etc = dirs
+    load = server if role == "server" else client
+    stem = f"grpc-multiplexer-{role}"
+    files = [home / f".{stem}.yaml", home / f".{stem}", etc / f"{stem}.yaml"]
+    for level, path in zip(["debug", "warning", "error"], files):
+        path.write_text(f"log-level: {level}\n")
+    for level, path in zip(["debug", "warning", "error"], files):
+        settings = load(dirs)
+        assert (settings.log_level, settings.config) == (level, str(path))
+        path.unlink()
+    assert load(dirs).config is None
+
+
+def test_home_defaults_to_environment_home(dirs):
+    home, etc = dirs
+    (home / ".grpc-multiplexer-client").write_text("client-id: via-home\n")
+    settings = load_client_settings({}, environ={"HOME": str(home)}, etc_dir=str(etc))
+    assert settings.client_id == "via-home"
+
+
+def test_no_home_searches_etc_only(dirs):
+    _, etc = dirs
+    (etc / "grpc-multiplexer-server.yaml").write_text("log-format: json\n")
+    settings = load_server_settings({}, environ={}, etc_dir=str(etc))
+    assert settings.log_format == "json"
+
+
+def test_directory_named_like_a_file_is_skipped(dirs):
+    home, _ = dirs
+    (home / ".grpc-multiplexer-server").mkdir()
+    assert server(dirs).config is None
+
+
+# -- addresses ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["localhost:7602", "127.0.0.1:1", "[::1]:7602", "[fe80::1%eth0]:80", "host.example:65535"],
+)
+def test_good_dial_addresses(dirs, value):
+    assert client(dirs, {"multiplexer_address": value}).multiplexer_address == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["localhost", ":7602", "localhost:0", "localhost:65536", "::1:7602", "[::1]7602",
+     "[nothost]:1", "bad_host:1", "host:port", "localhost:+1", "-x:1", ""],
+)
+def test_bad_dial_addresses(dirs, value):
+    message = error_of(client, dirs, {"grpc_server_address": value})
+    assert message.startswith("--grpc-server-address: expected HOST:PORT")
+    assert message.endswith(f"got {value!r}")
+
+
+@pytest.mark.parametrize("value", [":7592", "0.0.0.0:0", "[::]:7592", "localhost:7592"])
+def test_good_proxy_listeners(dirs, value):
+    assert server(dirs, {"proxy_listener": value}).proxy_listener == value
+
+
+def test_proxy_listener_takes_no_endpoint_string(dirs):
+    assert error_of(server, dirs, {"proxy_listener": "unix:/x"}).startswith(
+        "--proxy-listener: expected HOST:PORT"
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["localhost:7602", "[::1]:0", "tcp:7602", "tcp:port=7602:interface=127.0.0.1",
+     r"tcp6:7602:interface=\:\:1", "unix:/run/grpcmux.sock:mode=660"],
+)
+def test_multiplexer_listener_accepts_endpoint_strings(dirs, value):
+    assert server(dirs, {"multiplexer_listener": value}).multiplexer_listener == value
+
+
+@pytest.mark.parametrize(
+    "value, detail",
+    [
+        ("nosuch:x", "Unknown endpoint type: 'nosuch'"),
+        ("tcp:notaport", "invalid literal"),
+        ("systemd:domain=INET:index=0", "no such inherited socket"),
+        ("localhost", ""),
+    ],
+)
+def test_bad_multiplexer_listeners(dirs, value, detail):
+    message = error_of(server, dirs, {"multiplexer_listener": value})
+    assert message.startswith("--multiplexer-listener: expected HOST:PORT")
+    assert detail in message
+
+
+def test_parse_host_port():
+    assert config.parse_host_port("[::1]:7602") == ("::1", 7602)
+    assert config.parse_host_port(":0", listener=True) == ("", 0)
+    with pytest.raises(ValueError):
+        config.parse_host_port(":0")
+
+
+@pytest.mark.parametrize(
+    "value, description",
+    [
+        ("localhost:7602", "tcp:7602:interface=localhost"),
+        (":7602", "tcp:7602"),
+        ("[::1]:7602", r"tcp6:7602:interface=\:\:1"),
+        ("unix:/x.sock", "unix:/x.sock"),
+    ],
+)
+def test_listener_endpoint_description(value, description):
+    assert config.listener_endpoint_description(value) == description
+
+
+# -- other values -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["a", "x" * 128, "client-1.eu_west~!", "Ünicode"[1:]])
+def test_good_client_ids(dirs, value):
+    assert client(dirs, {"client_id": value}).client_id == value
+
+
+@pytest.mark.parametrize("value", ["", "x" * 129, "has space", "a/b", "tab\t", "é", "nl\n"])
+def test_bad_client_ids(dirs, value):
+    assert error_of(client, dirs, {"client_id": value}) == (
+        "--client-id: expected a client id of 1-128 printable ASCII characters "
+        f"without whitespace or '/', got {value!r}"
+    )
+
+
+def test_bad_default_client_id_from_env(dirs):
+    assert error_of(server, dirs, environ={"GRPCMUX_DEFAULT_CLIENT_ID": "a b"}) == (
+        "environment variable GRPCMUX_DEFAULT_CLIENT_ID: expected a client id of "
+        "1-128 printable ASCII characters without whitespace or '/', got 'a b'"
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"log_level": "trace"},
+         "--log-level: expected one of debug, info, warning, error, got 'trace'"),
+        ({"log_format": "xml"}, "--log-format: expected one of json, pretty, got 'xml'"),
+        ({"handshake_timeout": "0"},
+         "--handshake-timeout: expected a positive number of seconds, got '0'"),
+        ({"handshake_timeout": "soon"},
+         "--handshake-timeout: expected a number of seconds, got 'soon'"),
+        ({"duplicate_ping_timeout": "nan"},
+         "--duplicate-ping-timeout: expected a positive number of seconds, got 'nan'"),
+        ({"shutdown_grace": "-1"},
+         "--shutdown-grace: expected a number of seconds, zero or more, got '-1'"),
+        ({"max_message_size": "0"},
+         "--max-message-size: expected a positive whole number, got '0'"),
+        ({"max_message_size": "4MB"},
+         "--max-message-size: expected a positive whole number, got '4MB'"),
+        ({"authority_domain": "not a domain"},
+         "--authority-domain: expected a DNS domain name such as grpcmux.example.com, "
+         "got 'not a domain'"),
+        ({"runtime_dir": ""}, "--runtime-dir: expected a non-empty path, got ''"),
+    ],
+)
+def test_bad_server_flags(dirs, flags, message):
+    assert error_of(server, dirs, flags) == message
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"wire_protocol": "h2"}, "--wire-protocol: expected one of native, legacy, got 'h2'"),
+        ({"label": ["novalue"]}, "--label: expected labels as key=value, got 'novalue'"),
+        ({"label": ["a=1", "a=2"]},
+         "--label: expected each label key once (key 'a' repeats), got 'a=1 a=2'"),
+        ({"label": ["=v"]}, "--label: expected labels as key=value: a key of printable "
+         "characters without whitespace or '=', a printable value, each at most 256 "
+         "characters, got '=v'"),
+    ],
+)
+def test_bad_client_flags(dirs, flags, message):
+    assert error_of(client, dirs, flags) == message
+
+
+def test_bad_env_names_variable(dirs):
+    assert error_of(client, dirs, environ={"GRPCMUX_LABEL": "a"}) == (
+        "environment variable GRPCMUX_LABEL: expected labels as key=value, got 'a'"
+    )
+
+
+# -- file errors: one line naming file, key, expectation -------------------------------
+
+
+def write(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("proxy-listener: nowhere\n",
+         "key 'proxy-listener': expected HOST:PORT (IPv6 hosts in brackets, e.g. "
+         "[::1]:7602), got 'nowhere'"),
+        ("proxy-listener: 7592\n",
+         "key 'proxy-listener': expected HOST:PORT (IPv6 hosts in brackets, e.g. "
+         "[::1]:7602), as a string, got a whole number 7592"),
+        ("default-client-id: yes\n",
+         "key 'default-client-id': expected a string, got a boolean True"),
+        ("handshake-timeout: '10'\n",
+         "key 'handshake-timeout': expected a number of seconds, got a string"),
+        ("handshake-timeout: true\n",
+         "key 'handshake-timeout': expected a number of seconds, got a boolean"),
+        ("max-message-size: 1.5\n",
+         "key 'max-message-size': expected a positive whole number, got a number"),
+        ("max-message-size: -3\n",
+         "key 'max-message-size': expected a positive whole number, got -3"),
+        ("log-level: verbose\n",
+         "key 'log-level': expected one of debug, info, warning, error, got 'verbose'"),
+        ("proxy_listener: x:1\n",
+         "unknown key 'proxy_listener'; expected one of: authority-domain, "
+         "default-client-id, duplicate-ping-timeout, handshake-timeout, log-format, "
+         "log-level, max-message-size, multiplexer-listener, proxy-listener, "
+         "runtime-dir, shutdown-grace"),
+        ("config: other.yaml\n", "unknown key 'config'"),
+        ("- a\n- b\n",
+         "expected a mapping of option names to values at the top level, got a list"),
+        ("log-level: [debug\n", "expected valid YAML, syntax error at line 2, column 1"),
+        ("log-level: info\nlog-level: debug\n",
+         "expected valid YAML, syntax error at line 2, column 1: key 'log-level' "
+         "appears twice"),
+        ("proxy-listener: a:1\n  bad: indent\n",
+         "expected valid YAML, syntax error at line 2, column 6: mapping values are "
+         "not allowed here"),
+    ],
+)
+def test_server_file_errors(dirs, tmp_path, text, expected):
+    path = write(tmp_path, text)
+    message = error_of(server, dirs, {"config": str(path)})
+    assert message.startswith(f"config file {path}: ")
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("label: a=1\n",
+         "key 'label': expected a mapping of label keys to values or a list of "
+         "key=value strings, got a string"),
+        ("label: {a: [1]}\n",
+         "key 'label': expected a mapping of label keys to text values, got a list for 'a'"),
+        ("label: [a]\n", "key 'label': expected labels as key=value, got ['a']"),
+        ("client-id: a/b\n", "key 'client-id': expected a client id of 1-128"),
+        ("multiplexer-address: '[::1]'\n", "key 'multiplexer-address': expected HOST:PORT"),
+        ("labels: {a: b}\n", "unknown key 'labels'; expected one of: client-id, "
+         "grpc-server-address, label, log-format, log-level, multiplexer-address, "
+         "wire-protocol"),
+    ],
+)
+def test_client_file_errors(dirs, tmp_path, text, expected):
+    path = write(tmp_path, text)
+    message = error_of(client, dirs, {"config": str(path)})
+    assert message.startswith(f"config file {path}: ")
+    assert expected in message
+
+
+def test_label_numbers_in_file_become_text(dirs, tmp_path):
+    path = write(tmp_path, "label: {version: 2, ratio: 0.5}\n")
+    assert client(dirs, {"config": str(path)}).labels == (
+        ("version", "2"), ("ratio", "0.5"),
+    )
+
+
+def test_missing_named_file(dirs, tmp_path):
+    path = tmp_path / "absent.yaml"
+    assert error_of(server, dirs, {"config": str(path)}) == (
+        f"config file {path}: cannot be read: No such file or directory"
+    )
+
+
+def test_unreadable_found_file_is_reported(dirs):
+    home, _ = dirs
+    path = home / ".grpc-multiplexer-server.yaml"
+    path.write_text(": : :\n")
+    message = error_of(server, dirs)
+    assert message.startswith(f"config file {path}: expected valid YAML")
+
+
+def test_found_file_with_bad_value_names_it(dirs):
+    _, etc = dirs
+    path = etc / "grpc-multiplexer-client.yaml"
+    path.write_text("wire-protocol: http\n")
+    assert error_of(client, dirs) == (
+        f"config file {path}: key 'wire-protocol': expected one of native, legacy, "
+        "got 'http'"
+    )
+
+
+def test_unknown_flag_name_is_a_programming_error(dirs):
+    with pytest.raises(TypeError):
+        server(dirs, {"nope": "1"})
+
+
+def test_default_of():
+    option = next(o for o in config.CLIENT_OPTIONS if o.flag == "label")
+    assert config.default_of(ClientSettings, option) == ()
+
+
+def test_environ_defaults_to_os_environ(dirs, monkeypatch):
+    home, etc = dirs
+    monkeypatch.setenv("GRPCMUX_SHUTDOWN_GRACE", "1.5")
+    settings = load_server_settings({}, home=str(home), etc_dir=str(etc))
+    assert settings.shutdown_grace == 1.5
+    assert os.environ["GRPCMUX_SHUTDOWN_GRACE"] == "1.5"
