@@ -4,6 +4,7 @@ from .address import StreamAddress
 from .config import YamuxConfig
 from .errors import (
     GoAwayReceived,
+    GoAwaySent,
     PingTimeout,
     ProtocolError,
     RemoteGoAwayError,
@@ -14,8 +15,16 @@ from .errors import (
     YamuxConfigError,
     YamuxError,
 )
+from .endpoints import YamuxStreamClientEndpoint
+from .session import YamuxFactory, YamuxSession
+from .stream import YamuxStream
 
 __all__ = [
+    "YamuxSession",
+    "YamuxFactory",
+    "YamuxStream",
+    "YamuxStreamClientEndpoint",
+    "GoAwaySent",
     "StreamAddress",
     "YamuxConfig",
     "GoAwayReceived",

@@ -41,3 +41,7 @@ class RemoteGoAwayError(YamuxError):
 
 class YamuxConfigError(YamuxError, ValueError):
     """A YamuxConfig value is out of range."""
+
+
+class GoAwaySent(YamuxError):
+    """This side sent a GoAway: it opens no new streams either."""
