@@ -1,0 +1,4 @@
+"""Everything grpcio: the proxy endpoint, Discovery, and the reactor/thread crossings.
+
+:class:`grpcmux.rpc.service.ProxyService` is the entry point.
+"""

@@ -1,0 +1,60 @@
+"""Crossing between the reactor thread and the grpc threads.
+
+grpc thread -> reactor: fire and forget with ``reactor.callFromThread``; when the
+grpc side needs the result, :func:`call_in_reactor` waits with a timeout and gives up
+as soon as the reactor is no longer running (``blockingCallFromThread`` would hang
+forever then). Reactor -> grpc threads: only immutable values (the registry snapshot)
+and thread-safe queues cross; the reactor never waits for a grpc thread: blocking grpc work
+goes to :func:`defer_to_thread`.
+"""
+
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as _FutureTimeout
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+
+# How often a waiting grpc thread checks that the reactor still runs.
+_POLL_INTERVAL = 0.1
+
+
+class ReactorUnavailable(RuntimeError):
+    """The reactor stopped (or never ran) before it could answer."""
+
+
+def call_in_reactor(reactor, fn, *args, timeout=5.0, **kwargs):
+    """Run ``fn(*args, **kwargs)`` on the reactor thread and return its result.
+
+    For grpc threads only. A Deferred result is waited for. Raises what ``fn``
+    raised, ``TimeoutError`` after ``timeout`` seconds, or :class:`ReactorUnavailable`
+    once the reactor is not running.
+    """
+    if not reactor.running:
+        raise ReactorUnavailable("the reactor is not running")
+    future = Future()
+
+    def run():
+        if not future.set_running_or_notify_cancel():
+            return  # the caller gave up already
+        d = maybeDeferred(fn, *args, **kwargs)
+        d.addCallbacks(future.set_result, lambda f: future.set_exception(f.value))
+
+    reactor.callFromThread(run)
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            future.cancel()
+            raise TimeoutError(f"the reactor did not answer within {timeout} s")
+        try:
+            return future.result(min(remaining, _POLL_INTERVAL))
+        except _FutureTimeout:
+            if not reactor.running:
+                future.cancel()
+                raise ReactorUnavailable("the reactor stopped") from None
+
+
+def defer_to_thread(reactor, fn, *args, **kwargs):
+    """Run blocking grpc work (waits, channel closes) off the reactor; a Deferred."""
+    return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)

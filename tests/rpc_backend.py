@@ -1,0 +1,255 @@
+"""Test helpers for the rpc tests: a scriptable gRPC backend and a breakable tunnel.
+
+``Backend`` is a grpcio server on a UNIX socket serving ``/test.Echo/{Unary,
+ServerStream, ClientStream, Bidi}`` on raw bytes. Request metadata steers it:
+
+- ``x-echo-metadata``: send the received metadata back as response headers;
+- ``x-header-<name>`` / ``x-trailer-<name>``: send ``<name>`` as header / trailer;
+- ``x-fail: <CODE> <message>``: end with that status (after the headers), with the
+  value of ``x-fail-details-bin`` as ``grpc-status-details-bin``;
+- ``x-wait``: block until the call ends (cancel, deadline) and record how;
+- ``x-count: N``: ServerStream answers N copies of the request.
+
+Every call is recorded in ``Backend.calls`` (a queue of ``CallRecord``).
+
+``Mux`` is a started ProxyService with a registry, a Backend and a caller channel.
+
+``Tunnel`` forwards a UNIX socket to another one through the reactor with
+``grpcmux.splice``, standing in for the bridge; ``abort()`` breaks it like a dead tunnel.
+"""
+
+import queue
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
+
+from grpcmux.registry import ClientInfo, ClientRegistry
+from grpcmux.rpc.service import ProxyService
+from grpcmux.splice import SpliceProtocol, splice
+
+SERVICE = "test.Echo"
+UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+# How long a backend waits for the call to end under x-wait (a test bug if reached).
+WAIT_LIMIT = 20.0
+
+
+class CallRecord:
+    """What the backend saw of one call."""
+
+    def __init__(self, method, metadata, time_remaining):
+        self.method = method
+        self.metadata = metadata
+        self.time_remaining = time_remaining
+        self.ended = threading.Event()  # set when the call ended, however
+        # Under x-wait: "cancelled" (by the caller), "deadline", or None (never ended).
+        self.outcome = None
+        self.settled = threading.Event()  # set once outcome is known
+
+
+class Backend(grpc.GenericRpcHandler):
+    """A grpcio server on ``unix:<socket_path>``; ``stop()`` when done."""
+
+    def __init__(self, socket_path):
+        self.socket_path = socket_path
+        self.calls = queue.Queue()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(16), handlers=[self], options=UNLIMITED
+        )
+        self._server.add_insecure_port(f"unix:{socket_path}")
+        self._server.start()
+
+    def stop(self):
+        self._server.stop(None).wait(10)
+
+    def next_call(self, timeout=10.0) -> CallRecord:
+        return self.calls.get(timeout=timeout)
+
+    def service(self, handler_call_details):
+        name = handler_call_details.method.rpartition("/")[2]
+        kinds = {
+            "Unary": grpc.unary_unary_rpc_method_handler,
+            "ServerStream": grpc.unary_stream_rpc_method_handler,
+            "ClientStream": grpc.stream_unary_rpc_method_handler,
+            "Bidi": grpc.stream_stream_rpc_method_handler,
+        }
+        if handler_call_details.method.rpartition("/")[0] != "/" + SERVICE or name not in kinds:
+            return None
+        behavior = getattr(self, "_" + name.lower())
+        idle = iter(()) if name in ("ServerStream", "Bidi") else b""
+        return kinds[name](lambda request, context: self._run(behavior, idle, request, context))
+
+    def _run(self, behavior, idle, request, context):
+        metadata = tuple((k, v) for k, v in context.invocation_metadata() if k != "user-agent")
+        remaining = context.time_remaining()
+        record = CallRecord(context._rpc_event.call_details.method.decode(), metadata,
+                            remaining if remaining < 1e9 else None)
+        context.add_callback(record.ended.set)
+        self.calls.put(record)
+        md = dict(metadata)
+        headers = [(k[len("x-header-"):], v) for k, v in metadata if k.startswith("x-header-")]
+        if "x-echo-metadata" in md:
+            headers.extend(metadata)
+        if headers:
+            context.send_initial_metadata(headers)
+        context.set_trailing_metadata(
+            [(k[len("x-trailer-"):], v) for k, v in metadata if k.startswith("x-trailer-")]
+        )
+        if "x-wait" in md:
+            if record.ended.wait(WAIT_LIMIT):
+                record.outcome = "cancelled" if context.time_remaining() > 0 else "deadline"
+            record.settled.set()
+            return idle
+        if "x-fail" in md:
+            code_name, _, message = md["x-fail"].partition(" ")
+            if "x-fail-details-bin" in md:
+                context.set_trailing_metadata(
+                    [("grpc-status-details-bin", md["x-fail-details-bin"])]
+                )
+            context.abort(grpc.StatusCode[code_name], message)
+        return behavior(request, md)
+
+    @staticmethod
+    def _unary(request, md):
+        return request
+
+    @staticmethod
+    def _serverstream(request, md):
+        return iter([request] * int(md.get("x-count", "1")))
+
+    @staticmethod
+    def _clientstream(requests, md):
+        return b"|".join(requests)
+
+    @staticmethod
+    def _bidi(requests, md):
+        return (r for r in requests)
+
+
+class Tunnel:
+    """Listen on ``socket_path`` and splice every connection to ``target_path``."""
+
+    def __init__(self, reactor, socket_path, target_path):
+        self._reactor = reactor
+        self._target = UNIXClientEndpoint(reactor, target_path)
+        self.socket_path = socket_path
+        self._ends = []
+        factory = Factory.forProtocol(SpliceProtocol)
+        factory.buildProtocol = self._accepted
+        self._port = reactor.listenUNIX(socket_path, factory)
+
+    def _accepted(self, addr):
+        inbound = SpliceProtocol()
+        self._ends.append(inbound)
+        d = self._target.connect(Factory.forProtocol(SpliceProtocol))
+        d.addCallbacks(lambda outbound: splice(inbound, outbound),
+                       lambda _: inbound.abort())
+        return inbound
+
+    def abort(self):
+        """Break every connection, as a dying tunnel would."""
+        for end in self._ends:
+            end.abort()
+        self._ends.clear()
+
+    def close(self):
+        self.abort()
+        return self._port.stopListening()
+
+
+KINDS = {
+    "Unary": "unary_unary",
+    "ServerStream": "unary_stream",
+    "ClientStream": "stream_unary",
+    "Bidi": "stream_stream",
+}
+
+
+class Result:
+    """Everything a caller saw of one call."""
+
+    def __init__(self, call, responses):
+        self.responses = responses
+        self.headers = tuple(call.initial_metadata() or ())
+        self.trailers = tuple(call.trailing_metadata() or ())
+        self.code = call.code()
+        self.details = call.details()
+
+
+class PendingCall:
+    """A call started by start_call; ``finish()`` waits for it (blocking)."""
+
+    def __init__(self, call, streaming_response):
+        self.call = call
+        self._streaming_response = streaming_response
+
+    def cancel(self):
+        return self.call.cancel()
+
+    def finish(self) -> Result:
+        responses = []
+        try:
+            if self._streaming_response:
+                responses.extend(self.call)
+            else:
+                responses.append(self.call.result())
+        except grpc.RpcError:
+            pass
+        return Result(self.call, responses)
+
+
+def start_call(channel, kind, request, metadata=(), timeout=10.0, **kwargs) -> PendingCall:
+    """Start ``/test.Echo/<kind>``; ``request`` is bytes, or a list for client streams."""
+    multicallable = getattr(channel, KINDS[kind])(f"/{SERVICE}/{kind}")
+    if kind in ("ClientStream", "Bidi"):
+        request = iter(request)
+    if kind in ("Unary", "ClientStream"):
+        call = multicallable.future(request, metadata=metadata, timeout=timeout, **kwargs)
+        return PendingCall(call, False)
+    return PendingCall(multicallable(request, metadata=metadata, timeout=timeout, **kwargs), True)
+
+
+def invoke(channel, kind, request, metadata=(), timeout=10.0, **kwargs) -> Result:
+    """Make one call and wait for it (blocking: run it in a thread)."""
+    return start_call(channel, kind, request, metadata, timeout, **kwargs).finish()
+
+
+class Mux:
+    """A started ProxyService on 127.0.0.1:0 with a registry, a Backend, a channel."""
+
+    def __init__(self, reactor, tmp_path, registry=None, **service_kwargs):
+        self.reactor = reactor
+        self.tmp_path = tmp_path
+        self.registry = registry if registry is not None else ClientRegistry()
+        self.backend = Backend(str(tmp_path / "backend.sock"))
+        service_kwargs.setdefault("shutdown_grace", 1.0)
+        self.service = ProxyService(reactor, self.registry, "127.0.0.1:0", **service_kwargs)
+        self.service.startService()
+        self.address = f"127.0.0.1:{self.service.port}"
+        self.channel = grpc.insecure_channel(self.address, options=UNLIMITED)
+
+    def connect(self, client_id, socket_path=None) -> ClientInfo:
+        """Register a client reached at socket_path (default: the backend)."""
+        info = ClientInfo(client_id, socket_path or self.backend.socket_path, time.time(),
+                          "192.0.2.7:4567", "native", (("zone", "a"),))
+        self.registry.add(info)
+        return info
+
+    def in_thread(self, fn, *args, timeout=20.0, **kwargs):
+        """Run blocking grpc client code off the reactor; a Deferred with a timeout."""
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args, **kwargs)
+        return d.addTimeout(timeout, self.reactor)
+
+    def invoke(self, kind, request, metadata=(), timeout=10.0, channel=None, **kwargs):
+        """A Deferred firing with the Result of one call through the proxy."""
+        return self.in_thread(invoke, channel or self.channel, kind, request, metadata,
+                              timeout, timeout=timeout + 10.0, **kwargs)
+
+    async def stop(self):
+        self.channel.close()
+        await self.service.stopService().addTimeout(20.0, self.reactor)
+        await self.in_thread(self.backend.stop)
