@@ -1,0 +1,190 @@
+"""twistd glue shared by ``grpcmux-server`` and ``grpcmux-client``.
+
+Options: the flags are declared with no usage.Options default (so "given" is
+``self[name] is not None``) and their default is written into the help text;
+``postOptions`` hands only the given flags to :mod:`grpcmux.config`, which applies
+flag > GRPCMUX_* environment > YAML file > default.
+
+Logging under twistd: twistd builds the service (``makeService``), adds it to its
+Application and only then starts logging, asking the Application for an
+``ILogObserver`` component unless ``--logger`` was given.  ``makeService`` returns
+a :class:`TwistdRoot` that sets that component when it is added to the
+Application: an observer that filters by ``--log-level`` and writes
+``--log-format`` to where twistd would write (``--logfile``, stdout with
+``--nodaemon``, ``twistd.log``, or syslog with ``--syslog``).  An explicit
+``--logger`` still wins.  Python ``logging`` (grpcio) is bridged into the same
+path while the service runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from twisted.application.service import IService, MultiService
+from twisted.logger import ILogObserver, Logger, LegacyLogObserverWrapper
+from twisted.python import usage
+from twisted.python.components import Componentized
+
+from grpcmux import config
+from grpcmux import logging as grpcmux_logging
+
+
+def _help(option: Any, default: Any, stem: str) -> str:
+    text = option.help.format(stem=stem, etc=config.DEFAULT_ETC_DIR)
+    if option.flag == "config":
+        return text
+    if option.flag == "label":
+        return text + " [default: none]"
+    shown = default if default is not None else (option.shown_default or "none")
+    if isinstance(shown, float) and shown == int(shown):
+        shown = int(shown)
+    return f"{text} [default: {shown}]"
+
+
+def _option_table(
+    options: Sequence[Any], settings_class: type, stem: str
+) -> list:
+    """usage.Options optParameters for every option except the repeatable --label."""
+    return [
+        [o.flag, None, None, _help(o, config.default_of(settings_class, o), stem)]
+        for o in options
+        if o.kind != "labels"
+    ]
+
+
+class SettingsOptions(usage.Options):
+    """Base of the two taps' Options: collects given flags, loads the settings.
+
+    *environ*, *home* and *etc_dir* are injectable for tests; twistd passes none
+    and gets ``os.environ``, ``$HOME`` and ``config.DEFAULT_ETC_DIR``.
+    """
+
+    _config_options: Sequence[Any] = ()
+    _loader: Callable[..., Any]
+
+    def __init__(
+        self,
+        environ: Optional[Mapping[str, str]] = None,
+        home: Optional[str] = None,
+        etc_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self._environ = environ
+        self._home = home
+        self._etc_dir = etc_dir
+        self.settings: Any = None
+
+    def given_flags(self) -> dict:
+        """The options given on the command line, by attribute name."""
+        given = {}
+        for option in self._config_options:
+            value = self.get(option.flag)
+            if value is not None and value != []:
+                given[option.attr] = value
+        return given
+
+    def postOptions(self) -> None:
+        try:
+            self.settings = type(self)._loader(
+                self.given_flags(),
+                environ=self._environ,
+                home=self._home,
+                etc_dir=self._etc_dir or config.DEFAULT_ETC_DIR,
+            )
+        except config.ConfigError as error:
+            raise usage.UsageError(str(error))
+
+
+class TwistdRoot(MultiService):
+    """The service twistd gets: wraps the real one and sets up logging.
+
+    On being added to twistd's Application it offers the Application an
+    ``ILogObserver`` (see the module docstring); while running it bridges Python
+    ``logging`` into twisted.logger at the configured level.
+    """
+
+    _log = Logger()
+
+    def __init__(self, service: IService, settings: Any, twistd_options: Any) -> None:
+        super().__init__()
+        self.settings = settings
+        self._twistd_options = twistd_options
+        self.observer: Optional[ILogObserver] = None
+        service.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        if isinstance(parent, Componentized) and (
+            parent.getComponent(ILogObserver, None) is None
+        ):
+            self.observer = twistd_observer(
+                self._twistd_options, self.settings.log_level, self.settings.log_format
+            )
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        grpcmux_logging.bridge_stdlib_logging(self.settings.log_level)
+        super().startService()
+
+    def stopService(self):
+        d = super().stopService()
+
+        def unbridge(result):
+            grpcmux_logging.unbridge_stdlib_logging()
+            return result
+
+        d.addBoth(unbridge)
+        return d
+
+
+def twistd_observer(twistd_options: Any, level: str, fmt: str) -> ILogObserver:
+    """The observer twistd should log to: twistd's destination, our level/format.
+
+    *twistd_options* is twistd's ServerOptions (the tap Options' ``parent``) or
+    None (stdout).  Destination rules follow twistd's own: ``--syslog`` (format
+    left to syslog), ``--logfile=-`` or ``--nodaemon`` without ``--logfile``:
+    stdout; otherwise ``--logfile`` (default ``twistd.log``), rotated on SIGUSR1.
+    """
+    opts = twistd_options if twistd_options is not None else {}
+    if opts.get("syslog"):
+        from twisted.python import syslog
+
+        legacy = syslog.SyslogObserver(opts.get("prefix") or "twisted").emit
+        return grpcmux_logging.filter_observer(LegacyLogObserverWrapper(legacy), level)
+    logfile = opts.get("logfile") or ""
+    if twistd_options is None or logfile == "-" or (opts.get("nodaemon") and not logfile):
+        out = sys.stdout
+    else:
+        from twisted.python.logfile import LogFile
+
+        out = LogFile.fromFullPath(os.path.abspath(logfile or "twistd.log"))
+        _rotate_on_sigusr1(out)
+    return grpcmux_logging.make_observer(out, level, fmt)
+
+
+def _rotate_on_sigusr1(logfile: Any) -> None:
+    """Rotate *logfile* on SIGUSR1 unless someone handles that signal already."""
+    import signal
+
+    if signal.getsignal(signal.SIGUSR1) in (None, signal.SIG_DFL):
+
+        def rotate(signum, frame):
+            from twisted.internet import reactor
+
+            reactor.callFromThread(logfile.rotate)
+
+        signal.signal(signal.SIGUSR1, rotate)
+
+
+def make_twistd_service(options: SettingsOptions, service: IService) -> TwistdRoot:
+    """Wrap *service* for twistd and log which config file the settings came from."""
+    settings = options.settings
+    root = TwistdRoot(service, settings, getattr(options, "parent", None))
+    log = Logger(namespace="grpcmux.tap")
+    if settings.config:
+        log.info("using config file {config_file}", config_file=settings.config)
+    else:
+        log.info("no config file found; using flags, environment and defaults")
+    return root

@@ -1,0 +1,411 @@
+"""grpcmux.tap: Options for both roles, makeService, and logging under twistd."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+from twisted.application.service import Application, IService, Service
+from twisted.logger import ILogObserver, LogLevel, Logger
+from twisted.python import usage
+
+import grpcmux
+from grpcmux import config, tap
+from grpcmux import logging as grpcmux_logging
+from grpcmux.config import ClientSettings, ServerSettings
+from grpcmux.tap import client as client_tap
+from grpcmux.tap import server as server_tap
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    home = tmp_path / "home"
+    etc = tmp_path / "etc"
+    home.mkdir()
+    etc.mkdir()
+    return home, etc
+
+
+def parse(module, argv, dirs, environ=None):
+    home, etc = dirs
+    options = module.Options(environ=environ or {}, home=str(home), etc_dir=str(etc))
+    options.parseOptions(argv)
+    return options
+
+
+def flat(text):
+    return " ".join(text.split())
+
+
+# -- Options ------------------------------------------------------------------------
+
+
+SERVER_HELP = {
+    "--multiplexer-listener=": "[default: localhost:7602]",
+    "--proxy-listener=": "[default: localhost:7592]",
+    "--authority-domain=": "[default: off]",
+    "--default-client-id=": "[default: none: such calls fail]",
+    "--max-message-size=": "[default: unbounded]",
+    "--runtime-dir=": "[default: a private temporary directory]",
+    "--handshake-timeout=": "[default: 10]",
+    "--duplicate-ping-timeout=": "[default: 2]",
+    "--shutdown-grace=": "[default: 10]",
+    "--log-level=": "[default: info]",
+    "--log-format=": "[default: pretty]",
+    "--config=": "Default: search $HOME/.grpc-multiplexer-server.yaml, "
+                 "$HOME/.grpc-multiplexer-server, /etc/grpc- "
+                 "multiplexer/grpc-multiplexer-server.yaml.",
+}
+CLIENT_HELP = {
+    "--client-id=": "[default: a random pet name]",
+    "--multiplexer-address=": "[default: localhost:7602]",
+    "--grpc-server-address=": "[default: localhost:7592]",
+    "--label=": "(repeatable) [default: none]",
+    "--wire-protocol=": "[default: native]",
+    "--log-level=": "[default: info]",
+    "--log-format=": "[default: pretty]",
+    "--config=": "$HOME/.grpc-",
+}
+
+
+@pytest.mark.parametrize(
+    "module, expected", [(server_tap, SERVER_HELP), (client_tap, CLIENT_HELP)]
+)
+def test_help_lists_every_option_with_its_default(module, expected):
+    text = str(module.Options())
+    flags = {line.split()[0] for line in text.splitlines() if line.strip().startswith("--")}
+    assert flags == set(expected) | {"--help", "--version"}
+    # Each option's help, up to the next option, names its default.
+    blocks = flat(text).split(" --")
+    for flag, default in expected.items():
+        block = next(b for b in blocks if b.startswith(flag[2:]))
+        assert default in block, (flag, block)
+
+
+def test_help_lists_every_settings_field():
+    fields = {f for f in ServerSettings.__dataclass_fields__} - {"config"}
+    assert {f.replace("_", "-") + "=" for f in fields} <= {
+        k[2:] for k in SERVER_HELP
+    }
+    fields = {f for f in ClientSettings.__dataclass_fields__} - {"config", "labels"}
+    assert {f.replace("_", "-") + "=" for f in fields} <= {k[2:] for k in CLIENT_HELP}
+
+
+def test_server_flags(dirs):
+    options = parse(
+        server_tap,
+        ["--multiplexer-listener", "tcp:7000", "--proxy-listener=[::1]:7001",
+         "--authority-domain", "mux.example", "--default-client-id", "x",
+         "--max-message-size", "1024", "--runtime-dir", "/run/g",
+         "--handshake-timeout", "1", "--duplicate-ping-timeout", "0.5",
+         "--shutdown-grace", "0", "--log-level", "debug", "--log-format", "json"],
+        dirs,
+    )
+    assert options.settings == ServerSettings(
+        multiplexer_listener="tcp:7000", proxy_listener="[::1]:7001",
+        authority_domain="mux.example", default_client_id="x", max_message_size=1024,
+        runtime_dir="/run/g", handshake_timeout=1.0, duplicate_ping_timeout=0.5,
+        shutdown_grace=0.0, log_level="debug", log_format="json",
+    )
+
+
+def test_client_flags_with_repeated_label(dirs):
+    options = parse(
+        client_tap,
+        ["--client-id", "edge-1", "--multiplexer-address", "mux:7602",
+         "--grpc-server-address", "127.0.0.1:50051", "--label", "zone=eu",
+         "--label", "rack=3", "--wire-protocol", "legacy", "--log-level", "error"],
+        dirs,
+    )
+    assert options.settings == ClientSettings(
+        client_id="edge-1", multiplexer_address="mux:7602",
+        grpc_server_address="127.0.0.1:50051", labels=(("zone", "eu"), ("rack", "3")),
+        wire_protocol="legacy", log_level="error",
+    )
+
+
+def test_no_flags_gives_defaults(dirs):
+    assert parse(server_tap, [], dirs).settings == ServerSettings()
+    assert parse(client_tap, [], dirs).settings == ClientSettings()
+
+
+def test_help_defaults_do_not_mask_environment_or_file(dirs):
+    home, _ = dirs
+    (home / ".grpc-multiplexer-server.yaml").write_text("proxy-listener: file:1\n")
+    environ = {"GRPCMUX_MULTIPLEXER_LISTENER": "env:2"}
+    options = parse(server_tap, ["--log-level", "warning"], dirs, environ)
+    assert options.given_flags() == {"log_level": "warning"}
+    assert options.settings.proxy_listener == "file:1"
+    assert options.settings.multiplexer_listener == "env:2"
+    assert options.settings.config == str(home / ".grpc-multiplexer-server.yaml")
+
+
+def test_flag_beats_environment_for_labels(dirs):
+    options = parse(client_tap, ["--label", "a=1"], dirs, {"GRPCMUX_LABEL": "b=2"})
+    assert options.settings.labels == (("a", "1"),)
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        (server_tap, ["--log-level", "loud"],
+         "--log-level: expected one of debug, info, warning, error, got 'loud'"),
+        (client_tap, ["--client-id", "a b"],
+         "--client-id: expected a client id of 1-128 printable ASCII characters "
+         "without whitespace or '/', got 'a b'"),
+    ],
+)
+def test_config_error_becomes_usage_error(dirs, module, argv, message):
+    with pytest.raises(usage.UsageError) as info:
+        parse(module, argv, dirs)
+    assert str(info.value) == message
+
+
+def test_bad_file_becomes_usage_error(dirs, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("shutdown-grace: later\n")
+    with pytest.raises(usage.UsageError) as info:
+        parse(server_tap, ["--config", str(path)], dirs)
+    assert str(info.value) == (
+        f"config file {path}: key 'shutdown-grace': expected a number of seconds, "
+        "got a string"
+    )
+
+
+def test_etc_dir_default_is_read_at_parse_time(dirs, monkeypatch):
+    home, etc = dirs
+    (etc / "grpc-multiplexer-client.yaml").write_text("client-id: from-etc\n")
+    monkeypatch.setattr(config, "DEFAULT_ETC_DIR", str(etc))
+    options = client_tap.Options(environ={}, home=str(home))
+    options.parseOptions([])
+    assert options.settings.client_id == "from-etc"
+
+
+# -- makeService ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_make_service_hands_settings_and_global_reactor(dirs, monkeypatch, role):
+    from twisted.internet import reactor
+
+    module = server_tap if role == "server" else client_tap
+    calls = []
+    inner = Service()
+
+    def make_service(settings, reactor):
+        calls.append((settings, reactor))
+        return inner
+
+    fake = types.ModuleType(f"grpcmux.{role}")
+    fake.make_service = make_service
+    monkeypatch.setitem(sys.modules, f"grpcmux.{role}", fake)
+    monkeypatch.setattr(grpcmux, role, fake, raising=False)
+
+    options = parse(module, ["--log-level", "debug"], dirs)
+    root = module.makeService(options)
+    assert calls == [(options.settings, reactor)]
+    assert IService.providedBy(root)
+    assert list(root) == [inner]
+
+
+# -- logging under twistd --------------------------------------------------------------
+
+
+class FakeTwistdOptions(dict):
+    """The keys of twistd's ServerOptions that decide where logs go."""
+
+
+def root_for(settings, twistd_options):
+    return tap.TwistdRoot(Service(), settings, twistd_options)
+
+
+def test_root_offers_filtered_formatted_observer_to_application(tmp_path):
+    logfile = tmp_path / "twistd.log"
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        root = root_for(
+            ServerSettings(log_level="warning", log_format="json"),
+            FakeTwistdOptions(logfile=str(logfile), nodaemon=True),
+        )
+        application = Application("grpcmux-server")
+        root.setServiceParent(application)
+        observer = application.getComponent(ILogObserver)
+        assert observer is root.observer
+        assert signal.getsignal(signal.SIGUSR1) is not previous  # rotates like twistd
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    log = Logger(namespace="grpcmux.server", observer=observer)
+    log.info("hidden")
+    log.warn("client {client_id} dropped", client_id="q")
+    lines = logfile.read_text().splitlines()
+    assert [json.loads(line)["message"] for line in lines] == ["client q dropped"]
+    assert json.loads(lines[0])["client_id"] == "q"
+
+
+def test_root_keeps_an_observer_the_application_already_has():
+    application = Application("x")
+    mine = grpcmux_logging.make_observer(io.StringIO())
+    application.setComponent(ILogObserver, mine)
+    root_for(ServerSettings(), FakeTwistdOptions(nodaemon=True)).setServiceParent(
+        application
+    )
+    assert application.getComponent(ILogObserver) is mine
+
+
+@pytest.mark.parametrize(
+    "options, to_stdout",
+    [
+        (None, True),
+        (FakeTwistdOptions(nodaemon=True, logfile=""), True),
+        (FakeTwistdOptions(nodaemon=True, logfile="-"), True),
+    ],
+)
+def test_twistd_observer_destination_stdout(capsys, options, to_stdout):
+    observer = tap.twistd_observer(options, "info", "pretty")
+    Logger(namespace="t", observer=observer).info("to stdout")
+    assert "INF [t] to stdout" in capsys.readouterr().out
+
+
+def test_twistd_observer_syslog(monkeypatch):
+    from twisted.python import syslog
+    from twisted.python.log import textFromEventDict
+
+    sent = []
+    monkeypatch.setattr(syslog.SyslogObserver, "__init__",
+                        lambda self, prefix: sent.append(("prefix", prefix)))
+    monkeypatch.setattr(syslog.SyslogObserver, "emit",
+                        lambda self, event: sent.append(textFromEventDict(event)))
+    observer = tap.twistd_observer(
+        FakeTwistdOptions(syslog=True, prefix="mux"), "error", "json"
+    )
+    log = Logger(namespace="t", observer=observer)
+    log.warn("filtered")
+    log.error("kept")
+    assert sent == [("prefix", "mux"), "kept"]
+
+
+def test_root_bridges_stdlib_logging_while_running():
+    import logging
+
+    root = root_for(ClientSettings(log_level="debug"), None)
+    root.startService()
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, grpcmux_logging.TwistedLoggerHandler)]
+    assert len(handlers) == 1 and logging.getLogger().level == logging.DEBUG
+    root.stopService()
+    assert not any(isinstance(h, grpcmux_logging.TwistedLoggerHandler)
+                   for h in logging.getLogger().handlers)
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def test_make_twistd_service_logs_the_config_file(dirs, tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    path = tmp_path / "c.yaml"
+    path.write_text("client-id: a\n")
+    options = parse(client_tap, ["--config", str(path)], dirs)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        tap.make_twistd_service(options, Service())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e.get("config_file") for e in events if e.get("log_namespace") == "grpcmux.tap"] == [
+        str(path)
+    ]
+    assert events[-1]["log_level"] == LogLevel.info
+
+
+# -- real twistd, in a subprocess ------------------------------------------------------
+
+TWISTD = textwrap.dedent(
+    """
+    import logging, sys, types
+    import grpcmux
+    from twisted.application.service import Service
+    from twisted.logger import Logger
+
+    class Fake(Service):
+        log = Logger()
+
+        def startService(self):
+            super().startService()
+            from twisted.internet import reactor
+            self.log.info("info from the service")
+            self.log.warn("client {client_id} is slow", client_id="zed")
+            logging.getLogger("grpc._server").error("grpc says %s", "hello")
+            reactor.callLater(0, reactor.stop)
+
+    fake = types.ModuleType("grpcmux.server")
+    fake.make_service = lambda settings, reactor: Fake()
+    sys.modules["grpcmux.server"] = grpcmux.server = fake
+    sys.argv = ["twistd"] + sys.argv[1:]
+    from twisted.scripts.twistd import run
+    run()
+    """
+)
+
+
+def run_twistd(tmp_path, *argv):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPCMUX_")}
+    env["HOME"] = str(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + sys.path)
+    return subprocess.run(
+        [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", *argv],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_twistd_applies_json_format_and_level(tmp_path):
+    logfile = tmp_path / "out.log"
+    result = run_twistd(tmp_path, f"--logfile={logfile}", "grpcmux-server",
+                        "--log-format=json", "--log-level=warning")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in logfile.read_text().splitlines()]
+    assert [(r["level"], r["message"]) for r in records] == [
+        ("warning", "client zed is slow"),
+        ("error", "grpc says hello"),
+    ]
+    assert records[0]["client_id"] == "zed"
+    assert records[1]["namespace"] == "grpc._server"
+
+
+def test_twistd_pretty_logs_config_file_and_twistd_lines(tmp_path):
+    path = tmp_path / "server.yaml"
+    path.write_text("log-level: info\n")
+    result = run_twistd(tmp_path, "grpcmux-server", f"--config={path}")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"INF [grpcmux.tap] using config file {path}" in out
+    assert "INF [__main__.Fake] info from the service" in out
+    assert "WRN [__main__.Fake] client zed is slow" in out
+    assert "starting up" in out  # twistd's own lines take the same path
+
+
+def test_twistd_explicit_logger_still_wins(tmp_path):
+    (tmp_path / "mylog.py").write_text(
+        "from twisted.logger import textFileLogObserver\n"
+        "def observer():\n"
+        "    return textFileLogObserver(open('classic.log', 'a'))\n"
+    )
+    result = run_twistd(tmp_path, "--logger=mylog.observer", "grpcmux-server",
+                        "--log-level=error")
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "classic.log").read_text()
+    assert "[__main__.Fake#info] info from the service" in text  # not filtered
+
+
+def test_twistd_prints_config_error_without_traceback(tmp_path):
+    result = run_twistd(tmp_path, "grpcmux-server", "--log-level=loud")
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "--log-level: expected one of debug, info, warning, error, got 'loud'" in output
+    assert "Traceback" not in output
