@@ -168,7 +168,8 @@ class YamuxStream:
     # -- outbound flow control ---------------------------------------------
 
     def _should_pause(self):
-        return self._send_window <= 0 or self._send_len >= self._high_water
+        # Paused while the peer's window cannot take more than what is buffered.
+        return self._send_window <= self._send_len or self._send_len >= self._high_water
 
     def _check_producer(self):
         producer = self.producer
@@ -303,12 +304,13 @@ class YamuxStream:
 
     def _deliver_read_closed(self):
         self._read_closed = True
-        if self._fin_sent:
-            self._finish(error.ConnectionDone())
-            return
         half = IHalfCloseableProtocol(self.protocol, None)
         if half is not None:
             half.readConnectionLost()
+            if self._fin_sent and not self.disconnected:
+                self._finish(error.ConnectionDone())
+        elif self._fin_sent:
+            self._finish(error.ConnectionDone())
         else:
             self.loseConnection()
 
