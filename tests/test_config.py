@@ -532,3 +532,25 @@ def test_environ_defaults_to_os_environ(dirs, monkeypatch):
     settings = load_server_settings({}, home=str(home), etc_dir=str(etc))
     assert settings.shutdown_grace == 1.5
     assert os.environ["GRPCMUX_SHUTDOWN_GRACE"] == "1.5"
+
+
+# -- the shipped examples ---------------------------------------------------------------
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
+
+
+@pytest.mark.parametrize(
+    "role, options, load",
+    [
+        ("server", config.SERVER_OPTIONS, load_server_settings),
+        ("client", config.CLIENT_OPTIONS, load_client_settings),
+    ],
+)
+def test_examples_load_and_name_every_key(dirs, role, options, load):
+    home, etc = dirs
+    path = os.path.join(EXAMPLES, f"grpcmux-{role}.yaml")
+    with open(path) as stream:
+        keys = {line.split(":")[0] for line in stream if line[:1].isalpha()}
+    assert keys == {o.flag for o in options} - {"config"}
+    settings = load({"config": path}, environ={}, home=str(home), etc_dir=str(etc))
+    assert settings.config == path
