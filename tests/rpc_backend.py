@@ -8,7 +8,8 @@ ServerStream, ClientStream, Bidi}`` on raw bytes. Request metadata steers it:
 - ``x-fail: <CODE> <message>``: end with that status (after the headers), with the
   value of ``x-fail-details-bin`` as ``grpc-status-details-bin``;
 - ``x-wait``: block until the call ends (cancel, deadline) and record how;
-- ``x-count: N``: ServerStream answers N copies of the request.
+- ``x-count: N``: ServerStream answers N copies of the request;
+- ``x-gzip``: compress the responses.
 
 Every call is recorded in ``Backend.calls`` (a queue of ``CallRecord``).
 
@@ -94,6 +95,8 @@ class Backend(grpc.GenericRpcHandler):
         headers = [(k[len("x-header-"):], v) for k, v in metadata if k.startswith("x-header-")]
         if "x-echo-metadata" in md:
             headers.extend(metadata)
+        if "x-gzip" in md:
+            context.set_compression(grpc.Compression.Gzip)
         if headers:
             context.send_initial_metadata(headers)
         context.set_trailing_metadata(
