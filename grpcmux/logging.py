@@ -59,6 +59,14 @@ def _level_of(event: dict) -> LogLevel:
     return LogLevel.error if event.get("isError") else LogLevel.info
 
 
+def _namespace(event: dict) -> str:
+    """The event's namespace; for twisted.python.log events, their 'system'."""
+    namespace = event.get("log_namespace") or ""
+    if namespace == "log_legacy" and event.get("system") not in (None, "-"):
+        return str(event["system"])
+    return namespace
+
+
 def _message(event: dict) -> str:
     text = formatEvent(event)
     if not text and "log_failure" in event:
@@ -81,8 +89,8 @@ def format_json(event: dict) -> str:
         "level": _LEVEL_NAMES.get(_level_of(event), "info"),
         "message": _message(event),
     }
-    if event.get("log_namespace"):
-        record["namespace"] = event["log_namespace"]
+    if _namespace(event):
+        record["namespace"] = _namespace(event)
     for key, value in event.items():
         if key.startswith("log_") or key in _LEGACY_KEYS or key in _RESERVED:
             continue
@@ -98,7 +106,7 @@ def format_pretty(event: dict) -> str:
     """Human text: local time, level abbreviation, namespace, message, traceback."""
     when = datetime.fromtimestamp(event.get("log_time", _time.time()))
     level = _ABBREVIATIONS.get(_level_of(event), "INF")
-    namespace = event.get("log_namespace") or event.get("system") or "-"
+    namespace = _namespace(event) or "-"
     line = f"{when:%Y-%m-%d %H:%M:%S} {level} [{namespace}] {_message(event)}\n"
     failure = event.get("log_failure")
     if isinstance(failure, Failure):

@@ -191,3 +191,12 @@ def test_import_sets_nothing_up():
         "assert 'twisted.internet.reactor' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_legacy_events_use_their_system_as_namespace():
+    event = {"log_format": "x", "log_namespace": "log_legacy", "system": "HTTP",
+             "log_time": WHEN}
+    assert json.loads(grpcmux_logging.format_json(event))["namespace"] == "HTTP"
+    assert " [HTTP] x" in grpcmux_logging.format_pretty(event)
+    event["system"] = "-"
+    assert json.loads(grpcmux_logging.format_json(event))["namespace"] == "log_legacy"

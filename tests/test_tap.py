@@ -295,6 +295,7 @@ def test_twistd_observer_syslog(monkeypatch):
 def test_root_bridges_stdlib_logging_while_running():
     import logging
 
+    previous = logging.getLogger().level
     root = root_for(ClientSettings(log_level="debug"), None)
     root.startService()
     handlers = [h for h in logging.getLogger().handlers
@@ -303,7 +304,7 @@ def test_root_bridges_stdlib_logging_while_running():
     root.stopService()
     assert not any(isinstance(h, grpcmux_logging.TwistedLoggerHandler)
                    for h in logging.getLogger().handlers)
-    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger().setLevel(previous)
 
 
 def test_make_twistd_service_logs_the_config_file(dirs, tmp_path):
