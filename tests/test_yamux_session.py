@@ -1,6 +1,8 @@
 """Tests for grpcmux.yamux.session (the checklist of hashicorp's session_test.go)."""
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer
 from twisted.internet import error
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -492,3 +494,47 @@ def test_factory_builds_sessions():
 
 def test_default_clock_is_the_reactor(reactor):
     assert YamuxSession(True).clock is reactor
+
+
+# -- real reactor over loopback TCP -------------------------------------------------
+
+class Collect(StreamRecorder):
+    """Fires ``done`` with the data once the stream is closed."""
+
+    def __init__(self, expected):
+        super().__init__()
+        from twisted.internet.defer import Deferred
+
+        self.expected = expected
+        self.done = Deferred()
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        if len(self.data) >= self.expected and not self.done.called:
+            self.done.callback(bytes(self.data))
+
+
+@pytest_twisted.inlineCallbacks
+def test_sessions_over_loopback_tcp(reactor):
+    """Real TCP transports pause the session; 8 MiB across 4 streams still arrive intact."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+
+    config = YamuxConfig(enable_keepalive=False)
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        YamuxFactory(False, Factory.forProtocol(Echo), config, reactor))
+    try:
+        client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            YamuxFactory(True, None, config, reactor))
+        size = 2 * 1024 * 1024
+        protos = [Collect(size) for _ in range(4)]
+        for i, proto in enumerate(protos):
+            client.open_stream(proto).write(bytes([i]) * size)
+        results = yield defer.gatherResults([p.done for p in protos]).addTimeout(30, reactor)
+        assert results == [bytes([i]) * size for i in range(4)]
+        rtt = yield client.ping().addTimeout(10, reactor)
+        assert rtt >= 0
+        closed = client.when_closed()
+        client.close()
+        yield closed.addTimeout(10, reactor)
+    finally:
+        yield port.stopListening()

@@ -382,3 +382,17 @@ def test_streams_over_iosim_transfer_large_data_both_ways():
     server_proto.transport.write(payload[::-1])
     pair.flush()
     assert proto.data == payload[::-1]
+
+
+def test_one_flush_sends_a_bounded_amount_then_yields():
+    session, transport, clock = session_on_string_transport(
+        True, None, YamuxConfig(enable_keepalive=False))
+    streams = [session.open_stream(StreamRecorder()) for _ in range(8)]
+    transport.clear()
+    for stream in streams:
+        stream.write(b"w" * WINDOW)
+    clock.advance(0)
+    first = sum(fr.length for fr in read_frames(transport))
+    assert 1024 * 1024 <= first < 8 * WINDOW
+    clock.advance(0)
+    assert first + sum(fr.length for fr in read_frames(transport)) == 8 * WINDOW

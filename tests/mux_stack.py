@@ -1,0 +1,108 @@
+"""A whole grpcmux on loopback, in this process: server, proxy, clients, a backend.
+
+Everything runs on the real reactor; blocking grpc client code runs in threads.
+Every wait has a timeout, so a broken tunnel fails a test instead of hanging it.
+"""
+
+import grpc
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.threads import deferToThreadPool
+
+from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
+from grpcmux.registry import ClientRegistry
+from grpcmux.rpc.service import ProxyService
+from grpcmux.server import MultiplexerServer
+from rpc_backend import UNLIMITED, Backend, invoke
+
+TIMEOUT = 20.0
+
+
+class Stack:
+    """Server + proxy on 127.0.0.1 ports chosen by the system, and a backend."""
+
+    def __init__(self, reactor, tmp_path, **server_kwargs):
+        self.reactor = reactor
+        self.tmp_path = tmp_path
+        self.registry = ClientRegistry()
+        self.backend = Backend(str(tmp_path / "backend.sock"))
+        self.backend_address = f"unix:{self.backend.socket_path}"
+        self._server_kwargs = dict(runtime_dir=str(tmp_path / "run"), **server_kwargs)
+        self.server = self._start_server("tcp:0:interface=127.0.0.1")
+        self.multiplexer_address = f"127.0.0.1:{self.server.port.getHost().port}"
+        self.proxy = ProxyService(reactor, self.registry, "127.0.0.1:0", shutdown_grace=1.0)
+        self.proxy.startService()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.proxy.port}", options=UNLIMITED)
+        self.clients = []
+
+    def _start_server(self, listener):
+        server = MultiplexerServer(self.reactor, self.registry, listener, **self._server_kwargs)
+        server.startService()
+        return server
+
+    def restart_server(self):
+        """Stop the multiplexer server and start a new one on the same port."""
+        d = self.server.stopService()
+
+        def start_again(_):
+            host, port = self.multiplexer_address.split(":")
+            self.server = self._start_server(f"tcp:{port}:interface={host}")
+
+        return d.addCallback(start_again).addTimeout(TIMEOUT, self.reactor)
+
+    def client(self, client_id, wire_protocol="native", backend_address=None, labels=()):
+        """Start a client; ``.tunnel.when_admitted()`` tells when it is in."""
+        tunnel = Tunnel(
+            self.reactor,
+            client_id,
+            backend_address or self.backend_address,
+            self.multiplexer_address,
+            wire_protocol=wire_protocol,
+            labels=labels,
+            retry_policy=_RetryPolicy(backoffPolicy(initialDelay=0.05, maxDelay=0.5)),
+        )
+        service = TunnelClientService(self.reactor, tunnel)
+        service.startService()
+        self.clients.append(service)
+        return service
+
+    def admitted(self, service):
+        return service.tunnel.when_admitted().addTimeout(TIMEOUT, self.reactor)
+
+    def registered(self, client_id):
+        """A Deferred firing once the server lists ``client_id`` in its registry."""
+        result = Deferred()
+        if client_id in self.registry.snapshot:
+            result.callback(None)
+            return result
+
+        def observe(event):
+            if event.info.client_id == client_id and client_id in self.registry.snapshot:
+                unsubscribe()
+                result.callback(None)
+
+        unsubscribe = self.registry.subscribe(observe)
+        return result.addTimeout(TIMEOUT, self.reactor)
+
+    async def connected_client(self, client_id, **kwargs):
+        """Start a client and wait until the server has registered it."""
+        registered = self.registered(client_id)
+        service = self.client(client_id, **kwargs)
+        await self.admitted(service)
+        await registered
+        return service
+
+    def in_thread(self, fn, *args, **kwargs):
+        result = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args, **kwargs)
+        return result.addTimeout(TIMEOUT + 10, self.reactor)
+
+    def invoke(self, kind, request, metadata=(), timeout=TIMEOUT, **kwargs):
+        return self.in_thread(invoke, self.channel, kind, request, metadata, timeout, **kwargs)
+
+    async def stop(self):
+        self.channel.close()
+        stopping = [service.stopService() for service in self.clients]
+        await DeferredList(stopping).addTimeout(TIMEOUT, self.reactor)
+        await self.proxy.stopService().addTimeout(TIMEOUT, self.reactor)
+        await self.server.stopService().addTimeout(TIMEOUT, self.reactor)
+        await self.in_thread(self.backend.stop)

@@ -1,0 +1,229 @@
+"""The whole product on loopback: calls through proxy, server, tunnel, client, backend."""
+
+import grpc
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
+from mux_stack import TIMEOUT, Stack
+
+OK = grpc.StatusCode.OK
+
+
+@pytest_twisted.async_yield_fixture
+async def stack(reactor, tmp_path):
+    s = Stack(reactor, tmp_path)
+    yield s
+    await s.stop()
+
+
+def route(client_id):
+    return (("client-id", client_id),)
+
+
+@pytest.mark.parametrize("wire_protocol", ["native", "legacy"])
+@pytest.mark.parametrize(
+    "kind, request_, expected",
+    [
+        ("Unary", b"ping", [b"ping"]),
+        ("ServerStream", b"s", [b"s"] * 3),
+        ("ClientStream", [b"a", b"b", b"c"], [b"a|b|c"]),
+        ("Bidi", [b"x", b"y"], [b"x", b"y"]),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_four_call_kinds_through_the_tunnel(stack, wire_protocol, kind, request_, expected):
+    await stack.connected_client("lab", wire_protocol=wire_protocol)
+    result = await stack.invoke(kind, request_, route("lab") + (("x-count", "3"),))
+    assert (result.code, result.responses) == (OK, expected), result.details
+    call = stack.backend.next_call()
+    assert "client-id" not in dict(call.metadata)
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_headers_and_trailers_survive_the_tunnel(stack):
+    await stack.connected_client("lab")
+    result = await stack.invoke(
+        "Unary",
+        b"x",
+        route("lab")
+        + (("x-header-h", "1"), ("x-trailer-t", "2"), ("x-fail", "NOT_FOUND nothing here"),
+           ("x-fail-details-bin", b"\x08\x05")),
+    )
+    assert result.code == grpc.StatusCode.NOT_FOUND
+    assert result.details == "nothing here"
+    assert ("h", "1") in result.headers
+    assert ("grpc-status-details-bin", b"\x08\x05") in result.trailers
+
+
+@pytest_twisted.ensureDeferred
+async def test_64_mib_message_both_ways(stack):
+    await stack.connected_client("lab")
+    payload = bytes(range(256)) * (64 * 1024 * 4)
+    result = await stack.invoke("Unary", payload, route("lab"))
+    assert result.code == OK, result.details
+    assert result.responses[0] == payload
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_clients_each_reach_their_own_backend(stack, tmp_path):
+    from rpc_backend import Backend
+
+    backends = [Backend(str(tmp_path / f"b{i}.sock")) for i in range(3)]
+    try:
+        for i, backend in enumerate(backends):
+            await stack.connected_client(f"c{i}", backend_address=f"unix:{backend.socket_path}")
+        for i, backend in enumerate(backends):
+            result = await stack.invoke("Unary", b"%d" % i, route(f"c{i}"))
+            assert result.responses == [b"%d" % i]
+            assert backend.next_call(timeout=5).method == "/test.Echo/Unary"
+    finally:
+        for backend in backends:
+            await stack.in_thread(backend.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_client_is_not_found(stack):
+    result = await stack.invoke("Unary", b"x", route("nobody"))
+    assert result.code == grpc.StatusCode.NOT_FOUND
+    assert "client 'nobody' is not connected" in result.details
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_reaches_the_backend_through_the_tunnel(stack):
+    from rpc_backend import start_call
+
+    await stack.connected_client("lab")
+    pending = await stack.in_thread(start_call, stack.channel, "ServerStream", b"w",
+                                    route("lab") + (("x-wait", "1"),), TIMEOUT)
+    call = await stack.in_thread(stack.backend.next_call)
+    pending.cancel()
+    await stack.in_thread(call.settled.wait, TIMEOUT)
+    assert call.outcome == "cancelled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_deadline_reaches_the_backend(stack):
+    await stack.connected_client("lab")
+    result = await stack.invoke("Unary", b"x", route("lab"), timeout=7.0)
+    assert result.code == OK
+    remaining = stack.backend.next_call().time_remaining
+    assert remaining is not None and 0 < remaining <= 7.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_dying_mid_call_gives_unavailable_naming_the_client(stack):
+    from rpc_backend import start_call
+
+    client = await stack.connected_client("lab")
+    pending = await stack.in_thread(start_call, stack.channel, "ServerStream", b"w",
+                                    route("lab") + (("x-wait", "1"),), TIMEOUT)
+    await stack.in_thread(stack.backend.next_call)
+    client.tunnel.session.transport.abortConnection()
+    result = await stack.in_thread(pending.finish)
+    assert result.code == grpc.StatusCode.UNAVAILABLE
+    assert "lab" in result.details
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_down_then_up(stack, tmp_path):
+    from rpc_backend import Backend
+
+    path = str(tmp_path / "flaky.sock")
+    await stack.connected_client("lab", backend_address=f"unix:{path}")
+    result = await stack.invoke("Unary", b"x", route("lab"))
+    assert result.code == grpc.StatusCode.UNAVAILABLE
+    assert "lab" in result.details
+    backend = Backend(path)
+    try:
+        result = await stack.invoke("Unary", b"x", route("lab"), wait_for_ready=True)
+        assert (result.code, result.responses) == (OK, [b"x"]), result.details
+    finally:
+        await stack.in_thread(backend.stop)
+    assert stack.server.connected_clients.keys() == {"lab"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_reconnects_after_server_restart(stack):
+    client = await stack.connected_client("lab")
+    readmitted = client.tunnel.when_admitted()
+    await stack.restart_server()
+    await readmitted.addTimeout(TIMEOUT, stack.reactor)
+    result = await stack.invoke("Unary", b"again", route("lab"), wait_for_ready=True)
+    assert result.responses == [b"again"], result.details
+
+
+def discovery(stack):
+    return discovery_pb2_grpc.DiscoveryServiceStub(stack.channel)
+
+
+@pytest_twisted.ensureDeferred
+async def test_discovery_lists_connected_clients_with_details(stack):
+    await stack.connected_client("n1", labels=(("site", "lab"),))
+    await stack.connected_client("l1", wire_protocol="legacy")
+    response = await stack.in_thread(discovery(stack).ListGRPCServer,
+                                     discovery_pb2.ListGRPCServerRequest(), timeout=TIMEOUT)
+    assert list(response.servers) == ["l1", "n1"]
+    details = {d.client_id: d for d in response.details}
+    assert details["n1"].wire_protocol == "native"
+    assert dict(details["n1"].labels) == {"site": "lab"}
+    assert details["l1"].wire_protocol == "legacy"
+    assert details["n1"].remote_address.startswith("127.0.0.1:")
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_sees_connect_and_disconnect(stack):
+    Connected = discovery_pb2.WatchGRPCServerResponse.EVENT_CONNECTED
+    Disconnected = discovery_pb2.WatchGRPCServerResponse.EVENT_DISCONNECTED
+    await stack.connected_client("early")
+    watch = await stack.in_thread(discovery(stack).WatchGRPCServer,
+                                  discovery_pb2.WatchGRPCServerRequest(replay=True),
+                                  timeout=TIMEOUT)
+    first = await stack.in_thread(next, watch)
+    assert (first.server, first.event) == ("early", Connected)
+    late = await stack.connected_client("late")
+    second = await stack.in_thread(next, watch)
+    assert (second.server, second.event) == ("late", Connected)
+    await late.stopService()
+    third = await stack.in_thread(next, watch)
+    assert (third.server, third.event) == ("late", Disconnected)
+    watch.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_id_of_a_live_client_is_refused(stack):
+    first = await stack.connected_client("twin")
+    second = stack.client("twin")
+    refused = Deferred()
+    second.tunnel._report = lambda problem: refused.called or refused.callback(problem)
+    problem = await refused.addTimeout(TIMEOUT, stack.reactor)
+    assert "CODE_ALREADY_EXISTS" in problem and "'twin' is already connected" in problem
+    assert stack.server.connected_clients["twin"].session is not None
+    assert first.tunnel.session is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_id_replaces_a_dead_session(stack):
+    stack.server.duplicate_ping_timeout = 0.2
+    first = await stack.connected_client("phoenix")
+    dead = stack.server.connected_clients["phoenix"]
+    first.tunnel.session.transport.pauseProducing()  # frozen: reads nothing, answers no ping
+    first.tunnel.session.transport.stopReading()
+    second = await stack.connected_client("phoenix")
+    assert stack.server.connected_clients["phoenix"] is not dead
+    result = await stack.invoke("Unary", b"new", route("phoenix"), wait_for_ready=True)
+    assert result.responses == [b"new"], result.details
+    await first.stopService()
+    del second
+
+
+@pytest.mark.parametrize("bad_id, why", [("two words", "whitespace"), ("a/b", "'/'")])
+@pytest_twisted.ensureDeferred
+async def test_invalid_id_is_refused_with_a_reason(stack, bad_id, why):
+    client = stack.client(bad_id)
+    refused = Deferred()
+    client.tunnel._report = lambda problem: refused.called or refused.callback(problem)
+    problem = await refused.addTimeout(TIMEOUT, stack.reactor)
+    assert "CODE_BAD_CLIENT_ID" in problem and why in problem
+    assert stack.registry.snapshot == {}
