@@ -137,7 +137,8 @@ async def test_backend_down_then_up(stack, tmp_path):
     assert "lab" in result.details
     backend = Backend(path)
     try:
-        result = await stack.invoke("Unary", b"x", route("lab"), wait_for_ready=True)
+        await stack.proxy_channel_ready("lab")
+        result = await stack.invoke("Unary", b"x", route("lab"))
         assert (result.code, result.responses) == (OK, [b"x"]), result.details
     finally:
         await stack.in_thread(backend.stop)
