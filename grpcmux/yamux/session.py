@@ -53,7 +53,24 @@ _FLUSH_BUDGET = 1024 * 1024
 
 @implementer(IPushProducer)
 class YamuxSession(Protocol):
-    """A yamux session; ``is_client`` picks odd (client) or even (server) stream ids."""
+    """A yamux session; ``is_client`` picks odd (client) or even (server) stream ids.
+
+    Streams the peer opens are accepted at once: ``stream_factory.buildProtocol``
+    gets a StreamAddress, the ACK is queued before the protocol is connected, and
+    a factory that builds nothing (or no factory) means RST.  The accept backlog
+    counts peer-opened streams whose ACK has not been written to the transport
+    yet (SYNs arriving in one read); a SYN beyond it is reset.
+
+    Control frames raised by API calls (SYN, PING, GO_AWAY, RST) are written at
+    once; those raised while receiving are written together at the end of
+    ``dataReceived``.  DATA is sent at the end of ``dataReceived`` or from a
+    ``callLater(0)`` flush, so writes made in one reactor turn are coalesced
+    (with a task.Clock, ``clock.advance(0)`` sends them).
+
+    Public state: ``is_client``, ``config``, ``stream_factory`` (replaceable),
+    ``streams`` (id -> YamuxStream, read-only use), ``closed``,
+    ``go_away_received``, ``go_away_sent``, ``clock``.
+    """
 
     _log = Logger()
 
