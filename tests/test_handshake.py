@@ -37,6 +37,13 @@ class Recorder(Protocol):
         self.lost = reason
 
 
+class HalfCloseTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
 class ServerSide:
     def __init__(self):
         self.hellos = []
@@ -47,7 +54,7 @@ class ServerSide:
             lambda hs, reason: self.failures.append(reason),
             lambda: self.inner,
         )
-        self.transport = StringTransport()
+        self.transport = HalfCloseTransport()
         self.handshake.makeConnection(self.transport)
 
     def feed(self, data, one_byte_at_a_time=True):
@@ -94,12 +101,16 @@ def test_native_accept_sends_welcome():
 def test_native_reject_says_why_and_closes():
     server = ServerSide()
     server.feed(hello_bytes(client_id="x"), one_byte_at_a_time=False)
-    server.handshake.reject(tunnel_pb2.Reject.CODE_ALREADY_EXISTS, "taken")
+    closed = []
+    server.handshake.reject(tunnel_pb2.Reject.CODE_ALREADY_EXISTS, "taken",
+                            lambda: closed.append(True))
+    assert closed == [] and server.transport.write_closed
     (body,) = MessageReader().feed(server.transport.value())
     answer = tunnel_pb2.ServerMessage.FromString(body)
     assert answer.reject.code == tunnel_pb2.Reject.CODE_ALREADY_EXISTS
     assert answer.reject.message == "taken"
-    assert server.transport.disconnecting
+    server.handshake.writeConnectionLost()  # the FIN went out after the Reject
+    assert closed == [True]
 
 
 def test_legacy_id_line_then_nested_session_gets_the_rest():
@@ -117,9 +128,11 @@ def test_legacy_id_line_then_nested_session_gets_the_rest():
 def test_legacy_reject_just_closes():
     server = ServerSide()
     server.feed(b"rainbow\n")
-    server.handshake.reject(tunnel_pb2.Reject.CODE_ALREADY_EXISTS, "taken")
+    closed = []
+    server.handshake.reject(tunnel_pb2.Reject.CODE_ALREADY_EXISTS, "taken",
+                            lambda: closed.append(True))
     assert server.transport.value() == b""
-    assert server.transport.disconnecting
+    assert closed == [True]
 
 
 @pytest.mark.parametrize(
