@@ -1,6 +1,6 @@
 """``HOST:PORT`` addresses, as the Go original takes them, and Twisted endpoints."""
 
-from twisted.internet.endpoints import HostnameEndpoint, serverFromString
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, serverFromString
 
 #: Endpoint types a listener may name directly instead of ``HOST:PORT``.
 ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "unix:", "systemd:", "ssl:")
@@ -52,6 +52,11 @@ def server_endpoint(reactor, address):
 
 
 def client_endpoint(reactor, address, timeout=10):
-    """A ``HostnameEndpoint`` for ``HOST:PORT`` (names resolve to v4 and v6)."""
+    """A ``HostnameEndpoint`` for ``HOST:PORT`` (names resolve to v4 and v6).
+
+    ``unix:PATH`` names a UNIX socket, for gRPC servers that listen on one.
+    """
+    if address.startswith("unix:"):
+        return UNIXClientEndpoint(reactor, address[len("unix:"):], timeout=timeout)
     host, port = split_host_port(address)
     return HostnameEndpoint(reactor, host or "localhost", port, timeout=timeout)

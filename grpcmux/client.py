@@ -1,0 +1,299 @@
+"""The multiplexer client: dials out, introduces itself, and serves the server's streams.
+
+Each stream the server opens is spliced to a new TCP connection to the local gRPC
+server, so HTTP/2 bytes pass untouched and no grpcio runs on this side.  The
+connection is kept by Twisted's ``ClientService``: whatever ends a session (the
+server restarting, a GoAway, a network fault, a refusal) leads to a new attempt
+after a jittered exponential backoff.
+"""
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from grpcmux import __version__
+from grpcmux.addresses import client_endpoint
+from grpcmux.handshake import (
+    WIRE_LEGACY,
+    WIRE_NATIVE,
+    ClientHello,
+    HandshakeFailed,
+    HandshakeRejected,
+    LegacyClientHandshake,
+    NativeClientHandshake,
+)
+from grpcmux.ids import random_client_id
+from grpcmux.splice import SpliceProtocol, splice
+from grpcmux.yamux.config import YamuxConfig
+from grpcmux.yamux.session import YamuxSession
+
+
+class _StreamEnd(SpliceProtocol):
+    """A stream the server opened: connects to the gRPC server, then splices."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self._connecting = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._connecting = self._backend.connect(SpliceProtocol())
+        self._connecting.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, backend_end):
+        self._connecting = None
+        if self._closed:
+            backend_end.abort()
+            return
+        self._backend.reachable()
+        splice(self, backend_end)
+
+    def _failed(self, failure):
+        self._connecting = None
+        if not self._closed:
+            self._backend.unreachable(failure)
+            self.abort()
+
+    def connectionLost(self, reason=None):
+        super().connectionLost(reason)
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+
+class _Backend(Factory):
+    """The local gRPC server; builds a ``_StreamEnd`` per accepted stream.
+
+    Reachability changes are logged once each, not once per stream.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, address, client_id):
+        self._endpoint = client_endpoint(reactor, address)
+        self.address = address
+        self._client_id = client_id
+        self._down = False
+
+    def buildProtocol(self, addr):
+        return _StreamEnd(self)
+
+    def connect(self, protocol):
+        return connectProtocol(self._endpoint, protocol)
+
+    def reachable(self):
+        if self._down:
+            self._down = False
+            self._log.info("gRPC server {address} is reachable again", address=self.address)
+
+    def unreachable(self, failure):
+        if not self._down:
+            self._down = True
+            self._log.warn(
+                "client {client_id} cannot reach its gRPC server {address}: {error}",
+                client_id=self._client_id,
+                address=self.address,
+                error=failure.getErrorMessage(),
+            )
+
+
+class _TunnelSession(YamuxSession):
+    """The outer yamux session; tells the tunnel when it is up so it can introduce itself."""
+
+    def __init__(self, tunnel, **kwargs):
+        super().__init__(**kwargs)
+        self._tunnel = tunnel
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._tunnel.session_started(self)
+
+
+class _RetryPolicy:
+    """Backoff over failed attempts, counting sessions that ended before admission.
+
+    ``ClientService`` counts only failed TCP connects and resets after any
+    connection, so a server that keeps refusing would be dialled in a tight loop;
+    a session that ends without a Welcome counts as a failure here.
+    """
+
+    def __init__(self, policy=None):
+        self._policy = policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
+        self.unadmitted = 0
+
+    def __call__(self, attempt):
+        return self._policy(attempt + self.unadmitted)
+
+
+class Tunnel(Factory):
+    """Builds sessions for ``ClientService`` and runs the handshake on each."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        client_id,
+        grpc_server_address,
+        multiplexer_address,
+        wire_protocol=WIRE_NATIVE,
+        labels=(),
+        handshake_timeout=10.0,
+        yamux_config=None,
+        retry_policy=None,
+    ):
+        self._reactor = reactor
+        self.client_id = client_id
+        self.multiplexer_address = multiplexer_address
+        self.wire_protocol = wire_protocol
+        self.labels = tuple(labels)
+        self.handshake_timeout = handshake_timeout
+        self.yamux_config = yamux_config or YamuxConfig()
+        self.backend = _Backend(reactor, grpc_server_address, client_id)
+        self.retry_policy = retry_policy or _RetryPolicy()
+        self.session = None
+        self._waiters = []
+        self._last_problem = None
+
+    def buildProtocol(self, addr):
+        return _TunnelSession(
+            self, is_client=True, config=self.yamux_config, clock=self._reactor
+        )
+
+    def when_admitted(self):
+        """A Deferred firing with the next session the server admits."""
+        waiter = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def session_started(self, session):
+        session.when_closed().addCallback(self._session_ended, session)
+        if self.wire_protocol == WIRE_LEGACY:
+            inner = YamuxSession(
+                is_client=False,
+                stream_factory=self.backend,
+                config=self.yamux_config,
+                clock=self._reactor,
+            )
+            inner.when_closed().addCallback(lambda _: session.close())
+            session.open_stream(LegacyClientHandshake(self.client_id, inner))
+            self._admitted(session)
+            return
+        session.stream_factory = self.backend
+        hello = ClientHello(
+            client_id=self.client_id,
+            wire_protocol=WIRE_NATIVE,
+            labels=self.labels,
+            version=__version__,
+        )
+        control = NativeClientHandshake(hello)
+        session.open_stream(control)
+        timer = self._reactor.callLater(
+            self.handshake_timeout, control.timed_out, self.handshake_timeout
+        )
+        control.result.addBoth(_cancelling(timer))
+        control.result.addCallbacks(
+            lambda welcome: self._admitted(session), self._refused, errbackArgs=(session,)
+        )
+
+    def _admitted(self, session):
+        self.session = session
+        self.retry_policy.unadmitted = 0
+        self._last_problem = None
+        self._log.info(
+            "client {client_id} connected to multiplexer {address} ({wire_protocol})",
+            client_id=self.client_id,
+            address=self.multiplexer_address,
+            wire_protocol=self.wire_protocol,
+        )
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(session)
+
+    def _refused(self, failure, session):
+        failure.trap(HandshakeRejected, HandshakeFailed)
+        self.retry_policy.unadmitted += 1
+        self._report(f"multiplexer {self.multiplexer_address} refused client "
+                     f"{self.client_id}: {failure.value}")
+        session.close()
+
+    def _session_ended(self, reason, session):
+        if self.session is session:
+            self.session = None
+            self._report(
+                f"client {self.client_id} lost its session with multiplexer "
+                f"{self.multiplexer_address} ({reason or 'closed'}); reconnecting"
+            )
+
+    def connect_failed(self, failure):
+        self._report(
+            f"client {self.client_id} cannot connect to multiplexer "
+            f"{self.multiplexer_address}: {failure.getErrorMessage()}; retrying"
+        )
+
+    def _report(self, problem):
+        """Log a reason for reconnecting once, not at every retry."""
+        if problem != self._last_problem:
+            self._last_problem = problem
+            self._log.warn("{problem}", problem=problem)
+
+
+def _cancelling(timer):
+    def cancel(result):
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return cancel
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """Wraps the multiplexer's endpoint to log why a connection attempt failed."""
+
+    def __init__(self, endpoint, tunnel):
+        self._endpoint = endpoint
+        self._tunnel = tunnel
+
+    def connect(self, factory):
+        return self._endpoint.connect(factory).addErrback(self._failed)
+
+    def _failed(self, failure):
+        if not failure.check(CancelledError):
+            self._tunnel.connect_failed(failure)
+        return failure
+
+
+class TunnelClientService(MultiService):
+    """The client for twistd: a ``ClientService`` keeping one tunnel up."""
+
+    def __init__(self, reactor, tunnel):
+        super().__init__()
+        self.tunnel = tunnel
+        self.connector = ClientService(
+            _ReportingEndpoint(client_endpoint(reactor, tunnel.multiplexer_address), tunnel),
+            tunnel,
+            retryPolicy=tunnel.retry_policy,
+            clock=reactor,
+        )
+        self.connector.setServiceParent(self)
+
+
+def make_service(settings, reactor):
+    client_id = settings.client_id
+    if not client_id:
+        client_id = random_client_id()
+        Tunnel._log.info("no --client-id given; using {client_id}", client_id=client_id)
+    tunnel = Tunnel(
+        reactor,
+        client_id,
+        settings.grpc_server_address,
+        settings.multiplexer_address,
+        wire_protocol=settings.wire_protocol,
+        labels=settings.labels,
+    )
+    return TunnelClientService(reactor, tunnel)

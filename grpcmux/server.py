@@ -1,0 +1,387 @@
+"""The multiplexer server: accepts clients, admits them, and bridges the proxy to them.
+
+Per accepted connection (``_ClientConnection``): a yamux server session; the
+client's first stream carries the handshake (native or legacy, told apart by its
+first byte); once admitted, the client gets a private UNIX socket (``Bridge``) and an
+entry in the ``ClientRegistry`` that the proxy and Discovery read.  The connection
+is forgotten, socket and entry included, the moment its session ends.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import DeferredList, fail, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from grpcmux import __version__
+from grpcmux._proto.grpcmux.v1 import tunnel_pb2
+from grpcmux.addresses import server_endpoint
+from grpcmux.bridge import Bridge
+from grpcmux.handshake import WIRE_LEGACY, HandshakeRejected, ServerHandshake
+from grpcmux.ids import client_id_problem
+from grpcmux.registry import ClientInfo, ClientRegistry
+from grpcmux.yamux.config import YamuxConfig
+from grpcmux.yamux.frame import GO_AWAY_NORMAL
+from grpcmux.yamux.session import YamuxSession
+
+Reject = tunnel_pb2.Reject
+
+
+class _FirstStreamOnly(Factory):
+    """Hands the client's first stream to the handshake; refuses any other early one."""
+
+    def __init__(self, connection):
+        self._connection = connection
+        self._used = False
+
+    def buildProtocol(self, addr):
+        if self._used:
+            return None
+        self._used = True
+        return self._connection.handshake
+
+
+class _ClientConnection:
+    """One multiplexer client's connection, from accept to departure."""
+
+    _log = Logger()
+
+    def __init__(self, server, session, remote_address):
+        self._server = server
+        self.session = session
+        self.remote_address = remote_address
+        self.hello = None
+        self.bridge = None
+        self.admitted = False
+        self._departed = False
+        self.handshake = ServerHandshake(
+            self._hello_received, self._handshake_failed, self._make_inner_session
+        )
+        session.stream_factory = _FirstStreamOnly(self)
+        self._timeout = server.clock.callLater(
+            server.handshake_timeout, self._handshake_timed_out
+        )
+        session.when_closed().addCallback(self._session_closed)
+
+    @property
+    def client_id(self):
+        return self.hello.client_id if self.hello else None
+
+    def _make_inner_session(self):
+        inner = YamuxSession(is_client=True, config=self._server.yamux_config, clock=self._server.clock)
+        inner.when_closed().addCallback(lambda _: self.session.close())
+        return inner
+
+    def _hello_received(self, handshake, hello):
+        self.hello = hello
+        self._server.admit(self).addCallbacks(self._admitted, self._refused)
+
+    def _admitted(self, _):
+        if self.session.closed:
+            self._server.forget(self)
+            return
+        self._cancel_timeout()
+        welcome = tunnel_pb2.Welcome(
+            server_version=__version__,
+            keepalive_interval_ms=int(self.session.config.keepalive_interval * 1000),
+        )
+        inner = self.handshake.accept(welcome)
+        stream_session = self.session if inner is None else inner
+        self.bridge = self._server.bridge_for(self, stream_session)
+        self.admitted = True
+        self._server.register(self)
+
+    def _refused(self, failure):
+        failure.trap(HandshakeRejected)
+        rejected = failure.value
+        self._log.warn(
+            "refused client {client_id!r} from {remote_address}: {reason}",
+            client_id=self.hello.client_id,
+            remote_address=self.remote_address,
+            reason=rejected,
+        )
+        self._cancel_timeout()
+        clock = self._server.clock
+        self.handshake.reject(
+            rejected.code, rejected.message, lambda: clock.callLater(0, self.session.close)
+        )
+
+    def _handshake_failed(self, handshake, reason):
+        self._log.warn(
+            "handshake with {remote_address} failed: {reason}",
+            remote_address=self.remote_address,
+            reason=reason,
+        )
+        self._cancel_timeout()
+        self.session.abort()
+
+    def _handshake_timed_out(self):
+        self._timeout = None
+        self._log.warn(
+            "no handshake from {remote_address} within {seconds:g} s; closing",
+            remote_address=self.remote_address,
+            seconds=self._server.handshake_timeout,
+        )
+        self.session.abort()
+
+    def _cancel_timeout(self):
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def _session_closed(self, reason):
+        self._cancel_timeout()
+        self.depart(reason)
+
+    def depart(self, reason=None):
+        """Remove this client from the registry and its socket from disk, once."""
+        if self._departed:
+            return
+        self._departed = True
+        self._server.forget(self)
+        if self.bridge is not None:
+            self.bridge.stop()
+        if self.admitted:
+            self._log.info(
+                "client {client_id} disconnected ({reason})",
+                client_id=self.client_id,
+                remote_address=self.remote_address,
+                reason=reason or "closed",
+            )
+
+
+class _SessionFactory(Factory):
+    def __init__(self, server):
+        self._server = server
+
+    def buildProtocol(self, addr):
+        session = YamuxSession(
+            is_client=False, config=self._server.yamux_config, clock=self._server.clock
+        )
+        self._server.connection_accepted(session, addr)
+        return session
+
+
+class MultiplexerServer(Service):
+    """Listens for multiplexer clients and keeps the registry of connected ones."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        registry,
+        listener,
+        runtime_dir=None,
+        handshake_timeout=10.0,
+        duplicate_ping_timeout=2.0,
+        yamux_config=None,
+    ):
+        self.reactor = reactor
+        self.clock = reactor
+        self.registry = registry
+        self._listener = listener
+        self._runtime_dir_option = runtime_dir
+        self.runtime_dir = None
+        self.handshake_timeout = handshake_timeout
+        self.duplicate_ping_timeout = duplicate_ping_timeout
+        self.yamux_config = yamux_config or YamuxConfig()
+        self.port = None
+        self._connections = set()
+        self._by_id = {}
+        self._claims = {}
+        self._socket_counter = 0
+
+    # service lifecycle
+
+    def startService(self):
+        super().startService()
+        self.runtime_dir = self._make_runtime_dir()
+        endpoint = server_endpoint(self.reactor, self._listener)
+        self.port = _listen_now(endpoint, _SessionFactory(self))
+        self._log.info(
+            "multiplexer endpoint listening on {address}",
+            address=_describe(self.port.getHost()),
+        )
+
+    def stopService(self):
+        super().stopService()
+        stopping = []
+        if self.port is not None:
+            stopping.append(self.port.stopListening())
+            self.port = None
+        for connection in list(self._connections):
+            connection.session.close(GO_AWAY_NORMAL)
+            stopping.append(connection.session.when_closed())
+            connection.depart("server stopping")
+        done = DeferredList(stopping)
+        done.addCallback(lambda _: self._remove_runtime_dir())
+        return done
+
+    def _make_runtime_dir(self):
+        if self._runtime_dir_option:
+            os.makedirs(self._runtime_dir_option, mode=0o700, exist_ok=True)
+            os.chmod(self._runtime_dir_option, 0o700)
+            return self._runtime_dir_option
+        return tempfile.mkdtemp(prefix="grpcmux-")
+
+    def _remove_runtime_dir(self):
+        if self.runtime_dir and not self._runtime_dir_option:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    # connections
+
+    def connection_accepted(self, session, addr):
+        connection = _ClientConnection(self, session, _describe(addr))
+        self._connections.add(connection)
+
+    def admit(self, connection):
+        """Decide on a client's hello; fails with ``HandshakeRejected`` to refuse.
+
+        While a decision is pending the id is claimed by that connection, so two
+        newcomers with one id cannot both get in.
+        """
+        client_id = connection.client_id
+        problem = client_id_problem(client_id)
+        if problem is not None:
+            return fail(HandshakeRejected(Reject.CODE_BAD_CLIENT_ID, problem))
+        if client_id in self._claims:
+            return fail(self._already_connected(client_id))
+        self._claims[client_id] = connection
+        existing = self._by_id.get(client_id)
+        if existing is None:
+            return succeed(None)
+        return self._challenge(existing, connection)
+
+    def _challenge(self, existing, newcomer):
+        """Ping the current holder of an id: a live one keeps it, a dead one is replaced."""
+        client_id = newcomer.client_id
+        pinged = existing.session.ping()
+        pinged.addTimeout(self.duplicate_ping_timeout, self.clock)
+
+        def alive(_):
+            self._release_claim(newcomer)
+            raise self._already_connected(client_id)
+
+        def dead(failure):
+            self._log.info(
+                "client {client_id} reconnected; replacing its unresponsive session "
+                "from {remote_address}",
+                client_id=client_id,
+                remote_address=existing.remote_address,
+            )
+            existing.depart("replaced by a new connection")
+            existing.session.abort()
+
+        return pinged.addCallbacks(alive, dead)
+
+    def _release_claim(self, connection):
+        if self._claims.get(connection.client_id) is connection:
+            del self._claims[connection.client_id]
+
+    @staticmethod
+    def _already_connected(client_id):
+        return HandshakeRejected(
+            Reject.CODE_ALREADY_EXISTS,
+            f"client id {client_id!r} is already connected; pick another id "
+            "or stop the other client",
+        )
+
+    def bridge_for(self, connection, stream_session):
+        self._socket_counter += 1
+        path = os.path.join(self.runtime_dir, f"{self._socket_counter}.sock")
+        bridge = Bridge(self.reactor, path, stream_session, connection.client_id)
+        bridge.start()
+        return bridge
+
+    def register(self, connection):
+        client_id = connection.client_id
+        self._release_claim(connection)
+        self._by_id[client_id] = connection
+        hello = connection.hello
+        self.registry.add(
+            ClientInfo(
+                client_id=client_id,
+                socket_path=connection.bridge.socket_path,
+                connected_at=time.time(),
+                remote_address=connection.remote_address,
+                wire_protocol=hello.wire_protocol,
+                labels=hello.labels,
+            )
+        )
+        self._log.info(
+            "client {client_id} connected from {remote_address} ({wire_protocol})",
+            client_id=client_id,
+            remote_address=connection.remote_address,
+            wire_protocol=hello.wire_protocol,
+        )
+
+    def forget(self, connection):
+        self._connections.discard(connection)
+        if connection.client_id is None:
+            return
+        self._release_claim(connection)
+        if connection.admitted and self._by_id.get(connection.client_id) is connection:
+            del self._by_id[connection.client_id]
+            self.registry.remove(connection.client_id)
+
+    @property
+    def connected_clients(self):
+        return dict(self._by_id)
+
+
+def _listen_now(endpoint, factory):
+    """Listen and return the port, raising at once if that fails.
+
+    Every endpoint we accept listens synchronously; raising from ``startService``
+    makes twistd report the problem and exit instead of running without a port.
+    """
+    outcome = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome:
+        raise RuntimeError(f"endpoint {endpoint!r} did not start listening synchronously")
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def _describe(address):
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def make_service(settings, reactor):
+    """The whole server for twistd: multiplexer endpoint plus proxy endpoint."""
+    from grpcmux.rpc.service import ProxyService
+
+    registry = ClientRegistry()
+    top = MultiService()
+    multiplexer = MultiplexerServer(
+        reactor,
+        registry,
+        settings.multiplexer_listener,
+        runtime_dir=settings.runtime_dir,
+        handshake_timeout=settings.handshake_timeout,
+        duplicate_ping_timeout=settings.duplicate_ping_timeout,
+    )
+    multiplexer.setName("multiplexer")
+    multiplexer.setServiceParent(top)
+    proxy = ProxyService(
+        reactor,
+        registry,
+        settings.proxy_listener,
+        authority_domain=settings.authority_domain,
+        default_client_id=settings.default_client_id,
+        max_message_size=settings.max_message_size,
+    )
+    proxy.setName("proxy")
+    proxy.setServiceParent(top)
+    return top
