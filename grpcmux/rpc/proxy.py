@@ -87,8 +87,13 @@ class TransparentProxy(grpc.GenericRpcHandler):
         self._local = dict(local or {})
         self._local_unrouted = dict(local_unrouted or {})
         # Retries off: the proxy must not buffer or replay requests; the caller decides.
+        # The bridge socket is local: when a client's backend or tunnel comes back,
+        # reconnect within a second instead of grpc's default backoff of up to 2 min.
         self._channel_options = message_size_options(max_message_size) + [
             ("grpc.enable_retries", 0),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         self._lock = threading.Lock()
         self._backends = {}  # (client_id, socket_path) -> _Backend
