@@ -397,3 +397,10 @@ def test_one_flush_sends_a_bounded_amount_then_yields():
     assert [c.func for c in clock.getDelayedCalls() if c.getTime() == 0] == [session._flush]
     clock.advance(0)
     assert first + sum(fr.length for fr in read_frames(transport)) == 8 * WINDOW
+
+
+def test_data_after_remote_fin_is_dropped():
+    proto = HalfCloseRecorder()
+    session, transport, _, stream, _ = opened(proto)
+    session.dataReceived(data_frame(1, b"last", FIN) + data_frame(1, b"late"))
+    assert proto.data == b"last" and proto.read_closed and not session.closed

@@ -254,6 +254,8 @@ class YamuxStream:
     # -- inbound -----------------------------------------------------------
 
     def _data_received(self, chunk):
+        if self._fin_received:
+            return  # the peer broke its own FIN; nothing more is read (no credit needed)
         if self._close_requested:
             self._add_credit(len(chunk))
         elif self._reading_paused or self._recv_buf:
