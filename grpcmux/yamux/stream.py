@@ -90,8 +90,9 @@ class YamuxStream:
             self._check_producer()
 
     def writeSequence(self, data):
-        """Write every item of ``data`` as one piece."""
-        self.write(b"".join(data))
+        """Write every item of ``data`` (no joining copy: items are sent as they are)."""
+        for item in data:
+            self.write(item)
 
     def loseWriteConnection(self):
         """Half-close: send FIN after the buffered data; reading goes on."""
