@@ -1,0 +1,14 @@
+"""Interop fixtures: the Go peers are built once per session (failing, never skipping)."""
+
+import pytest
+
+import gobuild
+
+# bin/ holds the build output and a GOPATH that links back to this directory.
+collect_ignore = ["bin"]
+
+
+@pytest.fixture(scope="session")
+def go_program():
+    """``go_program(name) -> Path`` of a built Go peer; a build problem fails the test."""
+    return gobuild.build

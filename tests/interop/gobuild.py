@@ -1,0 +1,108 @@
+"""Build the Go reference peers (``yamuxpeer``, ``legacyclient``, ``legacyserver``).
+
+They are built in GOPATH mode from Debian's packages only (``golang-go``,
+``golang-github-hashicorp-yamux-dev``, ``golang-google-grpc-dev``; ``.ci/run``
+installs them), with no network. This directory is linked into a private
+GOPATH as ``grpcmuxinterop`` so the programs can share ``legacy/grpcproxy``.
+Binaries and Go's build cache live in ``tests/interop/bin/`` (gitignored).
+
+A missing toolchain or package raises ``GoBuildError``: interop tests fail,
+they never skip.
+"""
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+INTEROP_DIR = Path(__file__).resolve().parent
+BIN_DIR = INTEROP_DIR / "bin"
+DEBIAN_GOPATH = Path("/usr/share/gocode")
+IMPORT_ROOT = "grpcmuxinterop"
+PROGRAMS = {
+    "yamuxpeer": "yamuxpeer",
+    "legacyclient": "legacy/legacyclient",
+    "legacyserver": "legacy/legacyserver",
+}
+# Go import path -> the Debian package that ships it.
+REQUIRED_SOURCES = {
+    "github.com/hashicorp/yamux": "golang-github-hashicorp-yamux-dev",
+    "google.golang.org/grpc": "golang-google-grpc-dev",
+}
+BUILD_TIMEOUT = 600.0
+
+_built = {}
+_lock = threading.Lock()
+
+
+class GoBuildError(RuntimeError):
+    """The Go peers cannot be built here; the message says what to install."""
+
+
+def build(name):
+    """Return the path of the built program ``name``, building it once per process."""
+    if name not in PROGRAMS:
+        raise GoBuildError(f"unknown Go program {name!r}; known: {sorted(PROGRAMS)}")
+    with _lock:
+        if name not in _built:
+            _built[name] = _go_build(name)
+        return _built[name]
+
+
+def _go_build(name):
+    go = shutil.which("go")
+    if go is None:
+        raise GoBuildError(
+            "the Go toolchain is missing: apt-get install golang-go "
+            "golang-github-hashicorp-yamux-dev golang-google-grpc-dev (see .ci/run)"
+        )
+    missing = [
+        package
+        for source, package in REQUIRED_SOURCES.items()
+        if not (DEBIAN_GOPATH / "src" / source).is_dir()
+    ]
+    if missing:
+        raise GoBuildError(
+            f"Go sources missing under {DEBIAN_GOPATH}: apt-get install {' '.join(missing)}"
+            " (see .ci/run)"
+        )
+    gopath = BIN_DIR / "gopath"
+    _link_sources(gopath / "src" / IMPORT_ROOT)
+    output = BIN_DIR / name
+    env = dict(
+        os.environ,
+        GO111MODULE="off",
+        GOPATH=f"{gopath}{os.pathsep}{DEBIAN_GOPATH}",
+        GOCACHE=str(BIN_DIR / "gocache"),
+        GOFLAGS="",
+        GOPROXY="off",
+        CGO_ENABLED="0",  # no C compiler needed
+    )
+    command = [go, "build", "-o", str(output), f"{IMPORT_ROOT}/{PROGRAMS[name]}"]
+    try:
+        result = subprocess.run(
+            command,
+            cwd=INTEROP_DIR,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise GoBuildError(f"`{' '.join(command)}` took longer than {BUILD_TIMEOUT}s") from exc
+    if result.returncode != 0:
+        raise GoBuildError(
+            f"`{' '.join(command)}` failed (exit {result.returncode}):\n{result.stderr}"
+        )
+    return output
+
+
+def _link_sources(link):
+    """Point ``link`` at this directory (idempotent, safe if the checkout moved)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and Path(os.readlink(link)) == INTEROP_DIR:
+        return
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(INTEROP_DIR, target_is_directory=True)
