@@ -2,7 +2,7 @@
 
 import grpc
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2 as pb
 from grpcmux._proto.grpc.multiplexer.v1.discovery_pb2_grpc import DiscoveryServiceStub
@@ -16,43 +16,44 @@ DISCONNECTED = pb.WatchGRPCServerResponse.EVENT_DISCONNECTED
 class CountingRegistry(ClientRegistry):
     """Counts live subscriptions and tells when the count reaches a value."""
 
-    def __init__(self):
+    def __init__(self, reactor):
         super().__init__()
+        self._reactor = reactor
         self.live = 0
         self._waiting = []
 
     def subscribe(self, observer):
         unsubscribe = super().subscribe(observer)
-        self.live += 1
+        self._count(+1)
         done = []
 
         def counted_unsubscribe():
             if not done:
                 done.append(True)
-                self.live -= 1
-                for count, d in list(self._waiting):
-                    if count == self.live:
-                        self._waiting.remove((count, d))
-                        d.callback(count)
+                self._count(-1)
             unsubscribe()
 
         return counted_unsubscribe
 
-    def when_live(self, count):
+    def _count(self, delta):
+        self.live += delta
+        for count, d in list(self._waiting):
+            if count == self.live:
+                self._waiting.remove((count, d))
+                d.callback(count)
+
+    def when_live(self, count, timeout=10.0):
+        """A Deferred firing once ``count`` subscriptions are live (now, or later)."""
         if self.live == count:
-            return Deferred.fromCoroutine(_value(count))
+            return succeed(count)
         d = Deferred()
         self._waiting.append((count, d))
-        return d
-
-
-async def _value(v):
-    return v
+        return d.addTimeout(timeout, self._reactor)
 
 
 @pytest_twisted.async_yield_fixture
 async def mux(reactor, tmp_path):
-    m = Mux(reactor, tmp_path, registry=CountingRegistry())
+    m = Mux(reactor, tmp_path, registry=CountingRegistry(reactor))
     m.stub = DiscoveryServiceStub(m.channel)
     yield m
     await m.stop()
@@ -122,7 +123,7 @@ async def test_departed_watcher_leaves_nothing_behind(mux):
     responses = mux.stub.WatchGRPCServer(pb.WatchGRPCServerRequest(), timeout=20)
     await mux.registry.when_live(baseline + 1)
     responses.cancel()
-    await mux.registry.when_live(baseline).addTimeout(10, mux.reactor)
+    await mux.registry.when_live(baseline)
     mux.connect("after")  # nobody is left to feed
 
 

@@ -55,6 +55,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         self._subscribe_timeout = subscribe_timeout
         self._lock = threading.Lock()
         self._watchers = set()  # queues of the running Watch calls
+        self._closed = False
 
     @property
     def watcher_count(self) -> int:
@@ -70,6 +71,11 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
 
     def WatchGRPCServer(self, request, context):
         events = queue.Queue()
+        with self._lock:
+            if self._closed:
+                return
+            # Known before subscribing, so that close() always reaches this stream.
+            self._watchers.add(events)
 
         def subscribe():
             unsubscribe = self._registry.subscribe(lambda e: events.put((e.kind, e.info)))
@@ -79,23 +85,22 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                 replay = [snapshot[i] for i in sorted(snapshot)]
             return unsubscribe, replay
 
+        def departed(unsubscribe=None):
+            events.put(_END)
+            with self._lock:
+                self._watchers.discard(events)
+            if unsubscribe is not None:
+                self._reactor.callFromThread(unsubscribe)
+
         try:
             unsubscribe, replay = call_in_reactor(
                 self._reactor, subscribe, timeout=self._subscribe_timeout
             )
         except (ReactorUnavailable, TimeoutError) as e:
+            departed()
             context.abort(grpc.StatusCode.UNAVAILABLE, f"multiplexer is shutting down: {e}")
-
-        def departed():
-            events.put(_END)
-            with self._lock:
-                self._watchers.discard(events)
-            self._reactor.callFromThread(unsubscribe)
-
-        with self._lock:
-            self._watchers.add(events)
-        if not context.add_callback(departed):
-            departed()  # the call ended already
+        if not context.add_callback(lambda: departed(unsubscribe)):
+            departed(unsubscribe)  # the call ended already
             return
         for info in replay:
             yield _watch_response(CONNECTED, info)
@@ -106,8 +111,9 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
             yield _watch_response(*item)
 
     def close(self):
-        """End every running Watch stream (status OK), e.g. before a graceful stop."""
+        """End every Watch stream (status OK), now and later: the server is stopping."""
         with self._lock:
+            self._closed = True
             watchers = list(self._watchers)
         for events in watchers:
             events.put(_END)
