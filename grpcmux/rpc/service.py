@@ -82,9 +82,10 @@ class ProxyService(Service):
             options=message_size_options(self.max_message_size),
             maximum_concurrent_rpcs=self.max_concurrent_calls,
         )
-        port = server.add_insecure_port(self.listen_address)
-        if not port:
-            raise OSError(f"proxy endpoint cannot listen on {self.listen_address!r}")
+        try:
+            port = server.add_insecure_port(self.listen_address)
+        except RuntimeError as e:  # grpcio's only word on a failed bind
+            raise OSError(f"proxy endpoint cannot listen on {self.listen_address!r}") from e
         server.start()
         for name in ("", DISCOVERY_SERVICE):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
