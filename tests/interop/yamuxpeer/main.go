@@ -33,7 +33,9 @@ import (
 	"github.com/hashicorp/yamux"
 )
 
-const chunkSize = 64 * 1024
+// chunkSize is the size of reads and writes; bigger than 256 KiB so that a
+// large window is filled by single DATA frames (Go writes up to the window).
+const chunkSize = 1024 * 1024
 
 func main() {
 	if len(os.Args) < 2 {
