@@ -410,3 +410,15 @@ def test_twistd_prints_config_error_without_traceback(tmp_path):
     output = result.stdout + result.stderr
     assert "--log-level: expected one of debug, info, warning, error, got 'loud'" in output
     assert "Traceback" not in output
+
+
+def test_tap_modules_import_without_grpc_or_reactor():
+    code = (
+        "import sys, grpcmux.tap.server, grpcmux.tap.client\n"
+        "heavy = [m for m in ('grpc', 'twisted.internet.reactor', 'grpcmux.server',"
+        " 'grpcmux.client') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + sys.path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO,
+                   timeout=60)
