@@ -330,15 +330,17 @@ def _from_yaml(option: _Option, value: Any) -> Any:
             return option.check([_split_label(p) for p in value])
         raise _Invalid(
             "a mapping of label keys to values or a list of key=value strings, "
-            f"got {_yaml_type_name(value)}"
+            f"got {_yaml_type_name(value)} {value!r}"
         )
     if option.kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"a positive whole number, got {_yaml_type_name(value)}")
+            raise _Invalid(
+                f"a positive whole number, got {_yaml_type_name(value)} {value!r}"
+            )
         return option.check(value)
     if option.kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(f"a number of seconds, got {_yaml_type_name(value)}")
+            raise _Invalid(f"a number of seconds, got {_yaml_type_name(value)} {value!r}")
         return option.check(value)
     if not isinstance(value, str):
         try:

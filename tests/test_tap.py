@@ -176,7 +176,7 @@ def test_bad_file_becomes_usage_error(dirs, tmp_path):
         parse(server_tap, ["--config", str(path)], dirs)
     assert str(info.value) == (
         f"config file {path}: key 'shutdown-grace': expected a number of seconds, "
-        "got a string"
+        "got a string 'later'"
     )
 
 
