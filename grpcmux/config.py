@@ -91,6 +91,8 @@ def _check_dial_address(value: str) -> str:
 
 def _check_listen_address(value: str) -> str:
     parse_host_port(value, listener=True)
+    if value.partition(":")[0].lower() in _endpoint_types():
+        raise _Invalid(f"{_ADDRESS_EXPECTED}, not a Twisted endpoint string")
     return value
 
 

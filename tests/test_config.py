@@ -284,8 +284,9 @@ def test_good_proxy_listeners(dirs, value):
     assert server(dirs, {"proxy_listener": value}).proxy_listener == value
 
 
-def test_proxy_listener_takes_no_endpoint_string(dirs):
-    assert error_of(server, dirs, {"proxy_listener": "unix:/x"}).startswith(
+@pytest.mark.parametrize("value", ["unix:/x", "tcp:7592", "TCP:7592"])
+def test_proxy_listener_takes_no_endpoint_string(dirs, value):
+    assert error_of(server, dirs, {"proxy_listener": value}).startswith(
         "--proxy-listener: expected HOST:PORT"
     )
 
