@@ -4,6 +4,8 @@ import dataclasses
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from grpcmux import config
 from grpcmux.config import (
@@ -555,3 +557,35 @@ def test_examples_load_and_name_every_key(dirs, role, options, load):
     assert keys == {o.flag for o in options} - {"config"}
     settings = load({"config": path}, environ={}, home=str(home), etc_dir=str(etc))
     assert settings.config == path
+
+
+# -- properties ------------------------------------------------------------------------
+
+_labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
+_hosts = st.one_of(
+    st.lists(_labels, min_size=1, max_size=4).map(".".join),
+    st.ip_addresses(v=4).map(str),
+)
+
+
+@given(host=_hosts, port=st.integers(1, 65535))
+def test_host_port_round_trip(host, port):
+    assert config.parse_host_port(f"{host}:{port}") == (host, port)
+
+
+@given(address=st.ip_addresses(v=6), port=st.integers(0, 65535))
+def test_ipv6_round_trip(address, port):
+    assert config.parse_host_port(f"[{address}]:{port}", listener=True) == (
+        str(address), port,
+    )
+
+
+@given(st.text(min_size=1, max_size=140))
+def test_client_id_rule(text):
+    ok = len(text) <= 128 and all(33 <= ord(c) <= 126 and c != "/" for c in text)
+    try:
+        ClientSettings(client_id=text)
+    except ConfigError:
+        assert not ok
+    else:
+        assert ok
