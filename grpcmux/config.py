@@ -11,12 +11,15 @@ option and what was expected, so ``twistd`` can print it as a usage error.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+
+from grpcmux import addresses
+from grpcmux.addresses import AddressError
+from grpcmux.ids import MAX_CLIENT_ID_LENGTH, client_id_problem
 
 ENV_PREFIX = "GRPCMUX_"
 DEFAULT_ETC_DIR = "/etc/grpc-multiplexer"
@@ -26,7 +29,6 @@ CLIENT_FILE_STEM = "grpc-multiplexer-client"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "pretty")
 WIRE_PROTOCOLS = ("native", "legacy")
-MAX_CLIENT_ID_LENGTH = 128
 MAX_LABEL_PART_LENGTH = 256
 
 
@@ -40,135 +42,25 @@ class _Invalid(ValueError):
 
 # -- value checkers: typed value in, normalised value out, _Invalid on error --------
 
-_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
-_ADDRESS_EXPECTED = "HOST:PORT (IPv6 hosts in brackets, e.g. [::1]:7602)"
+def _address_check(check):
+    """Adapt an ``addresses`` checker to the _Invalid convention of this module."""
 
-
-def _is_hostname(host: str) -> bool:
-    """True for an RFC 1123 host name or an IPv4 address."""
-    if not host or len(host) > 253:
-        return False
-    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
-    return all(_HOSTNAME_LABEL.match(label) for label in labels)
-
-
-def parse_host_port(value: str, *, listener: bool = False) -> Tuple[str, int]:
-    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) into ``(host, port)``.
-
-    A listener address may leave the host empty (all interfaces) and use port 0
-    (any free port); an address to dial may not.  Raises ``ValueError``.
-    """
-    expected = _ADDRESS_EXPECTED
-    if value.startswith("["):
-        close = value.find("]")
-        if close < 0 or value[close + 1 : close + 2] != ":":
-            raise _Invalid(expected)
-        host, port_text = value[1:close], value[close + 2 :]
+    def checked(value: str) -> str:
         try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise _Invalid(expected + "; the bracketed part must be an IPv6 address")
-    else:
-        host, sep, port_text = value.rpartition(":")
-        if not sep or ":" in host:
-            raise _Invalid(expected)
-        if host or not listener:
-            if not _is_hostname(host):
-                raise _Invalid(expected + "; HOST must be a host name or an IP address")
-    if not port_text.isdigit() or not port_text.isascii():
-        raise _Invalid(expected + "; PORT must be a number")
-    port = int(port_text)
-    lowest = 0 if listener else 1
-    if not lowest <= port <= 65535:
-        raise _Invalid(f"{expected}; PORT must be in {lowest}..65535")
-    return host, port
+            return check(value)
+        except AddressError as error:
+            raise _Invalid(str(error)) from None
+
+    return checked
 
 
-def _check_dial_address(value: str) -> str:
-    parse_host_port(value)
-    return value
-
-
-def _check_listen_address(value: str) -> str:
-    parse_host_port(value, listener=True)
-    if value.partition(":")[0].lower() in _endpoint_types():
-        raise _Invalid(f"{_ADDRESS_EXPECTED}, not a Twisted endpoint string")
-    return value
-
-
-class _NoReactor:
-    """Stands in for the reactor while an endpoint description is only parsed."""
-
-
-def _endpoint_types() -> set:
-    """Server endpoint type names Twisted knows: built-ins and plugin prefixes."""
-    from twisted.internet.interfaces import IStreamServerEndpointStringParser
-    from twisted.plugin import getPlugins
-
-    names = {"tcp", "unix", "ssl"}
-    names.update(
-        p.prefix.lower() for p in getPlugins(IStreamServerEndpointStringParser)
-    )
-    return names
-
-
-def _is_host_port(value: str) -> bool:
-    """True for HOST:PORT; ``tcp:7602`` and the like are endpoint strings."""
-    if value.partition(":")[0].lower() in _endpoint_types():
-        return False
-    try:
-        parse_host_port(value, listener=True)
-    except ValueError:
-        return False
-    return True
-
-
-def _check_multiplexer_listener(value: str) -> str:
-    """HOST:PORT, or a Twisted server endpoint description (tcp:, unix:, systemd:...).
-
-    An endpoint string is checked with ``serverFromString`` against a placeholder
-    reactor: that parses it (and resolves endpoint plugins) without listening.
-    """
-    if _is_host_port(value):
-        return value
-    if ":" not in value:
-        parse_host_port(value, listener=True)  # raises the HOST:PORT expectation
-    from twisted.internet.endpoints import serverFromString
-
-    try:
-        serverFromString(_NoReactor(), value)
-    except (IndexError, KeyError) as error:
-        detail = f"no such inherited socket: {error}"
-    except Exception as error:  # the parsers raise many kinds; all mean 'invalid'
-        detail = str(error) or type(error).__name__
-    else:
-        return value
-    raise _Invalid(
-        "HOST:PORT or a Twisted server endpoint such as tcp:7602, "
-        f"unix:/run/grpcmux.sock or systemd:domain=INET:index=0 ({detail})"
-    )
-
-
-def listener_endpoint_description(value: str) -> str:
-    """A Twisted server endpoint string for a listener setting.
-
-    ``HOST:PORT`` becomes ``tcp:`` (``tcp6:`` for bracketed IPv6) with the host as
-    interface; an endpoint description is returned unchanged.
-    """
-    if not _is_host_port(value):
-        return value
-    host, port = parse_host_port(value, listener=True)
-    if value.startswith("["):
-        return "tcp6:{}:interface={}".format(port, host.replace(":", "\\:"))
-    if not host:
-        return f"tcp:{port}"
-    return f"tcp:{port}:interface={host}"
+_check_dial_address = _address_check(addresses.check_dial_address)
+_check_listen_address = _address_check(addresses.check_listen_address)
+_check_multiplexer_listener = _address_check(addresses.check_server_endpoint)
 
 
 def _check_client_id(value: str) -> str:
-    if not (1 <= len(value) <= MAX_CLIENT_ID_LENGTH) or not all(
-        "!" <= c <= "~" and c != "/" for c in value
-    ):
+    if client_id_problem(value) is not None:
         raise _Invalid(
             f"a client id of 1-{MAX_CLIENT_ID_LENGTH} printable ASCII characters "
             "without whitespace or '/'"
@@ -177,7 +69,7 @@ def _check_client_id(value: str) -> str:
 
 
 def _check_domain(value: str) -> str:
-    if not _is_hostname(value.strip(".")) or value != value.strip():
+    if not addresses.is_hostname(value.strip(".")) or value != value.strip():
         raise _Invalid("a DNS domain name such as grpcmux.example.com")
     return value.strip(".").lower()
 
@@ -657,9 +549,7 @@ __all__ = [
     "ServerSettings",
     "config_search_path",
     "default_of",
-    "listener_endpoint_description",
     "load_client_settings",
     "load_server_settings",
-    "parse_host_port",
     "read_config_file",
 ]

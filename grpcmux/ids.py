@@ -6,8 +6,9 @@ MAX_CLIENT_ID_LENGTH = 128
 def client_id_problem(client_id):
     """Return why ``client_id`` is not a valid client id, or ``None`` when it is.
 
-    Ids travel in gRPC metadata, in a legacy ``<id>\\n`` line and in socket and log
-    lines, so they are 1-128 printable characters without whitespace or ``/``.
+    Ids travel as gRPC metadata values, which must be printable ASCII, and in a
+    legacy ``<id>\\n`` line and in log lines, so they are 1-128 printable ASCII
+    characters without whitespace or ``/``.
     """
     if not isinstance(client_id, str):
         return "a client id must be text"
@@ -20,8 +21,8 @@ def client_id_problem(client_id):
             return "a client id must not contain whitespace"
         if char == "/":
             return "a client id must not contain '/'"
-        if not char.isprintable():
-            return f"a client id must be printable, found {char!r}"
+        if not "!" <= char <= "~":
+            return f"a client id must be printable ASCII, found {char!r}"
     return None
 
 

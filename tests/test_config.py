@@ -317,26 +317,6 @@ def test_bad_multiplexer_listeners(dirs, value, detail):
     assert detail in message
 
 
-def test_parse_host_port():
-    assert config.parse_host_port("[::1]:7602") == ("::1", 7602)
-    assert config.parse_host_port(":0", listener=True) == ("", 0)
-    with pytest.raises(ValueError):
-        config.parse_host_port(":0")
-
-
-@pytest.mark.parametrize(
-    "value, description",
-    [
-        ("localhost:7602", "tcp:7602:interface=localhost"),
-        (":7602", "tcp:7602"),
-        ("[::1]:7602", r"tcp6:7602:interface=\:\:1"),
-        ("unix:/x.sock", "unix:/x.sock"),
-    ],
-)
-def test_listener_endpoint_description(value, description):
-    assert config.listener_endpoint_description(value) == description
-
-
 # -- other values -------------------------------------------------------------------
 
 
@@ -560,25 +540,6 @@ def test_examples_load_and_name_every_key(dirs, role, options, load):
 
 
 # -- properties ------------------------------------------------------------------------
-
-_labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
-_hosts = st.one_of(
-    st.lists(_labels, min_size=1, max_size=4).map(".".join),
-    st.ip_addresses(v=4).map(str),
-)
-
-
-@given(host=_hosts, port=st.integers(1, 65535))
-def test_host_port_round_trip(host, port):
-    assert config.parse_host_port(f"{host}:{port}") == (host, port)
-
-
-@given(address=st.ip_addresses(v=6), port=st.integers(0, 65535))
-def test_ipv6_round_trip(address, port):
-    assert config.parse_host_port(f"[{address}]:{port}", listener=True) == (
-        str(address), port,
-    )
-
 
 @given(st.text(min_size=1, max_size=140))
 def test_client_id_rule(text):
