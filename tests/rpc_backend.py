@@ -55,13 +55,17 @@ class CallRecord:
 class Backend(grpc.GenericRpcHandler):
     """A grpcio server on ``unix:<socket_path>``; ``stop()`` when done."""
 
-    def __init__(self, socket_path):
+    def __init__(self, socket_path, tcp=False):
         self.socket_path = socket_path
         self.calls = queue.Queue()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(16), handlers=[self], options=UNLIMITED
         )
         self._server.add_insecure_port(f"unix:{socket_path}")
+        # Also on loopback TCP, for peers that cannot dial a UNIX socket.
+        self.tcp_address = (
+            f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}" if tcp else None
+        )
         self._server.start()
 
     def stop(self):
