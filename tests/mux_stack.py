@@ -25,7 +25,7 @@ class Stack:
         self.reactor = reactor
         self.tmp_path = tmp_path
         self.registry = ClientRegistry()
-        self.backend = Backend(str(tmp_path / "backend.sock"))
+        self.backend = Backend(str(tmp_path / "backend.sock"), tcp=True)
         self.backend_address = f"unix:{self.backend.socket_path}"
         self._server_kwargs = dict(runtime_dir=str(tmp_path / "run"), **server_kwargs)
         self.server = self._start_server("tcp:0:interface=127.0.0.1")
