@@ -15,6 +15,8 @@ from grpcmux.yamux.errors import YamuxError
 
 
 class _BridgeFactory(Factory):
+    noisy = False
+
     def __init__(self, bridge):
         self._bridge = bridge
 

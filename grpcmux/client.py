@@ -11,6 +11,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import connectProtocol
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -70,6 +71,8 @@ class _Backend(Factory):
 
     Reachability changes are logged once each, not once per stream.
     """
+
+    noisy = False
 
     _log = Logger()
 
@@ -131,6 +134,8 @@ class _RetryPolicy:
 
 class Tunnel(Factory):
     """Builds sessions for ``ClientService`` and runs the handshake on each."""
+
+    noisy = False
 
     _log = Logger()
 
@@ -263,7 +268,7 @@ class _ReportingEndpoint:
         return self._endpoint.connect(factory).addErrback(self._failed)
 
     def _failed(self, failure):
-        if not failure.check(CancelledError):
+        if not failure.check(CancelledError, ConnectingCancelledError):
             self._tunnel.connect_failed(failure)
         return failure
 

@@ -35,6 +35,8 @@ Reject = tunnel_pb2.Reject
 class _FirstStreamOnly(Factory):
     """Hands the client's first stream to the handshake; refuses any other early one."""
 
+    noisy = False
+
     def __init__(self, connection):
         self._connection = connection
         self._used = False
@@ -156,6 +158,8 @@ class _ClientConnection:
 
 
 class _SessionFactory(Factory):
+    noisy = False
+
     def __init__(self, server):
         self._server = server
 

@@ -19,6 +19,7 @@ path while the service runs.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -107,10 +108,13 @@ class TwistdRoot(MultiService):
 
     _log = Logger()
 
-    def __init__(self, service: IService, settings: Any, twistd_options: Any) -> None:
+    def __init__(
+        self, service: IService, settings: Any, twistd_options: Any, reactor: Any = None
+    ) -> None:
         super().__init__()
         self.settings = settings
         self._twistd_options = twistd_options
+        self._reactor = reactor
         self.observer: Optional[ILogObserver] = None
         service.setServiceParent(self)
 
@@ -128,11 +132,22 @@ class TwistdRoot(MultiService):
         grpcmux_logging.bridge_stdlib_logging(self.settings.log_level)
         super().startService()
 
+    def _exit_cleanly(self) -> None:
+        """After a graceful stop, let twistd exit 0 rather than re-raise SIGTERM.
+
+        twistd normally ends by killing itself with the signal that stopped it; an
+        operator's SIGTERM (systemd stop, Ctrl-C) that drained everything is a
+        normal end, and scripts and unit files expect status 0 for it.
+        """
+        if getattr(self._reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self._reactor._exitSignal = None
+
     def stopService(self):
         d = super().stopService()
 
         def unbridge(result):
             grpcmux_logging.unbridge_stdlib_logging()
+            self._exit_cleanly()
             return result
 
         d.addBoth(unbridge)
@@ -178,10 +193,12 @@ def _rotate_on_sigusr1(logfile: Any) -> None:
         signal.signal(signal.SIGUSR1, rotate)
 
 
-def make_twistd_service(options: SettingsOptions, service: IService) -> TwistdRoot:
+def make_twistd_service(
+    options: SettingsOptions, service: IService, reactor: Any = None
+) -> TwistdRoot:
     """Wrap *service* for twistd and log which config file the settings came from."""
     settings = options.settings
-    root = TwistdRoot(service, settings, getattr(options, "parent", None))
+    root = TwistdRoot(service, settings, getattr(options, "parent", None), reactor)
     log = Logger(namespace="grpcmux.tap")
     if settings.config:
         log.info("using config file {config_file}", config_file=settings.config)

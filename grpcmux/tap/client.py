@@ -42,4 +42,4 @@ def makeService(options):
 
     from grpcmux.client import make_service
 
-    return make_twistd_service(options, make_service(options.settings, reactor))
+    return make_twistd_service(options, make_service(options.settings, reactor), reactor)

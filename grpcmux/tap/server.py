@@ -38,4 +38,4 @@ def makeService(options):
 
     from grpcmux.server import make_service
 
-    return make_twistd_service(options, make_service(options.settings, reactor))
+    return make_twistd_service(options, make_service(options.settings, reactor), reactor)
