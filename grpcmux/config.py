@@ -294,7 +294,7 @@ CLIENT_OPTIONS: Tuple[_Option, ...] = (
     _Option("multiplexer-address", "str", _check_dial_address,
             "Multiplexer server address (HOST:PORT)."),
     _Option("grpc-server-address", "str", _check_dial_address,
-            "gRPC server address that will be proxied (HOST:PORT)."),
+            "gRPC server address that will be proxied (HOST:PORT or unix:PATH)."),
     _Option("label", "labels", _check_labels,
             "Label key=value announced to the server (repeatable; the environment "
             "takes a comma-separated list)."),

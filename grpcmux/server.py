@@ -385,6 +385,7 @@ def make_service(settings, reactor):
         authority_domain=settings.authority_domain,
         default_client_id=settings.default_client_id,
         max_message_size=settings.max_message_size,
+        shutdown_grace=settings.shutdown_grace,
     )
     proxy.setName("proxy")
     proxy.setServiceParent(top)
