@@ -5,6 +5,9 @@ import sys
 
 
 def main():
+    # grpc's C core logs to stderr on its own (a failed bind, say) next to our one
+    # line; quiet unless the user asks for it with GRPC_VERBOSITY.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from grpcmux.cli import main as run_command
 
     try:

@@ -320,7 +320,7 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true",
                       help="after the call, keep everything up until Ctrl-C, to try "
                            "the printed commands")
-    demo.add_argument("--verbose", action="store_true", help="log to stderr")
+    demo.add_argument("--verbose", action="store_true", help="log to stderr (grpc's own log: set GRPC_VERBOSITY=INFO too)")
     demo.set_defaults(run=_run_demo)
     return parser
 
