@@ -1,0 +1,257 @@
+"""contrib/systemd: the shipped unit files load cleanly and say what we promise.
+
+``systemd-analyze verify`` (Debian package ``systemd``) checks every unit; it
+needs no systemd running as PID 1, so this works as root inside CI containers.
+It refuses a unit whose ExecStart binary is missing, so the test verifies copies
+whose ``/usr/local/bin/twistd`` points at a stand-in executable in tmp_path.
+The command lines themselves are parsed by the real twistd plugin Options, and
+the socket-activated command line serves a real client through an inherited
+listening socket.
+"""
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from grpcmux.config import ServerSettings
+from grpcmux.tap import client as client_tap
+from grpcmux.tap import server as server_tap
+from interop.peers import Peer, python_env
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT_DIR = REPO / "contrib" / "systemd"
+SERVER = "grpcmux-server.service"
+ACTIVATED = "grpcmux-server-activated.service"
+SOCKET = "grpcmux-server.socket"
+CLIENT = "grpcmux-client@.service"
+SERVICES = (SERVER, ACTIVATED, CLIENT)
+TWISTD = "/usr/local/bin/twistd"
+TIMEOUT = 30.0
+
+HARDENING = {
+    "DynamicUser": "yes",
+    "CapabilityBoundingSet": "",
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectControlGroups": "yes",
+    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+    "RestrictNamespaces": "yes",
+    "LockPersonality": "yes",
+    "MemoryDenyWriteExecute": "yes",
+    "SystemCallFilter": "@system-service",
+    "Restart": "on-failure",
+    "KillSignal": "SIGTERM",
+}
+
+
+def parse_unit(text):
+    """``{section: {key: [values]}}`` of a unit file (comments, continuations)."""
+    sections = {}
+    current = None
+    logical = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line[0] in "#;"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    for line in logical:
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def unit(name):
+    return parse_unit((UNIT_DIR / name).read_text())
+
+
+def exec_argv(name, runtime="/run", instance="edge-1"):
+    """ExecStart of a service as argv, with the %t and %i specifiers filled in."""
+    (command,) = unit(name)["Service"]["ExecStart"]
+    command = command.replace("%t", runtime).replace("%i", instance)
+    assert "%" not in command, command
+    return shlex.split(command)
+
+
+def plugin_args(argv, plugin):
+    """The arguments twistd hands to *plugin*, after checking twistd's own ones."""
+    assert argv[0] == TWISTD
+    position = argv.index(plugin)
+    assert argv[1:position] == ["--nodaemon", "--pidfile="]
+    return argv[position + 1:]
+
+
+@pytest.fixture
+def analyze():
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        pytest.fail("systemd-analyze is missing: install the Debian package 'systemd'")
+    return path
+
+
+def test_systemd_analyze_verify_is_clean(tmp_path, analyze):
+    stand_in = tmp_path / "bin" / "twistd"
+    stand_in.parent.mkdir()
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    copies = tmp_path / "units"
+    copies.mkdir()
+    for name in (*SERVICES, SOCKET):
+        text = (UNIT_DIR / name).read_text()
+        if name != SOCKET:
+            assert TWISTD in text, name
+        (copies / name).write_text(text.replace(TWISTD, str(stand_in)))
+    targets = [copies / SERVER, copies / SOCKET, copies / ACTIVATED,
+               copies / "grpcmux-client@edge-1.service"]
+    result = subprocess.run([analyze, "verify", "--man=no", *map(str, targets)],
+                            cwd=copies, capture_output=True, text=True, timeout=TIMEOUT,
+                            env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
+    ours = [line for line in result.stderr.splitlines()
+            if "grpcmux" in line or str(copies) in line]
+    assert result.returncode == 0, result.stderr
+    assert ours == [], result.stderr
+
+
+def test_verify_reports_a_broken_unit(tmp_path, analyze):
+    """The check above can fail: an unknown key in our unit is reported on stderr."""
+    broken = tmp_path / "grpcmux-broken.service"
+    broken.write_text("[Service]\nExecStart=/bin/true\nProtectSytem=strict\n")
+    result = subprocess.run([analyze, "verify", "--man=no", str(broken)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert "ProtectSytem" in result.stderr
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_services_are_hardened_and_restart_on_failure(name):
+    service = unit(name)["Service"]
+    for key, value in HARDENING.items():
+        assert service.get(key) == [value], key
+    assert service["RestartSec"] == ["5s"]
+    assert service["Type"] == ["simple"]
+    assert service["UMask"] == ["0077"]
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_stop_timeout_exceeds_the_shutdown_grace(name):
+    (timeout,) = unit(name)["Service"]["TimeoutStopSec"]
+    assert timeout.endswith("s")
+    assert float(timeout[:-1]) > ServerSettings().shutdown_grace
+
+
+@pytest.mark.parametrize("name", (SERVER, ACTIVATED))
+def test_server_bridge_sockets_live_in_a_private_runtime_directory(name, tmp_path):
+    service = unit(name)["Service"]
+    assert service["RuntimeDirectory"] == ["grpcmux"]
+    assert service["RuntimeDirectoryMode"] == ["0700"]
+    args = plugin_args(exec_argv(name), "grpcmux-server")
+    assert args[:2] == ["--runtime-dir", "/run/grpcmux"]
+
+
+def parse_options(module, args, tmp_path):
+    """Parse a unit's plugin arguments with the real Options, ignoring host config."""
+    options = module.Options(environ={}, home=str(tmp_path), etc_dir=str(tmp_path))
+    options.parseOptions(args)
+    return options.settings
+
+
+def test_server_command_line_parses(tmp_path):
+    settings = parse_options(server_tap, plugin_args(exec_argv(SERVER), "grpcmux-server"),
+                             tmp_path)
+    assert settings.runtime_dir == "/run/grpcmux"
+    # Everything else is left to the YAML file and GRPCMUX_* variables.
+    assert settings.multiplexer_listener == "localhost:7602"
+
+
+def test_client_instance_name_is_the_client_id(tmp_path):
+    parsed = unit(CLIENT)
+    args = plugin_args(exec_argv(CLIENT, instance="edge-1"), "grpcmux-client")
+    assert args == ["--client-id", "edge-1"]
+    assert parse_options(client_tap, args, tmp_path).client_id == "edge-1"
+    assert "--client-id %i" in parsed["Service"]["ExecStart"][0]
+    assert parsed["Service"]["EnvironmentFile"] == ["-/etc/grpc-multiplexer/client-%i.env"]
+    assert parsed["Unit"]["Wants"] == ["network-online.target"]
+    assert parsed["Unit"]["After"] == ["network-online.target"]
+
+
+def test_socket_unit_feeds_the_activated_service():
+    socket_unit = unit(SOCKET)
+    assert socket_unit["Socket"]["ListenStream"] == ["0.0.0.0:7602"]
+    assert socket_unit["Socket"]["Service"] == [ACTIVATED]
+    assert socket_unit["Install"]["WantedBy"] == ["sockets.target"]
+    activated = unit(ACTIVATED)
+    assert activated["Unit"]["Requires"] == [SOCKET]
+    assert SOCKET in activated["Unit"]["After"][0].split()
+    assert activated["Unit"]["Conflicts"] == [SERVER]
+    args = plugin_args(exec_argv(ACTIVATED), "grpcmux-server")
+    assert args[args.index("--multiplexer-listener") + 1] == "systemd:domain=INET:index=0"
+
+
+# A tiny stand-in for systemd's socket activation: listen, put the socket at fd 3,
+# announce the port, set LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES (systemd >= 227 sets
+# all three) for this very process, exec twistd.
+ACTIVATE = textwrap.dedent("""
+    import json, os, socket, sys
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    if listener.fileno() != 3:
+        os.dup2(listener.fileno(), 3)
+    os.set_inheritable(3, True)
+    print(json.dumps({"activation_port": listener.getsockname()[1]}), flush=True)
+    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()),
+                      LISTEN_FDNAMES="grpcmux-server.socket")
+    os.execv(sys.executable, [sys.executable, "-c",
+             "from twisted.scripts.twistd import run; run()", *sys.argv[1:]])
+""")
+
+
+def wait_for_event(peer, predicate):
+    line = peer.read_until(lambda text: text.startswith("{") and predicate(json.loads(text)),
+                           timeout=TIMEOUT)
+    return json.loads(line)
+
+
+def test_activated_command_line_serves_a_client_on_the_inherited_socket(tmp_path):
+    runtime = tmp_path / "run"
+    server_argv = exec_argv(ACTIVATED, runtime=str(runtime))[1:]
+    server_argv += ["--proxy-listener", "127.0.0.1:0", "--log-format", "json"]
+    env = {**python_env(), "HOME": str(tmp_path)}
+    with Peer([sys.executable, "-c", ACTIVATE, *server_argv], env=env) as server:
+        port = wait_for_event(server, lambda e: "activation_port" in e)["activation_port"]
+        listening = wait_for_event(server, lambda e: "multiplexer endpoint listening"
+                                   in e.get("message", ""))
+        assert str(port) in json.dumps(listening)
+        assert oct((runtime / "grpcmux").stat().st_mode & 0o777) == "0o700"
+        client_argv = exec_argv(CLIENT, instance="edge-1")[1:]
+        client_argv += ["--multiplexer-address", f"127.0.0.1:{port}",
+                        "--grpc-server-address", "127.0.0.1:1", "--log-format", "json"]
+        with Peer([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                   *client_argv], env=env) as client:
+            wait_for_event(client, lambda e: "connected to multiplexer" in e.get("message", ""))
+            wait_for_event(server, lambda e: e.get("client_id") == "edge-1")
+            client.process.send_signal(signal.SIGTERM)
+            assert client.wait(TIMEOUT) == 0
+        server.process.send_signal(signal.SIGTERM)
+        assert server.wait(TIMEOUT) == 0
+    assert "Traceback" not in server.stderr + client.stderr
