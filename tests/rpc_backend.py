@@ -225,6 +225,10 @@ def invoke(channel, kind, request, metadata=(), timeout=10.0, **kwargs) -> Resul
     return start_call(channel, kind, request, metadata, timeout, **kwargs).finish()
 
 
+# ProxyService arguments selecting each engine (authority routing needs the threaded one).
+ENGINES = {"aio": {}, "threaded": {"authority_domain": "mux.invalid"}}
+
+
 class Mux:
     """A started ProxyService on 127.0.0.1:0 with a registry, a Backend, a channel."""
 
@@ -258,5 +262,6 @@ class Mux:
 
     async def stop(self):
         self.channel.close()
-        await self.service.stopService().addTimeout(20.0, self.reactor)
+        if self.service.running:
+            await self.service.stopService().addTimeout(20.0, self.reactor)
         await self.in_thread(self.backend.stop)

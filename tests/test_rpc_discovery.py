@@ -7,7 +7,7 @@ from twisted.internet.defer import Deferred, succeed
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2 as pb
 from grpcmux._proto.grpc.multiplexer.v1.discovery_pb2_grpc import DiscoveryServiceStub
 from grpcmux.registry import ClientRegistry
-from rpc_backend import Mux
+from rpc_backend import ENGINES, Mux
 
 CONNECTED = pb.WatchGRPCServerResponse.EVENT_CONNECTED
 DISCONNECTED = pb.WatchGRPCServerResponse.EVENT_DISCONNECTED
@@ -51,9 +51,9 @@ class CountingRegistry(ClientRegistry):
         return d.addTimeout(timeout, self._reactor)
 
 
-@pytest_twisted.async_yield_fixture
-async def mux(reactor, tmp_path):
-    m = Mux(reactor, tmp_path, registry=CountingRegistry(reactor))
+@pytest_twisted.async_yield_fixture(params=sorted(ENGINES))
+async def mux(request, reactor, tmp_path):
+    m = Mux(reactor, tmp_path, **ENGINES[request.param], registry=CountingRegistry(reactor))
     m.stub = DiscoveryServiceStub(m.channel)
     yield m
     await m.stop()

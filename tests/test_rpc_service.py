@@ -9,14 +9,14 @@ from twisted.internet.task import deferLater
 
 from grpcmux.registry import ClientRegistry
 from grpcmux.rpc.service import ProxyService
-from rpc_backend import Mux, start_call
+from rpc_backend import ENGINES, Mux, start_call
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest_twisted.async_yield_fixture
-async def mux(reactor, tmp_path):
-    m = Mux(reactor, tmp_path)
+@pytest_twisted.async_yield_fixture(params=sorted(ENGINES))
+async def mux(request, reactor, tmp_path):
+    m = Mux(reactor, tmp_path, **ENGINES[request.param])
     m.connect("alpha")
     yield m
     await m.stop()

@@ -1,28 +1,32 @@
 """The Discovery API (grpc.multiplexer.v1.DiscoveryService) on the client registry.
 
-List reads the registry's immutable snapshot from the grpc thread. Watch subscribes
-on the reactor thread (through :func:`call_in_reactor`), taking the replay snapshot in
-the same reactor turn, so no event is lost or seen twice; the reactor feeds events to
-the watching grpc thread through a queue.
+List reads the registry's immutable snapshot. Watch subscribes on the reactor thread
+and takes the replay snapshot in the same reactor turn, so no event is lost or seen
+twice; the reactor then pushes events to the watching call (a thread-safe queue for
+the threaded server, the asyncio loop for grpc.aio). A watcher that leaves is
+unsubscribed on the reactor thread, in order with its subscription, so even one
+that leaves before its subscription happened leaves nothing behind.
 """
 
+import asyncio
 import queue
 import threading
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from twisted.logger import Logger
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-from grpcmux.registry import CONNECTED, ClientInfo
-from grpcmux.rpc.threads import ReactorUnavailable, call_in_reactor
+from grpcmux.registry import CONNECTED, DISCONNECTED, ClientInfo
+from grpcmux.rpc.threads import ReactorUnavailable, await_in_reactor, call_in_reactor
 
 _EVENTS = {
     CONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_CONNECTED,
-    "disconnected": discovery_pb2.WatchGRPCServerResponse.EVENT_DISCONNECTED,
+    DISCONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_DISCONNECTED,
 }
-# Put in a watcher's queue to end its stream.
+# Pushed to a watcher to end its stream.
 _END = object()
+# How long a new watcher waits for the reactor to subscribe it.
+SUBSCRIBE_TIMEOUT = 5.0
 
 
 def server_details(info: ClientInfo) -> discovery_pb2.GRPCServer:
@@ -38,70 +42,111 @@ def server_details(info: ClientInfo) -> discovery_pb2.GRPCServer:
     )
 
 
+def list_response(snapshot) -> discovery_pb2.ListGRPCServerResponse:
+    ids = sorted(snapshot)
+    return discovery_pb2.ListGRPCServerResponse(
+        servers=ids, details=[server_details(snapshot[i]) for i in ids]
+    )
+
+
 def _watch_response(kind, info):
     return discovery_pb2.WatchGRPCServerResponse(
         server=info.client_id, event=_EVENTS[kind], details=server_details(info)
     )
 
 
+class _Subscription:
+    """One watcher's registry subscription. Both methods run on the reactor thread."""
+
+    def __init__(self, registry, push):
+        self._registry = registry
+        self._push = push
+        self._unsubscribe = None
+        self._ended = False
+
+    def start(self, replay):
+        """Subscribe; returns the entries to replay (sorted) when asked to."""
+        if self._ended:
+            return ()
+        self._unsubscribe = self._registry.subscribe(
+            lambda event: self._push((event.kind, event.info)))
+        snapshot = self._registry.snapshot
+        return [snapshot[i] for i in sorted(snapshot)] if replay else ()
+
+    def end(self):
+        self._ended = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+
+class _Watchers:
+    """The push functions of running Watch calls, so that close() can end them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pushes = set()
+        self._closed = False
+
+    def add(self, push):
+        """Track a watcher; False when closed already (the call should end)."""
+        with self._lock:
+            if not self._closed:
+                self._pushes.add(push)
+            return not self._closed
+
+    def discard(self, push):
+        with self._lock:
+            self._pushes.discard(push)
+
+    def __len__(self):
+        with self._lock:
+            return len(self._pushes)
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            pushes = list(self._pushes)
+        for push in pushes:
+            push(_END)
+
+
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
-    """Runs on grpc threads; touches the registry only through the reactor."""
+    """For the threaded grpc server: each Watch holds a worker thread."""
 
-    _log = Logger()
-
-    def __init__(self, reactor, registry, subscribe_timeout=5.0):
+    def __init__(self, reactor, registry):
         self._reactor = reactor
         self._registry = registry
-        self._subscribe_timeout = subscribe_timeout
-        self._lock = threading.Lock()
-        self._watchers = set()  # queues of the running Watch calls
-        self._closed = False
+        self._watchers = _Watchers()
 
     @property
     def watcher_count(self) -> int:
-        with self._lock:
-            return len(self._watchers)
+        return len(self._watchers)
 
     def ListGRPCServer(self, request, context):
-        snapshot = self._registry.snapshot
-        ids = sorted(snapshot)
-        return discovery_pb2.ListGRPCServerResponse(
-            servers=ids, details=[server_details(snapshot[i]) for i in ids]
-        )
+        return list_response(self._registry.snapshot)
 
     def WatchGRPCServer(self, request, context):
         events = queue.Queue()
-        with self._lock:
-            if self._closed:
-                return
-            # Known before subscribing, so that close() always reaches this stream.
-            self._watchers.add(events)
+        subscription = _Subscription(self._registry, events.put)
 
-        def subscribe():
-            unsubscribe = self._registry.subscribe(lambda e: events.put((e.kind, e.info)))
-            replay = ()
-            if request.replay:
-                snapshot = self._registry.snapshot
-                replay = [snapshot[i] for i in sorted(snapshot)]
-            return unsubscribe, replay
-
-        def departed(unsubscribe=None):
+        def departed():
             events.put(_END)
-            with self._lock:
-                self._watchers.discard(events)
-            if unsubscribe is not None:
-                self._reactor.callFromThread(unsubscribe)
+            self._watchers.discard(events.put)
+            self._reactor.callFromThread(subscription.end)
 
+        # Known before subscribing, so that close() always reaches this stream.
+        if not self._watchers.add(events.put):
+            return
         try:
-            unsubscribe, replay = call_in_reactor(
-                self._reactor, subscribe, timeout=self._subscribe_timeout
-            )
+            replay = call_in_reactor(self._reactor, subscription.start, request.replay,
+                                     timeout=SUBSCRIBE_TIMEOUT)
         except (ReactorUnavailable, TimeoutError) as e:
             departed()
             context.abort(grpc.StatusCode.UNAVAILABLE, f"multiplexer is shutting down: {e}")
-        if not context.add_callback(lambda: departed(unsubscribe)):
-            departed(unsubscribe)  # the call ended already
-            return
+        # False when the call ended already.
+        if context.add_callback(departed) is False:
+            departed()
         for info in replay:
             yield _watch_response(CONNECTED, info)
         while True:
@@ -112,8 +157,55 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
 
     def close(self):
         """End every Watch stream (status OK), now and later: the server is stopping."""
-        with self._lock:
-            self._closed = True
-            watchers = list(self._watchers)
-        for events in watchers:
-            events.put(_END)
+        self._watchers.close()
+
+
+class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
+    """For grpc.aio: runs on the server's asyncio loop; a Watch costs no thread."""
+
+    def __init__(self, reactor, registry):
+        self._reactor = reactor
+        self._registry = registry
+        self._watchers = _Watchers()
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)
+
+    async def ListGRPCServer(self, request, context):
+        return list_response(self._registry.snapshot)
+
+    async def WatchGRPCServer(self, request, context):
+        loop = asyncio.get_running_loop()
+        events = asyncio.Queue()
+
+        def push(item):  # any thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:
+                pass  # the loop is closed: the server is gone
+
+        subscription = _Subscription(self._registry, push)
+        if not self._watchers.add(push):
+            return
+        try:
+            try:
+                replay = await await_in_reactor(self._reactor, subscription.start,
+                                                request.replay, timeout=SUBSCRIBE_TIMEOUT)
+            except (ReactorUnavailable, TimeoutError) as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"multiplexer is shutting down: {e}")
+            for info in replay:
+                await context.write(_watch_response(CONNECTED, info))
+            while True:
+                item = await events.get()
+                if item is _END:
+                    return
+                await context.write(_watch_response(*item))
+        finally:  # also when the caller cancels: the task is cancelled
+            self._watchers.discard(push)
+            self._reactor.callFromThread(subscription.end)
+
+    def close(self):
+        """End every Watch stream (status OK), now and later: the server is stopping."""
+        self._watchers.close()

@@ -10,10 +10,18 @@ before forwarding), else an ``:authority`` of ``<id>.<authority_domain>[:port]``
 ``default_client_id``. Discovery is always answered here; health and reflection are
 answered here when the call names no client (metadata or authority).
 
-Runs on grpc's own threads (one per active call); it reads the registry only through
-its immutable snapshot.
+Two engines share that logic:
+
+- :class:`AsyncProxy` for ``grpc.aio``: every call is a task on one asyncio loop, so
+  thousands of streams cost no thread each. grpcio's asyncio server does not expose
+  a call's ``:authority``, so it cannot route by authority.
+- :class:`ThreadedProxy` for the threaded ``grpc.server``: one worker thread per call
+  (plus one per streaming request), used when authority routing is configured.
+
+Both read the registry only through its immutable snapshot.
 """
 
+import asyncio
 import threading
 
 import grpc
@@ -25,6 +33,7 @@ CLIENT_ID_KEY = "client-id"
 _STRIPPED_KEYS = frozenset([CLIENT_ID_KEY, "user-agent"])
 # Codes a broken or closed channel produces on its own.
 _CHANNEL_CODES = frozenset([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+_READY = grpc.ChannelConnectivity.READY
 
 
 def message_size_options(max_message_size=None):
@@ -33,35 +42,28 @@ def message_size_options(max_message_size=None):
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
 
 
-def _raw_handler(behavior):
-    return grpc.stream_stream_rpc_method_handler(behavior)
+class RoutingError(Exception):
+    """A call that cannot be routed; carries the status to answer with."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
-class _Backend:
-    """The channel to one connected client's bridge socket."""
-
-    def __init__(self, info: ClientInfo, options):
-        self.info = info
-        self.channel = grpc.insecure_channel(f"unix:{info.socket_path}", options=options)
-        # Set when the proxy closed the channel because the client left: whatever
-        # then fails on it failed because of the tunnel.
-        self.closed = False
-
-    def is_ready(self):
-        # grpcio has no public synchronous state query on a sync channel.
-        try:
-            state = self.channel._channel.check_connectivity_state(False)
-        except AttributeError:
-            return False
-        return state == grpc.ChannelConnectivity.READY.value[0]
-
-    def close(self):
-        self.closed = True
-        self.channel.close()
+def _names_client_id(metadata):
+    return any(k == CLIENT_ID_KEY for k, _ in metadata)
 
 
-class TransparentProxy(grpc.GenericRpcHandler):
-    """The server's only generic handler: local services first, then forwarding.
+def _forwarded_metadata(metadata):
+    return [
+        (k, v) for k, v in metadata
+        if k not in _STRIPPED_KEYS and not k.startswith(("grpc-", ":"))
+    ]
+
+
+class _Proxy(grpc.GenericRpcHandler):
+    """What both engines share: routing, the channel table, status classification.
 
     ``local`` maps full method names to handlers always served here (Discovery);
     ``local_unrouted`` maps those served here only when the call names no client
@@ -70,15 +72,8 @@ class TransparentProxy(grpc.GenericRpcHandler):
 
     _log = Logger()
 
-    def __init__(
-        self,
-        registry,
-        authority_domain=None,
-        default_client_id=None,
-        max_message_size=None,
-        local=None,
-        local_unrouted=None,
-    ):
+    def __init__(self, registry, authority_domain=None, default_client_id=None,
+                 max_message_size=None, local=None, local_unrouted=None):
         self._registry = registry
         self._authority_suffix = (
             "." + authority_domain.strip(".").lower() if authority_domain else None
@@ -87,86 +82,42 @@ class TransparentProxy(grpc.GenericRpcHandler):
         self._local = dict(local or {})
         self._local_unrouted = dict(local_unrouted or {})
         # Retries off: the proxy must not buffer or replay requests; the caller decides.
-        # The bridge socket is local: when a client's backend or tunnel comes back,
-        # reconnect within a second instead of grpc's default backoff of up to 2 min.
         self._channel_options = message_size_options(max_message_size) + [
             ("grpc.enable_retries", 0),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         self._lock = threading.Lock()
-        self._backends = {}  # (client_id, socket_path) -> _Backend
-
-    # grpc.GenericRpcHandler
-
-    def service(self, handler_call_details):
-        method = handler_call_details.method
-        handler = self._local.get(method)
-        if handler is not None:
-            return handler
-        local = self._local_unrouted.get(method)
-        if local is not None and not any(
-            k == CLIENT_ID_KEY for k, _ in handler_call_details.invocation_metadata
-        ):
-            return _raw_handler(lambda requests, context: self._local_or_forward(
-                local, method, requests, context))
-        return _raw_handler(lambda requests, context: self._route_and_forward(
-            method, requests, context))
-
-    # channels
-
-    def client_gone(self, info: ClientInfo) -> None:
-        """Close the channel to a client that left the registry (any thread)."""
-        with self._lock:
-            backend = self._backends.pop((info.client_id, info.socket_path), None)
-        if backend is not None:
-            backend.close()
-
-    def close(self) -> None:
-        """Close every channel (the server is stopping)."""
-        with self._lock:
-            backends, self._backends = list(self._backends.values()), {}
-        for backend in backends:
-            backend.close()
-
-    def _backend(self, info: ClientInfo):
-        key = (info.client_id, info.socket_path)
-        with self._lock:
-            backend = self._backends.get(key)
-            if backend is None:
-                backend = self._backends[key] = _Backend(info, self._channel_options)
-        # The client may have left between our snapshot read and the insertion, with
-        # client_gone() finding nothing to close; the snapshot changes before that call.
-        if self._registry.snapshot.get(info.client_id) != info:
-            self.client_gone(info)
-            return None
-        return backend
+        self._backends = {}  # (client_id, socket_path) -> backend
 
     # routing
 
-    def _client_id(self, context):
-        """The client a call is for, None when it names none; aborts when malformed."""
-        values = [v for k, v in context.invocation_metadata() if k == CLIENT_ID_KEY]
+    def named_client(self, metadata, authority=None):
+        """The client a call names by metadata or authority; None if none."""
+        values = [v for k, v in metadata if k == CLIENT_ID_KEY]
         if len(values) > 1:
-            context.abort(
+            raise RoutingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"metadata '{CLIENT_ID_KEY}' must have exactly one value, got {len(values)}",
             )
         if values:
             if not values[0]:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"metadata '{CLIENT_ID_KEY}' is empty")
+                raise RoutingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"metadata '{CLIENT_ID_KEY}' is empty")
             return values[0]
-        if self._authority_suffix is not None:
-            client_id = self._id_from_authority(_authority(context))
-            if client_id:
-                return client_id
+        if self._authority_suffix is not None and authority:
+            return self._id_from_authority(authority)
         return None
 
+    def route(self, metadata, authority=None):
+        """The client a call goes to; RoutingError when there is none."""
+        client_id = self.named_client(metadata, authority) or self._default_client_id
+        if client_id is None:
+            raise RoutingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"no target client: set the metadata '{CLIENT_ID_KEY}' to a client id",
+            )
+        return client_id
+
     def _id_from_authority(self, authority):
-        if not authority:
-            return None
         host = authority
         if not host.endswith("]"):  # not a bare IPv6 literal
             name, sep, port = host.rpartition(":")
@@ -176,34 +127,207 @@ class TransparentProxy(grpc.GenericRpcHandler):
             return host[: -len(self._authority_suffix)] or None
         return None
 
-    def _local_or_forward(self, local, method, requests, context):
-        client_id = self._client_id(context)
-        if client_id is None:
-            return _serve_locally(local, requests, context)
-        return self._forward(client_id, method, requests, context)
+    # channels
 
-    def _route_and_forward(self, method, requests, context):
-        client_id = self._client_id(context) or self._default_client_id
-        if client_id is None:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"no target client: set the metadata '{CLIENT_ID_KEY}' to a client id",
-            )
-        return self._forward(client_id, method, requests, context)
-
-    # forwarding
-
-    def _forward(self, client_id, method, requests, context):
+    def _backend(self, client_id):
+        """The backend for a connected client; RoutingError if it is not connected."""
         info = self._registry.snapshot.get(client_id)
-        backend = self._backend(info) if info is not None else None
-        if backend is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"client '{client_id}' is not connected")
-        metadata = [
-            (k, v) for k, v in context.invocation_metadata()
-            if k not in _STRIPPED_KEYS and not k.startswith(("grpc-", ":"))
-        ]
+        if info is not None:
+            key = (info.client_id, info.socket_path)
+            with self._lock:
+                backend = self._backends.get(key)
+                if backend is None:
+                    backend = self._backends[key] = self._new_backend(info)
+            # The client may have left between the snapshot read and the insertion,
+            # with client_gone() finding nothing; the snapshot changes before that call.
+            if self._registry.snapshot.get(info.client_id) == info:
+                return backend
+            self.client_gone(info)
+        raise RoutingError(grpc.StatusCode.NOT_FOUND, f"client '{client_id}' is not connected")
+
+    def _pop_backend(self, info):
+        with self._lock:
+            return self._backends.pop((info.client_id, info.socket_path), None)
+
+    def _pop_all_backends(self):
+        with self._lock:
+            backends, self._backends = list(self._backends.values()), {}
+        return backends
+
+    # statuses
+
+    def _final_status(self, backend, code, details, headers, trailers, ready):
+        """The status to give the caller for the call's ``code`` and ``details``.
+
+        grpcio does not say where a status came from. A server's answer arrives on a
+        working connection and usually with metadata; a broken tunnel leaves the
+        channel not READY, and a channel we closed means the client left. Only those
+        failures become UNAVAILABLE naming the client; the rest passes unchanged.
+        """
+        from_channel = backend.closed or (
+            code in _CHANNEL_CODES and not headers and not trailers and not ready()
+        )
+        if not from_channel:
+            return code, details
+        client_id = backend.info.client_id
+        self._log.info("call to client {client_id} failed in transit: {code} {details}",
+                       client_id=client_id, code=code, details=details)
+        return grpc.StatusCode.UNAVAILABLE, f"client '{client_id}' is unavailable: {details}"
+
+
+class _Backend:
+    """The channel to one connected client's bridge socket."""
+
+    def __init__(self, info: ClientInfo, channel):
+        self.info = info
+        self.channel = channel
+        self.calls = set()  # calls in flight (aio engine: it cancels them on close)
+        # Set when the proxy closed the channel because the client left: whatever
+        # then fails on it failed because of the tunnel.
+        self.closed = False
+
+
+class AsyncProxy(_Proxy):
+    """The grpc.aio engine; every method runs on the server's asyncio loop."""
+
+    def __init__(self, registry, loop, **kwargs):
+        if kwargs.get("authority_domain"):
+            raise ValueError("grpc.aio does not expose :authority; use ThreadedProxy")
+        super().__init__(registry, **kwargs)
+        self._loop = loop
+
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+        handler = self._local.get(method)
+        if handler is None and not _names_client_id(handler_call_details.invocation_metadata):
+            handler = self._local_unrouted.get(method)
+        if handler is not None:
+            return handler
+
+        async def forward(requests, context):  # grpc.aio wants a coroutine function
+            await self._forward(method, requests, context)
+
+        return grpc.stream_stream_rpc_method_handler(forward)
+
+    def client_gone(self, info: ClientInfo) -> None:
+        """Close the channel to a client that left the registry (any thread)."""
+        self._loop.call_soon_threadsafe(self._close_backend, info)
+
+    def _close_backend(self, info):
+        backend = self._pop_backend(info)
+        if backend is not None:
+            backend.closed = True
+            # grpc.aio's close() does not find calls relayed from our own tasks.
+            for call in list(backend.calls):
+                call.cancel()
+            self._loop.create_task(backend.channel.close())
+
+    async def aclose(self) -> None:
+        """Close every channel (the server is stopping). On the loop."""
+        backends = self._pop_all_backends()
+        for backend in backends:
+            backend.closed = True
+        await asyncio.gather(*(b.channel.close() for b in backends))
+
+    def _new_backend(self, info):
+        channel = grpc.aio.insecure_channel(f"unix:{info.socket_path}",
+                                            options=self._channel_options)
+        return _Backend(info, channel)
+
+    async def _forward(self, method, requests, context):
+        try:
+            backend = self._backend(self.route(context.invocation_metadata()))
+        except RoutingError as e:
+            await context.abort(e.code, e.message)
         call = backend.channel.stream_stream(method)(
-            requests, timeout=_time_remaining(context), metadata=metadata
+            requests,
+            timeout=context.time_remaining(),
+            metadata=_forwarded_metadata(context.invocation_metadata()),
+        )
+        backend.calls.add(call)
+        try:
+            headers = await call.initial_metadata()
+            if headers:
+                await context.send_initial_metadata(tuple(headers))
+            async for message in call:
+                await context.write(message)
+        except grpc.RpcError:
+            pass  # the call itself carries the status, read below
+        except asyncio.CancelledError:
+            if not (backend.closed and call.cancelled()) or _caller_left(context):
+                raise
+            # client_gone() cancelled the call: answer for the departed client.
+        finally:
+            backend.calls.discard(call)
+            call.cancel()  # a no-op once done; cancels when the caller went away
+        code = await call.code()
+        trailers = await call.trailing_metadata() or ()
+        context.set_trailing_metadata(tuple(trailers))
+        if code is grpc.StatusCode.OK:
+            return
+        headers = await call.initial_metadata()
+        code, details = self._final_status(
+            backend, code, await call.details(), tuple(headers), tuple(trailers),
+            lambda: backend.channel.get_state() is _READY)
+        context.set_code(code)
+        context.set_details(details)
+
+
+class ThreadedProxy(_Proxy):
+    """The threaded engine; grpc runs each call on a worker thread of its own."""
+
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+        handler = self._local.get(method)
+        if handler is not None:
+            return handler
+        local = self._local_unrouted.get(method)
+        if local is not None and not _names_client_id(handler_call_details.invocation_metadata):
+            # Only the call context knows the authority, which may still name a client.
+            return grpc.stream_stream_rpc_method_handler(
+                lambda requests, context: self._local_or_forward(local, method, requests, context))
+        return grpc.stream_stream_rpc_method_handler(
+            lambda requests, context: self._forward(method, requests, context))
+
+    def client_gone(self, info: ClientInfo) -> None:
+        """Close the channel to a client that left the registry (blocks briefly)."""
+        backend = self._pop_backend(info)
+        if backend is not None:
+            backend.closed = True
+            backend.channel.close()
+
+    def close(self) -> None:
+        """Close every channel (the server is stopping)."""
+        for backend in self._pop_all_backends():
+            backend.closed = True
+            backend.channel.close()
+
+    def _new_backend(self, info):
+        channel = grpc.insecure_channel(f"unix:{info.socket_path}",
+                                        options=self._channel_options)
+        return _Backend(info, channel)
+
+    def _local_or_forward(self, local, method, requests, context):
+        try:
+            named = self.named_client(context.invocation_metadata(), _authority(context))
+        except RoutingError as e:
+            context.abort(e.code, e.message)
+        if named is None:
+            return _serve_locally(local, requests, context)
+        return self._forward(method, requests, context)
+
+    def _forward(self, method, requests, context):
+        try:
+            client_id = self.route(context.invocation_metadata(), _authority(context))
+            backend = self._backend(client_id)
+        except RoutingError as e:
+            context.abort(e.code, e.message)
+        remaining = context.time_remaining()
+        call = backend.channel.stream_stream(method)(
+            requests,
+            # Without a deadline grpcio reports roughly the largest int64 in seconds.
+            timeout=remaining if remaining < 1e9 else None,
+            metadata=_forwarded_metadata(context.invocation_metadata()),
         )
         # Fires on every end of the caller's call, cancellation included.
         context.add_callback(call.cancel)
@@ -225,44 +349,35 @@ class TransparentProxy(grpc.GenericRpcHandler):
         context.set_trailing_metadata(trailers)
         if code is grpc.StatusCode.OK:
             return
-        details = call.details()
-        if self._failed_in_channel(backend, call, code, trailers):
-            client_id = backend.info.client_id
-            self._log.info("call to client {client_id} failed in transit: {code} {details}",
-                           client_id=client_id, code=code, details=details)
-            code = grpc.StatusCode.UNAVAILABLE
-            details = f"client '{client_id}' is unavailable: {details}"
+        code, details = self._final_status(
+            backend, code, call.details(), call.initial_metadata(), trailers,
+            lambda: _sync_channel_ready(backend.channel))
         context.set_code(code)
         context.set_details(details)
 
-    @staticmethod
-    def _failed_in_channel(backend, call, code, trailers):
-        """Whether the status came from the channel rather than the client's server.
 
-        grpcio does not say where a status came from. A server's answer arrives on a
-        working connection and usually with metadata; a broken tunnel leaves the
-        channel not READY, and a channel we closed means the client left.
-        """
-        if backend.closed:
-            return True
-        if code not in _CHANNEL_CODES or call.initial_metadata() or trailers:
-            return False
-        return not backend.is_ready()
+def _caller_left(context):
+    """Whether the running aio handler task is being cancelled (the caller left)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+    return cancelling() > 0 if cancelling is not None else context.cancelled()
+
+
+def _sync_channel_ready(channel):
+    # grpcio has no public synchronous state query on a threaded channel.
+    try:
+        state = channel._channel.check_connectivity_state(False)
+    except AttributeError:
+        return False
+    return state == _READY.value[0]
 
 
 def _authority(context):
-    """The call's ``:authority``. grpcio exposes it only on this private path."""
+    """The call's ``:authority``; grpcio exposes it only on this private path."""
     try:
         host = context._rpc_event.call_details.host
     except AttributeError:
         return None
     return host.decode("ascii", "replace") if isinstance(host, bytes) else host
-
-
-def _time_remaining(context):
-    remaining = context.time_remaining()
-    # Without a deadline grpcio reports roughly the largest int64 in seconds.
-    return remaining if remaining < 1e9 else None
 
 
 def _serve_locally(handler, requests, context):

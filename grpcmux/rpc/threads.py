@@ -1,13 +1,14 @@
 """Crossing between the reactor thread and the grpc threads.
 
 grpc thread -> reactor: fire and forget with ``reactor.callFromThread``; when the
-grpc side needs the result, :func:`call_in_reactor` waits with a timeout and gives up
-as soon as the reactor is no longer running (``blockingCallFromThread`` would hang
-forever then). Reactor -> grpc threads: only immutable values (the registry snapshot)
+grpc side needs the result, :func:`call_in_reactor` (threads) or
+:func:`await_in_reactor` (asyncio) waits with a timeout and gives up once the reactor
+is no longer running (``blockingCallFromThread`` would hang forever then). Reactor -> grpc threads: only immutable values (the registry snapshot)
 and thread-safe queues cross; the reactor never waits for a grpc thread: blocking grpc work
 goes to :func:`defer_to_thread`.
 """
 
+import asyncio
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout
@@ -53,6 +54,49 @@ def call_in_reactor(reactor, fn, *args, timeout=5.0, **kwargs):
             if not reactor.running:
                 future.cancel()
                 raise ReactorUnavailable("the reactor stopped") from None
+
+
+async def await_in_reactor(reactor, fn, *args, timeout=5.0):
+    """From an asyncio loop: run ``fn(*args)`` on the reactor and await its result.
+
+    Like :func:`call_in_reactor`, without blocking the loop. If the answer comes
+    after the caller gave up, it is dropped: ``fn`` must tolerate that.
+    """
+    if not reactor.running:
+        raise ReactorUnavailable("the reactor is not running")
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(method, value):  # on the loop
+        if not future.done():
+            method(value)
+
+    def deliver(method, value):  # on the reactor
+        try:
+            loop.call_soon_threadsafe(settle, method, value)
+        except RuntimeError:
+            pass  # the loop is closed; nobody waits any more
+
+    def run():
+        d = maybeDeferred(fn, *args)
+        d.addCallbacks(lambda r: deliver(future.set_result, r),
+                       lambda f: deliver(future.set_exception, f.value))
+
+    def expire():  # on the loop
+        if reactor.running:
+            settle(future.set_exception,
+                   TimeoutError(f"the reactor did not answer within {timeout} s"))
+        else:
+            settle(future.set_exception, ReactorUnavailable("the reactor stopped"))
+
+    reactor.callFromThread(run)
+    # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that
+    # comes as the answer arrives, and a cancelled call must end.
+    timer = loop.call_later(timeout, expire)
+    try:
+        return await future
+    finally:
+        timer.cancel()
 
 
 def defer_to_thread(reactor, fn, *args, **kwargs):
