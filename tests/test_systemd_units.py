@@ -19,12 +19,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import grpc
 import pytest
 
 from grpcmux.config import ServerSettings
 from grpcmux.tap import client as client_tap
 from grpcmux.tap import server as server_tap
 from interop.peers import Peer, python_env
+from rpc_backend import Backend, invoke
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_DIR = REPO / "contrib" / "systemd"
@@ -207,11 +209,54 @@ def test_socket_unit_feeds_the_activated_service():
     assert args[args.index("--multiplexer-listener") + 1] == "systemd:domain=INET:index=0"
 
 
-# A tiny stand-in for systemd's socket activation: listen, put the socket at fd 3,
-# announce the port, set LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES (systemd >= 227 sets
-# all three) for this very process, exec twistd.
+# Preludes run by ``python -c`` before it execs twistd, standing in for what
+# systemd does between fork and exec.
+
+# MemoryDenyWriteExecute=yes, as systemd builds it (seccomp-util.c): EPERM for
+# mmap with PROT_WRITE|PROT_EXEC, mprotect/pkey_mprotect adding PROT_EXEC and
+# shmat with SHM_EXEC. libseccomp2 comes with the systemd package. A W+X mmap
+# right after proves the filter bites.
+DENY_WRITE_EXECUTE = textwrap.dedent("""
+    import ctypes, errno, json, mmap, os, socket, sys
+
+    class Cmp(ctypes.Structure):
+        _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                    ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+
+    seccomp = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    seccomp.seccomp_init.restype = ctypes.c_void_p
+    seccomp.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(Cmp)]
+    seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
+    context = seccomp.seccomp_init(0x7FFF0000)  # SCMP_ACT_ALLOW
+    MASKED_EQ, EPERM = 7, 0x00050000 | errno.EPERM
+    WX, X, SHM_EXEC = mmap.PROT_WRITE | mmap.PROT_EXEC, mmap.PROT_EXEC, 0o100000
+    for name, mask in (("mmap", WX), ("mprotect", X), ("pkey_mprotect", X),
+                       ("shmat", SHM_EXEC)):
+        number = seccomp.seccomp_syscall_resolve_name(name.encode())
+        rule = Cmp(2, MASKED_EQ, mask, mask)
+        assert seccomp.seccomp_rule_add_array(context, EPERM, number, 1, rule) == 0, name
+    assert seccomp.seccomp_load(context) == 0
+    try:
+        mmap.mmap(-1, 4096, prot=mmap.PROT_READ | WX)
+    except PermissionError:
+        print(json.dumps({"deny_write_execute": "active"}), flush=True)
+""")
+
+# SystemCallFilter=@system-service with SystemCallErrorNumber=EPERM: every other
+# system call fails with EPERM. Format with the allowed names.
+SYSTEM_CALL_FILTER = textwrap.dedent("""
+    allowed = seccomp.seccomp_init(EPERM)
+    for name in {names!r}:
+        number = seccomp.seccomp_syscall_resolve_name(name.encode())
+        if number >= 0:  # names of other architectures do not resolve
+            assert seccomp.seccomp_rule_add_array(allowed, 0x7FFF0000, number, 0, None) == 0
+    assert seccomp.seccomp_load(allowed) == 0
+""")
+
+# Socket activation: listen, put the socket at fd 3, announce the port, set
+# LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES (systemd >= 227 sets all three).
 ACTIVATE = textwrap.dedent("""
-    import json, os, socket, sys
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -221,9 +266,42 @@ ACTIVATE = textwrap.dedent("""
     print(json.dumps({"activation_port": listener.getsockname()[1]}), flush=True)
     os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()),
                       LISTEN_FDNAMES="grpcmux-server.socket")
+""")
+
+EXEC_TWISTD = textwrap.dedent("""
     os.execv(sys.executable, [sys.executable, "-c",
              "from twisted.scripts.twistd import run; run()", *sys.argv[1:]])
 """)
+
+
+def filter_syscalls(analyze, group="@system-service"):
+    """The system call names in a systemd filter group, nested groups expanded."""
+    listing = subprocess.run([analyze, "syscall-filter", group], capture_output=True,
+                             text=True, check=True, timeout=TIMEOUT).stdout
+    names = set()
+    for line in listing.splitlines()[1:]:
+        entry = line.strip()
+        if entry.startswith("@"):
+            names |= filter_syscalls(analyze, entry)
+        elif entry and not entry.startswith("#"):
+            names.add(entry)
+    return names
+
+
+@pytest.fixture
+def sandbox(analyze):
+    """Prelude applying the units' MemoryDenyWriteExecute and SystemCallFilter."""
+    names = sorted(filter_syscalls(analyze))
+    assert {"mmap", "socket", "accept4", "epoll_wait", "execve"} <= set(names)
+    return DENY_WRITE_EXECUTE + SYSTEM_CALL_FILTER.format(names=names)
+
+
+def run_unit(prelude, argv, tmp_path):
+    """The unit's command line (twistd run by this interpreter) after *prelude*."""
+    assert argv[0] == TWISTD
+    env = {**python_env(), "HOME": str(tmp_path)}
+    return Peer([sys.executable, "-c", prelude + EXEC_TWISTD, *argv[1:],
+                 "--log-format", "json"], env=env)
 
 
 def wait_for_event(peer, predicate):
@@ -232,24 +310,49 @@ def wait_for_event(peer, predicate):
     return json.loads(line)
 
 
-def test_activated_command_line_serves_a_client_on_the_inherited_socket(tmp_path):
+def message(text):
+    return lambda event: text in event.get("message", "")
+
+
+@pytest.fixture
+def backend(tmp_path):
+    b = Backend(str(tmp_path / "backend.sock"), tcp=True)
+    yield b
+    b.stop()
+
+
+def test_units_carry_a_call_socket_activated_and_sandboxed(tmp_path, backend, sandbox):
+    """The activated server and a client instance, as their units run them.
+
+    Both run under the units' seccomp filters (MemoryDenyWriteExecute=yes,
+    SystemCallFilter=@system-service), so a W+X mapping or an unusual system
+    call anywhere in Twisted, grpcio or protobuf would fail this test.
+    """
     runtime = tmp_path / "run"
-    server_argv = exec_argv(ACTIVATED, runtime=str(runtime))[1:]
-    server_argv += ["--proxy-listener", "127.0.0.1:0", "--log-format", "json"]
-    env = {**python_env(), "HOME": str(tmp_path)}
-    with Peer([sys.executable, "-c", ACTIVATE, *server_argv], env=env) as server:
+    server_argv = exec_argv(ACTIVATED, runtime=str(runtime)) + ["--proxy-listener",
+                                                                  "127.0.0.1:0"]
+    with run_unit(sandbox + ACTIVATE, server_argv, tmp_path) as server:
+        wait_for_event(server, lambda e: e.get("deny_write_execute") == "active")
         port = wait_for_event(server, lambda e: "activation_port" in e)["activation_port"]
-        listening = wait_for_event(server, lambda e: "multiplexer endpoint listening"
-                                   in e.get("message", ""))
+        listening = wait_for_event(server, message("multiplexer endpoint listening"))
         assert str(port) in json.dumps(listening)
+        proxy = wait_for_event(server, message("proxy endpoint listening"))
         assert oct((runtime / "grpcmux").stat().st_mode & 0o777) == "0o700"
-        client_argv = exec_argv(CLIENT, instance="edge-1")[1:]
-        client_argv += ["--multiplexer-address", f"127.0.0.1:{port}",
-                        "--grpc-server-address", "127.0.0.1:1", "--log-format", "json"]
-        with Peer([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                   *client_argv], env=env) as client:
-            wait_for_event(client, lambda e: "connected to multiplexer" in e.get("message", ""))
+        client_argv = exec_argv(CLIENT, instance="edge-1") + [
+            "--multiplexer-address", f"127.0.0.1:{port}",
+            "--grpc-server-address", backend.tcp_address]
+        with run_unit(sandbox, client_argv, tmp_path) as client:
+            wait_for_event(client, lambda e: e.get("deny_write_execute") == "active")
+            wait_for_event(client, message("connected to multiplexer"))
             wait_for_event(server, lambda e: e.get("client_id") == "edge-1")
+            channel = grpc.insecure_channel(f"127.0.0.1:{proxy['port']}")
+            try:
+                result = invoke(channel, "Unary", b"via systemd units",
+                                (("client-id", "edge-1"),), TIMEOUT)
+            finally:
+                channel.close()
+            assert (result.code, result.responses) == (grpc.StatusCode.OK,
+                                                        [b"via systemd units"])
             client.process.send_signal(signal.SIGTERM)
             assert client.wait(TIMEOUT) == 0
         server.process.send_signal(signal.SIGTERM)
