@@ -114,3 +114,28 @@ async def test_stop_keeps_reactor_free_and_cancels_calls_after_grace(reactor, mu
     assert await mux.in_thread(record.settled.wait, 10)
     assert record.outcome == "cancelled"
     assert not mux.service.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_down_then_up_and_when_client_ready(mux):
+    from rpc_backend import Backend
+
+    path = str(mux.tmp_path / "late.sock")
+    mux.connect("late", path)
+    result = await mux.invoke("Unary", b"x", (("client-id", "late"),))
+    assert result.code == grpc.StatusCode.UNAVAILABLE
+    backend = Backend(path)
+    try:
+        await mux.service.when_client_ready("late", timeout=10).addTimeout(15, mux.reactor)
+        result = await mux.invoke("Unary", b"x", (("client-id", "late"),))
+    finally:
+        await mux.in_thread(backend.stop)
+    assert (result.code, result.responses) == (grpc.StatusCode.OK, [b"x"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_when_client_ready_fails_for_unknown_client(mux):
+    from grpcmux.rpc.proxy import RoutingError
+
+    with pytest.raises(RoutingError, match="client 'nobody' is not connected"):
+        await mux.service.when_client_ready("nobody").addTimeout(15, mux.reactor)

@@ -81,9 +81,17 @@ class _Proxy(grpc.GenericRpcHandler):
         self._default_client_id = default_client_id
         self._local = dict(local or {})
         self._local_unrouted = dict(local_unrouted or {})
-        # Retries off: the proxy must not buffer or replay requests; the caller decides.
         self._channel_options = message_size_options(max_message_size) + [
+            # The proxy must not buffer or replay requests; the caller decides.
             ("grpc.enable_retries", 0),
+            # Reconnecting to a local socket is cheap: after a tunnel or backend
+            # outage, calls work again within a second, not grpc's default 2 minutes.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            # No HTTP/2 keepalive pings: grpc servers answer frequent pings with
+            # GOAWAY (too_many_pings); the tunnel's own pings watch the connection.
+            ("grpc.keepalive_time_ms", 2**31 - 1),
         ]
         self._lock = threading.Lock()
         self._backends = {}  # (client_id, socket_path) -> backend
@@ -128,6 +136,13 @@ class _Proxy(grpc.GenericRpcHandler):
         return None
 
     # channels
+
+    def channel_for(self, client_id):
+        """The channel to a connected client (made if need be); RoutingError if none.
+
+        For the aio engine, call it on the server's loop.
+        """
+        return self._backend(client_id).channel
 
     def _backend(self, client_id):
         """The backend for a connected client; RoutingError if it is not connected."""

@@ -82,6 +82,15 @@ class ProxyService(Service):
         if event.kind == DISCONNECTED:
             self._engine.client_gone(event.info)
 
+    def when_client_ready(self, client_id, timeout=10.0):
+        """A Deferred firing once the proxy's channel to ``client_id`` is connected.
+
+        For readiness checks and tests: after an outage grpc reconnects after a short
+        backoff, and calls made before fail fast. Errbacks on timeout, or with
+        RoutingError when the client is not connected.
+        """
+        return self._engine.when_client_ready(client_id, timeout)
+
     def stopService(self):
         super().stopService()
         engine, self._engine = self._engine, None
@@ -160,6 +169,20 @@ class _AsyncEngine:
     def client_gone(self, info):
         self._proxy.client_gone(info)  # hands over to the loop; never blocks
 
+    def when_client_ready(self, client_id, timeout):
+        async def ready():
+            channel = self._proxy.channel_for(client_id)
+            await asyncio.wait_for(channel.channel_ready(), timeout)
+
+        return self._deferred(ready())
+
+    def _deferred(self, coroutine):
+        """Run a coroutine on the loop; a Deferred with its outcome, on the reactor."""
+        d = Deferred()
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        future.add_done_callback(lambda f: self._reactor.callFromThread(_fire, d, f))
+        return d
+
     def stop(self, grace):
         async def stop():
             await self._health.enter_graceful_shutdown()
@@ -167,14 +190,11 @@ class _AsyncEngine:
             await self._server.stop(grace)  # cancels what still runs after grace
             await self._proxy.aclose()
 
-        d = Deferred()
-
-        def finished(future):
+        def stopped(result):
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._reactor.callFromThread(_fire, d, future)
+            return result
 
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).add_done_callback(finished)
-        return d
+        return self._deferred(stop()).addBoth(stopped)
 
 
 class _ThreadedEngine:
@@ -206,6 +226,12 @@ class _ThreadedEngine:
     def client_gone(self, info):
         # Closing a threaded channel takes grpc locks: not on the reactor thread.
         self._reactor.callInThread(self._proxy.client_gone, info)
+
+    def when_client_ready(self, client_id, timeout):
+        def ready():
+            grpc.channel_ready_future(self._proxy.channel_for(client_id)).result(timeout)
+
+        return defer_to_thread(self._reactor, ready)
 
     def stop(self, grace):
         self._health.enter_graceful_shutdown()
