@@ -328,7 +328,10 @@ def make_parser() -> argparse.ArgumentParser:
 def run(argv, out, err) -> int:
     """Run the command line ``argv`` (without the program name); the exit status."""
     try:
-        args = make_parser().parse_args(argv)
+        args, extra = make_parser().parse_known_args(argv)
+        if extra:  # named after the subcommand, which argparse itself does not do
+            raise UsageError(f"grpcmux {args.command}: unrecognized arguments: "
+                             f"{' '.join(extra)} (see 'grpcmux {args.command} --help')")
     except UsageError as error:
         err.write(f"{error}\n")
         return EXIT_USAGE
