@@ -205,6 +205,7 @@ def test_socket_unit_feeds_the_activated_service():
     assert activated["Unit"]["Requires"] == [SOCKET]
     assert SOCKET in activated["Unit"]["After"][0].split()
     assert activated["Unit"]["Conflicts"] == [SERVER]
+    assert activated["Install"] == {"WantedBy": ["multi-user.target"], "Also": [SOCKET]}
     args = plugin_args(exec_argv(ACTIVATED), "grpcmux-server")
     assert args[args.index("--multiplexer-listener") + 1] == "systemd:domain=INET:index=0"
 
