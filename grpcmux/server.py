@@ -22,7 +22,7 @@ from grpcmux import __version__
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.addresses import server_endpoint
 from grpcmux.bridge import Bridge
-from grpcmux.handshake import WIRE_LEGACY, HandshakeRejected, ServerHandshake
+from grpcmux.handshake import HandshakeRejected, ServerHandshake
 from grpcmux.ids import client_id_problem
 from grpcmux.registry import ClientInfo, ClientRegistry
 from grpcmux.yamux.config import YamuxConfig
@@ -213,12 +213,21 @@ class MultiplexerServer(Service):
             address=_describe(self.port.getHost()),
         )
 
+    def stop_accepting(self):
+        """First step of a graceful stop: close the listener, GoAway to every client.
+
+        Sessions stay up, so calls in flight on their streams can finish; the
+        clients go looking for a server to reconnect to.
+        """
+        stopping = self.port.stopListening() if self.port is not None else succeed(None)
+        self.port = None
+        for connection in list(self._connections):
+            connection.session.go_away(GO_AWAY_NORMAL)
+        return stopping
+
     def stopService(self):
         super().stopService()
-        stopping = []
-        if self.port is not None:
-            stopping.append(self.port.stopListening())
-            self.port = None
+        stopping = [self.stop_accepting()]
         for connection in list(self._connections):
             connection.session.close(GO_AWAY_NORMAL)
             stopping.append(connection.session.when_closed())
@@ -362,12 +371,36 @@ def _describe(address):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class ServerService(MultiService):
+    """Both endpoints, stopped in the order that lets calls in flight finish.
+
+    On stop: the multiplexer endpoint stops accepting and sends GoAway(0) to every
+    client; the proxy stops taking calls and gives running ones up to the grace
+    period; only then are the client sessions closed.
+    """
+
+    def __init__(self, multiplexer, proxy):
+        super().__init__()
+        self.multiplexer = multiplexer
+        self.proxy = proxy
+        multiplexer.setName("multiplexer")
+        multiplexer.setServiceParent(self)
+        proxy.setName("proxy")
+        proxy.setServiceParent(self)
+
+    def stopService(self):
+        Service.stopService(self)
+        stopped = self.multiplexer.stop_accepting()
+        stopped.addCallback(lambda _: self.proxy.stopService())
+        stopped.addCallback(lambda _: self.multiplexer.stopService())
+        return stopped
+
+
 def make_service(settings, reactor):
     """The whole server for twistd: multiplexer endpoint plus proxy endpoint."""
     from grpcmux.rpc.service import ProxyService
 
     registry = ClientRegistry()
-    top = MultiService()
     multiplexer = MultiplexerServer(
         reactor,
         registry,
@@ -376,8 +409,6 @@ def make_service(settings, reactor):
         handshake_timeout=settings.handshake_timeout,
         duplicate_ping_timeout=settings.duplicate_ping_timeout,
     )
-    multiplexer.setName("multiplexer")
-    multiplexer.setServiceParent(top)
     proxy = ProxyService(
         reactor,
         registry,
@@ -387,6 +418,4 @@ def make_service(settings, reactor):
         max_message_size=settings.max_message_size,
         shutdown_grace=settings.shutdown_grace,
     )
-    proxy.setName("proxy")
-    proxy.setServiceParent(top)
-    return top
+    return ServerService(multiplexer, proxy)

@@ -113,6 +113,8 @@ class Stack:
         self.channel.close()
         stopping = [service.stopService() for service in self.clients]
         await DeferredList(stopping).addTimeout(TIMEOUT, self.reactor)
-        await self.proxy.stopService().addTimeout(TIMEOUT, self.reactor)
-        await self.server.stopService().addTimeout(TIMEOUT, self.reactor)
+        if self.proxy.running:
+            await self.proxy.stopService().addTimeout(TIMEOUT, self.reactor)
+        if self.server.running:
+            await self.server.stopService().addTimeout(TIMEOUT, self.reactor)
         await self.in_thread(self.backend.stop)

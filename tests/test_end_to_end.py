@@ -1,5 +1,7 @@
 """The whole product on loopback: calls through proxy, server, tunnel, client, backend."""
 
+import queue
+
 import grpc
 import pytest
 import pytest_twisted
@@ -226,4 +228,42 @@ async def test_invalid_id_is_refused_with_a_reason(stack, bad_id, why):
     client.tunnel._report = lambda problem: refused.called or refused.callback(problem)
     problem = await refused.addTimeout(TIMEOUT, stack.reactor)
     assert "CODE_BAD_CLIENT_ID" in problem and why in problem
+    assert stack.registry.snapshot == {}
+
+
+class Conversation:
+    """A bidi call driven one message at a time from a thread."""
+
+    END = object()
+
+    def __init__(self, channel, metadata):
+        self._requests = queue.Queue()
+        stream = channel.stream_stream("/test.Echo/Bidi")
+        self.call = stream(iter(self._requests.get, self.END), metadata=metadata,
+                           timeout=TIMEOUT)
+
+    def say(self, message):
+        self._requests.put(message)
+        return next(self.call)
+
+    def finish(self):
+        self._requests.put(self.END)
+        rest = list(self.call)
+        return rest, self.call.code()
+
+
+@pytest_twisted.ensureDeferred
+async def test_graceful_stop_lets_calls_in_flight_finish(stack):
+    from grpcmux.server import ServerService
+
+    await stack.connected_client("lab")
+    talk = await stack.in_thread(Conversation, stack.channel, route("lab"))
+    assert await stack.in_thread(talk.say, b"before") == b"before"
+    both = ServerService(stack.server, stack.proxy)
+    both.running = True
+    stopping = both.stopService()
+    assert stack.server.port is None  # no longer accepting clients
+    assert await stack.in_thread(talk.say, b"during") == b"during"
+    assert await stack.in_thread(talk.finish) == ([], OK)
+    await stopping.addTimeout(TIMEOUT, stack.reactor)
     assert stack.registry.snapshot == {}
