@@ -4,9 +4,10 @@
 needs no systemd running as PID 1, so this works as root inside CI containers.
 It refuses a unit whose ExecStart binary is missing, so the test verifies copies
 whose ``/usr/local/bin/twistd`` points at a stand-in executable in tmp_path.
-The command lines themselves are parsed by the real twistd plugin Options, and
-the socket-activated command line serves a real client through an inherited
-listening socket.
+The command lines are parsed by the real plugin Options, and the activated
+server and a client instance, run as their units say under the units' seccomp
+filters (rebuilt with libseccomp, which the systemd package depends on) and
+with a stand-in for socket activation, carry a gRPC call.
 """
 
 import json
@@ -136,7 +137,7 @@ def test_systemd_analyze_verify_is_clean(tmp_path, analyze):
 
 
 def test_verify_reports_a_broken_unit(tmp_path, analyze):
-    """The check above can fail: an unknown key in our unit is reported on stderr."""
+    """The stderr check above has teeth: a misspelt key is reported there."""
     broken = tmp_path / "grpcmux-broken.service"
     broken.write_text("[Service]\nExecStart=/bin/true\nProtectSytem=strict\n")
     result = subprocess.run([analyze, "verify", "--man=no", str(broken)],
@@ -240,8 +241,10 @@ DENY_WRITE_EXECUTE = textwrap.dedent("""
     assert seccomp.seccomp_load(context) == 0
     try:
         mmap.mmap(-1, 4096, prot=mmap.PROT_READ | WX)
+        state = "inactive"
     except PermissionError:
-        print(json.dumps({"deny_write_execute": "active"}), flush=True)
+        state = "active"
+    print(json.dumps({"deny_write_execute": state}), flush=True)
 """)
 
 # SystemCallFilter=@system-service with SystemCallErrorNumber=EPERM: every other
@@ -300,7 +303,9 @@ def sandbox(analyze):
 def run_unit(prelude, argv, tmp_path):
     """The unit's command line (twistd run by this interpreter) after *prelude*."""
     assert argv[0] == TWISTD
-    env = {**python_env(), "HOME": str(tmp_path)}
+    env = {key: value for key, value in python_env().items()
+           if not key.startswith(("GRPCMUX_", "LISTEN_"))}
+    env["HOME"] = str(tmp_path)
     return Peer([sys.executable, "-c", prelude + EXEC_TWISTD, *argv[1:],
                  "--log-format", "json"], env=env)
 
@@ -309,6 +314,10 @@ def wait_for_event(peer, predicate):
     line = peer.read_until(lambda text: text.startswith("{") and predicate(json.loads(text)),
                            timeout=TIMEOUT)
     return json.loads(line)
+
+
+def sandboxed(peer):
+    return wait_for_event(peer, lambda e: "deny_write_execute" in e)["deny_write_execute"] == "active"
 
 
 def message(text):
@@ -333,7 +342,7 @@ def test_units_carry_a_call_socket_activated_and_sandboxed(tmp_path, backend, sa
     server_argv = exec_argv(ACTIVATED, runtime=str(runtime)) + ["--proxy-listener",
                                                                   "127.0.0.1:0"]
     with run_unit(sandbox + ACTIVATE, server_argv, tmp_path) as server:
-        wait_for_event(server, lambda e: e.get("deny_write_execute") == "active")
+        assert sandboxed(server)
         port = wait_for_event(server, lambda e: "activation_port" in e)["activation_port"]
         listening = wait_for_event(server, message("multiplexer endpoint listening"))
         assert str(port) in json.dumps(listening)
@@ -343,7 +352,7 @@ def test_units_carry_a_call_socket_activated_and_sandboxed(tmp_path, backend, sa
             "--multiplexer-address", f"127.0.0.1:{port}",
             "--grpc-server-address", backend.tcp_address]
         with run_unit(sandbox, client_argv, tmp_path) as client:
-            wait_for_event(client, lambda e: e.get("deny_write_execute") == "active")
+            assert sandboxed(client)
             wait_for_event(client, message("connected to multiplexer"))
             wait_for_event(server, lambda e: e.get("client_id") == "edge-1")
             channel = grpc.insecure_channel(f"127.0.0.1:{proxy['port']}")
