@@ -1,11 +1,10 @@
 """Tests for grpcmux.yamux.endpoints."""
 
-import pytest
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from zope.interface.verify import verifyObject
 
-from grpcmux.testing import RecorderFactory, StreamRecorder, connected_sessions
+from grpcmux.testing import RecorderFactory, connected_sessions
 from grpcmux.yamux.address import StreamAddress
 from grpcmux.yamux.endpoints import YamuxStreamClientEndpoint
 from grpcmux.yamux.errors import GoAwayReceived, SessionClosed

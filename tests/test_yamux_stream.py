@@ -404,3 +404,23 @@ def test_data_after_remote_fin_is_dropped():
     session, transport, _, stream, _ = opened(proto)
     session.dataReceived(data_frame(1, b"last", FIN) + data_frame(1, b"late"))
     assert proto.data == b"last" and proto.read_closed and not session.closed
+
+
+def test_protocol_may_be_switched_between_deliveries():
+    """A handshake protocol can hand the stream to another protocol (legacy nesting)."""
+    second = StreamRecorder()
+
+    class Handshake(StreamRecorder):
+        def dataReceived(self, data):
+            line, _, rest = bytes(data).partition(b"\n")
+            self.line = line
+            self.transport.protocol = second
+            second.makeConnection(self.transport)
+            if rest:
+                second.dataReceived(rest)
+
+    session, _, _, stream, first = opened(Handshake())
+    session.dataReceived(data_frame(1, b"client-7\nabc") + data_frame(1, b"def"))
+    assert first.line == b"client-7" and second.data == b"abcdef"
+    session.dataReceived(window_update(1, 0, RST))
+    assert second.lost.check(StreamReset) and first.lost is None

@@ -37,7 +37,6 @@ from .frame import (
     GO_AWAY_PROTOCOL_ERROR,
     INITIAL_STREAM_WINDOW,
     MAX_STREAM_ID,
-    TYPE_DATA,
     TYPE_GO_AWAY,
     TYPE_PING,
     TYPE_WINDOW_UPDATE,
@@ -170,7 +169,8 @@ class YamuxSession(Protocol):
         self._ping_id = (ping_id + 1) & MAX_STREAM_ID
         result = defer.Deferred()
         clock = self.clock
-        timeout = clock.callLater(self.config.connection_write_timeout, self._ping_timed_out, ping_id)
+        timeout = clock.callLater(
+            self.config.connection_write_timeout, self._ping_timed_out, ping_id)
         self._pings[ping_id] = (result, clock.seconds(), timeout)
         self._send_control(encode_header(TYPE_PING, FLAG_SYN, 0, ping_id))
         return result

@@ -24,7 +24,6 @@ from .address import StreamAddress
 from .errors import StreamReset
 from .frame import (
     FLAG_FIN,
-    FLAG_RST,
     INITIAL_STREAM_WINDOW,
     TYPE_DATA,
     TYPE_WINDOW_UPDATE,
