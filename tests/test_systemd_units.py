@@ -55,7 +55,6 @@ HARDENING = {
     "RestrictNamespaces": "yes",
     "LockPersonality": "yes",
     "MemoryDenyWriteExecute": "yes",
-    "SystemCallFilter": "@system-service",
     "Restart": "on-failure",
     "KillSignal": "SIGTERM",
 }
@@ -153,6 +152,8 @@ def test_services_are_hardened_and_restart_on_failure(name):
     assert service["RestartSec"] == ["5s"]
     assert service["Type"] == ["simple"]
     assert service["UMask"] == ["0077"]
+    assert service["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    assert service["SystemCallErrorNumber"] == ["EPERM"]
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -247,8 +248,8 @@ DENY_WRITE_EXECUTE = textwrap.dedent("""
     print(json.dumps({"deny_write_execute": state}), flush=True)
 """)
 
-# SystemCallFilter=@system-service with SystemCallErrorNumber=EPERM: every other
-# system call fails with EPERM. Format with the allowed names.
+# SystemCallFilter= with SystemCallErrorNumber=EPERM: every system call not
+# allowed fails with EPERM. Format with the allowed names.
 SYSTEM_CALL_FILTER = textwrap.dedent("""
     allowed = seccomp.seccomp_init(EPERM)
     for name in {names!r}:
@@ -292,12 +293,28 @@ def filter_syscalls(analyze, group="@system-service"):
     return names
 
 
+def allowed_syscalls(analyze, name):
+    """The system calls a service's SystemCallFilter= lines allow (allow list first)."""
+    allowed = set()
+    for line in unit(name)["Service"]["SystemCallFilter"]:
+        deny = line.startswith("~")
+        names = set().union(*(filter_syscalls(analyze, group)
+                              for group in line.lstrip("~").split()))
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
 @pytest.fixture
 def sandbox(analyze):
-    """Prelude applying the units' MemoryDenyWriteExecute and SystemCallFilter."""
-    names = sorted(filter_syscalls(analyze))
-    assert {"mmap", "socket", "accept4", "epoll_wait", "execve"} <= set(names)
-    return DENY_WRITE_EXECUTE + SYSTEM_CALL_FILTER.format(names=names)
+    """Preludes applying a unit's MemoryDenyWriteExecute and SystemCallFilter."""
+
+    def prelude(name):
+        names = allowed_syscalls(analyze, name)
+        assert {"mmap", "socket", "accept4", "epoll_wait", "execve"} <= names
+        assert not {"setrlimit", "chown", "setuid"} & names
+        return DENY_WRITE_EXECUTE + SYSTEM_CALL_FILTER.format(names=sorted(names))
+
+    return prelude
 
 
 def run_unit(prelude, argv, tmp_path):
@@ -334,14 +351,14 @@ def backend(tmp_path):
 def test_units_carry_a_call_socket_activated_and_sandboxed(tmp_path, backend, sandbox):
     """The activated server and a client instance, as their units run them.
 
-    Both run under the units' seccomp filters (MemoryDenyWriteExecute=yes,
-    SystemCallFilter=@system-service), so a W+X mapping or an unusual system
+    Both run under their units' seccomp filters (MemoryDenyWriteExecute=yes,
+    SystemCallFilter=), so a W+X mapping or an unusual system
     call anywhere in Twisted, grpcio or protobuf would fail this test.
     """
     runtime = tmp_path / "run"
     server_argv = exec_argv(ACTIVATED, runtime=str(runtime)) + ["--proxy-listener",
                                                                   "127.0.0.1:0"]
-    with run_unit(sandbox + ACTIVATE, server_argv, tmp_path) as server:
+    with run_unit(sandbox(ACTIVATED) + ACTIVATE, server_argv, tmp_path) as server:
         assert sandboxed(server)
         port = wait_for_event(server, lambda e: "activation_port" in e)["activation_port"]
         listening = wait_for_event(server, message("multiplexer endpoint listening"))
@@ -351,7 +368,7 @@ def test_units_carry_a_call_socket_activated_and_sandboxed(tmp_path, backend, sa
         client_argv = exec_argv(CLIENT, instance="edge-1") + [
             "--multiplexer-address", f"127.0.0.1:{port}",
             "--grpc-server-address", backend.tcp_address]
-        with run_unit(sandbox, client_argv, tmp_path) as client:
+        with run_unit(sandbox(CLIENT), client_argv, tmp_path) as client:
             assert sandboxed(client)
             wait_for_event(client, message("connected to multiplexer"))
             wait_for_event(server, lambda e: e.get("client_id") == "edge-1")
