@@ -4,9 +4,6 @@ import pytest
 
 import gobuild
 
-# bin/ holds the build output and a GOPATH that links back to this directory.
-collect_ignore = ["bin"]
-
 
 @pytest.fixture(scope="session")
 def go_program():

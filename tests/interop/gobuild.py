@@ -4,20 +4,23 @@ They are built in GOPATH mode from Debian's packages only (``golang-go``,
 ``golang-github-hashicorp-yamux-dev``, ``golang-google-grpc-dev``; ``.ci/run``
 installs them), with no network. This directory is linked into a private
 GOPATH as ``grpcmuxinterop`` so the programs can share ``legacy/grpcproxy``.
-Binaries and Go's build cache live in ``tests/interop/bin/`` (gitignored).
+Binaries, that GOPATH and Go's build cache live outside the checkout (a link
+inside it would make a loop for anything that copies the tree): in
+``$GRPCMUX_GO_CACHE`` if set, else in a per-user, per-checkout temp directory.
 
 A missing toolchain or package raises ``GoBuildError``: interop tests fail,
 they never skip.
 """
 
+import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
 INTEROP_DIR = Path(__file__).resolve().parent
-BIN_DIR = INTEROP_DIR / "bin"
 DEBIAN_GOPATH = Path("/usr/share/gocode")
 IMPORT_ROOT = "grpcmuxinterop"
 PROGRAMS = {
@@ -50,6 +53,15 @@ def build(name):
         return _built[name]
 
 
+def cache_dir():
+    """Where binaries, the private GOPATH and Go's build cache are kept."""
+    configured = os.environ.get("GRPCMUX_GO_CACHE")
+    if configured:
+        return Path(configured)
+    checkout = hashlib.sha256(str(INTEROP_DIR).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"grpcmux-interop-{os.getuid()}" / checkout
+
+
 def _go_build(name):
     go = shutil.which("go")
     if go is None:
@@ -67,14 +79,16 @@ def _go_build(name):
             f"Go sources missing under {DEBIAN_GOPATH}: apt-get install {' '.join(missing)}"
             " (see .ci/run)"
         )
-    gopath = BIN_DIR / "gopath"
+    cache = cache_dir()
+    gopath = cache / "gopath"
     _link_sources(gopath / "src" / IMPORT_ROOT)
-    output = BIN_DIR / name
+    output = cache / "bin" / name
+    output.parent.mkdir(parents=True, exist_ok=True)
     env = dict(
         os.environ,
         GO111MODULE="off",
         GOPATH=f"{gopath}{os.pathsep}{DEBIAN_GOPATH}",
-        GOCACHE=str(BIN_DIR / "gocache"),
+        GOCACHE=str(cache / "gocache"),
         GOFLAGS="",
         GOPROXY="off",
         CGO_ENABLED="0",  # no C compiler needed
