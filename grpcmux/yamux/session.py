@@ -196,7 +196,14 @@ class YamuxSession(Protocol):
             self._shutdown(None, lose_transport=True, abort=True)
 
     def when_closed(self):
-        """A Deferred firing once the session ended: None if closed locally, else the reason."""
+        """A Deferred firing once the session ended (fires at once if it has).
+
+        The result is None after close(GO_AWAY_NORMAL) or abort(), otherwise the
+        exception that ended it: the transport's reason (ConnectionDone, ...),
+        ProtocolError, PingTimeout, StreamOpenTimeout, RemoteGoAwayError or
+        SessionClosed (close with an error code).  Fires when the session stops,
+        which may be before the transport has finished closing.
+        """
         if self.closed:
             return defer.succeed(self._close_reason)
         result = defer.Deferred()
