@@ -538,3 +538,43 @@ def test_sessions_over_loopback_tcp(reactor):
         yield closed.addTimeout(10, reactor)
     finally:
         yield port.stopListening()
+
+
+# -- the harness these tests rely on (tests/conftest.py) ------------------------------
+
+GUARDED = '''
+from twisted.internet import defer
+
+def test_unhandled_error_in_deferred():
+    defer.fail(ValueError("nobody handles me"))
+
+def test_leftover_delayed_call(reactor):
+    reactor.callLater(100, lambda: None)
+
+def test_expected_error_is_cleared(logged_errors):
+    defer.fail(ValueError("expected"))
+    import gc; gc.collect()
+    assert logged_errors
+    logged_errors.clear()
+
+def test_clean():
+    pass
+'''
+
+
+def test_conftest_fails_tests_on_logged_errors_and_leftover_calls(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    conftest = pathlib.Path(__file__).with_name("conftest.py")
+    (tmp_path / "conftest.py").write_text(conftest.read_text())
+    (tmp_path / "test_guarded.py").write_text(GUARDED)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rE", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = result.stdout
+    assert "ERROR" in out and "test_unhandled_error_in_deferred" in out
+    assert "unhandled errors were logged" in out and "nobody handles me" in out
+    assert "test_leftover_delayed_call - Failed: test left delayed" in out
+    assert "4 passed, 2 errors" in out
