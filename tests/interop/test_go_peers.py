@@ -53,7 +53,8 @@ def test_go_yamux_big_window_nested(go_program):
     result = run_go_pair(
         go_program,
         ["--role", "server", "--window", window, "--nested"],
-        ["--role", "client", "--window", window, "--nested", "--streams", "4", "--bytes", str(8 * MiB)],
+        ["--role", "client", "--window", window, "--nested",
+         "--streams", "4", "--bytes", str(8 * MiB)],
     )
     assert result["streams_ok"] == 4
 

@@ -67,7 +67,10 @@ def check(result, drive_args):
 def test_python_against_go(go_program, scenario, python_side, python_role):
     echo_args, drive_args = SCENARIOS[scenario]
     go_role = "server" if python_role == "client" else "client"
-    echo_role, drive_role = (python_role, go_role) if python_side == "echo" else (go_role, python_role)
+    if python_side == "echo":
+        echo_role, drive_role = python_role, go_role
+    else:
+        echo_role, drive_role = go_role, python_role
     echo_cmd, drive_cmd = commands(go_program, python_side)
     result = run_pair(
         echo_cmd, drive_cmd, [*echo_args, "--role", echo_role], [*drive_args, "--role", drive_role]
