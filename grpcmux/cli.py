@@ -202,8 +202,10 @@ def _run_watch(args, out, err) -> int:
             out.flush()
         try:
             for response in call:
-                details = response.details if response.HasField("details") else None
-                server = _server(details or discovery_pb2.GRPCServer(), response.server)
+                # A Go grpc-multiplexer server names the server only.
+                details = (response.details if response.HasField("details")
+                           else discovery_pb2.GRPCServer())
+                server = _server(details, response.server)
                 _write_watch_event(out, _event_name(response), server, args.json)
         except grpc.RpcError as error:
             raise CommandFailed(f"watch ended: {_rpc_problem(error, address, args.timeout)}")

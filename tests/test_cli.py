@@ -15,13 +15,15 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent import futures
 
+import grpc
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from grpcmux import __version__, cli
-from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2
+from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.registry import ClientInfo
 from mux_stack import TIMEOUT, Stack
 from rpc_backend import Mux
@@ -179,6 +181,51 @@ def test_servers_of_a_go_server_listing_ids_only():
     cli.write_table(out, servers)
     rows = [line.split() for line in out.getvalue().splitlines()[1:]]
     assert rows == [["a", "-", "-", "-", "-"], ["b", "-", "-", "-", "-"]]
+
+
+class GoDiscovery(discovery_pb2_grpc.DiscoveryServiceServicer):
+    """Discovery as grpc-multiplexer v0.2.1 answers it: ids and events, no details."""
+
+    def ListGRPCServer(self, request, context):
+        return discovery_pb2.ListGRPCServerResponse(servers=["a", "b"])
+
+    def WatchGRPCServer(self, request, context):
+        event = discovery_pb2.WatchGRPCServerResponse
+        yield event(server="a", event=event.EVENT_CONNECTED)
+        yield event(server="a", event=event.EVENT_DISCONNECTED)
+
+
+@pytest.fixture
+def go_server():
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(GoDiscovery(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(None).wait(TIMEOUT)
+
+
+def test_list_and_watch_a_go_server(go_server):
+    status, out, err = run_now("list", "--proxy-address", go_server)
+    assert (status, err) == (0, "")
+    assert [line.split() for line in out.splitlines()[1:]] == [
+        ["a", "-", "-", "-", "-"], ["b", "-", "-", "-", "-"]]
+    status, out, err = run_now("watch", "--json", "--proxy-address", go_server)
+    empty = {"wire_protocol": "", "remote_address": "", "connected_since": None, "labels": {}}
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"event": "connected", "client_id": "a", **empty},
+        {"event": "disconnected", "client_id": "a", **empty},
+    ]
+    # A watch runs until Ctrl-C; a stream that ends is worth a word and a status.
+    assert status == 1
+    assert_one_line(err, f"grpcmux watch: watch ended: the proxy at {go_server} closed "
+                         "the stream")
+
+
+def test_no_reactor_and_no_grpc_on_import():
+    code = ("import sys, grpcmux.cli; assert 'grpc' not in sys.modules; "
+            "import grpcmux.__main__; assert 'twisted.internet.reactor' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=TIMEOUT)
 
 
 # list: errors

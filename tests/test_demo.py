@@ -151,6 +151,11 @@ def test_bad_client_id_is_a_usage_error():
 # The parts
 
 
+def test_importing_the_demo_leaves_the_reactor_alone():
+    code = "import sys, grpcmux.demo; assert 'twisted.internet.reactor' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=TIMEOUT)
+
+
 def test_example_server_greets_and_names_itself():
     server, port = start_example_server("lab")
     try:
