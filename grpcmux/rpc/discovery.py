@@ -99,10 +99,6 @@ class _Watchers:
         with self._lock:
             self._pushes.discard(push)
 
-    def __len__(self):
-        with self._lock:
-            return len(self._pushes)
-
     def close(self):
         with self._lock:
             self._closed = True
@@ -118,10 +114,6 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         self._reactor = reactor
         self._registry = registry
         self._watchers = _Watchers()
-
-    @property
-    def watcher_count(self) -> int:
-        return len(self._watchers)
 
     def ListGRPCServer(self, request, context):
         return list_response(self._registry.snapshot)
@@ -167,10 +159,6 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         self._reactor = reactor
         self._registry = registry
         self._watchers = _Watchers()
-
-    @property
-    def watcher_count(self) -> int:
-        return len(self._watchers)
 
     async def ListGRPCServer(self, request, context):
         return list_response(self._registry.snapshot)

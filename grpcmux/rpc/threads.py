@@ -3,9 +3,11 @@
 grpc thread -> reactor: fire and forget with ``reactor.callFromThread``; when the
 grpc side needs the result, :func:`call_in_reactor` (threads) or
 :func:`await_in_reactor` (asyncio) waits with a timeout and gives up once the reactor
-is no longer running (``blockingCallFromThread`` would hang forever then). Reactor -> grpc threads: only immutable values (the registry snapshot)
-and thread-safe queues cross; the reactor never waits for a grpc thread: blocking grpc work
-goes to :func:`defer_to_thread`.
+is no longer running (``blockingCallFromThread`` would hang forever then).
+
+Reactor -> grpc: only immutable values (the registry snapshot) and thread-safe
+handoffs (queues, ``loop.call_soon_threadsafe``) cross; the reactor never waits for
+a grpc thread: blocking grpc work goes to :func:`defer_to_thread`.
 """
 
 import asyncio
