@@ -14,6 +14,7 @@ from grpcmux.testing import (
     RecorderFactory,
     StreamRecorder,
     build_frame,
+    connected_sessions,
     parse_frames,
     ping_frame,
     session_on_string_transport,
@@ -143,3 +144,58 @@ def test_mutated_frame_sequences(frames, seed, flips, cuts, is_client):
 @given(st.binary(max_size=400))
 def test_random_bytes(data):
     run([data])
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(["open", "write", "pause", "resume", "fin", "pump"]),
+                          st.integers(0, 7), st.booleans(), st.integers(1, 150000)),
+                max_size=40))
+def test_random_operations_between_two_sessions_keep_every_byte(ops):
+    """Random opens, writes, pauses and half-closes: each side reads exactly what was sent."""
+    server_factory = RecorderFactory(HalfCloseRecorder)
+    pair = connected_sessions(server_stream_factory=server_factory,
+                              config=YamuxConfig(max_frame_size=8192))
+    pairs = []  # (client protocol, server protocol or None, bytes sent each way)
+    sent = {}
+    finished = set()
+
+    def ends(index):
+        client_proto = pairs[index % len(pairs)]
+        server_proto = server_factory.protocols[index % len(pairs)]
+        return client_proto, server_proto
+
+    for op, index, from_client, size in ops:
+        if op == "open" or not pairs:
+            proto = HalfCloseRecorder()
+            pair.client.open_stream(proto)
+            pairs.append(proto)
+            pair.flush()
+            continue
+        client_proto, server_proto = ends(index)
+        source, sink = (client_proto, server_proto) if from_client else (server_proto, client_proto)
+        if op == "write":
+            data = bytes([size % 251]) * size
+            source.transport.write(data)
+            if id(source) not in finished:  # writes after a half-close are dropped
+                sent[id(source)] = sent.get(id(source), b"") + data
+        elif op == "pause":
+            sink.transport.pauseProducing()
+        elif op == "resume":
+            sink.transport.resumeProducing()
+        elif op == "fin":
+            source.transport.loseWriteConnection()
+            finished.add(id(source))
+        else:
+            pair.flush()
+    for index in range(len(pairs)):
+        for proto in ends(index):
+            proto.transport.resumeProducing()
+        pair.flush()
+    assert not pair.client.closed and not pair.server.closed
+    for index in range(len(pairs)):
+        client_proto, server_proto = ends(index)
+        assert bytes(server_proto.data) == sent.get(id(client_proto), b"")
+        assert bytes(client_proto.data) == sent.get(id(server_proto), b"")
+    pair.client.close()
+    pair.flush()
+    assert pair.server.closed and pair.clock.getDelayedCalls() == []
