@@ -525,12 +525,16 @@ def test_sessions_over_loopback_tcp(reactor):
     try:
         client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
             YamuxFactory(True, None, config, reactor))
+        pauses = []
+        pause = client.pauseProducing
+        client.pauseProducing = lambda: (pauses.append(1), pause())
         size = 2 * 1024 * 1024
         protos = [Collect(size) for _ in range(4)]
         for i, proto in enumerate(protos):
             client.open_stream(proto).write(bytes([i]) * size)
         results = yield defer.gatherResults([p.done for p in protos]).addTimeout(30, reactor)
         assert results == [bytes([i]) * size for i in range(4)]
+        assert pauses  # the TCP transport pushed back and the session honoured it
         rtt = yield client.ping().addTimeout(10, reactor)
         assert rtt >= 0
         closed = client.when_closed()
