@@ -6,7 +6,7 @@ it registry changes and learns of its stop through a Deferred.
 
 Two engines (see :mod:`grpcmux.rpc.proxy`): by default a ``grpc.aio`` server on one
 dedicated asyncio thread, where a call costs a task, not a thread (measured with
-1000 concurrent bidi streams: about 10x the relayed messages per second of the
+1000 concurrent bidi streams: about 8x the relayed messages per second of the
 threaded server, which needs two threads per stream). With ``authority_domain`` set
 the threaded ``grpc.server`` is used, as only it exposes a call's ``:authority``.
 """
