@@ -17,10 +17,9 @@ from grpc_tools import protoc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "grpcmux" / "_proto"
-# Protos that define services get grpc stubs too.
-WITH_SERVICES = {"grpc/multiplexer/v1/discovery.proto"}
 # Top-level proto packages that live inside grpcmux._proto.
 OUR_PACKAGES = ("grpc.multiplexer", "grpcmux")
+_SERVICE = re.compile(r"^\s*service\s+\w+", re.MULTILINE)
 
 
 def _protoc(args):
@@ -47,7 +46,7 @@ def main():
     protos = sorted(p.relative_to(PROTO_DIR).as_posix() for p in PROTO_DIR.rglob("*.proto"))
     for proto in protos:
         args = [f"--python_out={OUT_DIR}", f"--pyi_out={OUT_DIR}"]
-        if proto in WITH_SERVICES:
+        if _SERVICE.search((PROTO_DIR / proto).read_text()):  # grpc stubs too
             args.append(f"--grpc_python_out={OUT_DIR}")
         _protoc([*args, proto])
     for generated in OUT_DIR.rglob("*.py*"):
