@@ -73,7 +73,7 @@ def run(chunks, is_client=False, protocol_class=StreamRecorder):
     for chunk in chunks:
         session.dataReceived(chunk)  # must never raise
         for stream in session.streams.values():
-            assert sum(map(len, stream._recv_buf)) <= stream._recv_max
+            assert len(stream._recv_buf) <= stream._recv_max
         assert len(session._parser._partial) < f.HEADER_SIZE
         clock.advance(1)
     sent = parse_frames(transport.value())

@@ -424,3 +424,19 @@ def test_protocol_may_be_switched_between_deliveries():
     assert first.line == b"client-7" and second.data == b"abcdef"
     session.dataReceived(window_update(1, 0, RST))
     assert second.lost.check(StreamReset) and first.lost is None
+
+
+def test_tiny_frames_on_a_paused_stream_are_buffered_compactly():
+    class Counting(StreamRecorder):
+        calls = 0
+
+        def dataReceived(self, data):
+            self.calls += 1
+            super().dataReceived(data)
+
+    session, transport, _, stream, proto = opened(Counting())
+    stream.pauseProducing()
+    session.dataReceived(b"".join(data_frame(1, b"%d" % (i % 10)) for i in range(10000)))
+    assert len(stream._recv_buf) == 10000 and proto.calls == 0
+    stream.resumeProducing()
+    assert proto.calls == 1 and proto.data == b"0123456789" * 1000

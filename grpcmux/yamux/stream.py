@@ -62,7 +62,7 @@ class YamuxStream:
         self._recv_max = config.max_stream_window_size
         self._recv_window = INITIAL_STREAM_WINDOW
         self._credit = 0
-        self._recv_buf = deque()
+        self._recv_buf = bytearray()  # one buffer: tiny frames cost no per-chunk overhead
         self._reading_paused = False
         self._draining = False
         self._fin_received = False
@@ -108,7 +108,7 @@ class YamuxStream:
         self._close_requested = True
         # Nothing more is delivered; whatever arrives is still credited so the
         # peer can finish and send its FIN.
-        buffered = sum(len(chunk) for chunk in self._recv_buf)
+        buffered = len(self._recv_buf)
         self._recv_buf.clear()
         if self._fin_received:
             self._read_closed = True
@@ -259,7 +259,7 @@ class YamuxStream:
         if self._close_requested:
             self._add_credit(len(chunk))
         elif self._reading_paused or self._recv_buf:
-            self._recv_buf.append(chunk)
+            self._recv_buf += chunk
         else:
             self._deliver(chunk)
 
@@ -287,7 +287,9 @@ class YamuxStream:
         try:
             buf = self._recv_buf
             while buf and not self._reading_paused and not self.disconnected:
-                self._deliver(buf.popleft())
+                data = bytes(buf)
+                buf.clear()
+                self._deliver(data)
         finally:
             self._draining = False
         if not self._recv_buf and self._fin_received and not self._read_closed:
