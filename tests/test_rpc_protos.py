@@ -1,0 +1,65 @@
+"""The committed generated code matches proto/, and Discovery stays wire-compatible."""
+
+import filecmp
+import importlib.util
+import pathlib
+
+from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2
+from grpcmux._proto.grpcmux.v1 import tunnel_pb2
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _generated_files(directory):
+    return sorted(p.relative_to(directory) for p in directory.rglob("*.py*")
+                  if "__pycache__" not in p.parts)
+
+
+def test_generated_code_is_up_to_date(tmp_path):
+    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts/gen_protos.py")
+    gen_protos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_protos)
+    gen_protos.main(tmp_path / "out")
+    committed = ROOT / "grpcmux" / "_proto"
+    assert _generated_files(tmp_path / "out") == _generated_files(committed)
+    for name in _generated_files(committed):
+        assert filecmp.cmp(tmp_path / "out" / name, committed / name, shallow=False), name
+
+
+def _fields(message):
+    """name -> (number, type, repeated)."""
+    return {f.name: (f.number, f.type, f.is_repeated) for f in message.DESCRIPTOR.fields}
+
+
+def test_discovery_keeps_the_go_original_wire_format():
+    service = discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"]
+    assert service.full_name == "grpc.multiplexer.v1.DiscoveryService"
+    methods = {m.name: (m.input_type.name, m.output_type.name, m.server_streaming)
+               for m in service.methods}
+    assert methods == {
+        "ListGRPCServer": ("ListGRPCServerRequest", "ListGRPCServerResponse", False),
+        "WatchGRPCServer": ("WatchGRPCServerRequest", "WatchGRPCServerResponse", True),
+    }
+    string, enum, message, boolean = 9, 14, 11, 8
+    optional, repeated = False, True
+    assert _fields(discovery_pb2.ListGRPCServerRequest) == {}
+    assert _fields(discovery_pb2.ListGRPCServerResponse) == {
+        "servers": (1, string, repeated), "details": (2, message, repeated)}
+    assert _fields(discovery_pb2.WatchGRPCServerRequest) == {"replay": (1, boolean, optional)}
+    assert _fields(discovery_pb2.WatchGRPCServerResponse) == {
+        "server": (1, string, optional), "event": (2, enum, optional),
+        "details": (3, message, optional)}
+    event = discovery_pb2.WatchGRPCServerResponse.Event
+    assert dict(event.items()) == {
+        "EVENT_UNSPECIFIED": 0, "EVENT_CONNECTED": 1, "EVENT_DISCONNECTED": 2}
+
+
+def test_tunnel_messages():
+    reject = tunnel_pb2.ServerMessage(
+        reject=tunnel_pb2.Reject(code=tunnel_pb2.Reject.CODE_ALREADY_EXISTS, message="taken"))
+    parsed = tunnel_pb2.ServerMessage.FromString(reject.SerializeToString())
+    assert parsed.WhichOneof("kind") == "reject"
+    assert tunnel_pb2.Reject.Code.Name(parsed.reject.code) == "CODE_ALREADY_EXISTS"
+    hello = tunnel_pb2.Hello(client_id="a", token="t", version="1", labels={"k": "v"})
+    assert tunnel_pb2.Hello.FromString(hello.SerializeToString()) == hello
+    assert [f.number for f in tunnel_pb2.Hello.DESCRIPTOR.fields] == [1, 2, 3, 4]
