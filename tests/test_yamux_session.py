@@ -281,8 +281,12 @@ def test_go_away_received_blocks_new_streams_only():
     factory = RecorderFactory()
     session, transport, clock = make(True, factory)
     stream = session.open_stream(StreamRecorder())
+    told = []
+    session.when_go_away().addCallback(told.append)
     session.dataReceived(window_update(1, 0, ACK) + go_away_frame())
     assert session.go_away_received and not session.closed
+    assert told == [None]
+    assert session.when_go_away().called
     with pytest.raises(GoAwayReceived):
         session.open_stream(StreamRecorder())
     stream.write(b"still works")

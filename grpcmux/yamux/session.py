@@ -98,6 +98,7 @@ class YamuxSession(Protocol):
         self._keepalive_call = None
         self._close_reason = None
         self._close_waiters = []
+        self._go_away_waiters = []
 
     def __repr__(self):
         role = "client" if self.is_client else "server"
@@ -195,6 +196,17 @@ class YamuxSession(Protocol):
         if not self.closed:
             self._shutdown(None, lose_transport=True, abort=True)
 
+    def when_go_away(self):
+        """A Deferred firing when the peer sends GoAway(0): it takes no new streams.
+
+        Never fires if the session closes without one.
+        """
+        if self.go_away_received:
+            return defer.succeed(None)
+        result = defer.Deferred()
+        self._go_away_waiters.append(result)
+        return result
+
     def when_closed(self):
         """A Deferred firing once the session ended (fires at once if it has).
 
@@ -241,6 +253,9 @@ class YamuxSession(Protocol):
         code = header.length
         if code == GO_AWAY_NORMAL:
             self.go_away_received = True
+            waiters, self._go_away_waiters = self._go_away_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
         else:
             self._log.warn("peer {peer} closed the session with GoAway({code})",
                            peer=self._peer_address(), code=code)
