@@ -210,6 +210,7 @@ class AsyncProxy(_Proxy):
             raise ValueError("grpc.aio does not expose :authority; use ThreadedProxy")
         super().__init__(registry, **kwargs)
         self._loop = loop
+        self._closing = set()  # close() tasks, held so that they are not collected
 
     def service(self, handler_call_details):
         method = handler_call_details.method
@@ -235,7 +236,9 @@ class AsyncProxy(_Proxy):
             # grpc.aio's close() does not find calls relayed from our own tasks.
             for call in list(backend.calls):
                 call.cancel()
-            self._loop.create_task(backend.channel.close())
+            task = self._loop.create_task(backend.channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         """Close every channel (the server is stopping). On the loop."""
