@@ -43,6 +43,7 @@ class _StreamEnd(SpliceProtocol):
 
     def connectionMade(self):
         super().connectionMade()
+        self._backend.active += 1
         self._connecting = self._backend.connect(SpliceProtocol())
         self._connecting.addCallbacks(self._connected, self._failed)
 
@@ -64,6 +65,8 @@ class _StreamEnd(SpliceProtocol):
         super().connectionLost(reason)
         if self._connecting is not None:
             self._connecting.cancel()
+        self._backend.active -= 1
+        self._backend.stream_ended()
 
 
 class _Backend(Factory):
@@ -76,11 +79,13 @@ class _Backend(Factory):
 
     _log = Logger()
 
-    def __init__(self, reactor, address, client_id):
+    def __init__(self, reactor, address, client_id, stream_ended):
         self._endpoint = client_endpoint(reactor, address)
         self.address = address
         self._client_id = client_id
         self._down = False
+        self.active = 0
+        self.stream_ended = stream_ended
 
     def buildProtocol(self, addr):
         return _StreamEnd(self)
@@ -158,9 +163,10 @@ class Tunnel(Factory):
         self.labels = tuple(labels)
         self.handshake_timeout = handshake_timeout
         self.yamux_config = yamux_config or YamuxConfig()
-        self.backend = _Backend(reactor, grpc_server_address, client_id)
+        self.backend = _Backend(reactor, grpc_server_address, client_id, self._close_if_drained)
         self.retry_policy = retry_policy or _RetryPolicy()
         self.session = None
+        self._draining = None
         self._waiters = []
         self._last_problem = None
 
@@ -177,6 +183,7 @@ class Tunnel(Factory):
 
     def session_started(self, session):
         session.when_closed().addCallback(self._session_ended, session)
+        session.when_go_away().addCallback(self._server_going_away, session)
         if self.wire_protocol == WIRE_LEGACY:
             inner = YamuxSession(
                 is_client=False,
@@ -226,7 +233,26 @@ class Tunnel(Factory):
                      f"{self.client_id}: {failure.value}")
         session.close()
 
+    def _server_going_away(self, _, session):
+        """The server takes no new streams: leave once the calls in flight are done."""
+        self._log.info(
+            "multiplexer {address} is going away; client {client_id} reconnects once "
+            "its {active} stream(s) in flight are done",
+            address=self.multiplexer_address,
+            client_id=self.client_id,
+            active=self.backend.active,
+        )
+        self._draining = session
+        self._close_if_drained()
+
+    def _close_if_drained(self):
+        if self._draining is not None and self.backend.active == 0:
+            session, self._draining = self._draining, None
+            session.close()
+
     def _session_ended(self, reason, session):
+        if self._draining is session:
+            self._draining = None
         if self.session is session:
             self.session = None
             self._report(

@@ -97,14 +97,14 @@ class Stack:
         return result.addTimeout(TIMEOUT + 10, self.reactor)
 
     def proxy_channel_ready(self, client_id):
-        """Wait until the proxy's channel to ``client_id`` is READY again.
+        """Wait until the proxy's channel to ``client_id`` is connected again.
 
         After a failure grpc reconnects by itself after a short backoff; calls made
         in between fail fast, as they should, so a test waits for this first.
         """
-        info = self.registry.snapshot[client_id]
-        channel = self.proxy._proxy._backend(info).channel
-        return self.in_thread(grpc.channel_ready_future(channel).result, TIMEOUT)
+        return self.proxy.when_client_ready(client_id, TIMEOUT).addTimeout(
+            TIMEOUT + 5, self.reactor
+        )
 
     def invoke(self, kind, request, metadata=(), timeout=TIMEOUT, **kwargs):
         return self.in_thread(invoke, self.channel, kind, request, metadata, timeout, **kwargs)

@@ -267,3 +267,20 @@ async def test_graceful_stop_lets_calls_in_flight_finish(stack):
     assert await stack.in_thread(talk.finish) == ([], OK)
     await stopping.addTimeout(TIMEOUT, stack.reactor)
     assert stack.registry.snapshot == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaves_after_go_away_once_its_calls_are_done(stack):
+    client = await stack.connected_client("lab")
+    session = client.tunnel.session
+    talk = await stack.in_thread(Conversation, stack.channel, route("lab"))
+    assert await stack.in_thread(talk.say, b"before") == b"before"
+    await stack.server.stop_accepting()
+    await session.when_go_away().addTimeout(TIMEOUT, stack.reactor)
+    assert not session.closed  # a call is still in flight
+    assert await stack.in_thread(talk.say, b"during") == b"during"
+    assert await stack.in_thread(talk.finish) == ([], OK)
+    stack.channel.close()  # the proxy's connection to the client is its last stream
+    await stack.proxy.stopService().addTimeout(TIMEOUT, stack.reactor)
+    await session.when_closed().addTimeout(TIMEOUT, stack.reactor)
+    assert client.tunnel.session is None
