@@ -187,6 +187,8 @@ class _Proxy(grpc.GenericRpcHandler):
         client_id = backend.info.client_id
         self._log.info("call to client {client_id} failed in transit: {code} {details}",
                        client_id=client_id, code=code, details=details)
+        if backend.closed:
+            details = "it disconnected"  # grpc's words would be about our own cancel
         return grpc.StatusCode.UNAVAILABLE, f"client '{client_id}' is unavailable: {details}"
 
 
