@@ -252,7 +252,8 @@ def test_half_close_both_ways():
     stream.loseWriteConnection()
     stream.write(b"dropped")
     clock.advance(0)
-    assert read_frames(transport) == [Frame(DATA, FIN, 1, 7, b"request")]
+    # FIN on its own frame after the data: old Go peers may drop a DATA|FIN body.
+    assert read_frames(transport) == [Frame(DATA, 0, 1, 7, b"request"), Frame(WU, FIN, 1, 0)]
     assert proto.write_closed and not proto.read_closed and proto.lost is None
     session.dataReceived(data_frame(1, b"response"))
     session.dataReceived(window_update(1, 0, FIN))
@@ -271,7 +272,7 @@ def test_half_close_remote_first():
     stream.write(b"resp")
     stream.loseConnection()
     clock.advance(0)
-    assert read_frames(transport) == [Frame(DATA, FIN, 1, 4, b"resp")]
+    assert read_frames(transport) == [Frame(DATA, 0, 1, 4, b"resp"), Frame(WU, FIN, 1, 0)]
     assert proto.lost.check(error.ConnectionDone) and not proto.write_closed
 
 

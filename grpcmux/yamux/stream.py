@@ -221,10 +221,16 @@ class YamuxStream:
             flags = FLAG_FIN
             self._fin_sent = True
         if size > 0:
-            pieces[0] = encode_header(TYPE_DATA, flags, self.stream_id, size)
+            pieces[0] = encode_header(TYPE_DATA, 0, self.stream_id, size)
+        else:
+            del pieces[0]
+        if flags:
+            # FIN travels on its own WINDOW_UPDATE, as Go sends it: some hashicorp/yamux
+            # versions let a reader see the FIN of a DATA|FIN frame before its body and
+            # report EOF with the last bytes unread.
+            pieces.append(encode_header(TYPE_WINDOW_UPDATE, flags, self.stream_id, 0))
+        if pieces:
             transport.writeSequence(pieces)
-        elif flags:
-            transport.write(encode_header(TYPE_WINDOW_UPDATE, flags, self.stream_id, 0))
         if flags:
             self._after_fin_sent()
         if self.producer is not None and not self.disconnected:
