@@ -10,6 +10,7 @@ import gc
 import sys
 
 import pytest
+import pytest_twisted
 from twisted.logger import globalLogPublisher
 
 
@@ -19,6 +20,16 @@ def reactor():
     from twisted.internet import reactor as global_reactor
 
     return global_reactor
+
+
+@pytest_twisted.async_yield_fixture
+async def stack(reactor, tmp_path):
+    """A whole grpcmux on loopback in this process: see ``tests/mux_stack.py``."""
+    from mux_stack import Stack
+
+    s = Stack(reactor, tmp_path)
+    yield s
+    await s.stop()
 
 
 def _is_error(event):

@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred
 from grpcmux import __version__, cli
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.registry import ClientInfo
-from mux_stack import TIMEOUT, Stack
+from mux_stack import TIMEOUT
 from rpc_backend import Mux
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,13 +65,6 @@ async def mux(reactor, tmp_path):
     m = Mux(reactor, tmp_path)
     yield m
     await m.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def stack(reactor, tmp_path):
-    s = Stack(reactor, tmp_path)
-    yield s
-    await s.stop()
 
 
 def run_cli(reactor, *argv):

@@ -8,16 +8,9 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-from mux_stack import TIMEOUT, Stack
+from mux_stack import TIMEOUT
 
 OK = grpc.StatusCode.OK
-
-
-@pytest_twisted.async_yield_fixture
-async def stack(reactor, tmp_path):
-    s = Stack(reactor, tmp_path)
-    yield s
-    await s.stop()
 
 
 def route(client_id):

@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
-from mux_stack import TIMEOUT, Stack
+from mux_stack import TIMEOUT
 from peers import Peer
 from rpc_backend import Backend, invoke
 
@@ -40,13 +40,6 @@ def legacy_client_program(go_program):
 @pytest.fixture
 def legacy_server_program(go_program):
     return go_program("legacyserver")
-
-
-@pytest_twisted.async_yield_fixture
-async def stack(reactor, tmp_path):
-    s = Stack(reactor, tmp_path)
-    yield s
-    await s.stop()
 
 
 @pytest_twisted.ensureDeferred
