@@ -18,6 +18,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -36,6 +37,22 @@ import (
 // chunkSize is the size of reads and writes; bigger than 256 KiB so that a
 // large window is filled by single DATA frames (Go writes up to the window).
 const chunkSize = 1024 * 1024
+
+// The payload, as in the Python driver: one seeded pseudo-random block of an
+// odd length, repeated, each stream starting at its own offset; sending and
+// checking are slices of it (the same work as `python -m grpcmux.yamux drive`).
+const blockSize = 1024*1024 + 7
+
+// newPattern returns the block followed by its first chunkSize bytes, so that
+// any chunk starting inside the block is one slice.
+func newPattern() []byte {
+	pattern := make([]byte, blockSize+chunkSize)
+	rand.New(rand.NewSource(0x79616D7578)).Read(pattern[:blockSize])
+	copy(pattern[blockSize:], pattern[:chunkSize])
+	return pattern
+}
+
+func startOffset(seed int64) int64 { return seed * 104729 % blockSize }
 
 func main() {
 	if len(os.Args) < 2 {
@@ -247,6 +264,7 @@ func runDrive(args []string) error {
 		defer work.Close()
 	}
 
+	pattern := newPattern()
 	start := time.Now()
 	errs := make(chan error, *streams)
 	for i := 0; i < *streams; i++ {
@@ -254,7 +272,7 @@ func runDrive(args []string) error {
 		if err != nil {
 			return fmt.Errorf("opening stream %d: %v", i, err)
 		}
-		go func(seed int64) { errs <- driveStream(stream, seed, *size, deadline) }(int64(i + 1))
+		go func(seed int64) { errs <- driveStream(stream, pattern, seed, *size, deadline) }(int64(i + 1))
 	}
 	var firstErr error
 	ok := 0
@@ -298,38 +316,38 @@ func runDrive(args []string) error {
 	return firstErr
 }
 
-// driveStream sends size pseudo-random bytes, half-closes and checks the echo.
+// driveStream sends size pattern bytes, half-closes and checks the echo.
 //
 // The 2019 yamux snapshot has no CloseWrite: Close sends FIN but from then on
 // Read returns io.EOF whenever the receive buffer is momentarily empty, even
 // though the peer may still send. So the reader runs concurrently with the
 // writer, and once the writer has closed it treats an early EOF as "nothing
 // buffered yet" and polls with a short back-off until all bytes arrived.
-func driveStream(stream *yamux.Stream, seed, size int64, deadline time.Time) error {
+func driveStream(stream *yamux.Stream, pattern []byte, seed, size int64, deadline time.Time) error {
 	var closed int32
 	writeErr := make(chan error, 1)
 	go func() {
-		gen := rand.New(rand.NewSource(seed))
-		buf := make([]byte, chunkSize)
+		offset := startOffset(seed)
 		for sent := int64(0); sent < size; {
-			n := int64(len(buf))
+			n := int64(chunkSize)
 			if size-sent < n {
 				n = size - sent
 			}
-			gen.Read(buf[:n])
-			if _, err := stream.Write(buf[:n]); err != nil {
+			if _, err := stream.Write(pattern[offset : offset+n]); err != nil {
 				writeErr <- fmt.Errorf("stream %d write: %v", stream.StreamID(), err)
 				return
 			}
 			sent += n
+			if offset += n; offset >= blockSize {
+				offset -= blockSize
+			}
 		}
 		atomic.StoreInt32(&closed, 1)
 		writeErr <- stream.Close()
 	}()
 
-	gen := rand.New(rand.NewSource(seed))
+	offset := startOffset(seed)
 	buf := make([]byte, chunkSize)
-	want := make([]byte, chunkSize)
 	backoff := 50 * time.Microsecond
 	var got int64
 	for got < size {
@@ -341,11 +359,12 @@ func driveStream(stream *yamux.Stream, seed, size int64, deadline time.Time) err
 			if got+int64(n) > size {
 				return fmt.Errorf("stream %d: %d bytes more than sent", stream.StreamID(), got+int64(n)-size)
 			}
-			gen.Read(want[:n])
-			for i := 0; i < n; i++ {
-				if buf[i] != want[i] {
-					return fmt.Errorf("stream %d: byte %d differs", stream.StreamID(), got+int64(i))
-				}
+			if !bytes.Equal(buf[:n], pattern[offset:offset+int64(n)]) {
+				return fmt.Errorf("stream %d: echo differs within bytes %d..%d",
+					stream.StreamID(), got, got+int64(n))
+			}
+			if offset += int64(n); offset >= blockSize {
+				offset -= blockSize
 			}
 			got += int64(n)
 			backoff = 50 * time.Microsecond
