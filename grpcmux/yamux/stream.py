@@ -53,6 +53,7 @@ class YamuxStream:
         # Send side: the peer's window, our buffer, FIN state.
         self._send_window = INITIAL_STREAM_WINDOW
         self._send_buf = deque()
+        self._send_head = 0  # bytes of _send_buf[0] already sent
         self._send_len = 0
         self._write_closed = False
         self._fin_sent = False
@@ -201,19 +202,24 @@ class YamuxStream:
         size = min(limit, self._send_window, self._send_len)
         pieces = [None]
         if size > 0:
+            # Slices of the buffered writes, never a copy of what stays buffered:
+            # a write larger than the frame is sent from an offset into it.
             buf = self._send_buf
+            head = self._send_head
             left = size
             while left:
                 chunk = buf[0]
-                length = len(chunk)
-                if length <= left:
+                available = len(chunk) - head
+                if available <= left:
                     buf.popleft()
-                    pieces.append(chunk)
-                    left -= length
+                    pieces.append(chunk[head:] if head else chunk)
+                    left -= available
+                    head = 0
                 else:
-                    pieces.append(chunk[:left])
-                    buf[0] = chunk[left:]
+                    pieces.append(chunk[head:head + left])
+                    head += left
                     left = 0
+            self._send_head = head
             self._send_len -= size
             self._send_window -= size
         flags = 0
@@ -352,6 +358,7 @@ class YamuxStream:
                 timer.cancel()
         self._open_timer = self._close_timer = None
         self._send_buf.clear()
+        self._send_head = 0
         self._send_len = 0
         self._recv_buf.clear()
         self.session._stream_finished(self)
