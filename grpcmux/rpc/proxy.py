@@ -86,8 +86,9 @@ class _Proxy(grpc.GenericRpcHandler):
             ("grpc.enable_retries", 0),
             # Reconnecting to a local socket is cheap: after a tunnel or backend
             # outage, calls work again within a second, not grpc's default 2 minutes.
+            # (Not grpc.min_reconnect_backoff_ms: grpc core also takes it as the
+            # connect timeout, and a loaded machine needs more than 100 ms.)
             ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
             # No HTTP/2 keepalive pings: grpc servers answer frequent pings with
             # GOAWAY (too_many_pings); the tunnel's own pings watch the connection.
