@@ -1,5 +1,6 @@
 """twisted/plugins/grpcmux_plugins.py: discovered, cheap to import, shipped."""
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -61,6 +62,24 @@ def _copy_source(destination):
     shutil.copytree(REPO, destination, ignore=ignore)
 
 
+def _installed_plugin_dirs():
+    """Site directories of an installed grpcmux that ships the plugin file."""
+    try:
+        files = importlib.metadata.files("grpcmux") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return [str(f.locate().parents[2]) for f in files if f.as_posix() == PLUGIN]
+
+
+def test_installed_distribution_ships_the_plugin():
+    """An installed grpcmux (``pip install .``) must carry twisted/plugins too."""
+    try:
+        files = importlib.metadata.files("grpcmux")
+    except importlib.metadata.PackageNotFoundError:
+        return  # nothing installed: the wheel test below covers packaging
+    assert PLUGIN in {f.as_posix() for f in files}
+
+
 def test_wheel_ships_the_plugin_and_twistd_finds_it(tmp_path):
     source = tmp_path / "src"
     _copy_source(source)  # build a copy: no build/ or egg-info in the work tree
@@ -94,6 +113,11 @@ def test_wheel_ships_the_plugin_and_twistd_finds_it(tmp_path):
         [sys.executable, "-c", code],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
-    assert f"plugin file: {site / PLUGIN}" in result.stdout, result.stdout + result.stderr
+    # Where grpcmux is also pip-installed (as CI does), twisted/plugins in
+    # site-packages holds that copy and may be scanned first: either will do.
+    found = [site / PLUGIN] + [Path(p) / PLUGIN for p in _installed_plugin_dirs()]
+    assert any(f"plugin file: {path}" in result.stdout for path in found), (
+        result.stdout + result.stderr
+    )
     assert "grpcmux-server" in result.stdout
     assert "grpcmux-client" in result.stdout
