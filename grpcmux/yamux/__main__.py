@@ -11,7 +11,8 @@ connection and echoes every stream the peer opens (writing back what it reads,
 FIN after the peer's FIN; with --hold only after the peer's FIN) until the
 session ends. --goaway sends GoAway once the first stream is accepted.
 
-drive opens the streams at once, sends M pseudo-random bytes on each,
+drive opens the streams at once, sends M bytes of a seeded pseudo-random
+pattern on each (the Go peer's drive sends the same kind of pattern),
 half-closes, verifies the echo byte for byte and the echo's FIN, pings and
 prints one JSON line {"streams_ok", "bytes", "seconds", "mb_per_s", "rtt_ms"}
 (MB = 10**6 bytes of payload sent per second); exit 0 only if all matched.
@@ -20,6 +21,9 @@ prints one JSON line {"streams_ok", "bytes", "seconds", "mb_per_s", "rtt_ms"}
 --nested runs an inner yamux session, roles swapped as in the legacy
 grpc-multiplexer handshake, over the first outer stream (opened by drive);
 the streams are then opened on the inner session.
+
+Both modes send DATA frames as large as the window (as Go does) and use big
+TCP buffers (see TcpSession): they exist to be measured against the Go peer.
 
 Bad arguments, a refused connection or an unusable listen address: one line on
 stderr and exit 2.
@@ -41,7 +45,8 @@ from .config import YamuxConfig
 from .errors import GoAwayReceived, ProtocolError, RemoteGoAwayError, YamuxConfigError
 from .session import YamuxSession
 
-_CHUNK = 64 * 1024
+_CHUNK = 256 * 1024  # driver write size
+_TCP_BUFFER = 1024 * 1024
 USAGE_EXIT = 2
 
 
@@ -175,11 +180,19 @@ class CarrierFactory(Factory):
 
 
 class TcpSession(YamuxSession):
-    """The outer session: TCP_NODELAY, so small frames (pings, window updates)
-    are not held back by Nagle's algorithm behind a delayed ACK."""
+    """The outer session over TCP, tuned for bulk throughput.
+
+    TCP_NODELAY, so small frames (pings, window updates) are not held back by
+    Nagle's algorithm behind a delayed ACK.  Twisted's TCP transport reads 64
+    KiB per recv(), sends at most 128 KiB per send() and pauses its producer
+    (this session) once 64 KiB wait to be sent; at hundreds of MB/s that is a
+    reactor turn per 64 KiB, so the CLI raises all three to _TCP_BUFFER.
+    """
 
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
+        self.transport.bufferSize = _TCP_BUFFER
+        self.transport.SEND_LIMIT = _TCP_BUFFER
         super().connectionMade()
 
 
@@ -239,7 +252,7 @@ def run_echo(reactor, args, config):
 # seed-derived offset.  The block length is odd and not a multiple of any frame
 # or read size, so a lost, repeated or misdirected piece shows up as a
 # mismatch (only a shift by an exact multiple of the block length could not),
-# and every send and comparison is a slice of one bytes object (C speed).
+# and every send is a slice of one bytes object and every check a memcmp.
 _BLOCK_SIZE = 1024 * 1024 + 7
 _pattern_cache = []
 
@@ -272,7 +285,7 @@ class _PatternReader:
         while start < size:
             take = min(size - start, len(pattern) - offset)
             piece = data if take == size else data[start:start + take]
-            if piece != pattern[offset:offset + take]:
+            if not pattern.startswith(piece, offset):  # memcmp, no copy of the pattern
                 return False
             start += take
             offset += take
@@ -436,7 +449,9 @@ def main(argv=None):
     """Run the CLI on the global reactor; returns the process exit code."""
     try:
         args = build_parser().parse_args(argv)
-        config = YamuxConfig(max_stream_window_size=args.window)
+        # DATA frames as large as the window, as the Go peer sends them (the
+        # library's default of 32 KiB favours fairness between many streams).
+        config = YamuxConfig(max_stream_window_size=args.window, max_frame_size=args.window)
     except (UsageError, YamuxConfigError) as exc:
         print(f"python -m grpcmux.yamux: error: {exc}", file=sys.stderr)
         return USAGE_EXIT
