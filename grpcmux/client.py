@@ -29,6 +29,15 @@ from grpcmux.handshake import (
     NativeClientHandshake,
 )
 from grpcmux.ids import random_client_id
+from grpcmux.metrics import (
+    ACCEPTED,
+    FAILED,
+    REJECTED,
+    TIMED_OUT,
+    ClientMetrics,
+    MetricsService,
+    reject_reason,
+)
 from grpcmux.splice import SpliceProtocol, splice
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.session import YamuxSession
@@ -53,11 +62,13 @@ class _StreamEnd(SpliceProtocol):
             backend_end.abort()
             return
         self._backend.reachable()
+        self._backend.metrics.streams_spliced.inc()
         splice(self, backend_end)
 
     def _failed(self, failure):
         self._connecting = None
         if not self._closed:
+            self._backend.metrics.backend_connect_failures.inc()
             self._backend.unreachable(failure)
             self.abort()
 
@@ -79,8 +90,9 @@ class _Backend(Factory):
 
     _log = Logger()
 
-    def __init__(self, reactor, address, client_id, stream_ended):
+    def __init__(self, reactor, address, client_id, stream_ended, metrics):
         self._endpoint = client_endpoint(reactor, address)
+        self.metrics = metrics
         self.address = address
         self._client_id = client_id
         self._down = False
@@ -155,15 +167,21 @@ class Tunnel(Factory):
         handshake_timeout=10.0,
         yamux_config=None,
         retry_policy=None,
+        metrics=None,
     ):
         self._reactor = reactor
+        self.metrics = metrics or ClientMetrics()
+        self.metrics.track(self)
+        self._sessions_started = 0
         self.client_id = client_id
         self.multiplexer_address = multiplexer_address
         self.wire_protocol = wire_protocol
         self.labels = tuple(labels)
         self.handshake_timeout = handshake_timeout
         self.yamux_config = yamux_config or YamuxConfig()
-        self.backend = _Backend(reactor, grpc_server_address, client_id, self._close_if_drained)
+        self.backend = _Backend(
+            reactor, grpc_server_address, client_id, self._close_if_drained, self.metrics
+        )
         self.retry_policy = retry_policy or _RetryPolicy()
         self.session = None
         self._draining = None
@@ -182,6 +200,9 @@ class Tunnel(Factory):
         return waiter
 
     def session_started(self, session):
+        if self._sessions_started:
+            self.metrics.reconnects.inc()
+        self._sessions_started += 1
         session.when_closed().addCallback(self._session_ended, session)
         session.when_go_away().addCallback(self._server_going_away, session)
         if self.wire_protocol == WIRE_LEGACY:
@@ -209,13 +230,14 @@ class Tunnel(Factory):
         )
         control.result.addBoth(_cancelling(timer))
         control.result.addCallbacks(
-            lambda welcome: self._admitted(session), self._refused, errbackArgs=(session,)
+            lambda welcome: self._admitted(session), self._refused, errbackArgs=(session, timer)
         )
 
     def _admitted(self, session):
         self.session = session
         self.retry_policy.unadmitted = 0
         self._last_problem = None
+        self.metrics.handshake(ACCEPTED)
         self._log.info(
             "client {client_id} connected to multiplexer {address} ({wire_protocol})",
             client_id=self.client_id,
@@ -226,8 +248,12 @@ class Tunnel(Factory):
         for waiter in waiters:
             waiter.callback(session)
 
-    def _refused(self, failure, session):
+    def _refused(self, failure, session, timer):
         failure.trap(HandshakeRejected, HandshakeFailed)
+        if failure.check(HandshakeRejected):
+            self.metrics.handshake(REJECTED, reject_reason(failure.value.code))
+        else:
+            self.metrics.handshake(TIMED_OUT if timer.called else FAILED)
         self.retry_policy.unadmitted += 1
         self._report(f"multiplexer {self.multiplexer_address} refused client "
                      f"{self.client_id}: {failure.value}")
@@ -327,4 +353,9 @@ def make_service(settings, reactor):
         wire_protocol=settings.wire_protocol,
         labels=settings.labels,
     )
-    return TunnelClientService(reactor, tunnel)
+    service = TunnelClientService(reactor, tunnel)
+    if settings.metrics_listener:
+        metrics = MetricsService(reactor, settings.metrics_listener, tunnel.metrics.registry)
+        metrics.setName("metrics")
+        metrics.setServiceParent(service)
+    return service

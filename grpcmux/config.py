@@ -252,6 +252,11 @@ _LOG_OPTIONS = (
     _Option("log-format", "str", _choice(LOG_FORMATS),
             'Log format: "json" (one object per line) or "pretty".'),
 )
+_METRICS_OPTION = _Option(
+    "metrics-listener", "str", _check_multiplexer_listener,
+    "Serve Prometheus metrics over HTTP at /metrics on HOST:PORT or a Twisted "
+    "endpoint (tcp:..., unix:...).", optional=True, shown_default="off",
+)
 _CONFIG_OPTION = _Option(
     "config", "str", _check_path,
     "Config file (YAML). Default: search $HOME/.{stem}.yaml, $HOME/.{stem}, "
@@ -284,6 +289,7 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
             "connects twice."),
     _Option("shutdown-grace", "float", _number(False),
             "Seconds running calls get to finish on shutdown."),
+    _METRICS_OPTION,
 ) + _LOG_OPTIONS + (_CONFIG_OPTION,)
 
 CLIENT_OPTIONS: Tuple[_Option, ...] = (
@@ -300,6 +306,7 @@ CLIENT_OPTIONS: Tuple[_Option, ...] = (
     _Option("wire-protocol", "str", _choice(WIRE_PROTOCOLS),
             '"native" (grpcmux handshake) or "legacy" (Go grpc-multiplexer '
             "v0.2.1 servers)."),
+    _METRICS_OPTION,
 ) + _LOG_OPTIONS + (_CONFIG_OPTION,)
 
 
@@ -338,6 +345,7 @@ class ServerSettings:
     handshake_timeout: float = 10.0
     duplicate_ping_timeout: float = 2.0
     shutdown_grace: float = 10.0
+    metrics_listener: Optional[str] = None  # None: no metrics endpoint
     log_level: str = "info"
     log_format: str = "pretty"
     config: Optional[str] = None  # the config file the values were read from
@@ -355,6 +363,7 @@ class ClientSettings:
     grpc_server_address: str = "localhost:7592"
     labels: Tuple[Tuple[str, str], ...] = ()
     wire_protocol: str = "native"
+    metrics_listener: Optional[str] = None  # None: no metrics endpoint
     log_level: str = "info"
     log_format: str = "pretty"
     config: Optional[str] = None  # the config file the values were read from

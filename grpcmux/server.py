@@ -24,12 +24,54 @@ from grpcmux.addresses import server_endpoint
 from grpcmux.bridge import Bridge
 from grpcmux.handshake import HandshakeRejected, ServerHandshake
 from grpcmux.ids import client_id_problem
+from grpcmux.metrics import (
+    ACCEPTED,
+    FAILED,
+    REJECTED,
+    TIMED_OUT,
+    MetricsService,
+    ServerMetrics,
+    reject_reason,
+)
 from grpcmux.registry import ClientInfo, ClientRegistry
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.frame import GO_AWAY_NORMAL
 from grpcmux.yamux.session import YamuxSession
 
 Reject = tunnel_pb2.Reject
+
+
+class _CountingTransport:
+    """A client connection's transport, counting the bytes the session writes to it."""
+
+    def __init__(self, transport, session):
+        self._transport = transport
+        self._session = session
+
+    def write(self, data):
+        self._session.bytes_sent += len(data)
+        self._transport.write(data)
+
+    def writeSequence(self, data):
+        self._session.bytes_sent += sum(map(len, data))
+        self._transport.writeSequence(data)
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+class _CountedSession(YamuxSession):
+    """A client's outer session; counts its bytes both ways for the metrics."""
+
+    bytes_received = 0
+    bytes_sent = 0
+
+    def makeConnection(self, transport):
+        super().makeConnection(_CountingTransport(transport, self))
+
+    def dataReceived(self, data):
+        self.bytes_received += len(data)
+        super().dataReceived(data)
 
 
 class _FirstStreamOnly(Factory):
@@ -59,6 +101,7 @@ class _ClientConnection:
         self.remote_address = remote_address
         self.hello = None
         self.bridge = None
+        self.inner_session = None
         self.admitted = False
         self._departed = False
         self.handshake = ServerHandshake(
@@ -77,7 +120,13 @@ class _ClientConnection:
     def _make_inner_session(self):
         inner = YamuxSession(is_client=True, config=self._server.yamux_config, clock=self._server.clock)
         inner.when_closed().addCallback(lambda _: self.session.close())
+        self.inner_session = inner
         return inner
+
+    def open_streams(self):
+        """Streams open on this client's session(s), the legacy inner one included."""
+        inner = self.inner_session
+        return len(self.session.streams) + (len(inner.streams) if inner is not None else 0)
 
     def _hello_received(self, handshake, hello):
         self.hello = hello
@@ -97,6 +146,7 @@ class _ClientConnection:
         self.bridge = self._server.bridge_for(self, stream_session)
         self.admitted = True
         self._server.register(self)
+        self._server.metrics.handshake(ACCEPTED)
 
     def _refused(self, failure):
         failure.trap(HandshakeRejected)
@@ -108,6 +158,7 @@ class _ClientConnection:
             reason=rejected,
         )
         self._cancel_timeout()
+        self._server.metrics.handshake(REJECTED, reject_reason(rejected.code))
         clock = self._server.clock
         self.handshake.reject(
             rejected.code, rejected.message, lambda: clock.callLater(0, self.session.close)
@@ -119,11 +170,14 @@ class _ClientConnection:
             remote_address=self.remote_address,
             reason=reason,
         )
+        if self._timeout is not None:  # else the timeout already counted it
+            self._server.metrics.handshake(FAILED)
         self._cancel_timeout()
         self.session.abort()
 
     def _handshake_timed_out(self):
         self._timeout = None
+        self._server.metrics.handshake(TIMED_OUT)
         self._log.warn(
             "no handshake from {remote_address} within {seconds:g} s; closing",
             remote_address=self.remote_address,
@@ -146,6 +200,7 @@ class _ClientConnection:
             return
         self._departed = True
         self._server.forget(self)
+        self._server.metrics.session_closed(self.session)
         if self.bridge is not None:
             self.bridge.stop()
         if self.admitted:
@@ -164,7 +219,7 @@ class _SessionFactory(Factory):
         self._server = server
 
     def buildProtocol(self, addr):
-        session = YamuxSession(
+        session = _CountedSession(
             is_client=False, config=self._server.yamux_config, clock=self._server.clock
         )
         self._server.connection_accepted(session, addr)
@@ -185,6 +240,7 @@ class MultiplexerServer(Service):
         handshake_timeout=10.0,
         duplicate_ping_timeout=2.0,
         yamux_config=None,
+        metrics=None,
     ):
         self.reactor = reactor
         self.clock = reactor
@@ -200,6 +256,8 @@ class MultiplexerServer(Service):
         self._by_id = {}
         self._claims = {}
         self._socket_counter = 0
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.track(self)
 
     # service lifecycle
 
@@ -376,23 +434,30 @@ class ServerService(MultiService):
 
     On stop: the multiplexer endpoint stops accepting and sends GoAway(0) to every
     client; the proxy stops taking calls and gives running ones up to the grace
-    period; only then are the client sessions closed.
+    period; only then are the client sessions closed.  The metrics endpoint, if
+    any, stops last, so a scrape can watch the shutdown.
     """
 
-    def __init__(self, multiplexer, proxy):
+    def __init__(self, multiplexer, proxy, metrics_service=None):
         super().__init__()
         self.multiplexer = multiplexer
         self.proxy = proxy
+        self.metrics_service = metrics_service
         multiplexer.setName("multiplexer")
         multiplexer.setServiceParent(self)
         proxy.setName("proxy")
         proxy.setServiceParent(self)
+        if metrics_service is not None:
+            metrics_service.setName("metrics")
+            metrics_service.setServiceParent(self)
 
     def stopService(self):
         Service.stopService(self)
         stopped = self.multiplexer.stop_accepting()
         stopped.addCallback(lambda _: self.proxy.stopService())
         stopped.addCallback(lambda _: self.multiplexer.stopService())
+        if self.metrics_service is not None:
+            stopped.addCallback(lambda _: self.metrics_service.stopService())
         return stopped
 
 
@@ -401,6 +466,7 @@ def make_service(settings, reactor):
     from grpcmux.rpc.service import ProxyService
 
     registry = ClientRegistry()
+    metrics = ServerMetrics()
     multiplexer = MultiplexerServer(
         reactor,
         registry,
@@ -408,6 +474,7 @@ def make_service(settings, reactor):
         runtime_dir=settings.runtime_dir,
         handshake_timeout=settings.handshake_timeout,
         duplicate_ping_timeout=settings.duplicate_ping_timeout,
+        metrics=metrics,
     )
     proxy = ProxyService(
         reactor,
@@ -418,4 +485,7 @@ def make_service(settings, reactor):
         max_message_size=settings.max_message_size,
         shutdown_grace=settings.shutdown_grace,
     )
-    return ServerService(multiplexer, proxy)
+    metrics_service = None
+    if settings.metrics_listener:
+        metrics_service = MetricsService(reactor, settings.metrics_listener, metrics.registry)
+    return ServerService(multiplexer, proxy, metrics_service)

@@ -64,6 +64,7 @@ def test_server_defaults(dirs):
         "handshake_timeout": 10.0,
         "duplicate_ping_timeout": 2.0,
         "shutdown_grace": 10.0,
+        "metrics_listener": None,
         "log_level": "info",
         "log_format": "pretty",
         "config": None,
@@ -78,6 +79,7 @@ def test_client_defaults(dirs):
         "grpc_server_address": "localhost:7592",
         "labels": (),
         "wire_protocol": "native",
+        "metrics_listener": None,
         "log_level": "info",
         "log_format": "pretty",
         "config": None,
@@ -423,8 +425,8 @@ def write(tmp_path, text):
         ("proxy_listener: x:1\n",
          "unknown key 'proxy_listener'; expected one of: authority-domain, "
          "default-client-id, duplicate-ping-timeout, handshake-timeout, log-format, "
-         "log-level, max-message-size, multiplexer-listener, proxy-listener, "
-         "runtime-dir, shutdown-grace"),
+         "log-level, max-message-size, metrics-listener, multiplexer-listener, "
+         "proxy-listener, runtime-dir, shutdown-grace"),
         ("config: other.yaml\n", "unknown key 'config'"),
         ("- a\n- b\n",
          "expected a mapping of option names to values at the top level, got a list"),
@@ -456,8 +458,8 @@ def test_server_file_errors(dirs, tmp_path, text, expected):
         ("client-id: a/b\n", "key 'client-id': expected a client id of 1-128"),
         ("multiplexer-address: '[::1]'\n", "key 'multiplexer-address': expected HOST:PORT"),
         ("labels: {a: b}\n", "unknown key 'labels'; expected one of: client-id, "
-         "grpc-server-address, label, log-format, log-level, multiplexer-address, "
-         "wire-protocol"),
+         "grpc-server-address, label, log-format, log-level, metrics-listener, "
+         "multiplexer-address, wire-protocol"),
     ],
 )
 def test_client_file_errors(dirs, tmp_path, text, expected):

@@ -1,0 +1,273 @@
+"""Prometheus metrics: scraped over HTTP from a whole stack on loopback, plus units."""
+
+import pytest
+import pytest_twisted
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
+from twisted.web.client import Agent, readBody
+
+from grpcmux import client as client_module
+from grpcmux import server as server_module
+from grpcmux.config import ClientSettings, ConfigError, ServerSettings
+from grpcmux.metrics import ClientMetrics, MetricsService, ServerMetrics, reject_reason
+from grpcmux.registry import ClientRegistry
+from mux_stack import TIMEOUT
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+def route(client_id):
+    return (("client-id", client_id),)
+
+
+async def scrape(reactor, service):
+    """GET /metrics over HTTP; {(name, labels...): value} of every sample."""
+    url = f"http://127.0.0.1:{service.port.getHost().port}/metrics".encode()
+    response = await Agent(reactor).request(b"GET", url).addTimeout(TIMEOUT, reactor)
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    body = await readBody(response).addTimeout(TIMEOUT, reactor)
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name,) + tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def serve(reactor, metrics):
+    service = MetricsService(reactor, LOOPBACK, metrics.registry)
+    service.startService()
+    return service
+
+
+@pytest_twisted.async_yield_fixture
+async def metered(reactor, tmp_path):
+    """A stack whose server reports to ``metered.server_metrics``, served over HTTP."""
+    from mux_stack import Stack
+
+    metrics = ServerMetrics()
+    stack = Stack(reactor, tmp_path, metrics=metrics)
+    stack.http = serve(reactor, metrics)
+    stack.server_metrics = metrics
+    stack.services = [stack.http]
+    yield stack
+    await stack.stop()
+    for service in stack.services:
+        await service.stopService()
+
+
+def watch_client(stack, service):
+    http = serve(stack.reactor, service.tunnel.metrics)
+    stack.services.append(http)
+    return http
+
+
+CONNECTED_NATIVE = ("grpcmux_server_connected_clients", ("wire_protocol", "native"))
+CONNECTED_LEGACY = ("grpcmux_server_connected_clients", ("wire_protocol", "legacy"))
+SESSIONS = ("grpcmux_server_sessions",)
+STREAMS = ("grpcmux_server_streams",)
+BYTES_IN = ("grpcmux_server_received_bytes_total",)
+BYTES_OUT = ("grpcmux_server_sent_bytes_total",)
+
+
+def handshakes(role, outcome, reason=""):
+    return (f"grpcmux_{role}_handshakes_total", ("outcome", outcome), ("reason", reason))
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_metrics_follow_clients_and_their_traffic(metered):
+    reactor = metered.reactor
+    before = await scrape(reactor, metered.http)
+    assert before[CONNECTED_NATIVE] == before[CONNECTED_LEGACY] == 0
+    assert before[SESSIONS] == before[STREAMS] == 0
+    assert before[BYTES_IN] == before[BYTES_OUT] == 0
+
+    await metered.connected_client("lab")
+    await metered.connected_client("old", wire_protocol="legacy")
+    result = await metered.invoke("Unary", b"x" * 100_000, route("lab"))
+    assert result.responses == [b"x" * 100_000]
+    during = await scrape(reactor, metered.http)
+    assert during[CONNECTED_NATIVE] == during[CONNECTED_LEGACY] == 1
+    assert during[SESSIONS] == 2
+    assert during[STREAMS] >= 2  # a control stream each, plus the proxy's connection
+    assert during[handshakes("server", "accepted")] == 2
+    assert during[BYTES_IN] > 100_000 and during[BYTES_OUT] > 100_000
+
+    await metered.clients[0].stopService()
+    await metered.clients[1].stopService()
+    after = await scrape(reactor, metered.http)
+    assert after[CONNECTED_NATIVE] == after[CONNECTED_LEGACY] == 0
+    assert after[SESSIONS] == after[STREAMS] == 0
+    # Counters keep what closed sessions carried.
+    assert after[BYTES_IN] >= during[BYTES_IN] and after[BYTES_OUT] >= during[BYTES_OUT]
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_count_on_both_sides(metered):
+    await metered.connected_client("twin")
+    second = metered.client("twin")
+    second_http = watch_client(metered, second)
+    refused = Deferred()
+    second.tunnel._report = lambda problem: refused.called or refused.callback(problem)
+    await refused.addTimeout(TIMEOUT, metered.reactor)
+    server = await scrape(metered.reactor, metered.http)
+    assert server[handshakes("server", "rejected", "already_exists")] >= 1
+    assert server[handshakes("server", "accepted")] == 1
+    client = await scrape(metered.reactor, second_http)
+    assert client[handshakes("client", "rejected", "already_exists")] >= 1
+    assert client[("grpcmux_client_connected",)] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_counts_a_reconnect_after_the_server_restarts(metered):
+    client = await metered.connected_client("lab")
+    http = watch_client(metered, client)
+    assert (await metered.invoke("Unary", b"a", route("lab"))).responses == [b"a"]
+    first = await scrape(metered.reactor, http)
+    assert first[("grpcmux_client_connected",)] == 1
+    assert first[("grpcmux_client_reconnects_total",)] == 0
+    assert first[("grpcmux_client_streams_spliced_total",)] >= 1
+    assert first[handshakes("client", "accepted")] == 1
+
+    back = metered.admitted(client)
+    await metered.restart_server()
+    await back
+    again = await scrape(metered.reactor, http)
+    assert again[("grpcmux_client_connected",)] == 1
+    assert again[("grpcmux_client_reconnects_total",)] >= 1
+    assert again[handshakes("client", "accepted")] == 2
+    server = await scrape(metered.reactor, metered.http)
+    assert server[handshakes("server", "accepted")] == 2
+    assert server[CONNECTED_NATIVE] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_counts_backend_connect_failures(metered, tmp_path):
+    client = await metered.connected_client(
+        "lost", backend_address=f"unix:{tmp_path / 'nobody.sock'}")
+    http = watch_client(metered, client)
+    result = await metered.invoke("Unary", b"a", route("lost"))
+    assert result.code.name == "UNAVAILABLE"
+    samples = await scrape(metered.reactor, http)
+    assert samples[("grpcmux_client_backend_connect_failures_total",)] >= 1
+    assert samples[("grpcmux_client_streams_spliced_total",)] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_paths_are_not_found(reactor):
+    http = serve(reactor, ClientMetrics())
+    try:
+        url = f"http://127.0.0.1:{http.port.getHost().port}/".encode()
+        response = await Agent(reactor).request(b"GET", url).addTimeout(TIMEOUT, reactor)
+        await readBody(response).addTimeout(TIMEOUT, reactor)
+        assert response.code == 404
+    finally:
+        await http.stopService()
+
+
+def test_metrics_service_fails_at_start_on_a_bad_listener(reactor):
+    with pytest.raises(Exception):
+        MetricsService(reactor, "tcp:notaport", CollectorRegistry()).startService()
+
+
+# -- units: the server's handshake outcomes and byte counts on a fake clock ----------
+
+
+def session_on_fake_clock(metrics):
+    clock = task.Clock()
+    server = server_module.MultiplexerServer(
+        clock, ClientRegistry(), LOOPBACK, handshake_timeout=5.0, metrics=metrics)
+    session = server_module._SessionFactory(server).buildProtocol(
+        IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = StringTransport()
+    session.makeConnection(transport)
+    return clock, server, session, transport
+
+
+def value(metrics, name, **labels):
+    return metrics.registry.get_sample_value(name, labels) or 0
+
+
+def test_a_silent_client_times_out_once():
+    metrics = ServerMetrics()
+    clock, server, session, _ = session_on_fake_clock(metrics)
+    clock.advance(5.0)
+    assert value(metrics, "grpcmux_server_handshakes_total",
+                 outcome="timed_out", reason="") == 1
+    assert value(metrics, "grpcmux_server_handshakes_total", outcome="failed", reason="") == 0
+    assert session.closed and not server._connections
+
+
+def test_garbage_fails_the_handshake_and_its_bytes_are_counted():
+    from grpcmux.yamux.frame import FLAG_SYN, TYPE_WINDOW_UPDATE, encode_header
+
+    metrics = ServerMetrics()
+    clock, server, session, transport = session_on_fake_clock(metrics)
+    opening = encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0)
+    data = encode_header(0, 0, 1, 4) + b"\x00BAD"  # native, but not the magic
+    session.dataReceived(opening)
+    clock.advance(0)
+    assert session.bytes_sent == len(transport.value()) > 0  # the ACK
+    session.dataReceived(data)
+    assert session.bytes_received == len(opening + data)
+    assert value(metrics, "grpcmux_server_handshakes_total", outcome="failed", reason="") == 1
+    clock.advance(10)
+    assert value(metrics, "grpcmux_server_handshakes_total", outcome="timed_out",
+                 reason="") == 0
+    assert value(metrics, "grpcmux_server_received_bytes_total") == len(opening + data)
+
+
+def test_call_observer_records_code_and_latency():
+    metrics = ServerMetrics()
+    metrics.call_started()("OK")
+    metrics.call_started()("NOT_FOUND")
+    assert value(metrics, "grpcmux_proxy_calls_total", code="OK") == 1
+    assert value(metrics, "grpcmux_proxy_calls_total", code="NOT_FOUND") == 1
+    assert value(metrics, "grpcmux_proxy_call_duration_seconds_count") == 2
+
+
+def test_registries_are_per_service_graph():
+    one, two = ServerMetrics(), ServerMetrics()
+    one.handshake("accepted")
+    assert value(one, "grpcmux_server_handshakes_total", outcome="accepted", reason="") == 1
+    assert value(two, "grpcmux_server_handshakes_total", outcome="accepted", reason="") == 0
+    ClientMetrics(), ClientMetrics()  # no clash in the global default registry either
+    Counter("grpcmux_client_reconnects", "not ours", registry=CollectorRegistry())
+
+
+def test_reject_reason_names_the_code():
+    assert reject_reason(2) == "already_exists"
+    assert reject_reason(1) == "bad_client_id"
+    assert reject_reason(999) == "999"
+
+
+# -- settings and the service graph ------------------------------------------------------
+
+
+def test_metrics_listener_is_off_by_default_and_checked():
+    assert ServerSettings().metrics_listener is None
+    assert ClientSettings().metrics_listener is None
+    assert ServerSettings(metrics_listener="127.0.0.1:9102").metrics_listener
+    assert ClientSettings(metrics_listener="tcp:9102").metrics_listener == "tcp:9102"
+    with pytest.raises(ConfigError, match="metrics_listener"):
+        ServerSettings(metrics_listener="no-port")
+
+
+def test_make_service_adds_the_metrics_endpoint_only_when_asked(reactor):
+    plain = server_module.make_service(ServerSettings(), reactor)
+    assert plain.metrics_service is None
+    with_metrics = server_module.make_service(
+        ServerSettings(metrics_listener="127.0.0.1:9102"), reactor)
+    http = with_metrics.getServiceNamed("metrics")
+    assert http.registry is with_metrics.multiplexer.metrics.registry
+
+    settings = ClientSettings(client_id="c", metrics_listener="tcp:9103")
+    client = client_module.make_service(settings, reactor)
+    assert client.getServiceNamed("metrics").registry is client.tunnel.metrics.registry
+    with pytest.raises(KeyError):
+        client_module.make_service(ClientSettings(client_id="c"), reactor).getServiceNamed(
+            "metrics")
