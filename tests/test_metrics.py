@@ -18,6 +18,8 @@ from grpcmux.registry import ClientRegistry
 from mux_stack import TIMEOUT
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
+# Twisted's own Agent response transport trips readBody's abortConnection check.
+pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarning")
 
 
 def route(client_id):
