@@ -23,8 +23,10 @@ Both read the registry only through its immutable snapshot.
 
 import asyncio
 import threading
+import time
 
 import grpc
+from grpc._cython import cygrpc
 from twisted.logger import Logger
 
 from grpcmux.registry import ClientInfo
@@ -34,6 +36,9 @@ _STRIPPED_KEYS = frozenset([CLIENT_ID_KEY, "user-agent"])
 # Codes a broken or closed channel produces on its own.
 _CHANNEL_CODES = frozenset([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
 _READY = grpc.ChannelConnectivity.READY
+# How long a channel must stay READY after a bare UNAVAILABLE/CANCELLED for the
+# status to count as the backend's own.
+_SETTLE_TIME = 0.25
 
 
 def message_size_options(max_message_size=None):
@@ -172,18 +177,22 @@ class _Proxy(grpc.GenericRpcHandler):
 
     # statuses
 
-    def _final_status(self, backend, code, details, headers, trailers, ready):
-        """The status to give the caller for the call's ``code`` and ``details``.
+    @staticmethod
+    def _state_decides(code, headers, trailers):
+        """Whether only the channel's state can tell where this status came from.
 
-        grpcio does not say where a status came from. A server's answer arrives on a
-        working connection and usually with metadata; a broken tunnel leaves the
-        channel not READY, and a channel we closed means the client left. Only those
-        failures become UNAVAILABLE naming the client; the rest passes unchanged.
+        grpcio does not say. A server's answer usually carries metadata, and it
+        leaves the connection working; a broken tunnel leaves the channel not READY.
         """
-        from_channel = backend.closed or (
-            code in _CHANNEL_CODES and not headers and not trailers and not ready()
-        )
-        if not from_channel:
+        return code in _CHANNEL_CODES and not headers and not trailers
+
+    def _final_status(self, backend, code, details, broken):
+        """The status to give the caller; ``broken``: it came from the channel.
+
+        Only failures of the channel (or of a client that left) become UNAVAILABLE
+        naming the client; the backend's own statuses pass unchanged.
+        """
+        if not broken:
             return code, details
         client_id = backend.info.client_id
         self._log.info("call to client {client_id} failed in transit: {code} {details}",
@@ -261,10 +270,12 @@ class AsyncProxy(_Proxy):
         except RoutingError as e:
             await context.abort(e.code, e.message)
         call = backend.channel.stream_stream(method)(
-            requests,
             timeout=context.time_remaining(),
             metadata=_forwarded_metadata(context.invocation_metadata()),
         )
+        # Our own pump, not grpc's request_iterator: grpc.aio turns a request written
+        # after the backend already answered into INTERNAL, hiding the real status.
+        pump = asyncio.ensure_future(_pump(requests, call))
         backend.calls.add(call)
         try:
             headers = await call.initial_metadata()
@@ -281,15 +292,16 @@ class AsyncProxy(_Proxy):
         finally:
             backend.calls.discard(call)
             call.cancel()  # a no-op once done; cancels when the caller went away
+            pump.cancel()
         code = await call.code()
         trailers = await call.trailing_metadata() or ()
         context.set_trailing_metadata(tuple(trailers))
         if code is grpc.StatusCode.OK:
             return
-        headers = await call.initial_metadata()
-        code, details = self._final_status(
-            backend, code, await call.details(), tuple(headers), tuple(trailers),
-            lambda: backend.channel.get_state() is _READY)
+        broken = backend.closed or (
+            self._state_decides(code, await call.initial_metadata(), trailers)
+            and not await _still_ready(backend.channel))
+        code, details = self._final_status(backend, code, await call.details(), broken)
         context.set_code(code)
         context.set_details(details)
 
@@ -370,17 +382,76 @@ class ThreadedProxy(_Proxy):
         context.set_trailing_metadata(trailers)
         if code is grpc.StatusCode.OK:
             return
-        code, details = self._final_status(
-            backend, code, call.details(), call.initial_metadata(), trailers,
-            lambda: _sync_channel_ready(backend.channel))
+        broken = backend.closed or (
+            self._state_decides(code, call.initial_metadata(), trailers)
+            and not _still_ready_sync(backend.channel))
+        code, details = self._final_status(backend, code, call.details(), broken)
         context.set_code(code)
         context.set_details(details)
+
+
+async def _pump(requests, call):
+    """Forward the caller's requests to the backend call, then half-close it."""
+    try:
+        async for request in requests:
+            if not await _send(call, request):
+                return
+        await call.done_writing()
+    except Exception:  # noqa: BLE001 - either side ended; the call's status says how
+        pass
+
+
+async def _send(call, request):
+    """``call.write(request)``; False once the call has ended.
+
+    grpc.aio's write() records a write that loses the race with the backend's final
+    status as INTERNAL, replacing the status the backend sent (an immediate
+    UNIMPLEMENTED, say). Where grpcio's internals allow, send without that.
+    """
+    cython_call = getattr(call, "_cython_call", None)
+    metadata_sent = getattr(call, "_metadata_sent", None)
+    if cython_call is None or metadata_sent is None:
+        await call.write(request)
+        return True
+    if call.done():
+        return False
+    await metadata_sent.wait()
+    try:
+        await cython_call.send_serialized_message(request)
+    except cygrpc.InternalError:
+        return False
+    return True
 
 
 def _caller_left(context):
     """Whether the running aio handler task is being cancelled (the caller left)."""
     cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
     return cancelling() > 0 if cancelling is not None else context.cancelled()
+
+
+async def _still_ready(channel):
+    """Whether an aio channel is READY and stays so for a moment.
+
+    A connection's loss may reach a call before the channel's state: wait a little
+    for the state to follow.
+    """
+    if channel.get_state() is not _READY:
+        return False
+    try:
+        await asyncio.wait_for(channel.wait_for_state_change(_READY), _SETTLE_TIME)
+    except asyncio.TimeoutError:
+        return True
+    return channel.get_state() is _READY
+
+
+def _still_ready_sync(channel):
+    """Like _still_ready for a threaded channel (on a grpc worker thread)."""
+    deadline = time.monotonic() + _SETTLE_TIME
+    while _sync_channel_ready(channel):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(_SETTLE_TIME / 20)
+    return False
 
 
 def _sync_channel_ready(channel):
