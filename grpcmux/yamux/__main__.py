@@ -46,7 +46,7 @@ from .errors import GoAwayReceived, ProtocolError, RemoteGoAwayError, YamuxConfi
 from .session import YamuxSession
 
 _CHUNK = 256 * 1024  # driver write size
-_TCP_BUFFER = 1024 * 1024
+_TCP_BUFFER = 256 * 1024
 USAGE_EXIT = 2
 
 
@@ -186,7 +186,10 @@ class TcpSession(YamuxSession):
     Nagle's algorithm behind a delayed ACK.  Twisted's TCP transport reads 64
     KiB per recv(), sends at most 128 KiB per send() and pauses its producer
     (this session) once 64 KiB wait to be sent; at hundreds of MB/s that is a
-    reactor turn per 64 KiB, so the CLI raises all three to _TCP_BUFFER.
+    reactor turn per 64 KiB, so the CLI raises all three to _TCP_BUFFER, one
+    default window.  Measured over loopback: 256 KiB moved one stream about
+    1.5x faster than 1 MiB (smaller reads keep echo and driver pipelined), 16
+    streams about as fast.
     """
 
     def connectionMade(self):
