@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 
 from grpcmux.testing import connected_sessions
 from grpcmux.yamux import YamuxConfig, YamuxSession
@@ -21,6 +23,9 @@ from grpcmux.yamux.__main__ import (
     DriveProtocol,
     EchoFactory,
     UsageError,
+    _pattern,
+    _PatternReader,
+    _start_offset,
     build_parser,
     main,
 )
@@ -87,6 +92,39 @@ def test_drive_detects_a_corrupted_echo():
     pair = connected_sessions(server_stream_factory=Factory.forProtocol(CorruptingEcho))
     message, = drive(pair, streams=1, size=1000)
     assert message.startswith("stream 1: echo differs within bytes 0..")
+
+
+@implementer(IHalfCloseableProtocol)
+class ReorderingEcho(Protocol):
+    """Echoes everything after the FIN, with two 1000-byte pieces swapped."""
+
+    def connectionMade(self):
+        self.received = b""
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def readConnectionLost(self):
+        data = self.received
+        self.transport.write(data[1000:2000] + data[:1000] + data[2000:])
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+def test_drive_detects_reordered_echo():
+    # The payload repeats a block, but no piece equals the one before it.
+    pair = connected_sessions(server_stream_factory=Factory.forProtocol(ReorderingEcho))
+    message, = drive(pair, streams=1, size=5000)
+    assert message.startswith("stream 1: echo differs within bytes 0..")
+
+
+def test_streams_send_different_bytes():
+    # Each stream starts at its own offset, so crossed streams would not match.
+    readers = [_PatternReader(seed) for seed in (1, 2)]
+    sample = _pattern()[_start_offset(1):_start_offset(1) + 4096]
+    assert readers[0].matches(sample) and not readers[1].matches(sample)
 
 
 class ShortEcho(Protocol):
