@@ -9,11 +9,12 @@ after a jittered exponential backoff.
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -184,6 +185,7 @@ class Tunnel(Factory):
         )
         self.retry_policy = retry_policy or _RetryPolicy()
         self.session = None
+        self._accepting = None  # the session the server opens data streams on
         self._draining = None
         self._waiters = []
         self._last_problem = None
@@ -213,10 +215,12 @@ class Tunnel(Factory):
                 clock=self._reactor,
             )
             inner.when_closed().addCallback(lambda _: session.close())
+            self._accepting = inner
             session.open_stream(LegacyClientHandshake(self.client_id, inner))
             self._admitted(session)
             return
         session.stream_factory = self.backend
+        self._accepting = session
         hello = ClientHello(
             client_id=self.client_id,
             wire_protocol=WIRE_NATIVE,
@@ -270,6 +274,22 @@ class Tunnel(Factory):
         )
         self._draining = session
         self._close_if_drained()
+
+    def drain(self, grace):
+        """Take no new streams; close the session once its streams are done.
+
+        For a graceful stop: fires once the session has closed, at the latest
+        after ``grace`` seconds, when whatever still runs is cut.
+        """
+        session = self.session
+        if session is None or session.closed:
+            return succeed(None)
+        self._accepting.go_away()
+        self._draining = session
+        closed = session.when_closed()
+        closed.addBoth(_cancelling(self._reactor.callLater(grace, session.close)))
+        self._close_if_drained()
+        return closed
 
     def _close_if_drained(self):
         if self._draining is not None and self.backend.active == 0:
@@ -326,11 +346,17 @@ class _ReportingEndpoint:
 
 
 class TunnelClientService(MultiService):
-    """The client for twistd: a ``ClientService`` keeping one tunnel up."""
+    """The client for twistd: a ``ClientService`` keeping one tunnel up.
 
-    def __init__(self, reactor, tunnel):
+    Stopping drains first: the server may open no new streams, and those in
+    flight get up to ``shutdown_grace`` seconds to finish.
+    """
+
+    def __init__(self, reactor, tunnel, shutdown_grace=10.0):
         super().__init__()
         self.tunnel = tunnel
+        self.shutdown_grace = shutdown_grace
+        self._reactor = reactor
         self.connector = ClientService(
             _ReportingEndpoint(client_endpoint(reactor, tunnel.multiplexer_address), tunnel),
             tunnel,
@@ -338,6 +364,13 @@ class TunnelClientService(MultiService):
             clock=reactor,
         )
         self.connector.setServiceParent(self)
+
+    def stopService(self):
+        drained = self.tunnel.drain(self.shutdown_grace)
+        # The session may end inside ClientService's own bookkeeping of that very
+        # disconnect; stopping it from there would re-enter its state machine.
+        drained.addCallback(lambda _: deferLater(self._reactor, 0, MultiService.stopService, self))
+        return drained
 
 
 def make_service(settings, reactor):
@@ -353,7 +386,7 @@ def make_service(settings, reactor):
         wire_protocol=settings.wire_protocol,
         labels=settings.labels,
     )
-    service = TunnelClientService(reactor, tunnel)
+    service = TunnelClientService(reactor, tunnel, shutdown_grace=settings.shutdown_grace)
     if settings.metrics_listener:
         metrics = MetricsService(reactor, settings.metrics_listener, tunnel.metrics.registry)
         metrics.setName("metrics")

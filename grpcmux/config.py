@@ -306,6 +306,8 @@ CLIENT_OPTIONS: Tuple[_Option, ...] = (
     _Option("wire-protocol", "str", _choice(WIRE_PROTOCOLS),
             '"native" (grpcmux handshake) or "legacy" (Go grpc-multiplexer '
             "v0.2.1 servers)."),
+    _Option("shutdown-grace", "float", _number(False),
+            "Seconds the streams in flight get to finish on shutdown."),
     _METRICS_OPTION,
 ) + _LOG_OPTIONS + (_CONFIG_OPTION,)
 
@@ -363,6 +365,7 @@ class ClientSettings:
     grpc_server_address: str = "localhost:7592"
     labels: Tuple[Tuple[str, str], ...] = ()
     wire_protocol: str = "native"
+    shutdown_grace: float = 10.0
     metrics_listener: Optional[str] = None  # None: no metrics endpoint
     log_level: str = "info"
     log_format: str = "pretty"

@@ -79,6 +79,7 @@ def test_client_defaults(dirs):
         "grpc_server_address": "localhost:7592",
         "labels": (),
         "wire_protocol": "native",
+        "shutdown_grace": 10.0,
         "metrics_listener": None,
         "log_level": "info",
         "log_format": "pretty",
@@ -459,7 +460,7 @@ def test_server_file_errors(dirs, tmp_path, text, expected):
         ("multiplexer-address: '[::1]'\n", "key 'multiplexer-address': expected HOST:PORT"),
         ("labels: {a: b}\n", "unknown key 'labels'; expected one of: client-id, "
          "grpc-server-address, label, log-format, log-level, metrics-listener, "
-         "multiplexer-address, wire-protocol"),
+         "multiplexer-address, shutdown-grace, wire-protocol"),
     ],
 )
 def test_client_file_errors(dirs, tmp_path, text, expected):

@@ -277,3 +277,34 @@ async def test_client_leaves_after_go_away_once_its_calls_are_done(stack):
     await stack.proxy.stopService().addTimeout(TIMEOUT, stack.reactor)
     await session.when_closed().addTimeout(TIMEOUT, stack.reactor)
     assert client.tunnel.session is None
+
+
+@pytest.mark.parametrize("wire_protocol", ["native", "legacy"])
+@pytest_twisted.ensureDeferred
+async def test_client_stop_drains_its_calls(stack, wire_protocol):
+    client = await stack.connected_client("lab", wire_protocol=wire_protocol)
+    session = client.tunnel.session
+    talk = await stack.in_thread(Conversation, stack.channel, route("lab"))
+    assert await stack.in_thread(talk.say, b"before") == b"before"
+    stopping = client.stopService()
+    assert not stopping.called and not session.closed
+    assert await stack.in_thread(talk.say, b"during") == b"during"
+    assert await stack.in_thread(talk.finish) == ([], OK)
+    stack.channel.close()  # the proxy's connection to the client is its last stream
+    await stack.proxy.stopService().addTimeout(TIMEOUT, stack.reactor)
+    await stopping.addTimeout(TIMEOUT, stack.reactor)
+    assert session.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_stop_cuts_calls_after_the_grace_period(stack):
+    from rpc_backend import start_call
+
+    client = await stack.connected_client("lab")
+    client.shutdown_grace = 0.2
+    pending = await stack.in_thread(start_call, stack.channel, "ServerStream", b"w",
+                                    route("lab") + (("x-wait", "1"),), TIMEOUT)
+    await stack.in_thread(stack.backend.next_call)
+    await client.stopService().addTimeout(TIMEOUT, stack.reactor)
+    result = await stack.in_thread(pending.finish)
+    assert result.code == grpc.StatusCode.UNAVAILABLE

@@ -71,6 +71,7 @@ CLIENT_HELP = {
     "--grpc-server-address=": "[default: localhost:7592]",
     "--label=": "(repeatable) [default: none]",
     "--wire-protocol=": "[default: native]",
+    "--shutdown-grace=": "[default: 10]",
     "--metrics-listener=": "[default: off]",
     "--log-level=": "[default: info]",
     "--log-format=": "[default: pretty]",
