@@ -484,6 +484,7 @@ def make_service(settings, reactor):
         default_client_id=settings.default_client_id,
         max_message_size=settings.max_message_size,
         shutdown_grace=settings.shutdown_grace,
+        call_observer=metrics.call_started,
     )
     metrics_service = None
     if settings.metrics_listener:

@@ -1,5 +1,6 @@
 """Prometheus metrics: scraped over HTTP from a whole stack on loopback, plus units."""
 
+import grpc
 import pytest
 import pytest_twisted
 from prometheus_client import CollectorRegistry, Counter
@@ -15,6 +16,7 @@ from grpcmux import server as server_module
 from grpcmux.config import ClientSettings, ConfigError, ServerSettings
 from grpcmux.metrics import ClientMetrics, MetricsService, ServerMetrics, reject_reason
 from grpcmux.registry import ClientRegistry
+from grpcmux.rpc.service import ProxyService
 from mux_stack import TIMEOUT
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -53,10 +55,19 @@ async def metered(reactor, tmp_path):
 
     metrics = ServerMetrics()
     stack = Stack(reactor, tmp_path, metrics=metrics)
+    # The stack's proxy again, now reporting its calls.
+    await stack.proxy.stopService().addTimeout(TIMEOUT, reactor)
+    stack.channel.close()
+    stack.proxy = ProxyService(reactor, stack.registry, "127.0.0.1:0", shutdown_grace=1.0,
+                               call_observer=metrics.call_started)
+    stack.proxy.startService()
+    stack.channel = grpc.insecure_channel(f"127.0.0.1:{stack.proxy.port}")
     stack.http = serve(reactor, metrics)
     stack.server_metrics = metrics
     stack.services = [stack.http]
     yield stack
+    for client in stack.clients:
+        client.shutdown_grace = 0.1  # the proxy's idle connections need no grace
     await stack.stop()
     for service in stack.services:
         await service.stopService()
@@ -74,6 +85,7 @@ SESSIONS = ("grpcmux_server_sessions",)
 STREAMS = ("grpcmux_server_streams",)
 BYTES_IN = ("grpcmux_server_received_bytes_total",)
 BYTES_OUT = ("grpcmux_server_sent_bytes_total",)
+CALLS_OK = ("grpcmux_proxy_calls_total", ("code", "OK"))
 
 
 def handshakes(role, outcome, reason=""):
@@ -98,14 +110,33 @@ async def test_server_metrics_follow_clients_and_their_traffic(metered):
     assert during[STREAMS] >= 2  # a control stream each, plus the proxy's connection
     assert during[handshakes("server", "accepted")] == 2
     assert during[BYTES_IN] > 100_000 and during[BYTES_OUT] > 100_000
+    assert during[CALLS_OK] == 1
 
-    await metered.clients[0].stopService()
-    await metered.clients[1].stopService()
+    for client in metered.clients:
+        client.shutdown_grace = 0.1
+        await client.stopService()
     after = await scrape(reactor, metered.http)
     assert after[CONNECTED_NATIVE] == after[CONNECTED_LEGACY] == 0
     assert after[SESSIONS] == after[STREAMS] == 0
     # Counters keep what closed sessions carried.
     assert after[BYTES_IN] >= during[BYTES_IN] and after[BYTES_OUT] >= during[BYTES_OUT]
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxied_calls_by_status_code_and_latency(metered):
+    await metered.connected_client("lab")
+    assert (await metered.invoke("Unary", b"a", route("lab"))).code == grpc.StatusCode.OK
+    failing = route("lab") + (("x-fail", "PERMISSION_DENIED not you"),)
+    denied = await metered.invoke("Bidi", [b"b"], failing)
+    assert denied.code == grpc.StatusCode.PERMISSION_DENIED
+    unrouted = await metered.invoke("Unary", b"c", route("nobody"))
+    assert unrouted.code == grpc.StatusCode.NOT_FOUND  # no such client
+    samples = await scrape(metered.reactor, metered.http)
+    assert samples[CALLS_OK] == 1
+    assert samples[("grpcmux_proxy_calls_total", ("code", "PERMISSION_DENIED"))] == 1
+    assert samples[("grpcmux_proxy_calls_total", ("code", "NOT_FOUND"))] == 1
+    assert samples[("grpcmux_proxy_call_duration_seconds_count",)] == 3
+    assert samples[("grpcmux_proxy_call_duration_seconds_sum",)] > 0
 
 
 @pytest_twisted.ensureDeferred

@@ -22,6 +22,7 @@ Both read the registry only through its immutable snapshot.
 """
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -78,8 +79,10 @@ class _Proxy(grpc.GenericRpcHandler):
     _log = Logger()
 
     def __init__(self, registry, authority_domain=None, default_client_id=None,
-                 max_message_size=None, local=None, local_unrouted=None):
+                 max_message_size=None, local=None, local_unrouted=None, call_observer=None):
         self._registry = registry
+        # call_observer() -> finished(code_name), for metrics; called on grpc's threads.
+        self._call_observer = call_observer
         self._authority_suffix = (
             "." + authority_domain.strip(".").lower() if authority_domain else None
         )
@@ -177,6 +180,28 @@ class _Proxy(grpc.GenericRpcHandler):
 
     # statuses
 
+    @contextlib.contextmanager
+    def _observed(self, context):
+        """Tell ``call_observer`` about a forwarded call and the status it ended with."""
+        if self._call_observer is None:
+            yield
+            return
+        finished = self._call_observer()
+        code = None
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            code = context.code() or code
+            if code is None and not getattr(context, "is_active", lambda: True)():
+                code = grpc.StatusCode.CANCELLED  # threaded engine: the caller left
+            finished((code or grpc.StatusCode.OK).name)
+
     @staticmethod
     def _state_decides(code, headers, trailers):
         """Whether only the channel's state can tell where this status came from.
@@ -233,7 +258,8 @@ class AsyncProxy(_Proxy):
             return handler
 
         async def forward(requests, context):  # grpc.aio wants a coroutine function
-            await self._forward(method, requests, context)
+            with self._observed(context):
+                await self._forward(method, requests, context)
 
         return grpc.stream_stream_rpc_method_handler(forward)
 
@@ -320,7 +346,7 @@ class ThreadedProxy(_Proxy):
             return grpc.stream_stream_rpc_method_handler(
                 lambda requests, context: self._local_or_forward(local, method, requests, context))
         return grpc.stream_stream_rpc_method_handler(
-            lambda requests, context: self._forward(method, requests, context))
+            lambda requests, context: self._observed_forward(method, requests, context))
 
     def client_gone(self, info: ClientInfo) -> None:
         """Close the channel to a client that left the registry (blocks briefly)."""
@@ -347,7 +373,11 @@ class ThreadedProxy(_Proxy):
             context.abort(e.code, e.message)
         if named is None:
             return _serve_locally(local, requests, context)
-        return self._forward(method, requests, context)
+        return self._observed_forward(method, requests, context)
+
+    def _observed_forward(self, method, requests, context):
+        with self._observed(context):
+            yield from self._forward(method, requests, context)
 
     def _forward(self, method, requests, context):
         try:

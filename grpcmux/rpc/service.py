@@ -41,7 +41,8 @@ class ProxyService(Service):
     ``max_concurrent_calls`` bounds the calls in progress; calls beyond it fail with
     RESOURCE_EXHAUSTED instead of queueing (threaded engine: also its thread count).
     ``shutdown_grace`` is how long stopService lets running calls finish before
-    cancelling them.
+    cancelling them.  ``call_observer``, if given, is called (on a grpc thread) as each
+    forwarded call starts and returns ``finished(code_name)`` for when it ends.
     """
 
     _log = Logger()
@@ -56,6 +57,7 @@ class ProxyService(Service):
         max_message_size=None,
         max_concurrent_calls=10000,
         shutdown_grace=10.0,
+        call_observer=None,
     ):
         self._reactor = reactor
         self._registry = registry
@@ -65,6 +67,7 @@ class ProxyService(Service):
         self.max_message_size = max_message_size
         self.max_concurrent_calls = max_concurrent_calls
         self.shutdown_grace = shutdown_grace
+        self.call_observer = call_observer
         self.port = None
         self._engine = None
         self._unsubscribe = None
@@ -135,6 +138,7 @@ class _AsyncEngine:
             self._loop,
             default_client_id=settings.default_client_id,
             max_message_size=settings.max_message_size,
+            call_observer=settings.call_observer,
             **_local_handlers(self._discovery, self._health,
                               reflection.aio.ReflectionServicer(_LOCAL_SERVICES)),
         )
@@ -209,6 +213,7 @@ class _ThreadedEngine:
             authority_domain=settings.authority_domain,
             default_client_id=settings.default_client_id,
             max_message_size=settings.max_message_size,
+            call_observer=settings.call_observer,
             **_local_handlers(self._discovery, self._health,
                               reflection.ReflectionServicer(_LOCAL_SERVICES)),
         )
