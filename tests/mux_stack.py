@@ -110,11 +110,12 @@ class Stack:
         return self.in_thread(invoke, self.channel, kind, request, metadata, timeout, **kwargs)
 
     async def stop(self):
+        """Stop everything; the proxy first, so the clients have nothing to drain."""
         self.channel.close()
-        stopping = [service.stopService() for service in self.clients]
-        await DeferredList(stopping).addTimeout(TIMEOUT, self.reactor)
         if self.proxy.running:
             await self.proxy.stopService().addTimeout(TIMEOUT, self.reactor)
+        stopping = [service.stopService() for service in self.clients if service.running]
+        await DeferredList(stopping).addTimeout(TIMEOUT, self.reactor)
         if self.server.running:
             await self.server.stopService().addTimeout(TIMEOUT, self.reactor)
         await self.in_thread(self.backend.stop)
