@@ -1,10 +1,10 @@
 """twisted/plugins/grpcmux_plugins.py: discovered, cheap to import, shipped."""
 
-import importlib.metadata
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -62,22 +62,20 @@ def _copy_source(destination):
     shutil.copytree(REPO, destination, ignore=ignore)
 
 
-def _installed_plugin_dirs():
-    """Site directories of an installed grpcmux that ships the plugin file."""
-    try:
-        files = importlib.metadata.files("grpcmux") or []
-    except importlib.metadata.PackageNotFoundError:
-        return []
-    return [str(f.locate().parents[2]) for f in files if f.as_posix() == PLUGIN]
+def _installed_copies():
+    """twisted/plugins/grpcmux_plugins.py files of a pip-installed grpcmux, if any.
+
+    Looked up in the interpreter's site directories, not with importlib.metadata,
+    which would find the ``grpcmux.egg-info`` that a build leaves in the work tree.
+    """
+    dirs = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+    return [Path(d) / PLUGIN for d in sorted(dirs) if (Path(d) / PLUGIN).exists()]
 
 
-def test_installed_distribution_ships_the_plugin():
-    """An installed grpcmux (``pip install .``) must carry twisted/plugins too."""
-    try:
-        files = importlib.metadata.files("grpcmux")
-    except importlib.metadata.PackageNotFoundError:
-        return  # nothing installed: the wheel test below covers packaging
-    assert PLUGIN in {f.as_posix() for f in files}
+def test_installed_copy_is_the_shipped_plugin():
+    """Where ``pip install .`` ran (as in CI), its plugin file is this one."""
+    for copy in _installed_copies():
+        assert copy.read_bytes() == (REPO / PLUGIN).read_bytes()
 
 
 def test_wheel_ships_the_plugin_and_twistd_finds_it(tmp_path):
@@ -115,7 +113,7 @@ def test_wheel_ships_the_plugin_and_twistd_finds_it(tmp_path):
     )
     # Where grpcmux is also pip-installed (as CI does), twisted/plugins in
     # site-packages holds that copy and may be scanned first: either will do.
-    found = [site / PLUGIN] + [Path(p) / PLUGIN for p in _installed_plugin_dirs()]
+    found = [site / PLUGIN, *_installed_copies()]
     assert any(f"plugin file: {path}" in result.stdout for path in found), (
         result.stdout + result.stderr
     )
