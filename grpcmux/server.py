@@ -41,39 +41,6 @@ from grpcmux.yamux.session import YamuxSession
 Reject = tunnel_pb2.Reject
 
 
-class _CountingTransport:
-    """A client connection's transport, counting the bytes the session writes to it."""
-
-    def __init__(self, transport, session):
-        self._transport = transport
-        self._session = session
-
-    def write(self, data):
-        self._session.bytes_sent += len(data)
-        self._transport.write(data)
-
-    def writeSequence(self, data):
-        self._session.bytes_sent += sum(map(len, data))
-        self._transport.writeSequence(data)
-
-    def __getattr__(self, name):
-        return getattr(self._transport, name)
-
-
-class _CountedSession(YamuxSession):
-    """A client's outer session; counts its bytes both ways for the metrics."""
-
-    bytes_received = 0
-    bytes_sent = 0
-
-    def makeConnection(self, transport):
-        super().makeConnection(_CountingTransport(transport, self))
-
-    def dataReceived(self, data):
-        self.bytes_received += len(data)
-        super().dataReceived(data)
-
-
 class _FirstStreamOnly(Factory):
     """Hands the client's first stream to the handshake; refuses any other early one."""
 
@@ -219,7 +186,7 @@ class _SessionFactory(Factory):
         self._server = server
 
     def buildProtocol(self, addr):
-        session = _CountedSession(
+        session = YamuxSession(
             is_client=False, config=self._server.yamux_config, clock=self._server.clock
         )
         self._server.connection_accepted(session, addr)

@@ -586,3 +586,15 @@ def test_conftest_fails_tests_on_logged_errors_and_leftover_calls(tmp_path):
     assert "unhandled errors were logged" in out and "nobody handles me" in out
     assert "test_leftover_delayed_call - Failed: test left delayed" in out
     assert "4 passed, 2 errors" in out
+
+
+def test_session_counts_every_byte_both_ways():
+    pair = connected_sessions()
+    stream = pair.client.open_stream(StreamRecorder())
+    stream.write(b"x" * 100_000)
+    stream.loseWriteConnection()
+    pair.flush()
+    pair.client.ping()
+    pair.flush()
+    assert pair.client.bytes_sent == pair.server.bytes_received > 100_000
+    assert pair.server.bytes_sent == pair.client.bytes_received > 0

@@ -99,6 +99,8 @@ class YamuxSession(Protocol):
         self._close_reason = None
         self._close_waiters = []
         self._go_away_waiters = []
+        self.bytes_received = 0  # every byte read from and written to the transport
+        self.bytes_sent = 0
 
     def __repr__(self):
         role = "client" if self.is_client else "server"
@@ -121,6 +123,7 @@ class YamuxSession(Protocol):
             self._schedule_keepalive()
 
     def dataReceived(self, data):
+        self.bytes_received += len(data)
         if self.closed:
             return
         self._in_receive = True
@@ -364,6 +367,7 @@ class YamuxSession(Protocol):
         self._control = []
         self._unacked_incoming = 0
         data = control[0] if len(control) == 1 else b"".join(control)
+        self.bytes_sent += len(data)
         self.transport.write(data)
         if self._writing_paused:
             # The peer is not reading; stop reading from it if it keeps

@@ -24,6 +24,7 @@ from .address import StreamAddress
 from .errors import StreamReset
 from .frame import (
     FLAG_FIN,
+    HEADER_SIZE,
     INITIAL_STREAM_WINDOW,
     TYPE_DATA,
     TYPE_WINDOW_UPDATE,
@@ -236,6 +237,8 @@ class YamuxStream:
             # report EOF with the last bytes unread.
             pieces.append(encode_header(TYPE_WINDOW_UPDATE, flags, self.stream_id, 0))
         if pieces:
+            headers = (size > 0) + bool(flags)
+            self.session.bytes_sent += size + HEADER_SIZE * headers
             transport.writeSequence(pieces)
         if flags:
             self._after_fin_sent()
