@@ -257,6 +257,10 @@ _METRICS_OPTION = _Option(
     "Serve Prometheus metrics over HTTP at /metrics on HOST:PORT or a Twisted "
     "endpoint (tcp:..., unix:...).", optional=True, shown_default="off",
 )
+_SHUTDOWN_OPTION = _Option(
+    "shutdown-grace", "float", _number(False),
+    "Seconds the calls in flight get to finish on shutdown.",
+)
 _CONFIG_OPTION = _Option(
     "config", "str", _check_path,
     "Config file (YAML). Default: search $HOME/.{stem}.yaml, $HOME/.{stem}, "
@@ -287,8 +291,7 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
     _Option("duplicate-ping-timeout", "float", _number(True),
             "Seconds to wait for the old session's ping answer when a client id "
             "connects twice."),
-    _Option("shutdown-grace", "float", _number(False),
-            "Seconds running calls get to finish on shutdown."),
+    _SHUTDOWN_OPTION,
     _METRICS_OPTION,
 ) + _LOG_OPTIONS + (_CONFIG_OPTION,)
 
@@ -306,8 +309,7 @@ CLIENT_OPTIONS: Tuple[_Option, ...] = (
     _Option("wire-protocol", "str", _choice(WIRE_PROTOCOLS),
             '"native" (grpcmux handshake) or "legacy" (Go grpc-multiplexer '
             "v0.2.1 servers)."),
-    _Option("shutdown-grace", "float", _number(False),
-            "Seconds the streams in flight get to finish on shutdown."),
+    _SHUTDOWN_OPTION,
     _METRICS_OPTION,
 ) + _LOG_OPTIONS + (_CONFIG_OPTION,)
 
