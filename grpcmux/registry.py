@@ -37,6 +37,9 @@ class RegistryEvent:
 
     kind: str  # CONNECTED or DISCONNECTED
     info: ClientInfo
+    # DISCONNECTED only: the client is leaving on its own (it sent GoAway), so calls
+    # in flight may finish; otherwise it is gone and they cannot.
+    graceful: bool = False
 
 
 class ClientRegistry:
@@ -56,11 +59,14 @@ class ClientRegistry:
         self._clients[info.client_id] = info
         self._publish(RegistryEvent(CONNECTED, info))
 
-    def remove(self, client_id: str) -> Optional[ClientInfo]:
-        """Unregister a client; returns its entry, or None if it was not there."""
+    def remove(self, client_id: str, graceful: bool = False) -> Optional[ClientInfo]:
+        """Unregister a client; returns its entry, or None if it was not there.
+
+        ``graceful``: the client is leaving but its calls in flight may finish.
+        """
         info = self._clients.pop(client_id, None)
         if info is not None:
-            self._publish(RegistryEvent(DISCONNECTED, info))
+            self._publish(RegistryEvent(DISCONNECTED, info, graceful))
         return info
 
     def get(self, client_id: str) -> Optional[ClientInfo]:

@@ -113,7 +113,21 @@ class _ClientConnection:
         self.bridge = self._server.bridge_for(self, stream_session)
         self.admitted = True
         self._server.register(self)
+        stream_session.when_go_away().addCallback(self._leaving)
         self._server.metrics.handshake(ACCEPTED)
+
+    def _leaving(self, _):
+        """The client sent GoAway (it is stopping): route nothing new to it.
+
+        Its calls in flight go on; the proxy closes its channel once they are done,
+        which lets the client finish draining and close the session.
+        """
+        self._log.info(
+            "client {client_id} is leaving; its calls in flight may finish",
+            client_id=self.client_id,
+            remote_address=self.remote_address,
+        )
+        self._server.retire(self)
 
     def _refused(self, failure):
         failure.trap(HandshakeRejected)
@@ -358,6 +372,12 @@ class MultiplexerServer(Service):
             remote_address=connection.remote_address,
             wire_protocol=hello.wire_protocol,
         )
+
+    def retire(self, connection):
+        """Unlist a leaving client (gracefully); a newcomer may take its id."""
+        if self._by_id.get(connection.client_id) is connection:
+            del self._by_id[connection.client_id]
+            self.registry.remove(connection.client_id, graceful=True)
 
     def forget(self, connection):
         self._connections.discard(connection)

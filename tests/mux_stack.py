@@ -84,6 +84,18 @@ class Stack:
         unsubscribe = self.registry.subscribe(observe)
         return result.addTimeout(TIMEOUT, self.reactor)
 
+    def registry_event(self, client_id):
+        """A Deferred firing with the next registry event about ``client_id``."""
+        result = Deferred()
+
+        def observe(event):
+            if event.info.client_id == client_id:
+                unsubscribe()
+                result.callback(event)
+
+        unsubscribe = self.registry.subscribe(observe)
+        return result.addTimeout(TIMEOUT, self.reactor)
+
     async def connected_client(self, client_id, **kwargs):
         """Start a client and wait until the server has registered it."""
         registered = self.registered(client_id)

@@ -25,6 +25,7 @@ import time
 from concurrent import futures
 
 import grpc
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
@@ -137,6 +138,17 @@ class Backend(grpc.GenericRpcHandler):
         return (r for r in requests)
 
 
+class _TrackedEnd(SpliceProtocol):
+    """The tunnel's side of one connection; tells the tunnel when it ends."""
+
+    def __init__(self, tunnel):
+        self._tunnel = tunnel
+
+    def connectionLost(self, reason=None):
+        super().connectionLost(reason)
+        self._tunnel._lost(self)
+
+
 class Tunnel:
     """Listen on ``socket_path`` and splice every connection to ``target_path``."""
 
@@ -145,17 +157,37 @@ class Tunnel:
         self._target = UNIXClientEndpoint(reactor, target_path)
         self.socket_path = socket_path
         self._ends = []
+        self._idle_waiters = []
         factory = Factory.forProtocol(SpliceProtocol)
         factory.buildProtocol = self._accepted
         self._port = reactor.listenUNIX(socket_path, factory)
 
     def _accepted(self, addr):
-        inbound = SpliceProtocol()
+        inbound = _TrackedEnd(self)
         self._ends.append(inbound)
         d = self._target.connect(Factory.forProtocol(SpliceProtocol))
         d.addCallbacks(lambda outbound: splice(inbound, outbound),
                        lambda _: inbound.abort())
         return inbound
+
+    def when_idle(self):
+        """A Deferred firing once no connection runs through the tunnel."""
+        if not self._ends:
+            return succeed(None)
+        waiter = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def _lost(self, end):
+        if end in self._ends:
+            self._ends.remove(end)
+        self._check_idle()
+
+    def _check_idle(self):
+        if not self._ends:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def abort(self):
         """Break every connection, as a dying tunnel would."""

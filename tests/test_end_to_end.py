@@ -286,12 +286,14 @@ async def test_client_stop_drains_its_calls(stack, wire_protocol):
     session = client.tunnel.session
     talk = await stack.in_thread(Conversation, stack.channel, route("lab"))
     assert await stack.in_thread(talk.say, b"before") == b"before"
+    left = stack.registry_event("lab")
     stopping = client.stopService()
     assert not stopping.called and not session.closed
+    event = await left
+    assert (event.kind, event.graceful) == ("disconnected", True)  # no new calls
     assert await stack.in_thread(talk.say, b"during") == b"during"
     assert await stack.in_thread(talk.finish) == ([], OK)
-    stack.channel.close()  # the proxy's connection to the client is its last stream
-    await stack.proxy.stopService().addTimeout(TIMEOUT, stack.reactor)
+    # The proxy then closes its idle connection to the client, the last stream.
     await stopping.addTimeout(TIMEOUT, stack.reactor)
     assert session.closed
 

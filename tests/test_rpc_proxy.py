@@ -198,6 +198,26 @@ async def test_client_leaving_mid_call_gives_unavailable_and_new_socket_is_used(
     assert (result.code, result.responses) == (OK, [b"back"])
 
 
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_gracefully_lets_its_calls_finish(reactor, tmp_path, mux):
+    tunnel = Tunnel(reactor, str(tmp_path / "leaving.sock"), mux.backend.socket_path)
+    try:
+        mux.connect("leaver", tunnel.socket_path)
+        route = (("client-id", "leaver"),)
+        pending = start_call(mux.channel, "ServerStream", b"r", route + (("x-wait", "1"),))
+        record = await mux.in_thread(mux.backend.next_call)
+        mux.registry.remove("leaver", graceful=True)
+        result = await mux.invoke("Unary", b"new", route)
+        assert result.code == grpc.StatusCode.NOT_FOUND  # nothing new is routed to it
+        assert not record.ended.is_set()  # the call in flight goes on
+        pending.cancel()
+        await mux.in_thread(record.settled.wait, 10)
+        # Its last call done, the proxy closes its connection through the tunnel.
+        await tunnel.when_idle().addTimeout(10, reactor)
+    finally:
+        await tunnel.close()
+
+
 # routing
 
 

@@ -233,10 +233,14 @@ class _Backend:
     def __init__(self, info: ClientInfo, channel):
         self.info = info
         self.channel = channel
-        self.calls = set()  # calls in flight (aio engine: it cancels them on close)
+        self.calls = set()  # calls in flight
         # Set when the proxy closed the channel because the client left: whatever
         # then fails on it failed because of the tunnel.
         self.closed = False
+        # Set when the client is leaving on its own: no new calls, and the channel
+        # closes once the calls in flight are done (which lets the client finish).
+        self.retiring = False
+        self.channel_closed = False
 
 
 class AsyncProxy(_Proxy):
@@ -266,6 +270,23 @@ class AsyncProxy(_Proxy):
     def client_gone(self, info: ClientInfo) -> None:
         """Close the channel to a client that left the registry (any thread)."""
         self._loop.call_soon_threadsafe(self._close_backend, info)
+
+    def client_leaving(self, info: ClientInfo) -> None:
+        """Retire the channel to a client that is leaving: its calls may finish."""
+        self._loop.call_soon_threadsafe(self._retire_backend, info)
+
+    def _retire_backend(self, info):
+        backend = self._pop_backend(info)
+        if backend is not None:
+            backend.retiring = True
+            self._close_if_idle(backend)
+
+    def _close_if_idle(self, backend):
+        if backend.retiring and not backend.calls and not backend.channel_closed:
+            backend.channel_closed = True
+            task = self._loop.create_task(backend.channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _close_backend(self, info):
         backend = self._pop_backend(info)
@@ -319,14 +340,16 @@ class AsyncProxy(_Proxy):
             backend.calls.discard(call)
             call.cancel()  # a no-op once done; cancels when the caller went away
             pump.cancel()
+            self._close_if_idle(backend)
         code = await call.code()
         trailers = await call.trailing_metadata() or ()
         context.set_trailing_metadata(tuple(trailers))
         if code is grpc.StatusCode.OK:
             return
+        # A retired channel may already be closed (this was its last call).
         broken = backend.closed or (
             self._state_decides(code, await call.initial_metadata(), trailers)
-            and not await _still_ready(backend.channel))
+            and (backend.channel_closed or not await _still_ready(backend.channel)))
         code, details = self._final_status(backend, code, await call.details(), broken)
         context.set_code(code)
         context.set_details(details)
@@ -354,6 +377,20 @@ class ThreadedProxy(_Proxy):
         if backend is not None:
             backend.closed = True
             backend.channel.close()
+
+    def client_leaving(self, info: ClientInfo) -> None:
+        """Retire the channel to a client that is leaving: its calls may finish."""
+        backend = self._pop_backend(info)
+        if backend is not None:
+            backend.retiring = True
+            self._close_if_idle(backend)
+
+    def _close_if_idle(self, backend):
+        with self._lock:
+            if not backend.retiring or backend.calls or backend.channel_closed:
+                return
+            backend.channel_closed = True
+        backend.channel.close()
 
     def close(self) -> None:
         """Close every channel (the server is stopping)."""
@@ -397,6 +434,16 @@ class ThreadedProxy(_Proxy):
         return self._relay(backend, call, context)
 
     def _relay(self, backend, call, context):
+        with self._lock:
+            backend.calls.add(call)
+        try:
+            yield from self._relay_messages(backend, call, context)
+        finally:
+            with self._lock:
+                backend.calls.discard(call)
+            self._close_if_idle(backend)
+
+    def _relay_messages(self, backend, call, context):
         try:
             headers = call.initial_metadata()
             if headers:

@@ -83,7 +83,10 @@ class ProxyService(Service):
 
     def _registry_changed(self, event):
         if event.kind == DISCONNECTED:
-            self._engine.client_gone(event.info)
+            if event.graceful:
+                self._engine.client_leaving(event.info)
+            else:
+                self._engine.client_gone(event.info)
 
     def when_client_ready(self, client_id, timeout=10.0):
         """A Deferred firing once the proxy's channel to ``client_id`` is connected.
@@ -173,6 +176,9 @@ class _AsyncEngine:
     def client_gone(self, info):
         self._proxy.client_gone(info)  # hands over to the loop; never blocks
 
+    def client_leaving(self, info):
+        self._proxy.client_leaving(info)  # likewise
+
     def when_client_ready(self, client_id, timeout):
         async def ready():
             channel = self._proxy.channel_for(client_id)
@@ -231,6 +237,9 @@ class _ThreadedEngine:
     def client_gone(self, info):
         # Closing a threaded channel takes grpc locks: not on the reactor thread.
         self._reactor.callInThread(self._proxy.client_gone, info)
+
+    def client_leaving(self, info):
+        self._reactor.callInThread(self._proxy.client_leaving, info)
 
     def when_client_ready(self, client_id, timeout):
         def ready():
