@@ -7,13 +7,12 @@ Every wait has a timeout, so a broken tunnel fails a test instead of hanging it.
 import grpc
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.threads import deferToThreadPool
 
 from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
 from grpcmux.registry import ClientRegistry
 from grpcmux.rpc.service import ProxyService
 from grpcmux.server import MultiplexerServer
-from rpc_backend import UNLIMITED, Backend, invoke
+from rpc_backend import UNLIMITED, Backend, in_thread, invoke
 
 TIMEOUT = 20.0
 
@@ -105,8 +104,7 @@ class Stack:
         return service
 
     def in_thread(self, fn, *args, **kwargs):
-        result = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args, **kwargs)
-        return result.addTimeout(TIMEOUT + 10, self.reactor)
+        return in_thread(self.reactor, fn, *args, wait=TIMEOUT + 10, **kwargs)
 
     def proxy_channel_ready(self, client_id):
         """Wait until the proxy's channel to ``client_id`` is connected again.

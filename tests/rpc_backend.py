@@ -261,6 +261,13 @@ def invoke(channel, kind, request, metadata=(), timeout=10.0, **kwargs) -> Resul
 ENGINES = {"aio": {}, "threaded": {"authority_domain": "mux.invalid"}}
 
 
+def in_thread(reactor, fn, *args, wait=30.0, **kwargs):
+    """``fn(*args, **kwargs)`` in the reactor's thread pool: blocking grpc client
+    code must not run on the reactor. A Deferred that fails after ``wait`` seconds."""
+    d = deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
+    return d.addTimeout(wait, reactor)
+
+
 class Mux:
     """A started ProxyService on 127.0.0.1:0 with a registry, a Backend, a channel."""
 
@@ -284,8 +291,7 @@ class Mux:
 
     def in_thread(self, fn, *args, timeout=20.0, **kwargs):
         """Run blocking grpc client code off the reactor; a Deferred with a timeout."""
-        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args, **kwargs)
-        return d.addTimeout(timeout, self.reactor)
+        return in_thread(self.reactor, fn, *args, wait=timeout, **kwargs)
 
     def invoke(self, kind, request, metadata=(), timeout=10.0, channel=None, **kwargs):
         """A Deferred firing with the Result of one call through the proxy."""

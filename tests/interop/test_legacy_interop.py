@@ -10,13 +10,12 @@ import pytest
 import pytest_twisted
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
 from mux_stack import TIMEOUT
 from peers import Peer
-from rpc_backend import Backend, invoke
+from rpc_backend import Backend, in_thread, invoke
 
 OK = grpc.StatusCode.OK
 CALLS = [
@@ -25,11 +24,6 @@ CALLS = [
     ("ClientStream", [b"a", b"b"], [b"a|b"]),
     ("Bidi", [b"x", b"y"], [b"x", b"y"]),
 ]
-
-
-def in_thread(reactor, fn, *args, **kwargs):
-    d = deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
-    return d.addTimeout(TIMEOUT + 10, reactor)
 
 
 @pytest.fixture
