@@ -229,20 +229,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
-def _proxy_address(value: str) -> str:
-    try:
-        parse_host_port(value)
-    except AddressError as error:
-        raise argparse.ArgumentTypeError(f"expected {error}, got {value!r}") from None
-    return value
+def _address_type(check):
+    """An argparse ``type`` from an ``addresses`` checker, with its one-line error."""
+
+    def checked(value: str) -> str:
+        try:
+            check(value)
+        except AddressError as error:
+            raise argparse.ArgumentTypeError(f"expected {error}, got {value!r}") from None
+        return value
+
+    return checked
 
 
-def _listen_address(value: str) -> str:
-    try:
-        check_listen_address(value)
-    except AddressError as error:
-        raise argparse.ArgumentTypeError(f"expected {error}, got {value!r}") from None
-    return value
+_proxy_address = _address_type(parse_host_port)
+_listen_address = _address_type(check_listen_address)
 
 
 def _seconds(value: str) -> float:

@@ -337,7 +337,18 @@ def _validate_fields(settings: Any, options: Sequence[_Option]) -> None:
 
 
 @dataclass(frozen=True)
-class ServerSettings:
+class _CommonSettings:
+    """The options both roles have (listed last in ``--help``)."""
+
+    shutdown_grace: float = 10.0
+    metrics_listener: Optional[str] = None  # None: no metrics endpoint
+    log_level: str = "info"
+    log_format: str = "pretty"
+    config: Optional[str] = None  # the config file the values were read from
+
+
+@dataclass(frozen=True)
+class ServerSettings(_CommonSettings):
     """Everything the multiplexer server needs; validated on construction."""
 
     multiplexer_listener: str = "localhost:7602"
@@ -348,18 +359,13 @@ class ServerSettings:
     runtime_dir: Optional[str] = None
     handshake_timeout: float = 10.0
     duplicate_ping_timeout: float = 2.0
-    shutdown_grace: float = 10.0
-    metrics_listener: Optional[str] = None  # None: no metrics endpoint
-    log_level: str = "info"
-    log_format: str = "pretty"
-    config: Optional[str] = None  # the config file the values were read from
 
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)
 
 
 @dataclass(frozen=True)
-class ClientSettings:
+class ClientSettings(_CommonSettings):
     """Everything the multiplexer client needs; validated on construction."""
 
     client_id: Optional[str] = None  # None: the client picks a random pet name
@@ -367,11 +373,6 @@ class ClientSettings:
     grpc_server_address: str = "localhost:7592"
     labels: Tuple[Tuple[str, str], ...] = ()
     wire_protocol: str = "native"
-    shutdown_grace: float = 10.0
-    metrics_listener: Optional[str] = None  # None: no metrics endpoint
-    log_level: str = "info"
-    log_format: str = "pretty"
-    config: Optional[str] = None  # the config file the values were read from
 
     def __post_init__(self) -> None:
         _validate_fields(self, CLIENT_OPTIONS)
