@@ -345,6 +345,3 @@ class LegacyClientHandshake(_Preamble):
     def connectionMade(self):
         self.transport.write(self._client_id.encode("utf-8") + b"\n")
         self.hand_over(self._inner_session)
-
-    def preamble_received(self, data):
-        """Unreachable: the preamble is written, never read."""
