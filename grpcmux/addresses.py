@@ -5,6 +5,7 @@ A listener may also be any Twisted server endpoint string (``tcp:``, ``unix:``,
 ``systemd:``...), and an address to dial may be ``unix:PATH``.
 """
 
+import functools
 import ipaddress
 import re
 
@@ -58,8 +59,12 @@ def parse_host_port(value, *, listener=False):
     return host, port
 
 
+@functools.lru_cache(maxsize=1)
 def endpoint_types():
-    """Server endpoint type names Twisted knows: built-ins and plugin prefixes."""
+    """Server endpoint type names Twisted knows: built-ins and plugin prefixes.
+
+    Scanning the plugins once is enough: every address check asks this.
+    """
     from twisted.internet.interfaces import IStreamServerEndpointStringParser
     from twisted.plugin import getPlugins
 
