@@ -1,0 +1,149 @@
+"""Token files: which shared secrets admit which client ids.
+
+Both files are YAML and hold only SHA-256 digests (64 hex digits) of tokens, so a
+leaked file leaks no credential:
+
+- client tokens (the multiplexer's ``--auth-tokens``) map a client id or a glob
+  pattern (``lab-*``) to one digest or a list of digests.  A multiplexer client is
+  admitted under an id when the digest of its token is listed under a pattern the id
+  matches.
+- proxy tokens (``--proxy-auth-tokens``) map a digest to one pattern or a list of
+  patterns: the client ids an end user bearing that token may call.
+
+Checks compare against every entry with :func:`hmac.compare_digest`, so their timing
+tells nothing about which entry matched or which ids exist.
+"""
+
+import hashlib
+import hmac
+import re
+from fnmatch import fnmatchcase
+
+#: The metadata key an end user's proxy token travels in; the proxy strips it.
+PROXY_TOKEN_METADATA_KEY = "grpcmux-token"
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+class TokenFileError(ValueError):
+    """A token file cannot be used; ``str(error)`` is one line naming file and entry."""
+
+
+def hash_token(token):
+    """The hex SHA-256 digest of ``token`` (text, UTF-8), as token files store it."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class ClientTokens:
+    """Which token digests admit which client ids, from an ``--auth-tokens`` file."""
+
+    def __init__(self, entries):
+        #: ``(pattern, (digest bytes, ...))`` in file order.
+        self._entries = tuple(entries)
+
+    @classmethod
+    def load(cls, path):
+        data = _load_mapping(path)
+        entries = []
+        for pattern, digests in data.items():
+            where = f"{path}: entry {pattern!r}"
+            entries.append((_pattern(pattern, where), _digests(digests, where)))
+        return cls(entries)
+
+    def admits(self, client_id, token):
+        """Whether ``token`` is valid for ``client_id``; an empty token never is."""
+        if not token:
+            return False
+        digest = hash_token(token).encode("ascii")
+        admitted = False
+        for pattern, digests in self._entries:
+            matches = fnmatchcase(client_id, pattern)
+            for known in digests:
+                admitted |= hmac.compare_digest(known, digest) and matches
+        return admitted
+
+    def __len__(self):
+        return len(self._entries)
+
+
+class ProxyTokens:
+    """Which client ids an end user may call, by token, from ``--proxy-auth-tokens``."""
+
+    def __init__(self, entries):
+        #: ``(digest bytes, (pattern, ...))`` in file order.
+        self._entries = tuple(entries)
+
+    @classmethod
+    def load(cls, path):
+        data = _load_mapping(path)
+        entries = []
+        for number, (digest, patterns) in enumerate(data.items(), 1):
+            where = f"{path}: entry {number}"  # a mistaken key may be a raw token
+            (known,) = _digests(digest, where)
+            if isinstance(patterns, str):
+                patterns = [patterns]
+            if not isinstance(patterns, list) or not patterns:
+                raise TokenFileError(
+                    f"{where}: expected a client id pattern or a list of them"
+                )
+            entries.append((known, tuple(_pattern(p, where) for p in patterns)))
+        return cls(entries)
+
+    def patterns_for(self, token):
+        """The id patterns ``token`` may reach, or ``None`` when it is not known."""
+        if not token:
+            return None
+        digest = hash_token(token).encode("ascii")
+        found = None
+        for known, patterns in self._entries:
+            if hmac.compare_digest(known, digest):
+                found = patterns
+        return found
+
+    @staticmethod
+    def allows(patterns, client_id):
+        """Whether ``client_id`` matches one of ``patterns``."""
+        return any(fnmatchcase(client_id, pattern) for pattern in patterns)
+
+    def __len__(self):
+        return len(self._entries)
+
+
+def _load_mapping(path):
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = yaml.safe_load(stream)
+    except OSError as error:
+        raise TokenFileError(f"{path}: cannot be read: {error.strerror or error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise TokenFileError(f"{path}: expected valid YAML: {problem}") from None
+    if not isinstance(data, dict) or not data:
+        raise TokenFileError(f"{path}: expected a non-empty mapping at the top level")
+    return data
+
+
+def _pattern(value, where):
+    if not isinstance(value, str) or not value or not value.isprintable() or " " in value:
+        raise TokenFileError(
+            f"{where}: expected a client id or glob pattern, got {value!r}"
+        )
+    return value
+
+
+def _digests(value, where):
+    values = value if isinstance(value, list) else [value]
+    digests = []
+    for item in values:
+        text = item.lower() if isinstance(item, str) else None
+        if text is None or not _DIGEST.fullmatch(text):
+            raise TokenFileError(
+                f"{where}: expected the SHA-256 hex digest of a token (64 hex digits, "
+                "e.g. from `printf %s TOKEN | sha256sum`), not a token or other value"
+            )
+        digests.append(text.encode("ascii"))
+    if not digests:
+        raise TokenFileError(f"{where}: expected at least one token digest")
+    return tuple(digests)
