@@ -285,3 +285,15 @@ async def test_calls_beyond_the_proxy_limit_are_refused(reactor, tmp_path, engin
         assert result.responses == [b"y"]
     finally:
         await mux.stop()
+
+
+def test_the_settings_reach_the_services(reactor):
+    from grpcmux.config import ServerSettings
+    from grpcmux.server import make_service
+
+    service = make_service(ServerSettings(
+        max_clients=7, max_streams_per_client=8, max_proxy_calls=9, max_calls_per_client=3),
+        reactor)
+    assert service.multiplexer.max_clients == 7
+    assert service.multiplexer.yamux_config.max_streams == 8
+    assert (service.proxy.max_concurrent_calls, service.proxy.max_calls_per_client) == (9, 3)
