@@ -214,6 +214,7 @@ class _ClientConnection:
                 remote_address=self.remote_address,
                 reason=reason or "closed",
             )
+        return self._socket_removed
 
 
 class _SessionFactory(Factory):
@@ -305,7 +306,12 @@ class MultiplexerServer(Service):
         path = self._runtime_dir_option
         if not path:
             return tempfile.mkdtemp(prefix="grpcmux-")  # 0700 whatever the umask
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            pass  # not a directory: refused below
+        except OSError as error:
+            raise OSError(f"cannot create runtime directory {path}: {error.strerror}") from None
         info = os.lstat(path)
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             raise OSError(
