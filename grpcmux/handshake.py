@@ -89,6 +89,7 @@ class MessageReader:
         while len(self._buffer) >= _LENGTH.size:
             (size,) = _LENGTH.unpack_from(self._buffer)
             if size > self._max_size:
+                self._buffer.clear()  # nothing past the cap is kept
                 raise HandshakeFailed(
                     f"a handshake message of {size} bytes exceeds the limit of "
                     f"{self._max_size}"
