@@ -247,7 +247,7 @@ async def test_a_window_overrun(scene):
 @pytest_twisted.ensureDeferred
 async def test_one_byte_at_a_time(reactor, tmp_path, warnings):
     # A short deadline instead of 10 s; the trickle comes faster than the deadline.
-    stack = Stack(reactor, tmp_path, handshake_timeout=1.0)
+    stack = Stack(reactor, tmp_path, handshake_timeout=2.0)
     scene = Scene(stack, warnings)
     try:
         await scene.start()
