@@ -268,6 +268,21 @@ _CONFIG_OPTION = _Option(
     optional=True,
 )
 
+_LIMIT_OPTIONS = (
+    _Option("max-clients", "int", _positive_int,
+            "Most multiplexer clients connected at once; more are refused "
+            "(RESOURCE_EXHAUSTED)."),
+    _Option("max-streams-per-client", "int", _positive_int,
+            "Most yamux streams open at once in one client's session; more are "
+            "reset or fail."),
+    _Option("max-proxy-calls", "int", _positive_int,
+            "Most calls in progress on the proxy endpoint; more fail with "
+            "RESOURCE_EXHAUSTED."),
+    _Option("max-calls-per-client", "int", _positive_int,
+            "Most proxied calls in progress to one client; more fail with "
+            "RESOURCE_EXHAUSTED."),
+)
+
 SERVER_OPTIONS: Tuple[_Option, ...] = (
     _Option("multiplexer-listener", "str", _check_multiplexer_listener,
             "Listener address used by multiplexer clients: HOST:PORT or a Twisted "
@@ -291,6 +306,7 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
     _Option("duplicate-ping-timeout", "float", _number(True),
             "Seconds to wait for the old session's ping answer when a client id "
             "connects twice."),
+    *_LIMIT_OPTIONS,
     _SHUTDOWN_OPTION,
     _METRICS_OPTION,
 ) + _LOG_OPTIONS + (_CONFIG_OPTION,)
@@ -359,6 +375,10 @@ class ServerSettings(_CommonSettings):
     runtime_dir: Optional[str] = None
     handshake_timeout: float = 10.0
     duplicate_ping_timeout: float = 2.0
+    max_clients: int = 10000
+    max_streams_per_client: int = 1000
+    max_proxy_calls: int = 10000
+    max_calls_per_client: int = 1000
 
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)

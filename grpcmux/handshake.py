@@ -89,6 +89,7 @@ class MessageReader:
         while len(self._buffer) >= _LENGTH.size:
             (size,) = _LENGTH.unpack_from(self._buffer)
             if size > self._max_size:
+                self._buffer.clear()  # nothing past the cap is kept
                 raise HandshakeFailed(
                     f"a handshake message of {size} bytes exceeds the limit of "
                     f"{self._max_size}"
@@ -153,6 +154,10 @@ class ServerHandshake(_Preamble):
     Calls ``on_hello(handshake, hello)`` once with the client's ``ClientHello`` (or
     ``on_failure(handshake, reason)`` for bytes that are neither handshake), after
     which the owner calls ``accept`` or ``reject``.
+
+    Nothing beyond the caps is kept: at most ``MAX_ID_LINE`` bytes of an id line,
+    the magic plus one message of at most ``MAX_MESSAGE_SIZE`` (refused on its
+    announced length), and ``MAX_MESSAGE_SIZE`` of a legacy client's early frames.
     """
 
     _log = Logger()
@@ -171,9 +176,13 @@ class ServerHandshake(_Preamble):
         if self._done:
             self._hold(data)
             return
-        self._buffer += data
+        if not data:
+            return
+        if self.wire_protocol is None:
+            self.wire_protocol = WIRE_NATIVE if data[0] == 0 else WIRE_LEGACY
+        parse = self._parse_id_line if self.wire_protocol == WIRE_LEGACY else self._parse_hello
         try:
-            hello = self._parse()
+            hello = parse(data)
         except HandshakeFailed as failure:
             self._fail(str(failure))
             return
@@ -181,37 +190,33 @@ class ServerHandshake(_Preamble):
             self._done = True
             self._on_hello(self, hello)
 
-    def _parse(self):
-        if self.wire_protocol is None:
-            self.wire_protocol = WIRE_NATIVE if self._buffer[0] == 0 else WIRE_LEGACY
-        if self.wire_protocol == WIRE_LEGACY:
-            return self._parse_id_line()
-        return self._parse_hello()
-
-    def _parse_id_line(self):
-        end = self._buffer.find(b"\n")
+    def _parse_id_line(self, data):
+        room = MAX_ID_LINE - len(self._buffer)
+        end = data.find(b"\n", 0, room)
         if end < 0:
-            if len(self._buffer) >= MAX_ID_LINE:
+            if len(data) >= room:
                 raise HandshakeFailed(
                     f"legacy id line longer than {MAX_ID_LINE} bytes without a newline"
                 )
+            self._buffer += data
             return None
-        raw = bytes(self._buffer[:end])
-        del self._buffer[: end + 1]
+        raw = bytes(self._buffer) + data[:end]
+        self._buffer = bytearray()
         try:
             client_id = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise HandshakeFailed("legacy id line is not valid UTF-8") from None
+        self._hold(data[end + 1:])  # the client's nested session may have started
         return ClientHello(client_id=client_id, wire_protocol=WIRE_LEGACY)
 
-    def _parse_hello(self):
-        prefix = bytes(self._buffer[: len(MAGIC)])
-        if not MAGIC.startswith(prefix):
-            raise HandshakeFailed("control stream does not start with the grpcmux magic")
-        if len(self._buffer) < len(MAGIC):
-            return None
-        messages = self._reader.feed(bytes(self._buffer[len(MAGIC):]))
-        del self._buffer[len(MAGIC):]
+    def _parse_hello(self, data):
+        missing = len(MAGIC) - len(self._buffer)
+        if missing > 0:
+            self._buffer += data[:missing]
+            data = data[missing:]
+            if not MAGIC.startswith(bytes(self._buffer)):
+                raise HandshakeFailed("control stream does not start with the grpcmux magic")
+        messages = self._reader.feed(data) if data else []
         if not messages:
             return None
         message = tunnel_pb2.Hello()
@@ -229,7 +234,7 @@ class ServerHandshake(_Preamble):
 
     def _hold(self, data):
         """Keep what a legacy client's nested session sends while we decide on it."""
-        if self.wire_protocol != WIRE_LEGACY or self.inner is not None:
+        if self.wire_protocol != WIRE_LEGACY or self.inner is not None or not data:
             return
         if len(self._buffer) + len(data) > MAX_MESSAGE_SIZE:
             self._fail("the client sent too much before it was admitted")

@@ -8,7 +8,9 @@ is forgotten, socket and entry included, the moment its session ends.
 """
 
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 
@@ -35,15 +37,23 @@ from grpcmux.metrics import (
 )
 from grpcmux.registry import ClientInfo, ClientRegistry
 from grpcmux.yamux.config import YamuxConfig
-from grpcmux.yamux.frame import GO_AWAY_NORMAL
+from grpcmux.yamux.frame import GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR
 from grpcmux.yamux.session import YamuxSession
 
 Reject = tunnel_pb2.Reject
+# The bridge sockets this server names in its runtime directory.
+_SOCKET_NAME = re.compile(r"[0-9]+\.sock")
 
 
 class _FirstStreamOnly(Factory):
-    """Hands the client's first stream to the handshake; refuses any other early one."""
+    """Hands the client's first stream to the handshake.
 
+    A client opens exactly one stream (the control stream, or the legacy id line's);
+    another one breaks the protocol: the session is closed with GoAway(protocol
+    error), so a flood of SYNs costs one stream, not thousands.
+    """
+
+    _log = Logger()
     noisy = False
 
     def __init__(self, connection):
@@ -52,6 +62,14 @@ class _FirstStreamOnly(Factory):
 
     def buildProtocol(self, addr):
         if self._used:
+            connection = self._connection
+            self._log.warn(
+                "client {client_id!r} from {remote_address} opened a second stream; "
+                "closing its session",
+                client_id=connection.client_id,
+                remote_address=connection.remote_address,
+            )
+            connection.session.close(GO_AWAY_PROTOCOL_ERROR)
             return None
         self._used = True
         return self._connection.handshake
@@ -71,6 +89,7 @@ class _ClientConnection:
         self.inner_session = None
         self.admitted = False
         self._departed = False
+        self._socket_removed = None
         self.handshake = ServerHandshake(
             self._hello_received, self._handshake_failed, self._make_inner_session
         )
@@ -176,14 +195,18 @@ class _ClientConnection:
         self.depart(reason)
 
     def depart(self, reason=None):
-        """Remove this client from the registry and its socket from disk, once."""
+        """Remove this client from the registry and its socket from disk, once.
+
+        Returns a Deferred firing once the socket file is gone.
+        """
         if self._departed:
-            return
+            return self._socket_removed
         self._departed = True
+        self._socket_removed = succeed(None)
         self._server.forget(self)
         self._server.metrics.session_closed(self.session)
         if self.bridge is not None:
-            self.bridge.stop()
+            self._socket_removed = self.bridge.stop()
         if self.admitted:
             self._log.info(
                 "client {client_id} disconnected ({reason})",
@@ -191,6 +214,7 @@ class _ClientConnection:
                 remote_address=self.remote_address,
                 reason=reason or "closed",
             )
+        return self._socket_removed
 
 
 class _SessionFactory(Factory):
@@ -222,6 +246,7 @@ class MultiplexerServer(Service):
         duplicate_ping_timeout=2.0,
         yamux_config=None,
         metrics=None,
+        max_clients=10000,
     ):
         self.reactor = reactor
         self.clock = reactor
@@ -232,6 +257,7 @@ class MultiplexerServer(Service):
         self.handshake_timeout = handshake_timeout
         self.duplicate_ping_timeout = duplicate_ping_timeout
         self.yamux_config = yamux_config or YamuxConfig()
+        self.max_clients = max_clients
         self.port = None
         self._connections = set()
         self._by_id = {}
@@ -270,17 +296,34 @@ class MultiplexerServer(Service):
         for connection in list(self._connections):
             connection.session.close(GO_AWAY_NORMAL)
             stopping.append(connection.session.when_closed())
-            connection.depart("server stopping")
+            stopping.append(connection.depart("server stopping"))
         done = DeferredList(stopping)
         done.addCallback(lambda _: self._remove_runtime_dir())
         return done
 
     def _make_runtime_dir(self):
-        if self._runtime_dir_option:
-            os.makedirs(self._runtime_dir_option, mode=0o700, exist_ok=True)
-            os.chmod(self._runtime_dir_option, 0o700)
-            return self._runtime_dir_option
-        return tempfile.mkdtemp(prefix="grpcmux-")
+        """The bridge sockets' directory: ours, 0700, without a crashed run's sockets."""
+        path = self._runtime_dir_option
+        if not path:
+            return tempfile.mkdtemp(prefix="grpcmux-")  # 0700 whatever the umask
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            pass  # not a directory: refused below
+        except OSError as error:
+            raise OSError(f"cannot create runtime directory {path}: {error.strerror}") from None
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise OSError(
+                f"runtime directory {path} must be a directory (not a link) owned by "
+                f"the user running grpcmux (uid {os.getuid()})"
+            )
+        os.chmod(path, 0o700)
+        for name in os.listdir(path):
+            socket_path = os.path.join(path, name)
+            if _SOCKET_NAME.fullmatch(name) and stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+                os.unlink(socket_path)
+        return path
 
     def _remove_runtime_dir(self):
         if self.runtime_dir and not self._runtime_dir_option:
@@ -304,8 +347,14 @@ class MultiplexerServer(Service):
             return fail(HandshakeRejected(Reject.CODE_BAD_CLIENT_ID, problem))
         if client_id in self._claims:
             return fail(self._already_connected(client_id))
-        self._claims[client_id] = connection
         existing = self._by_id.get(client_id)
+        if existing is None and len(self._by_id) + len(self._claims) >= self.max_clients:
+            return fail(HandshakeRejected(
+                Reject.CODE_RESOURCE_EXHAUSTED,
+                f"the server has its maximum of {self.max_clients} clients connected; "
+                "try again later or another server",
+            ))
+        self._claims[client_id] = connection
         if existing is None:
             return succeed(None)
         return self._challenge(existing, connection)
@@ -462,6 +511,8 @@ def make_service(settings, reactor):
         handshake_timeout=settings.handshake_timeout,
         duplicate_ping_timeout=settings.duplicate_ping_timeout,
         metrics=metrics,
+        max_clients=settings.max_clients,
+        yamux_config=YamuxConfig(max_streams=settings.max_streams_per_client),
     )
     proxy = ProxyService(
         reactor,
@@ -472,6 +523,8 @@ def make_service(settings, reactor):
         max_message_size=settings.max_message_size,
         shutdown_grace=settings.shutdown_grace,
         call_observer=metrics.call_started,
+        max_concurrent_calls=settings.max_proxy_calls,
+        max_calls_per_client=settings.max_calls_per_client,
     )
     metrics_service = None
     if settings.metrics_listener:

@@ -63,6 +63,10 @@ def test_server_defaults(dirs):
         "runtime_dir": None,
         "handshake_timeout": 10.0,
         "duplicate_ping_timeout": 2.0,
+        "max_clients": 10000,
+        "max_streams_per_client": 1000,
+        "max_proxy_calls": 10000,
+        "max_calls_per_client": 1000,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
         "log_level": "info",
@@ -426,8 +430,9 @@ def write(tmp_path, text):
         ("proxy_listener: x:1\n",
          "unknown key 'proxy_listener'; expected one of: authority-domain, "
          "default-client-id, duplicate-ping-timeout, handshake-timeout, log-format, "
-         "log-level, max-message-size, metrics-listener, multiplexer-listener, "
-         "proxy-listener, runtime-dir, shutdown-grace"),
+         "log-level, max-calls-per-client, max-clients, max-message-size, "
+         "max-proxy-calls, max-streams-per-client, metrics-listener, "
+         "multiplexer-listener, proxy-listener, runtime-dir, shutdown-grace"),
         ("config: other.yaml\n", "unknown key 'config'"),
         ("- a\n- b\n",
          "expected a mapping of option names to values at the top level, got a list"),
@@ -553,3 +558,35 @@ def test_client_id_rule(text):
         assert not ok
     else:
         assert ok
+
+
+# -- limits ------------------------------------------------------------------------------
+
+LIMITS = ("max_clients", "max_streams_per_client", "max_proxy_calls", "max_calls_per_client")
+
+
+@pytest.mark.parametrize("attr", LIMITS)
+def test_limits_from_flag_env_and_file(dirs, tmp_path, attr):
+    flag = attr.replace("_", "-")
+    path = tmp_path / "s.yaml"
+    path.write_text(f"{flag}: 3\n")
+    assert getattr(server(dirs, {"config": str(path)}), attr) == 3
+    environ = {f"GRPCMUX_{attr.upper()}": "4"}
+    assert getattr(server(dirs, {"config": str(path)}, environ), attr) == 4
+    assert getattr(server(dirs, {"config": str(path), attr: "5"}, environ), attr) == 5
+
+
+@pytest.mark.parametrize("attr", LIMITS)
+def test_bad_limits_are_one_line_errors(dirs, tmp_path, attr):
+    flag = attr.replace("_", "-")
+    assert error_of(server, dirs, {attr: "0"}) == (
+        f"--{flag}: expected a positive whole number, got '0'")
+    assert error_of(server, dirs, environ={f"GRPCMUX_{attr.upper()}": "many"}) == (
+        f"environment variable GRPCMUX_{attr.upper()}: expected a positive whole number, "
+        "got 'many'")
+    path = tmp_path / "s.yaml"
+    path.write_text(f"{flag}: 1.5\n")
+    assert error_of(server, dirs, {"config": str(path)}).endswith(
+        f"key '{flag}': expected a positive whole number, got a number 1.5")
+    assert error_of(ServerSettings, **{attr: -1}) == (
+        f"ServerSettings.{attr}: expected a positive whole number, got -1")

@@ -10,6 +10,7 @@ from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.handshake import (
     MAGIC,
     MAX_ID_LINE,
+    MAX_MESSAGE_SIZE,
     WIRE_LEGACY,
     WIRE_NATIVE,
     ClientHello,
@@ -160,7 +161,50 @@ def test_legacy_id_line_of_a_mebibyte_fails_without_buffering_it():
     for _ in range(256):
         server.feed(chunk, one_byte_at_a_time=False)
     assert len(server.failures) == 1
-    assert len(server.handshake._buffer) <= MAX_ID_LINE + len(chunk)
+    assert len(server.handshake._buffer) < MAX_ID_LINE
+
+
+def buffered(handshake):
+    """Bytes the handshake keeps between reads."""
+    return len(handshake._buffer or b"") + len(handshake._reader._buffer)
+
+
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b"y" * (1 << 20), "without a newline"),  # a 1 MiB id line in one read
+        (MAGIC + b"\xff\xff\xff\xff" + b"z" * (1 << 20), "4294967295 bytes exceeds"),
+    ],
+    ids=["legacy-line", "hello-length"],
+)
+def test_oversized_preambles_fail_at_once_keeping_nothing_past_the_cap(data, why):
+    server = ServerSide()
+    server.feed(data, one_byte_at_a_time=False)
+    assert len(server.failures) == 1 and why in server.failures[0]
+    assert buffered(server.handshake) <= len(MAGIC)
+
+
+def test_a_hello_is_refused_on_its_announced_length_before_its_body():
+    server = ServerSide()
+    server.feed(MAGIC + encode_message(tunnel_pb2.Hello(client_id="x" * MAX_MESSAGE_SIZE))[:4])
+    assert "exceeds the limit of 65536" in server.failures[0]
+
+
+def test_a_legacy_client_may_not_send_more_than_a_message_before_it_is_admitted():
+    server = ServerSide()
+    server.feed(b"early\n" + b"\x00" * MAX_MESSAGE_SIZE, one_byte_at_a_time=False)
+    assert server.hellos and not server.failures
+    server.feed(b"\x00", one_byte_at_a_time=False)
+    assert server.failures == ["the client sent too much before it was admitted"]
+    assert buffered(server.handshake) <= MAX_MESSAGE_SIZE
+
+
+def test_bytes_after_a_native_hello_are_not_kept():
+    server = ServerSide()
+    server.feed(hello_bytes(client_id="x") + b"\x00" * 4096, one_byte_at_a_time=False)
+    server.feed(b"\x01" * 4096, one_byte_at_a_time=False)
+    assert server.hellos and not server.failures
+    assert buffered(server.handshake) <= len(MAGIC) + 4096
 
 
 def test_first_stream_closed_before_hello():

@@ -8,7 +8,8 @@ created on first use and closed when the client leaves the registry.
 Routing, first match wins: the ``client-id`` metadata (exactly one value; stripped
 before forwarding), else an ``:authority`` of ``<id>.<authority_domain>[:port]``, else
 ``default_client_id``. Discovery is always answered here; health and reflection are
-answered here when the call names no client (metadata or authority).
+answered here when the call names no client (metadata or authority). A client with
+``max_calls_per_client`` calls in flight gets no more: RESOURCE_EXHAUSTED.
 
 Two engines share that logic:
 
@@ -79,8 +80,10 @@ class _Proxy(grpc.GenericRpcHandler):
     _log = Logger()
 
     def __init__(self, registry, authority_domain=None, default_client_id=None,
-                 max_message_size=None, local=None, local_unrouted=None, call_observer=None):
+                 max_message_size=None, local=None, local_unrouted=None, call_observer=None,
+                 max_calls_per_client=None):
         self._registry = registry
+        self._max_calls_per_client = max_calls_per_client  # None: unbounded
         # call_observer() -> finished(code_name), for metrics; called on grpc's threads.
         self._call_observer = call_observer
         self._authority_suffix = (
@@ -169,6 +172,22 @@ class _Proxy(grpc.GenericRpcHandler):
             self.client_gone(info)
         raise RoutingError(grpc.StatusCode.NOT_FOUND, f"client '{client_id}' is not connected")
 
+    def _take_call_slot(self, backend):
+        """Count one more call in flight to the backend's client; RoutingError past the limit."""
+        limit = self._max_calls_per_client
+        with self._lock:
+            if limit is not None and backend.active >= limit:
+                raise RoutingError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"client '{backend.info.client_id}' already has {limit} calls in "
+                    "progress, the most allowed; retry later",
+                )
+            backend.active += 1
+
+    def _free_call_slot(self, backend):
+        with self._lock:
+            backend.active -= 1
+
     def _pop_backend(self, info):
         with self._lock:
             return self._backends.pop((info.client_id, info.socket_path), None)
@@ -234,6 +253,7 @@ class _Backend:
         self.info = info
         self.channel = channel
         self.calls = set()  # calls in flight
+        self.active = 0  # calls counted against the per-client limit
         # Set when the proxy closed the channel because the client left: whatever
         # then fails on it failed because of the tunnel.
         self.closed = False
@@ -314,6 +334,7 @@ class AsyncProxy(_Proxy):
     async def _forward(self, method, requests, context):
         try:
             backend = self._backend(self.route(context.invocation_metadata()))
+            self._take_call_slot(backend)
         except RoutingError as e:
             await context.abort(e.code, e.message)
         call = backend.channel.stream_stream(method)(
@@ -338,6 +359,7 @@ class AsyncProxy(_Proxy):
             # client_gone() cancelled the call: answer for the departed client.
         finally:
             backend.calls.discard(call)
+            self._free_call_slot(backend)
             call.cancel()  # a no-op once done; cancels when the caller went away
             pump.cancel()
             self._close_if_idle(backend)
@@ -420,6 +442,7 @@ class ThreadedProxy(_Proxy):
         try:
             client_id = self.route(context.invocation_metadata(), _authority(context))
             backend = self._backend(client_id)
+            self._take_call_slot(backend)
         except RoutingError as e:
             context.abort(e.code, e.message)
         remaining = context.time_remaining()
@@ -441,6 +464,7 @@ class ThreadedProxy(_Proxy):
         finally:
             with self._lock:
                 backend.calls.discard(call)
+            self._free_call_slot(backend)
             self._close_if_idle(backend)
 
     def _relay_messages(self, backend, call, context):

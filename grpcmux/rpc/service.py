@@ -40,6 +40,8 @@ class ProxyService(Service):
 
     ``max_concurrent_calls`` bounds the calls in progress; calls beyond it fail with
     RESOURCE_EXHAUSTED instead of queueing (threaded engine: also its thread count).
+    ``max_calls_per_client`` bounds the forwarded calls in progress to one client
+    (None: no bound); beyond it likewise RESOURCE_EXHAUSTED.
     ``shutdown_grace`` is how long stopService lets running calls finish before
     cancelling them.  ``call_observer``, if given, is called (on a grpc thread) as each
     forwarded call starts and returns ``finished(code_name)`` for when it ends.
@@ -56,6 +58,7 @@ class ProxyService(Service):
         default_client_id=None,
         max_message_size=None,
         max_concurrent_calls=10000,
+        max_calls_per_client=1000,
         shutdown_grace=10.0,
         call_observer=None,
     ):
@@ -66,6 +69,7 @@ class ProxyService(Service):
         self.default_client_id = default_client_id
         self.max_message_size = max_message_size
         self.max_concurrent_calls = max_concurrent_calls
+        self.max_calls_per_client = max_calls_per_client
         self.shutdown_grace = shutdown_grace
         self.call_observer = call_observer
         self.port = None
@@ -142,6 +146,7 @@ class _AsyncEngine:
             default_client_id=settings.default_client_id,
             max_message_size=settings.max_message_size,
             call_observer=settings.call_observer,
+            max_calls_per_client=settings.max_calls_per_client,
             **_local_handlers(self._discovery, self._health,
                               reflection.aio.ReflectionServicer(_LOCAL_SERVICES)),
         )
@@ -220,6 +225,7 @@ class _ThreadedEngine:
             default_client_id=settings.default_client_id,
             max_message_size=settings.max_message_size,
             call_observer=settings.call_observer,
+            max_calls_per_client=settings.max_calls_per_client,
             **_local_handlers(self._discovery, self._health,
                               reflection.ReflectionServicer(_LOCAL_SERVICES)),
         )

@@ -25,6 +25,9 @@ class YamuxConfig:
     max_control_buffer: bytes of control frames queued while the connection's
         write side is paused; beyond it the session stops reading until the
         queue drains (a peer that floods pings but never reads cannot grow it).
+    max_streams: streams open at once, both directions together (grpcmux's own
+        bound; hashicorp has none): a SYN beyond it is reset, and ``open_stream``
+        raises StreamLimitReached.
     """
 
     accept_backlog: int = 256
@@ -37,6 +40,7 @@ class YamuxConfig:
     max_stream_send_buffer: int = INITIAL_STREAM_WINDOW
     max_frame_size: int = 32 * 1024
     max_control_buffer: int = 64 * 1024
+    max_streams: int = 1000
 
     def __post_init__(self):
         def positive(name):
@@ -48,7 +52,7 @@ class YamuxConfig:
                      "stream_open_timeout", "stream_close_timeout"):
             positive(name)
         for name in ("accept_backlog", "max_stream_send_buffer", "max_frame_size",
-                     "max_control_buffer", "max_stream_window_size"):
+                     "max_control_buffer", "max_stream_window_size", "max_streams"):
             positive(name)
             if not isinstance(getattr(self, name), int):
                 raise YamuxConfigError(f"{name} must be an integer")

@@ -45,3 +45,7 @@ class YamuxConfigError(YamuxError, ValueError):
 
 class GoAwaySent(YamuxError):
     """This side sent a GoAway: it opens no new streams either."""
+
+
+class StreamLimitReached(YamuxError):
+    """The session already has ``max_streams`` streams open: no new one now."""

@@ -25,6 +25,7 @@ from .errors import (
     RemoteGoAwayError,
     SessionClosed,
     StreamIdsExhausted,
+    StreamLimitReached,
     StreamOpenTimeout,
 )
 from .frame import (
@@ -58,7 +59,8 @@ class YamuxSession(Protocol):
     gets a StreamAddress, the ACK is queued before the protocol is connected, and
     a factory that builds nothing (or no factory) means RST.  The accept backlog
     counts peer-opened streams whose ACK has not been written to the transport
-    yet (SYNs arriving in one read); a SYN beyond it is reset.
+    yet (SYNs arriving in one read); a SYN beyond it is reset, and so is a SYN
+    that would take the open streams past ``config.max_streams``.
 
     Control frames raised by API calls (SYN, PING, GO_AWAY, RST) are written at
     once; those raised while receiving are written together at the end of
@@ -93,6 +95,7 @@ class YamuxSession(Protocol):
         self._flushing = False
         self._flush_call = None
         self._unacked_incoming = 0
+        self._stream_limit_logged = False
         self._pings = {}
         self._ping_id = 0
         self._keepalive_call = None
@@ -313,6 +316,14 @@ class YamuxSession(Protocol):
         if self.go_away_sent:
             self._send_rst(stream_id)
             return None
+        if len(self.streams) >= self.config.max_streams:
+            if not self._stream_limit_logged:  # once: a flood of SYNs is one event
+                self._stream_limit_logged = True
+                self._log.warn("peer {peer} opened more than {max_streams} streams; "
+                               "resetting the extra ones", peer=self._peer_address(),
+                               max_streams=self.config.max_streams)
+            self._send_rst(stream_id)
+            return None
         if self._unacked_incoming >= self.config.accept_backlog:
             self._log.warn("accept backlog exceeded, resetting stream {stream_id}",
                            stream_id=stream_id)
@@ -429,6 +440,9 @@ class YamuxSession(Protocol):
             raise GoAwayReceived("peer sent GoAway: no new streams")
         if self.go_away_sent:
             raise GoAwaySent("GoAway sent: no new streams")
+        if len(self.streams) >= self.config.max_streams:
+            raise StreamLimitReached(
+                f"{len(self.streams)} streams are open, the session's limit (max_streams)")
         if self._next_stream_id >= MAX_STREAM_ID - 1:
             raise StreamIdsExhausted("no stream ids left in this session")
 
@@ -476,7 +490,8 @@ class YamuxSession(Protocol):
         if failure.check(PingTimeout):
             self._log.warn("keepalive ping to {peer} unanswered, closing the session",
                            peer=self._peer_address())
-            self._shutdown(failure.value, lose_transport=True)
+            # Abort: a peer that does not read would hold a polite close open forever.
+            self._shutdown(failure.value, lose_transport=True, abort=True)
         # SessionClosed: the session ended anyway.
 
     # -- shutdown ----------------------------------------------------------
