@@ -450,8 +450,10 @@ class ServerService(MultiService):
 
 def make_service(settings, reactor):
     """The whole server for twistd: multiplexer endpoint plus proxy endpoint."""
+    from grpcmux.rpc.security import load_proxy_security
     from grpcmux.rpc.service import ProxyService
 
+    proxy_security = load_proxy_security(settings)
     registry = ClientRegistry()
     metrics = ServerMetrics()
     multiplexer = MultiplexerServer(
@@ -472,6 +474,8 @@ def make_service(settings, reactor):
         max_message_size=settings.max_message_size,
         shutdown_grace=settings.shutdown_grace,
         call_observer=metrics.call_started,
+        tls=proxy_security.tls,
+        tokens=proxy_security.tokens,
     )
     metrics_service = None
     if settings.metrics_listener:
