@@ -298,6 +298,15 @@ def _client_id(value: str) -> str:
     return value
 
 
+def _token(value: str) -> str:
+    """A proxy token: what a gRPC metadata value may hold. The error never shows it."""
+    if not value or not all(" " <= c <= "~" for c in value):
+        raise argparse.ArgumentTypeError(
+            f"expected a token of printable ASCII characters (from --token or ${TOKEN_ENV}); "
+            "the one given is empty or has others")
+    return value
+
+
 def _discovery_options(parser) -> None:
     parser.add_argument(
         "--proxy-address", type=_proxy_address, default=DEFAULT_PROXY_ADDRESS,
@@ -316,7 +325,7 @@ def _discovery_options(parser) -> None:
     security.add_argument("--tls-server-name", metavar="NAME",
                           help="the name the proxy's certificate must carry "
                                "(default: the host of --proxy-address)")
-    security.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
+    security.add_argument("--token", type=_token, default=os.environ.get(TOKEN_ENV) or None,
                           help="end-user token for a proxy with --proxy-auth-tokens, sent "
                                f"as metadata grpcmux-token (default: ${TOKEN_ENV}; "
                                "prefer it: a command line is visible to other users)")

@@ -351,3 +351,19 @@ async def test_through_the_tunnel_the_backend_sees_its_authorization_not_the_tok
     assert err == (f"grpcmux list: the grpcmux proxy at {secure_stack.address} refused the "
                    f"call: {UNAUTHENTICATED_DETAILS} (pass a valid --token or set "
                    "GRPCMUX_TOKEN)\n")
+
+
+@pytest.mark.parametrize("argv, environ", [
+    (["--token", "caf\u00e9-secret"], {}),
+    ([], {"GRPCMUX_TOKEN": "two\nlines"}),
+])
+def test_cli_token_must_be_a_metadata_value_and_is_never_echoed(monkeypatch, argv, environ):
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    out, err = io.StringIO(), io.StringIO()
+    status = cli.run(["list", "--proxy-address", "127.0.0.1:1", *argv], out, err)
+    assert (status, out.getvalue()) == (cli.EXIT_USAGE, "")
+    assert err.getvalue().startswith("grpcmux list: argument --token: expected a token of "
+                                     "printable ASCII characters")
+    assert "secret" not in err.getvalue() and "lines" not in err.getvalue()
+    assert err.getvalue().count("\n") == 1

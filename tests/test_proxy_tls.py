@@ -6,6 +6,10 @@ client certificates from a client CA.
 """
 
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -28,9 +32,12 @@ from mux_stack import TIMEOUT, Stack
 from proxy_certs import issue, make_ca
 from rpc_backend import ENGINES, UNLIMITED, Mux, invoke
 
+REPO = Path(__file__).resolve().parent.parent
 OK = grpc.StatusCode.OK
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 ROUTE = (("client-id", "alpha"),)
+_TWISTD = ("import sys; sys.argv = ['twistd'] + sys.argv[1:]; "
+           "from twisted.scripts.twistd import run; run()")
 
 
 @pytest.fixture
@@ -167,6 +174,20 @@ def test_load_proxy_security(pki, tmp_path):
     with pytest.raises(ConfigError, match=f"^--proxy-tls-cert {bad}: expected one"):
         load_proxy_security(ServerSettings(proxy_tls_cert=str(bad),
                                            proxy_tls_key=str(pki.server.key_path)))
+
+
+def test_twistd_exits_with_one_line_for_a_bad_certificate(tmp_path):
+    bad = write(tmp_path, "proxy.pem", b"garbage")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPCMUX_")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=os.pathsep.join([str(REPO)] + sys.path))
+    result = subprocess.run(
+        [sys.executable, "-c", _TWISTD, "--nodaemon", "--pidfile=", "grpcmux-server",
+         "--proxy-tls-cert", str(bad), "--proxy-tls-key", str(bad)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"--proxy-tls-cert {bad}: expected one or more PEM certificates" in output
+    assert "Traceback" not in output
 
 
 def test_twistd_options_report_a_bad_key_in_one_line(pki, tmp_path):
