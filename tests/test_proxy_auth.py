@@ -157,6 +157,25 @@ async def test_authority_routing_is_authorized(reactor, tmp_path, tokens):
         await mux.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_refused_calls_reach_the_call_observer_with_their_code(reactor, tmp_path,
+                                                                     tokens, engine):
+    codes = []
+
+    def observer():
+        return codes.append
+
+    mux = Mux(reactor, tmp_path, **engine, tokens=tokens, call_observer=observer)
+    try:
+        mux.connect("alpha")
+        await mux.invoke("Unary", b"r", to("alpha"))
+        await mux.invoke("Unary", b"r", to("beta") + token(ALPHA_TOKEN))
+        await mux.invoke("Unary", b"r", to("alpha") + token(ALPHA_TOKEN))
+    finally:
+        await mux.stop()
+    assert codes == ["UNAUTHENTICATED", "PERMISSION_DENIED", "OK"]
+
+
 # -- Discovery: a valid token, and only the ids it may reach ---------------------------
 
 
