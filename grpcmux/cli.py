@@ -5,12 +5,18 @@ Discovery API; no reactor runs for them.  ``demo`` lives in :mod:`grpcmux.demo` 
 is imported only when asked for, as is grpc for the other commands, so ``--help``
 and usage errors stay fast.
 
-Every problem ends in one line on stderr: exit status 2 for a usage error, 1 for a
-failure at run time (unreachable proxy, timeout, refused call).
+``--tls`` (implied by the other ``--tls-*`` options) reaches a proxy endpoint served
+over TLS or mTLS; ``--token`` (or ``$GRPCMUX_TOKEN``) is the end-user token a proxy
+with ``--proxy-auth-tokens`` wants in the ``grpcmux-token`` metadata.
+
+Every problem ends in one line on stderr: exit status 2 for a usage error (including
+an unusable certificate or key file), 1 for a failure at run time (unreachable
+proxy, timeout, refused call).
 """
 
 import argparse
 import json
+import os
 import sys
 from typing import Dict, List, NamedTuple, Optional
 
@@ -20,6 +26,8 @@ from grpcmux.ids import client_id_problem
 
 DEFAULT_PROXY_ADDRESS = "localhost:7592"
 DEFAULT_TIMEOUT = 10.0
+# Where --token is read from when not given: a command line is visible to `ps`.
+TOKEN_ENV = "GRPCMUX_TOKEN"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -127,10 +135,28 @@ def _write_watch_event(out, event: str, server: Server, as_json: bool) -> None:
 # grpc
 
 
-def _channel(address: str):
+def _channel(args):
+    """A channel to ``--proxy-address``: plaintext, or TLS as the ``--tls*`` options say."""
     import grpc
 
-    return grpc.insecure_channel(address)
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return grpc.insecure_channel(args.proxy_address)
+    from grpcmux.rpc.security import CredentialsError, channel_credentials
+
+    try:
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except CredentialsError as error:
+        raise UsageError(f"grpcmux {args.command}: {error}") from None
+    options = []
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    return grpc.secure_channel(args.proxy_address, credentials, options=options)
+
+
+def _metadata(args):
+    from grpcmux.tokens import PROXY_TOKEN_METADATA_KEY
+
+    return ((PROXY_TOKEN_METADATA_KEY, args.token),) if args.token else ()
 
 
 def _rpc_problem(error, address: str, timeout: float) -> str:
@@ -145,10 +171,13 @@ def _rpc_problem(error, address: str, timeout: float) -> str:
         return f"no answer from the grpcmux proxy at {address} within {timeout:g} s"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"{address} does not serve the grpcmux Discovery API (is it a proxy endpoint?)"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (f"the grpcmux proxy at {address} refused the call: {details} "
+                f"(pass a valid --token or set {TOKEN_ENV})")
     return f"Discovery call to {address} failed: {code.name}: {details}"
 
 
-def fetch_servers(channel, address: str, timeout: float) -> List[Server]:
+def fetch_servers(channel, address: str, timeout: float, metadata=()) -> List[Server]:
     """Call ListGRPCServer (blocking, within ``timeout``); CommandFailed on error."""
     import grpc
 
@@ -156,15 +185,18 @@ def fetch_servers(channel, address: str, timeout: float) -> List[Server]:
 
     stub = discovery_pb2_grpc.DiscoveryServiceStub(channel)
     try:
-        response = stub.ListGRPCServer(discovery_pb2.ListGRPCServerRequest(), timeout=timeout)
+        response = stub.ListGRPCServer(discovery_pb2.ListGRPCServerRequest(), timeout=timeout,
+                                       metadata=metadata)
     except grpc.RpcError as error:
         raise CommandFailed(_rpc_problem(error, address, timeout)) from None
     return servers_of(response)
 
 
 def list_servers(address: str, timeout: float) -> List[Server]:
-    """The servers connected to the proxy at ``address`` (blocking)."""
-    with _channel(address) as channel:
+    """The servers connected to the plaintext proxy at ``address`` (blocking)."""
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
         return fetch_servers(channel, address, timeout)
 
 
@@ -172,7 +204,8 @@ def list_servers(address: str, timeout: float) -> List[Server]:
 
 
 def _run_list(args, out, err) -> int:
-    servers = list_servers(args.proxy_address, args.timeout)
+    with _channel(args) as channel:
+        servers = fetch_servers(channel, args.proxy_address, args.timeout, _metadata(args))
     if args.json:
         out.write(json.dumps([s.as_json() for s in servers], indent=2, sort_keys=True) + "\n")
     else:
@@ -193,10 +226,12 @@ def _run_watch(args, out, err) -> int:
     from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 
     address = args.proxy_address
-    with _channel(address) as channel:
-        fetch_servers(channel, address, args.timeout)
+    metadata = _metadata(args)
+    with _channel(args) as channel:
+        fetch_servers(channel, address, args.timeout, metadata)
         stub = discovery_pb2_grpc.DiscoveryServiceStub(channel)
-        call = stub.WatchGRPCServer(discovery_pb2.WatchGRPCServerRequest(replay=args.replay))
+        call = stub.WatchGRPCServer(discovery_pb2.WatchGRPCServerRequest(replay=args.replay),
+                                    metadata=metadata)
         if not args.json:
             out.write(_line(["EVENT", *TABLE_COLUMNS], _WATCH_WIDTHS))
             out.flush()
@@ -263,6 +298,15 @@ def _client_id(value: str) -> str:
     return value
 
 
+def _token(value: str) -> str:
+    """A proxy token: what a gRPC metadata value may hold. The error never shows it."""
+    if not value or not all(" " <= c <= "~" for c in value):
+        raise argparse.ArgumentTypeError(
+            f"expected a token of printable ASCII characters (from --token or ${TOKEN_ENV}); "
+            "the one given is empty or has others")
+    return value
+
+
 def _discovery_options(parser) -> None:
     parser.add_argument(
         "--proxy-address", type=_proxy_address, default=DEFAULT_PROXY_ADDRESS,
@@ -270,6 +314,21 @@ def _discovery_options(parser) -> None:
         help=f"the multiplexer server's proxy endpoint (default: {DEFAULT_PROXY_ADDRESS})")
     parser.add_argument("--json", action="store_true",
                         help="print JSON instead of a table")
+    security = parser.add_argument_group("TLS and authorization")
+    security.add_argument("--tls", action="store_true",
+                          help="connect over TLS (implied by the other --tls-* options)")
+    security.add_argument("--tls-ca", metavar="FILE",
+                          help="PEM CA certificate(s) to trust (default: the system's)")
+    security.add_argument("--tls-cert", metavar="FILE",
+                          help="PEM client certificate, for a proxy requiring mTLS")
+    security.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    security.add_argument("--tls-server-name", metavar="NAME",
+                          help="the name the proxy's certificate must carry "
+                               "(default: the host of --proxy-address)")
+    security.add_argument("--token", type=_token, default=os.environ.get(TOKEN_ENV) or None,
+                          help="end-user token for a proxy with --proxy-auth-tokens, sent "
+                               f"as metadata grpcmux-token (default: ${TOKEN_ENV}; "
+                               "prefer it: a command line is visible to other users)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -342,6 +401,9 @@ def run(argv, out, err) -> int:
         return done.code or EXIT_OK
     try:
         return args.run(args, out, err)
+    except UsageError as error:  # found once the command runs (a bad certificate file)
+        err.write(f"{error}\n")
+        return EXIT_USAGE
     except CommandFailed as error:
         err.write(f"grpcmux {args.command}: {error}\n")
         return EXIT_FAILURE

@@ -309,6 +309,19 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
     *_LIMIT_OPTIONS,
     _SHUTDOWN_OPTION,
     _METRICS_OPTION,
+    # Proxy endpoint security (files are read and checked by grpcmux.rpc.security).
+    _Option("proxy-tls-cert", "str", _check_path,
+            "Serve the proxy endpoint over TLS with this PEM certificate (chain).",
+            optional=True, shown_default="off: plaintext"),
+    _Option("proxy-tls-key", "str", _check_path,
+            "Unencrypted PEM private key of the proxy TLS certificate.", optional=True),
+    _Option("proxy-tls-client-ca", "str", _check_path,
+            "Require proxy callers to present a client certificate issued by this "
+            "PEM CA (mTLS).", optional=True, shown_default="off"),
+    _Option("proxy-auth-tokens", "str", _check_path,
+            "YAML file mapping SHA-256 digests of end-user tokens to the client ids "
+            "(glob patterns) they may call; callers send the metadata grpcmux-token.",
+            optional=True, shown_default="off: every caller may call every client"),
 ) + _LOG_OPTIONS + (_CONFIG_OPTION,)
 
 CLIENT_OPTIONS: Tuple[_Option, ...] = (
@@ -379,9 +392,29 @@ class ServerSettings(_CommonSettings):
     max_streams_per_client: int = 1000
     max_proxy_calls: int = 10000
     max_calls_per_client: int = 1000
+    # Proxy endpoint security: file paths (None: off).
+    proxy_tls_cert: Optional[str] = None
+    proxy_tls_key: Optional[str] = None
+    proxy_tls_client_ca: Optional[str] = None
+    proxy_auth_tokens: Optional[str] = None
 
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)
+        _check_proxy_tls(self)
+
+
+def _check_proxy_tls(settings: "ServerSettings") -> None:
+    """The proxy's TLS options come as a set: certificate and key, CA only with both."""
+    if (settings.proxy_tls_cert is None) != (settings.proxy_tls_key is None):
+        raise ConfigError(
+            "--proxy-tls-cert and --proxy-tls-key: expected both (the proxy's "
+            "certificate and its private key) or neither"
+        )
+    if settings.proxy_tls_client_ca is not None and settings.proxy_tls_cert is None:
+        raise ConfigError(
+            "--proxy-tls-client-ca: expected together with --proxy-tls-cert and "
+            "--proxy-tls-key (client certificates are checked over TLS only)"
+        )
 
 
 @dataclass(frozen=True)

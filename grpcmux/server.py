@@ -499,8 +499,10 @@ class ServerService(MultiService):
 
 def make_service(settings, reactor):
     """The whole server for twistd: multiplexer endpoint plus proxy endpoint."""
+    from grpcmux.rpc.security import load_proxy_security
     from grpcmux.rpc.service import ProxyService
 
+    proxy_security = load_proxy_security(settings)
     registry = ClientRegistry()
     metrics = ServerMetrics()
     multiplexer = MultiplexerServer(
@@ -525,6 +527,8 @@ def make_service(settings, reactor):
         call_observer=metrics.call_started,
         max_concurrent_calls=settings.max_proxy_calls,
         max_calls_per_client=settings.max_calls_per_client,
+        tls=proxy_security.tls,
+        tokens=proxy_security.tokens,
     )
     metrics_service = None
     if settings.metrics_listener:

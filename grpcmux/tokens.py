@@ -100,6 +100,14 @@ class ProxyTokens:
                 found = patterns
         return found
 
+    def patterns_in(self, metadata):
+        """The id patterns the token of a call may reach, from its metadata ``(key,
+        value)`` pairs; ``None`` when it carries no token, more than one, or an unknown one."""
+        values = [v for k, v in metadata if k == PROXY_TOKEN_METADATA_KEY]
+        if len(values) != 1 or not isinstance(values[0], str):
+            return None
+        return self.patterns_for(values[0])
+
     @staticmethod
     def allows(patterns, client_id):
         """Whether ``client_id`` matches one of ``patterns``."""

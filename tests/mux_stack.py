@@ -20,7 +20,8 @@ TIMEOUT = 20.0
 class Stack:
     """Server + proxy on 127.0.0.1 ports chosen by the system, and a backend.
 
-    ``proxy_kwargs`` go to the ProxyService, the other keywords to the MultiplexerServer.
+    ``proxy_kwargs`` go to the ProxyService (``tls=``, ``tokens=``, ...); the others
+    to the MultiplexerServer.
     """
 
     def __init__(self, reactor, tmp_path, proxy_kwargs=None, **server_kwargs):
@@ -32,8 +33,8 @@ class Stack:
         self._server_kwargs = dict(runtime_dir=str(tmp_path / "run"), **server_kwargs)
         self.server = self._start_server("tcp:0:interface=127.0.0.1")
         self.multiplexer_address = f"127.0.0.1:{self.server.port.getHost().port}"
-        self.proxy = ProxyService(reactor, self.registry, "127.0.0.1:0", shutdown_grace=1.0,
-                                  **(proxy_kwargs or {}))
+        self.proxy = ProxyService(reactor, self.registry, "127.0.0.1:0",
+                                  **{"shutdown_grace": 1.0, **(proxy_kwargs or {})})
         self.proxy.startService()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.proxy.port}", options=UNLIMITED)
         self.clients = []

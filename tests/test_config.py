@@ -67,6 +67,10 @@ def test_server_defaults(dirs):
         "max_streams_per_client": 1000,
         "max_proxy_calls": 10000,
         "max_calls_per_client": 1000,
+        "proxy_tls_cert": None,
+        "proxy_tls_key": None,
+        "proxy_tls_client_ca": None,
+        "proxy_auth_tokens": None,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
         "log_level": "info",
@@ -193,6 +197,10 @@ def test_all_server_keys_from_file(dirs, tmp_path):
         "runtime-dir: /run/grpcmux\n"
         "handshake-timeout: 2.5\n"
         "duplicate-ping-timeout: 1\n"
+        "proxy-tls-cert: /etc/grpcmux/proxy.pem\n"
+        "proxy-tls-key: /etc/grpcmux/proxy.key\n"
+        "proxy-tls-client-ca: /etc/grpcmux/callers-ca.pem\n"
+        "proxy-auth-tokens: /etc/grpcmux/proxy-tokens.yaml\n"
         "shutdown-grace: 0\n"
         "log-level: warning\n"
         "log-format: json\n"
@@ -206,6 +214,10 @@ def test_all_server_keys_from_file(dirs, tmp_path):
         runtime_dir="/run/grpcmux",
         handshake_timeout=2.5,
         duplicate_ping_timeout=1.0,
+        proxy_tls_cert="/etc/grpcmux/proxy.pem",
+        proxy_tls_key="/etc/grpcmux/proxy.key",
+        proxy_tls_client_ca="/etc/grpcmux/callers-ca.pem",
+        proxy_auth_tokens="/etc/grpcmux/proxy-tokens.yaml",
         shutdown_grace=0.0,
         log_level="warning",
         log_format="json",
@@ -369,6 +381,13 @@ def test_bad_default_client_id_from_env(dirs):
          "--authority-domain: expected a DNS domain name such as grpcmux.example.com, "
          "got 'not a domain'"),
         ({"runtime_dir": ""}, "--runtime-dir: expected a non-empty path, got ''"),
+        ({"proxy_auth_tokens": ""}, "--proxy-auth-tokens: expected a non-empty path, got ''"),
+        ({"proxy_tls_key": "proxy.key"},
+         "--proxy-tls-cert and --proxy-tls-key: expected both (the proxy's certificate "
+         "and its private key) or neither"),
+        ({"proxy_tls_cert": "p.pem", "proxy_tls_client_ca": "ca.pem"},
+         "--proxy-tls-cert and --proxy-tls-key: expected both (the proxy's certificate "
+         "and its private key) or neither"),
     ],
 )
 def test_bad_server_flags(dirs, flags, message):
@@ -429,10 +448,12 @@ def write(tmp_path, text):
          "key 'log-level': expected one of debug, info, warning, error, got 'verbose'"),
         ("proxy_listener: x:1\n",
          "unknown key 'proxy_listener'; expected one of: authority-domain, "
-         "default-client-id, duplicate-ping-timeout, handshake-timeout, log-format, "
-         "log-level, max-calls-per-client, max-clients, max-message-size, "
-         "max-proxy-calls, max-streams-per-client, metrics-listener, "
-         "multiplexer-listener, proxy-listener, runtime-dir, shutdown-grace"),
+         "default-client-id, duplicate-ping-timeout, "
+         "handshake-timeout, log-format, log-level, max-calls-per-client, "
+         "max-clients, max-message-size, max-proxy-calls, "
+         "max-streams-per-client, metrics-listener, multiplexer-listener, "
+         "proxy-auth-tokens, proxy-listener, proxy-tls-cert, "
+         "proxy-tls-client-ca, proxy-tls-key, runtime-dir, shutdown-grace"),
         ("config: other.yaml\n", "unknown key 'config'"),
         ("- a\n- b\n",
          "expected a mapping of option names to values at the top level, got a list"),

@@ -2,7 +2,13 @@
 
 import pytest
 
-from grpcmux.tokens import ClientTokens, ProxyTokens, TokenFileError, hash_token
+from grpcmux.tokens import (
+    PROXY_TOKEN_METADATA_KEY,
+    ClientTokens,
+    ProxyTokens,
+    TokenFileError,
+    hash_token,
+)
 
 LAB = hash_token("lab-secret")
 DEVICE = hash_token("device-secret")
@@ -46,6 +52,16 @@ def test_proxy_tokens_map_a_token_to_the_ids_it_may_reach(tmp_path):
     assert ProxyTokens.allows(tokens.patterns_for("device-secret"), "sensor-2")
     assert tokens.patterns_for("wrong") is None
     assert tokens.patterns_for("") is None
+
+
+def test_proxy_tokens_read_exactly_one_token_from_call_metadata(tmp_path):
+    tokens = ProxyTokens.load(write(tmp_path, f"{LAB}: lab-*\n"))
+    key = PROXY_TOKEN_METADATA_KEY
+    assert tokens.patterns_in([("client-id", "lab-1"), (key, "lab-secret")]) == ("lab-*",)
+    assert tokens.patterns_in([("authorization", "lab-secret")]) is None
+    assert tokens.patterns_in([(key, "lab-secret"), (key, "lab-secret")]) is None
+    assert tokens.patterns_in([(key, "wrong")]) is None
+    assert tokens.patterns_in([]) is None
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,11 @@ twice; the reactor then pushes events to the watching call (a thread-safe queue 
 the threaded server, the asyncio loop for grpc.aio). A watcher that leaves is
 unsubscribed on the reactor thread, in order with its subscription, so even one
 that leaves before its subscription happened leaves nothing behind.
+
+With proxy tokens configured, List and Watch require a known token in the
+``grpcmux-token`` metadata (else UNAUTHENTICATED) and show only the ids that token
+may call: the listing is the map of what can be reached, so it is no more public
+than the clients themselves.
 """
 
 import asyncio
@@ -17,7 +22,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.registry import CONNECTED, DISCONNECTED, ClientInfo
+from grpcmux.rpc.security import UNAUTHENTICATED_DETAILS
 from grpcmux.rpc.threads import ReactorUnavailable, await_in_reactor, call_in_reactor
+from grpcmux.tokens import ProxyTokens
 
 _EVENTS = {
     CONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_CONNECTED,
@@ -42,8 +49,23 @@ def server_details(info: ClientInfo) -> discovery_pb2.GRPCServer:
     )
 
 
-def list_response(snapshot) -> discovery_pb2.ListGRPCServerResponse:
-    ids = sorted(snapshot)
+def _everyone(client_id):
+    return True
+
+
+def visible_ids(tokens, metadata):
+    """A predicate on the ids a caller may see: all without ``tokens``; those its
+    token may call with them; None when the caller has no known token."""
+    if tokens is None:
+        return _everyone
+    patterns = tokens.patterns_in(metadata)
+    if patterns is None:
+        return None
+    return lambda client_id: ProxyTokens.allows(patterns, client_id)
+
+
+def list_response(snapshot, visible=_everyone) -> discovery_pb2.ListGRPCServerResponse:
+    ids = sorted(i for i in snapshot if visible(i))
     return discovery_pb2.ListGRPCServerResponse(
         servers=ids, details=[server_details(snapshot[i]) for i in ids]
     )
@@ -58,9 +80,10 @@ def _watch_response(kind, info):
 class _Subscription:
     """One watcher's registry subscription. Both methods run on the reactor thread."""
 
-    def __init__(self, registry, push):
+    def __init__(self, registry, push, visible=_everyone):
         self._registry = registry
         self._push = push
+        self._visible = visible
         self._unsubscribe = None
         self._ended = False
 
@@ -68,10 +91,13 @@ class _Subscription:
         """Subscribe; returns the entries to replay (sorted) when asked to."""
         if self._ended:
             return ()
-        self._unsubscribe = self._registry.subscribe(
-            lambda event: self._push((event.kind, event.info)))
+        self._unsubscribe = self._registry.subscribe(self._changed)
         snapshot = self._registry.snapshot
-        return [snapshot[i] for i in sorted(snapshot)] if replay else ()
+        return [snapshot[i] for i in sorted(snapshot) if self._visible(i)] if replay else ()
+
+    def _changed(self, event):
+        if self._visible(event.info.client_id):
+            self._push((event.kind, event.info))
 
     def end(self):
         self._ended = True
@@ -108,19 +134,29 @@ class _Watchers:
 
 
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
-    """For the threaded grpc server: each Watch holds a worker thread."""
+    """For the threaded grpc server: each Watch holds a worker thread.
 
-    def __init__(self, reactor, registry):
+    ``tokens`` (ProxyTokens), if given, decides who sees which ids.
+    """
+
+    def __init__(self, reactor, registry, tokens=None):
         self._reactor = reactor
         self._registry = registry
+        self._tokens = tokens
         self._watchers = _Watchers()
 
+    def _visible(self, context):
+        visible = visible_ids(self._tokens, context.invocation_metadata())
+        if visible is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
+        return visible
+
     def ListGRPCServer(self, request, context):
-        return list_response(self._registry.snapshot)
+        return list_response(self._registry.snapshot, self._visible(context))
 
     def WatchGRPCServer(self, request, context):
         events = queue.Queue()
-        subscription = _Subscription(self._registry, events.put)
+        subscription = _Subscription(self._registry, events.put, self._visible(context))
 
         def departed():
             events.put(_END)
@@ -153,17 +189,28 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
 
 
 class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
-    """For grpc.aio: runs on the server's asyncio loop; a Watch costs no thread."""
+    """For grpc.aio: runs on the server's asyncio loop; a Watch costs no thread.
 
-    def __init__(self, reactor, registry):
+    ``tokens`` (ProxyTokens), if given, decides who sees which ids.
+    """
+
+    def __init__(self, reactor, registry, tokens=None):
         self._reactor = reactor
         self._registry = registry
+        self._tokens = tokens
         self._watchers = _Watchers()
 
+    async def _visible(self, context):
+        visible = visible_ids(self._tokens, context.invocation_metadata())
+        if visible is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
+        return visible
+
     async def ListGRPCServer(self, request, context):
-        return list_response(self._registry.snapshot)
+        return list_response(self._registry.snapshot, await self._visible(context))
 
     async def WatchGRPCServer(self, request, context):
+        visible = await self._visible(context)
         loop = asyncio.get_running_loop()
         events = asyncio.Queue()
 
@@ -173,7 +220,7 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
             except RuntimeError:
                 pass  # the loop is closed: the server is gone
 
-        subscription = _Subscription(self._registry, push)
+        subscription = _Subscription(self._registry, push, visible)
         if not self._watchers.add(push):
             return
         try:

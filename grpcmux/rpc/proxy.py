@@ -11,6 +11,12 @@ before forwarding), else an ``:authority`` of ``<id>.<authority_domain>[:port]``
 answered here when the call names no client (metadata or authority). A client with
 ``max_calls_per_client`` calls in flight gets no more: RESOURCE_EXHAUSTED.
 
+With proxy tokens (:class:`grpcmux.tokens.ProxyTokens`) a forwarded call must carry
+a known token in the ``grpcmux-token`` metadata (else UNAUTHENTICATED) that may reach
+the id it routes to (else PERMISSION_DENIED, decided before the registry is read, so
+the answer does not tell whether that client is connected). The token, like
+``client-id``, is stripped before forwarding.
+
 Two engines share that logic:
 
 - :class:`AsyncProxy` for ``grpc.aio``: every call is a task on one asyncio loop, so
@@ -32,9 +38,11 @@ from grpc._cython import cygrpc
 from twisted.logger import Logger
 
 from grpcmux.registry import ClientInfo
+from grpcmux.rpc.security import UNAUTHENTICATED_DETAILS
+from grpcmux.tokens import PROXY_TOKEN_METADATA_KEY, ProxyTokens
 
 CLIENT_ID_KEY = "client-id"
-_STRIPPED_KEYS = frozenset([CLIENT_ID_KEY, "user-agent"])
+_STRIPPED_KEYS = frozenset([CLIENT_ID_KEY, PROXY_TOKEN_METADATA_KEY, "user-agent"])
 # Codes a broken or closed channel produces on its own.
 _CHANNEL_CODES = frozenset([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
 _READY = grpc.ChannelConnectivity.READY
@@ -74,16 +82,18 @@ class _Proxy(grpc.GenericRpcHandler):
 
     ``local`` maps full method names to handlers always served here (Discovery);
     ``local_unrouted`` maps those served here only when the call names no client
-    (health, reflection).
+    (health, reflection). ``tokens`` (ProxyTokens), if given, authorizes every
+    forwarded call.
     """
 
     _log = Logger()
 
     def __init__(self, registry, authority_domain=None, default_client_id=None,
                  max_message_size=None, local=None, local_unrouted=None, call_observer=None,
-                 max_calls_per_client=None):
+                 max_calls_per_client=None, tokens=None):
         self._registry = registry
         self._max_calls_per_client = max_calls_per_client  # None: unbounded
+        self._tokens = tokens
         # call_observer() -> finished(code_name), for metrics; called on grpc's threads.
         self._call_observer = call_observer
         self._authority_suffix = (
@@ -128,14 +138,27 @@ class _Proxy(grpc.GenericRpcHandler):
         return None
 
     def route(self, metadata, authority=None):
-        """The client a call goes to; RoutingError when there is none."""
+        """The client a call goes to, if its caller may call it; RoutingError if not."""
+        patterns = self._token_patterns(metadata)
         client_id = self.named_client(metadata, authority) or self._default_client_id
         if client_id is None:
             raise RoutingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"no target client: set the metadata '{CLIENT_ID_KEY}' to a client id",
             )
+        if patterns is not None and not ProxyTokens.allows(patterns, client_id):
+            raise RoutingError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"this proxy token may not call client '{client_id}'")
         return client_id
+
+    def _token_patterns(self, metadata):
+        """The ids the call's proxy token may reach; None when no tokens are configured."""
+        if self._tokens is None:
+            return None
+        patterns = self._tokens.patterns_in(metadata)
+        if patterns is None:
+            raise RoutingError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
+        return patterns
 
     def _id_from_authority(self, authority):
         host = authority

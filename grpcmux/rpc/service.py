@@ -9,6 +9,12 @@ dedicated asyncio thread, where a call costs a task, not a thread (measured with
 1000 concurrent bidi streams: about 8x the relayed messages per second of the
 threaded server, which needs two threads per stream). With ``authority_domain`` set
 the threaded ``grpc.server`` is used, as only it exposes a call's ``:authority``.
+
+Security (:mod:`grpcmux.rpc.security`) is the same for both: with ``tls`` the one
+port (proxy, Discovery, health, reflection alike) speaks only TLS, and requires
+client certificates when ``tls`` has a client CA; with ``tokens`` every forwarded
+call and every Discovery call must carry an end-user token. Health and reflection
+answered here need none: they describe the proxy itself, never a client.
 """
 
 import asyncio
@@ -45,6 +51,7 @@ class ProxyService(Service):
     ``shutdown_grace`` is how long stopService lets running calls finish before
     cancelling them.  ``call_observer``, if given, is called (on a grpc thread) as each
     forwarded call starts and returns ``finished(code_name)`` for when it ends.
+    ``tls`` (ServerTLS) and ``tokens`` (ProxyTokens) secure the endpoint; None: off.
     """
 
     _log = Logger()
@@ -61,6 +68,8 @@ class ProxyService(Service):
         max_calls_per_client=1000,
         shutdown_grace=10.0,
         call_observer=None,
+        tls=None,
+        tokens=None,
     ):
         self._reactor = reactor
         self._registry = registry
@@ -72,6 +81,8 @@ class ProxyService(Service):
         self.max_calls_per_client = max_calls_per_client
         self.shutdown_grace = shutdown_grace
         self.call_observer = call_observer
+        self.tls = tls
+        self.tokens = tokens
         self.port = None
         self._engine = None
         self._unsubscribe = None
@@ -82,8 +93,20 @@ class ProxyService(Service):
         self.port = self._engine.start()
         self._unsubscribe = self._registry.subscribe(self._registry_changed)
         super().startService()
-        self._log.info("proxy endpoint listening on {address} (port {port})",
-                       address=self.listen_address, port=self.port)
+        self._log.info("proxy endpoint listening on {address} (port {port}, {security})",
+                       address=self.listen_address, port=self.port,
+                       security=self._describe_security())
+        if self.tokens is not None and self.tls is None:
+            self._log.warn("proxy tokens are checked but travel in plaintext: "
+                           "serve the proxy endpoint over TLS (--proxy-tls-cert)")
+
+    def _describe_security(self):
+        transport = "plaintext"
+        if self.tls is not None:
+            transport = "mTLS" if self.tls.requires_client_certificates else "TLS"
+        if self.tokens is None:
+            return f"{transport}, no end-user tokens"
+        return f"{transport}, {len(self.tokens)} end-user token(s)"
 
     def _registry_changed(self, event):
         if event.kind == DISCONNECTED:
@@ -138,7 +161,7 @@ class _AsyncEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._run_loop, name="grpcmux-proxy", daemon=True)
-        self._discovery = AsyncDiscoveryServicer(reactor, registry)
+        self._discovery = AsyncDiscoveryServicer(reactor, registry, settings.tokens)
         self._health = health.aio.HealthServicer()
         self._proxy = AsyncProxy(
             registry,
@@ -147,6 +170,7 @@ class _AsyncEngine:
             max_message_size=settings.max_message_size,
             call_observer=settings.call_observer,
             max_calls_per_client=settings.max_calls_per_client,
+            tokens=settings.tokens,
             **_local_handlers(self._discovery, self._health,
                               reflection.aio.ReflectionServicer(_LOCAL_SERVICES)),
         )
@@ -161,7 +185,7 @@ class _AsyncEngine:
 
     async def _start(self):
         server = grpc.aio.server(**_server_args(self._settings, self._proxy))
-        port = _bind(server, self._settings.listen_address)
+        port = _bind(server, self._settings.listen_address, self._settings.tls)
         await server.start()
         for name in ("", DISCOVERY_SERVICE):
             await self._health.set(name, _SERVING)
@@ -217,7 +241,7 @@ class _ThreadedEngine:
 
     def __init__(self, reactor, registry, settings):
         self._reactor = reactor
-        self._discovery = DiscoveryServicer(reactor, registry)
+        self._discovery = DiscoveryServicer(reactor, registry, settings.tokens)
         self._health = health.HealthServicer()
         self._proxy = ThreadedProxy(
             registry,
@@ -226,15 +250,17 @@ class _ThreadedEngine:
             max_message_size=settings.max_message_size,
             call_observer=settings.call_observer,
             max_calls_per_client=settings.max_calls_per_client,
+            tokens=settings.tokens,
             **_local_handlers(self._discovery, self._health,
                               reflection.ReflectionServicer(_LOCAL_SERVICES)),
         )
         pool = futures.ThreadPoolExecutor(settings.max_concurrent_calls, "grpcmux-proxy")
         self._server = grpc.server(pool, **_server_args(settings, self._proxy))
         self._listen_address = settings.listen_address
+        self._tls = settings.tls
 
     def start(self):
-        port = _bind(self._server, self._listen_address)
+        port = _bind(self._server, self._listen_address, self._tls)
         self._server.start()
         for name in ("", DISCOVERY_SERVICE):
             self._health.set(name, _SERVING)
@@ -265,9 +291,11 @@ class _ThreadedEngine:
         return defer_to_thread(self._reactor, finish)
 
 
-def _bind(server, address):
+def _bind(server, address, tls):
     try:
-        return server.add_insecure_port(address)
+        if tls is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, tls.server_credentials())
     except RuntimeError as e:  # grpcio's only word on a failed bind
         raise OSError(f"proxy endpoint cannot listen on {address!r}") from e
 

@@ -28,8 +28,23 @@ class Options(SettingsOptions):
             "log-format": usage.CompleteList(config.LOG_FORMATS),
             "config": usage.CompleteFiles("*.yaml"),
             "runtime-dir": usage.CompleteDirs(),
+            "proxy-tls-cert": usage.CompleteFiles("*.pem"),
+            "proxy-tls-key": usage.CompleteFiles("*.pem"),
+            "proxy-tls-client-ca": usage.CompleteFiles("*.pem"),
+            "proxy-auth-tokens": usage.CompleteFiles("*.yaml"),
         }
     )
+
+    def postOptions(self):
+        """Also read the proxy's certificate, key and token files: a bad one is a
+        one-line usage error now, not a failure after twistd has daemonized."""
+        super().postOptions()
+        from grpcmux.rpc.security import load_proxy_security
+
+        try:
+            load_proxy_security(self.settings)
+        except config.ConfigError as error:
+            raise usage.UsageError(str(error))
 
 
 def makeService(options):

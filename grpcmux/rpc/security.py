@@ -1,0 +1,151 @@
+"""What secures the proxy endpoint: TLS material and end-user tokens, read at startup.
+
+PEM files are parsed with ``cryptography`` before grpcio sees them: grpcio aborts the
+whole process on a malformed certificate or key, and its complaint names no file.
+Here every problem is one line naming the option and the file. Only bytes are kept;
+grpc credential objects are made when a server or channel is built (after twistd
+forked), and grpc itself is imported only then.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from grpcmux.config import ConfigError
+from grpcmux.tokens import PROXY_TOKEN_METADATA_KEY, ProxyTokens, TokenFileError
+
+#: The status details of a call refused for want of a known proxy token.
+UNAUTHENTICATED_DETAILS = (
+    f"a valid proxy token is required in the metadata '{PROXY_TOKEN_METADATA_KEY}'")
+
+
+class CredentialsError(ValueError):
+    """A certificate or key file cannot be used; ``str(error)`` is one line."""
+
+
+def _read(path, label):
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except OSError as error:
+        raise CredentialsError(f"{label} {path}: cannot be read: {error.strerror or error}")
+
+
+def read_certificates(path, label):
+    """``(PEM bytes, certificates)`` of ``path``; ``label`` names the option in errors."""
+    from cryptography import x509
+
+    data = _read(path, label)
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise CredentialsError(
+            f"{label} {path}: expected one or more PEM certificates "
+            "(-----BEGIN CERTIFICATE-----)")
+    return data, certificates
+
+
+def read_key_pair(cert_path, key_path, cert_label, key_label):
+    """``(certificate chain PEM, private key PEM)``, checked to belong together."""
+    from cryptography.hazmat.primitives import serialization
+
+    chain, certificates = read_certificates(cert_path, cert_label)
+    key_data = _read(key_path, key_label)
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:  # cryptography's word for "encrypted, and no password given"
+        raise CredentialsError(
+            f"{key_label} {key_path}: the private key is encrypted; expected an "
+            "unencrypted PEM key (e.g. `openssl pkey -in KEY -out PLAIN`)") from None
+    except (ValueError, UnicodeError):
+        raise CredentialsError(
+            f"{key_label} {key_path}: expected a PEM private key "
+            "(-----BEGIN PRIVATE KEY-----)") from None
+
+    def public(k):
+        return k.public_bytes(serialization.Encoding.PEM,
+                              serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    if public(key.public_key()) != public(certificates[0].public_key()):
+        raise CredentialsError(
+            f"{key_label} {key_path}: does not match the certificate in {cert_label} "
+            f"{cert_path} (the first certificate must be the one the key signs for)")
+    return chain, key_data
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The proxy endpoint's certificate chain and key; with ``client_ca``, mTLS."""
+
+    certificate_chain: bytes
+    private_key: bytes
+    client_ca: Optional[bytes] = None
+
+    @classmethod
+    def load(cls, cert_path, key_path, client_ca_path=None):
+        """Read and check the files of ``--proxy-tls-*``; CredentialsError if bad."""
+        chain, key = read_key_pair(cert_path, key_path,
+                                   "--proxy-tls-cert", "--proxy-tls-key")
+        client_ca = None
+        if client_ca_path is not None:
+            client_ca, _ = read_certificates(client_ca_path, "--proxy-tls-client-ca")
+        return cls(chain, key, client_ca)
+
+    @property
+    def requires_client_certificates(self):
+        return self.client_ca is not None
+
+    def server_credentials(self):
+        """grpc server credentials; client certificates are required with a client CA."""
+        import grpc
+
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.certificate_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+def channel_credentials(ca_path=None, cert_path=None, key_path=None, labels=None):
+    """grpc channel credentials for a caller of a TLS proxy endpoint.
+
+    ``ca_path``: the CA to trust (default: the system's trust store); ``cert_path``
+    and ``key_path``: a client certificate for mTLS. ``labels`` maps ``"ca"``,
+    ``"cert"``, ``"key"`` to the option names used in errors.
+    """
+    import grpc
+
+    labels = {"ca": "--tls-ca", "cert": "--tls-cert", "key": "--tls-key", **(labels or {})}
+    root = read_certificates(ca_path, labels["ca"])[0] if ca_path is not None else None
+    chain = key = None
+    if cert_path is not None or key_path is not None:
+        if cert_path is None or key_path is None:
+            raise CredentialsError(f"{labels['cert']} and {labels['key']} go together")
+        chain, key = read_key_pair(cert_path, key_path, labels["cert"], labels["key"])
+    return grpc.ssl_channel_credentials(root_certificates=root, private_key=key,
+                                        certificate_chain=chain)
+
+
+@dataclass(frozen=True)
+class ProxySecurity:
+    """TLS material (or None: plaintext) and end-user tokens (or None: open)."""
+
+    tls: Optional[ServerTLS] = None
+    tokens: Optional[ProxyTokens] = None
+
+
+def load_proxy_security(settings):
+    """Read the files a ServerSettings names for the proxy; ConfigError if one is bad."""
+    try:
+        tls = tokens = None
+        if settings.proxy_tls_cert is not None:
+            tls = ServerTLS.load(settings.proxy_tls_cert, settings.proxy_tls_key,
+                                 settings.proxy_tls_client_ca)
+        if settings.proxy_auth_tokens is not None:
+            tokens = ProxyTokens.load(settings.proxy_auth_tokens)
+    except CredentialsError as error:
+        raise ConfigError(str(error)) from None
+    except TokenFileError as error:
+        raise ConfigError(f"--proxy-auth-tokens {error}") from None
+    return ProxySecurity(tls, tokens)
