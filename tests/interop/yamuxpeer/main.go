@@ -309,7 +309,9 @@ func runDrive(args []string) error {
 		if err != nil {
 			firstErr = fmt.Errorf("ping: %v", err)
 		}
-		res.RTTMs = float64(rtt.Microseconds()) / 1000
+		// Nanoseconds: the 2019 yamux starts its clock after the ping is sent, so
+		// on a busy machine the answer can come back within the same microsecond.
+		res.RTTMs = float64(rtt.Nanoseconds()) / 1e6
 	}
 	line, _ := json.Marshal(res)
 	fmt.Println(string(line))
