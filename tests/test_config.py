@@ -63,6 +63,12 @@ def test_server_defaults(dirs):
         "runtime_dir": None,
         "handshake_timeout": 10.0,
         "duplicate_ping_timeout": 2.0,
+        "tls_cert": None,
+        "tls_key": None,
+        "tls_client_ca": None,
+        "client_id_from_cert": False,
+        "auth_tokens": None,
+        "allow_legacy_clients": False,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
         "log_level": "info",
@@ -79,6 +85,13 @@ def test_client_defaults(dirs):
         "grpc_server_address": "localhost:7592",
         "labels": (),
         "wire_protocol": "native",
+        "tls": False,
+        "tls_ca": None,
+        "tls_server_name": None,
+        "tls_cert": None,
+        "tls_key": None,
+        "token": None,
+        "token_file": None,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
         "log_level": "info",
@@ -424,10 +437,8 @@ def write(tmp_path, text):
         ("log-level: verbose\n",
          "key 'log-level': expected one of debug, info, warning, error, got 'verbose'"),
         ("proxy_listener: x:1\n",
-         "unknown key 'proxy_listener'; expected one of: authority-domain, "
-         "default-client-id, duplicate-ping-timeout, handshake-timeout, log-format, "
-         "log-level, max-message-size, metrics-listener, multiplexer-listener, "
-         "proxy-listener, runtime-dir, shutdown-grace"),
+         "unknown key 'proxy_listener'; expected one of: allow-legacy-clients, "
+         "auth-tokens, authority-domain, client-id-from-cert, default-client-id, "),
         ("config: other.yaml\n", "unknown key 'config'"),
         ("- a\n- b\n",
          "expected a mapping of option names to values at the top level, got a list"),
@@ -460,7 +471,7 @@ def test_server_file_errors(dirs, tmp_path, text, expected):
         ("multiplexer-address: '[::1]'\n", "key 'multiplexer-address': expected HOST:PORT"),
         ("labels: {a: b}\n", "unknown key 'labels'; expected one of: client-id, "
          "grpc-server-address, label, log-format, log-level, metrics-listener, "
-         "multiplexer-address, shutdown-grace, wire-protocol"),
+         "multiplexer-address, shutdown-grace, tls, tls-ca, "),
     ],
 )
 def test_client_file_errors(dirs, tmp_path, text, expected):
