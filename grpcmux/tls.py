@@ -132,16 +132,17 @@ def peer_names(transport):
     return tuple(str(name.value) for name in names)
 
 
-def failure_reason(failure):
-    """One line saying why TLS failed, or ``None`` when ``failure`` is no TLS error."""
+def failure_reason(reason):
+    """One line saying why TLS failed, or ``None`` when ``reason`` is no TLS error.
+
+    ``reason`` is what a connection was lost with: a ``Failure`` or an exception.
+    """
     from OpenSSL import SSL
     from service_identity import VerificationError
 
-    if failure is None:
-        return None
-    error = failure.value
+    error = getattr(reason, "value", reason)
     if isinstance(error, VerificationError):
-        wanted = ", ".join(str(getattr(e, "mismatched_id", e)) for e in error.errors)
+        wanted = ", ".join(_mismatched_name(e) for e in error.errors)
         return f"the server's certificate is not valid for {wanted}"
     if isinstance(error, SSL.Error):
         details = error.args[0] if error.args else None
@@ -150,3 +151,9 @@ def failure_reason(failure):
             return "TLS handshake failed: " + "; ".join(reasons)
         return f"TLS handshake failed: {error}"
     return None
+
+
+def _mismatched_name(mismatch):
+    identity = getattr(mismatch, "mismatched_id", mismatch)
+    name = getattr(identity, "hostname", None) or getattr(identity, "ip", None) or identity
+    return name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)
