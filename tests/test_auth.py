@@ -237,3 +237,20 @@ async def test_allow_legacy_clients_warns_and_admits_uncovered_ids(reactor, tmp_
         assert "edge-1" not in stack.registry.snapshot
     finally:
         await stack.stop()
+
+
+def test_token_command_prints_a_fresh_token_and_its_digest():
+    import io
+
+    from grpcmux import cli
+
+    outputs = []
+    for _ in range(2):
+        out = io.StringIO()
+        assert cli.run(["token"], out, io.StringIO()) == 0
+        lines = dict(line.split(":", 1) for line in out.getvalue().splitlines())
+        token, digest = lines["token"].strip(), lines["digest"].strip()
+        assert len(token) >= 40 and digest == hash_token(token)
+        assert ClientTokens([("x", (digest.encode(),))]).admits("x", token)
+        outputs.append(token)
+    assert outputs[0] != outputs[1]
