@@ -564,3 +564,86 @@ def test_client_id_rule(text):
         assert not ok
     else:
         assert ok
+
+
+# -- security settings (README "Security") ------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path_factory):
+    from certs import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_server_security_from_flags_environment_and_file(dirs, tmp_path, pki):
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("edge-1: " + "ab" * 32 + "\n")
+    path = write(tmp_path, f"tls-cert: {pki.server.cert}\ntls-key: {pki.server.key}\n"
+                           "allow-legacy-clients: true\n")
+    settings = server(
+        dirs, {"config": str(path), "client_id_from_cert": True},
+        environ={"GRPCMUX_TLS_CLIENT_CA": pki.ca, "GRPCMUX_AUTH_TOKENS": str(tokens)},
+    )
+    assert (settings.tls_cert, settings.tls_key, settings.tls_client_ca) == (
+        pki.server.cert, pki.server.key, pki.ca)
+    assert settings.client_id_from_cert and settings.allow_legacy_clients
+    assert settings.auth_tokens == str(tokens)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("yes", True), ("1", True), ("ON", True), ("false", False), ("0", False), ("no", False),
+])
+def test_boolean_from_the_environment(dirs, text, expected):
+    settings = server(dirs, environ={"GRPCMUX_ALLOW_LEGACY_CLIENTS": text})
+    assert settings.allow_legacy_clients is expected
+
+
+def test_boolean_errors(dirs, tmp_path):
+    message = error_of(server, dirs, environ={"GRPCMUX_ALLOW_LEGACY_CLIENTS": "maybe"})
+    assert message == ("environment variable GRPCMUX_ALLOW_LEGACY_CLIENTS: expected true "
+                       "or false (also 1/0, yes/no, on/off), got 'maybe'")
+    path = write(tmp_path, "client-id-from-cert: 'yes'\n")
+    message = error_of(server, dirs, {"config": str(path)})
+    assert "key 'client-id-from-cert': expected true or false, got a string 'yes'" in message
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"tls_cert": "c"}, "--tls-cert and --tls-key: expected both or neither"),
+    ({"tls_client_ca": "ca"}, "--tls-client-ca: expected --tls-cert and --tls-key as well"),
+    ({"client_id_from_cert": True}, "--client-id-from-cert: expected --tls-client-ca"),
+    ({"auth_tokens": "/nonexistent/tokens.yaml"},
+     "/nonexistent/tokens.yaml: cannot be read"),
+    ({"tls_cert": "/nonexistent/s.crt", "tls_key": "/nonexistent/s.key"},
+     "certificate file /nonexistent/s.crt: cannot be read"),
+])
+def test_server_security_errors(fields, expected):
+    with pytest.raises(ConfigError) as info:
+        ServerSettings(**fields)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_client_tls_settings(pki):
+    settings = ClientSettings(multiplexer_address="mux.example.com:7602", tls=True,
+                              tls_ca=pki.ca, tls_cert=pki.client.cert,
+                              tls_key=pki.client.key)
+    assert settings.server_name == "mux.example.com"
+    assert ClientSettings(multiplexer_address="[::1]:7602", tls=True).server_name == "::1"
+    named = ClientSettings(multiplexer_address="unix:/run/mux.sock", tls=True,
+                           tls_server_name="Mux.Example.com.")
+    assert named.server_name == "mux.example.com"
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"tls_ca": "ca.crt"}, "--tls-ca: expected --tls as well"),
+    ({"tls_server_name": "a.example"}, "--tls-server-name: expected --tls as well"),
+    ({"tls": True, "tls_cert": "c"}, "--tls-cert and --tls-key: expected both or neither"),
+    ({"tls": True, "multiplexer_address": "unix:/run/mux.sock"},
+     "--tls-server-name: expected a name to verify the server with"),
+    ({"tls": True, "tls_server_name": "not a name"}, "expected a DNS domain name"),
+    ({"tls": True, "tls_ca": "/nonexistent/ca.crt"}, "CA file /nonexistent/ca.crt: cannot"),
+])
+def test_client_security_errors(fields, expected):
+    with pytest.raises(ConfigError) as info:
+        ClientSettings(**fields)
+    assert expected in str(info.value) and "\n" not in str(info.value)

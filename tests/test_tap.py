@@ -440,3 +440,26 @@ def test_tap_modules_import_without_grpc_or_reactor():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + sys.path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO,
                    timeout=60)
+
+
+def test_security_flags(dirs, tmp_path):
+    from certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    options = parse(
+        server_tap,
+        ["--tls-cert", pki.server.cert, "--tls-key", pki.server.key,
+         "--tls-client-ca", pki.ca, "--client-id-from-cert", "--allow-legacy-clients"],
+        dirs,
+    )
+    assert options.settings.client_id_from_cert and options.settings.allow_legacy_clients
+    assert options.given_flags()["client_id_from_cert"] is True
+    # An absent on/off flag leaves the environment's value alone.
+    options = parse(server_tap, [], dirs, environ={"GRPCMUX_ALLOW_LEGACY_CLIENTS": "true"})
+    assert options.settings.allow_legacy_clients is True
+    options = parse(client_tap, ["--tls", "--tls-ca", pki.ca, "--multiplexer-address",
+                                 "localhost:7602"], dirs)
+    assert options.settings.tls and options.settings.server_name == "localhost"
+    with pytest.raises(usage.UsageError) as info:
+        parse(client_tap, ["--token", "a secret value"], dirs)
+    assert "secret" not in str(info.value)
