@@ -146,6 +146,19 @@ async def test_unknown_ca_is_one_line_and_the_client_retries(tls_stack, pki):
 
 
 @pytest_twisted.ensureDeferred
+async def test_legacy_handshake_over_tls(tls_stack, pki):
+    doubtful = tls_stack.client("old-1", wire_protocol="legacy",
+                                tls_creator=client_tls(pki, ca=pki.other_ca))
+    problem = await first_report(doubtful)
+    assert "failed: TLS handshake failed: certificate verify failed" in problem
+    await doubtful.stopService()
+    await tls_stack.connected_client("old-2", wire_protocol="legacy",
+                                     tls_creator=client_tls(pki))
+    result = await tls_stack.invoke("Unary", b"old", (("client-id", "old-2"),))
+    assert result.responses == [b"old"], result.details
+
+
+@pytest_twisted.ensureDeferred
 async def test_tls_over_a_unix_listener(reactor, tmp_path, pki):
     registry = ClientRegistry()
     path = tmp_path / "mux.sock"
