@@ -105,5 +105,5 @@ class Admission:
         if self.client_id_from_cert:
             parts.append("client id bound to the certificate")
         if self.tokens is not None:
-            parts.append(f"tokens required ({len(self.tokens)} entries)")
+            parts.append("tokens required")
         return ", ".join(parts) or "no client authentication"

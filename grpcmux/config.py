@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 from grpcmux import addresses
@@ -473,7 +473,7 @@ class ClientSettings(_CommonSettings):
     tls_server_name: Optional[str] = None
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
-    token: Optional[str] = field(default=None, repr=False)
+    token: Optional[str] = dataclasses.field(default=None, repr=False)
     token_file: Optional[str] = None
 
     def __post_init__(self) -> None:

@@ -19,9 +19,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from grpcmux import __version__
+from grpcmux import __version__, tls
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
-from grpcmux import tls
 from grpcmux.addresses import server_endpoint
 from grpcmux.admission import Admission
 from grpcmux.bridge import Bridge

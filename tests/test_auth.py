@@ -13,7 +13,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from grpcmux.admission import Admission
 from grpcmux.config import ClientSettings, ConfigError, load_client_settings
-from grpcmux.handshake import WIRE_LEGACY, WIRE_NATIVE, ClientHello, HandshakeRejected
+from grpcmux.handshake import WIRE_LEGACY, WIRE_NATIVE, ClientHello
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.tokens import ClientTokens, hash_token
 from mux_stack import TIMEOUT, Stack
