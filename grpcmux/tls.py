@@ -9,7 +9,8 @@ with service-identity (``optionsForClientTLS``).  Every problem with the files i
 
 import re
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.interfaces import ISSLTransport
 
@@ -137,9 +138,6 @@ def failure_reason(reason):
 
     ``reason`` is what a connection was lost with: a ``Failure`` or an exception.
     """
-    from OpenSSL import SSL
-    from service_identity import VerificationError
-
     error = getattr(reason, "value", reason)
     if isinstance(error, VerificationError):
         wanted = ", ".join(_mismatched_name(e) for e in error.errors)
