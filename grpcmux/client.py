@@ -413,6 +413,8 @@ def make_service(settings, reactor):
         token=settings.token,
     )
     tls_creator = None
+    if settings.token and not settings.tls:
+        Tunnel._log.warn("a token without --tls crosses the network in clear")
     if settings.tls:
         tls_creator = tls.client_creator(
             settings.server_name, settings.tls_ca, settings.tls_cert, settings.tls_key

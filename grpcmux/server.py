@@ -269,6 +269,11 @@ class MultiplexerServer(Service):
             transport="TLS" if self.tls_options is not None else "no TLS",
             security=self.admission.describe(),
         )
+        if (self.admission.tokens is not None and self.tls_options is None
+                and not self._listener.startswith("unix:")):
+            self._log.warn(
+                "--auth-tokens without --tls-cert: tokens cross the network in clear"
+            )
         if self.admission.allow_legacy_clients:
             self._log.warn(
                 "--allow-legacy-clients: legacy clients are admitted without "

@@ -190,7 +190,7 @@ async def tokens_stack(reactor, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_token_admits_and_its_absence_refuses(tokens_stack, log_events):
+async def test_token_admits_and_its_absence_refuses(log_events, tokens_stack):
     refused = tokens_stack.client("edge-1", token=OTHER_TOKEN)
     problem = await first_report(refused)
     assert problem.endswith(
@@ -206,6 +206,7 @@ async def test_token_admits_and_its_absence_refuses(tokens_stack, log_events):
     assert result.responses == [b"authenticated"], result.details
     texts = [formatEvent(event) for event in log_events]
     assert any(t.startswith("refused client 'edge-1'") for t in texts)
+    assert "--auth-tokens without --tls-cert: tokens cross the network in clear" in texts
     assert any(t.startswith("client edge-1 connected from") for t in texts)
     assert_token_never_logged(log_events, TOKEN, OTHER_TOKEN)
 
@@ -254,3 +255,12 @@ def test_token_command_prints_a_fresh_token_and_its_digest():
         assert ClientTokens([("x", (digest.encode(),))]).admits("x", token)
         outputs.append(token)
     assert outputs[0] != outputs[1]
+
+
+def test_client_warns_about_a_token_without_tls(reactor, log_events):
+    from grpcmux.client import make_service
+
+    make_service(ClientSettings(client_id="edge-1", token=TOKEN), reactor)
+    texts = [formatEvent(event) for event in log_events]
+    assert "a token without --tls crosses the network in clear" in texts
+    assert_token_never_logged(log_events, TOKEN)
