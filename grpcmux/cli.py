@@ -1,4 +1,4 @@
-"""The ``grpcmux`` command: list and watch connected clients, run a demo.
+"""The ``grpcmux`` command: list and watch connected clients, run a demo, make a token.
 
 ``list`` and ``watch`` are plain blocking grpc clients of the proxy endpoint's
 Discovery API; no reactor runs for them.  ``demo`` lives in :mod:`grpcmux.demo` and
@@ -248,6 +248,17 @@ def _run_watch(args, out, err) -> int:
                         "(is the multiplexer shutting down?)")
 
 
+def _run_token(args, out, err) -> int:
+    """A fresh random token and the digest a server's --auth-tokens file lists."""
+    import secrets
+
+    from grpcmux.tokens import hash_token
+
+    token = secrets.token_urlsafe(32)
+    out.write(f"token:  {token}\ndigest: {hash_token(token)}\n")
+    return EXIT_OK
+
+
 def _run_demo(args, out, err) -> int:
     from grpcmux import demo
 
@@ -384,6 +395,12 @@ def make_parser() -> argparse.ArgumentParser:
                            "the printed commands")
     demo.add_argument("--verbose", action="store_true", help="log to stderr (grpc's own log: set GRPC_VERBOSITY=INFO too)")
     demo.set_defaults(run=_run_demo)
+
+    token = commands.add_parser(
+        "token", help="print a fresh random token and its SHA-256 digest",
+        description="Print a new random token (for the client's --token-file) and its "
+                    "SHA-256 digest (for the server's --auth-tokens file).")
+    token.set_defaults(run=_run_token)
     return parser
 
 

@@ -10,7 +10,7 @@ after a jittered exponential backoff.
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import connectProtocol
+from twisted.internet.endpoints import connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -18,7 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from grpcmux import __version__
+from grpcmux import __version__, tls
 from grpcmux.addresses import client_endpoint
 from grpcmux.handshake import (
     WIRE_LEGACY,
@@ -128,10 +128,15 @@ class _TunnelSession(YamuxSession):
     def __init__(self, tunnel, **kwargs):
         super().__init__(**kwargs)
         self._tunnel = tunnel
+        self.tls_problem = None  # why TLS failed, when it did
 
     def connectionMade(self):
         super().connectionMade()
         self._tunnel.session_started(self)
+
+    def connectionLost(self, reason=None):
+        self.tls_problem = tls.failure_reason(reason)
+        super().connectionLost(reason)
 
 
 class _RetryPolicy:
@@ -169,8 +174,10 @@ class Tunnel(Factory):
         yamux_config=None,
         retry_policy=None,
         metrics=None,
+        token=None,
     ):
         self._reactor = reactor
+        self._token = token or ""
         self.metrics = metrics or ClientMetrics()
         self.metrics.track(self)
         self._sessions_started = 0
@@ -226,6 +233,7 @@ class Tunnel(Factory):
             wire_protocol=WIRE_NATIVE,
             labels=self.labels,
             version=__version__,
+            token=self._token,
         )
         control = NativeClientHandshake(hello)
         session.open_stream(control)
@@ -259,9 +267,19 @@ class Tunnel(Factory):
         else:
             self.metrics.handshake(TIMED_OUT if timer.called else FAILED)
         self.retry_policy.unadmitted += 1
-        self._report(f"multiplexer {self.multiplexer_address} refused client "
-                     f"{self.client_id}: {failure.value}")
+        if session.tls_problem is not None:
+            self._tls_failed(session.tls_problem)
+        else:
+            self._report(f"multiplexer {self.multiplexer_address} refused client "
+                         f"{self.client_id}: {failure.value}")
         session.close()
+
+    def _tls_failed(self, problem):
+        hint = ""
+        if "certificate verify failed" in problem:
+            hint = " (is the server's certificate signed by the CA of --tls-ca?)"
+        self._report(f"TLS with multiplexer {self.multiplexer_address} failed: "
+                     f"{problem}{hint}; retrying")
 
     def _server_going_away(self, _, session):
         """The server takes no new streams: leave once the calls in flight are done."""
@@ -299,7 +317,11 @@ class Tunnel(Factory):
     def _session_ended(self, reason, session):
         if self._draining is session:
             self._draining = None
-        if self.session is session:
+        if self.session is session and session.tls_problem is not None:
+            self.session = None  # a legacy session: admitted before TLS was through
+            self.retry_policy.unadmitted += 1
+            self._tls_failed(session.tls_problem)
+        elif self.session is session:
             self.session = None
             self._report(
                 f"client {self.client_id} lost its session with multiplexer "
@@ -352,13 +374,16 @@ class TunnelClientService(MultiService):
     flight get up to ``shutdown_grace`` seconds to finish.
     """
 
-    def __init__(self, reactor, tunnel, shutdown_grace=10.0):
+    def __init__(self, reactor, tunnel, shutdown_grace=10.0, tls_creator=None):
         super().__init__()
         self.tunnel = tunnel
         self.shutdown_grace = shutdown_grace
         self._reactor = reactor
+        endpoint = client_endpoint(reactor, tunnel.multiplexer_address)
+        if tls_creator is not None:
+            endpoint = wrapClientTLS(tls_creator, endpoint)
         self.connector = ClientService(
-            _ReportingEndpoint(client_endpoint(reactor, tunnel.multiplexer_address), tunnel),
+            _ReportingEndpoint(endpoint, tunnel),
             tunnel,
             retryPolicy=tunnel.retry_policy,
             clock=reactor,
@@ -385,8 +410,18 @@ def make_service(settings, reactor):
         settings.multiplexer_address,
         wire_protocol=settings.wire_protocol,
         labels=settings.labels,
+        token=settings.token,
     )
-    service = TunnelClientService(reactor, tunnel, shutdown_grace=settings.shutdown_grace)
+    tls_creator = None
+    if settings.token and not settings.tls:
+        Tunnel._log.warn("a token without --tls crosses the network in clear")
+    if settings.tls:
+        tls_creator = tls.client_creator(
+            settings.server_name, settings.tls_ca, settings.tls_cert, settings.tls_key
+        )
+    service = TunnelClientService(
+        reactor, tunnel, shutdown_grace=settings.shutdown_grace, tls_creator=tls_creator
+    )
     if settings.metrics_listener:
         metrics = MetricsService(reactor, settings.metrics_listener, tunnel.metrics.registry)
         metrics.setName("metrics")

@@ -73,6 +73,15 @@ def _check_domain(value: str) -> str:
     return value.strip(".").lower()
 
 
+def _check_domain_or_ip(value: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return _check_domain(value)
+
+
 def _check_path(value: str) -> str:
     if not value or "\0" in value:
         raise _Invalid("a non-empty path")
@@ -145,6 +154,31 @@ def _check_labels(pairs: Any) -> Tuple[Tuple[str, str], ...]:
     return tuple(result)
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool_from_text(text: Any) -> bool:
+    """A flag given on the command line (True) or a boolean environment value."""
+    if isinstance(text, bool):
+        return text
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise _Invalid("true or false (also 1/0, yes/no, on/off)")
+    return word in _TRUE
+
+
+def _check_token(value: str) -> str:
+    if not value or not value.isprintable() or any(c.isspace() for c in value):
+        raise _Invalid("a token of printable characters without whitespace")
+    return value
+
+
+def _shown(option: "_Option", value: Any) -> str:
+    """A rejected value as an error message may show it: secrets are not shown."""
+    return "a value that is not shown" if option.secret else repr(value)
+
+
 def _split_label(text: str) -> Tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -160,11 +194,12 @@ class _Option:
     """One option: its flag name, the value kind, the checker, the help text."""
 
     flag: str
-    kind: str  # "str", "int", "float", "labels"
+    kind: str  # "str", "int", "float", "bool", "labels"
     check: Callable[[Any], Any]
     help: str
     optional: bool = False  # None is a valid value (the default)
     shown_default: Optional[str] = None  # how --help describes a None default
+    secret: bool = False  # never echoed in an error message
 
     @property
     def attr(self) -> str:
@@ -180,6 +215,8 @@ def _from_text(option: _Option, text: Any) -> Any:
     if option.kind == "labels":
         parts = text if isinstance(text, (list, tuple)) else text.split(",")
         return option.check([_split_label(p.strip()) for p in parts if p.strip()])
+    if option.kind == "bool":
+        return _bool_from_text(text)
     if option.kind == "int":
         if not text.strip().isdigit():
             raise _Invalid("a positive whole number")
@@ -225,6 +262,10 @@ def _from_yaml(option: _Option, value: Any) -> Any:
             "a mapping of label keys to values or a list of key=value strings, "
             f"got {_yaml_type_name(value)} {value!r}"
         )
+    if option.kind == "bool":
+        if not isinstance(value, bool):
+            raise _Invalid(f"true or false, got {_yaml_type_name(value)} {value!r}")
+        return value
     if option.kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Invalid(
@@ -235,6 +276,8 @@ def _from_yaml(option: _Option, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Invalid(f"a number of seconds, got {_yaml_type_name(value)} {value!r}")
         return option.check(value)
+    if not isinstance(value, str) and option.secret:
+        raise _Invalid(f"a string, got {_yaml_type_name(value)}")
     if not isinstance(value, str):
         try:
             option.check(str(value))
@@ -283,6 +326,47 @@ _LIMIT_OPTIONS = (
             "RESOURCE_EXHAUSTED."),
 )
 
+# Security of the multiplexer endpoint (README "Security").
+_SERVER_SECURITY_OPTIONS = (
+    _Option("tls-cert", "str", _check_path,
+            "TLS certificate (PEM, leaf first, then intermediates) for the multiplexer "
+            "endpoint; with its key the listener speaks TLS.", optional=True,
+            shown_default="no TLS"),
+    _Option("tls-key", "str", _check_path,
+            "Private key (PEM) of the TLS certificate.", optional=True),
+    _Option("tls-client-ca", "str", _check_path,
+            "CA certificate(s) (PEM) that must have signed every client's certificate "
+            "(mTLS).", optional=True, shown_default="no client certificates"),
+    _Option("client-id-from-cert", "bool", bool,
+            "A client may only use an id that is a DNS name of its certificate (its CN "
+            "when it has none); needs a client CA."),
+    _Option("auth-tokens", "str", _check_path,
+            "YAML file mapping client ids or glob patterns to SHA-256 digests of "
+            "tokens; clients must send a matching token.", optional=True,
+            shown_default="no tokens"),
+    _Option("allow-legacy-clients", "bool", bool,
+            "Admit legacy (Go v0.2.1) clients, which carry no credentials, even when "
+            "tokens or client certificates are required."),
+)
+_CLIENT_SECURITY_OPTIONS = (
+    _Option("tls", "bool", bool, "Connect to the multiplexer over TLS."),
+    _Option("tls-ca", "str", _check_path,
+            "CA certificate(s) (PEM) to verify the server with.", optional=True,
+            shown_default="the system trust store"),
+    _Option("tls-server-name", "str", _check_domain_or_ip,
+            "Name the server's certificate must carry.", optional=True,
+            shown_default="the host of the multiplexer address"),
+    _Option("tls-cert", "str", _check_path,
+            "Client certificate (PEM) for servers that require one.", optional=True),
+    _Option("tls-key", "str", _check_path,
+            "Private key (PEM) of the client certificate.", optional=True),
+    _Option("token", "str", _check_token,
+            "Token sent to the server. A token on the command line shows in ps: "
+            "prefer a token file or GRPCMUX_TOKEN.", optional=True, secret=True),
+    _Option("token-file", "str", _check_path,
+            "File holding the token sent to the server.", optional=True),
+)
+
 SERVER_OPTIONS: Tuple[_Option, ...] = (
     _Option("multiplexer-listener", "str", _check_multiplexer_listener,
             "Listener address used by multiplexer clients: HOST:PORT or a Twisted "
@@ -322,7 +406,7 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
             "YAML file mapping SHA-256 digests of end-user tokens to the client ids "
             "(glob patterns) they may call; callers send the metadata grpcmux-token.",
             optional=True, shown_default="off: every caller may call every client"),
-) + _LOG_OPTIONS + (_CONFIG_OPTION,)
+) + _SERVER_SECURITY_OPTIONS + _LOG_OPTIONS + (_CONFIG_OPTION,)
 
 CLIENT_OPTIONS: Tuple[_Option, ...] = (
     _Option("client-id", "str", _check_client_id,
@@ -340,7 +424,7 @@ CLIENT_OPTIONS: Tuple[_Option, ...] = (
             "v0.2.1 servers)."),
     _SHUTDOWN_OPTION,
     _METRICS_OPTION,
-) + _LOG_OPTIONS + (_CONFIG_OPTION,)
+) + _CLIENT_SECURITY_OPTIONS + _LOG_OPTIONS + (_CONFIG_OPTION,)
 
 
 def _validate_fields(settings: Any, options: Sequence[_Option]) -> None:
@@ -359,9 +443,11 @@ def _validate_fields(settings: Any, options: Sequence[_Option]) -> None:
                     raise _Invalid("a whole number")
             elif option.kind == "str" and not isinstance(value, str):
                 raise _Invalid("a string")
+            elif option.kind == "bool" and not isinstance(value, bool):
+                raise _Invalid("True or False")
             normalised = option.check(value)
         except _Invalid as error:
-            raise ConfigError(f"{cls}.{name}: expected {error}, got {value!r}")
+            raise ConfigError(f"{cls}.{name}: expected {error}, got {_shown(option, value)}")
         object.__setattr__(settings, name, normalised)
 
 
@@ -397,10 +483,18 @@ class ServerSettings(_CommonSettings):
     proxy_tls_key: Optional[str] = None
     proxy_tls_client_ca: Optional[str] = None
     proxy_auth_tokens: Optional[str] = None
+    # Multiplexer endpoint security (README "Security").
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_client_ca: Optional[str] = None
+    client_id_from_cert: bool = False
+    auth_tokens: Optional[str] = None
+    allow_legacy_clients: bool = False
 
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)
         _check_proxy_tls(self)
+        _check_server_security(self)
 
 
 def _check_proxy_tls(settings: "ServerSettings") -> None:
@@ -426,9 +520,84 @@ class ClientSettings(_CommonSettings):
     grpc_server_address: str = "localhost:7592"
     labels: Tuple[Tuple[str, str], ...] = ()
     wire_protocol: str = "native"
+    # security (README "Security"); token is the one in effect, read from token_file
+    tls: bool = False
+    tls_ca: Optional[str] = None
+    tls_server_name: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    token: Optional[str] = dataclasses.field(default=None, repr=False)
+    token_file: Optional[str] = None
 
     def __post_init__(self) -> None:
         _validate_fields(self, CLIENT_OPTIONS)
+        _check_client_security(self)
+
+    @property
+    def server_name(self) -> Optional[str]:
+        """The name the server's certificate is checked against."""
+        if self.tls_server_name or self.multiplexer_address.startswith("unix:"):
+            return self.tls_server_name
+        return addresses.parse_host_port(self.multiplexer_address)[0]
+
+
+def _check_server_security(settings: ServerSettings) -> None:
+    """Options that only work together, and the files they name (loaded once here)."""
+    from grpcmux.tls import TLSConfigError, server_options
+    from grpcmux.tokens import ClientTokens, TokenFileError
+
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("--tls-cert and --tls-key: expected both or neither")
+    if settings.tls_client_ca and not settings.tls_cert:
+        raise ConfigError("--tls-client-ca: expected --tls-cert and --tls-key as well")
+    if settings.client_id_from_cert and not settings.tls_client_ca:
+        raise ConfigError("--client-id-from-cert: expected --tls-client-ca as well")
+    try:
+        if settings.tls_cert:
+            server_options(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.auth_tokens:
+            ClientTokens.load(settings.auth_tokens)
+    except (TLSConfigError, TokenFileError) as error:
+        raise ConfigError(str(error))
+
+
+def _check_client_security(settings: ClientSettings) -> None:
+    """TLS options need --tls; reads --token-file into ``token``."""
+    from grpcmux.tls import TLSConfigError, client_creator
+
+    for flag in ("tls-ca", "tls-server-name", "tls-cert", "tls-key"):
+        if getattr(settings, flag.replace("-", "_")) and not settings.tls:
+            raise ConfigError(f"--{flag}: expected --tls as well")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("--tls-cert and --tls-key: expected both or neither")
+    if settings.tls and settings.server_name is None:
+        raise ConfigError(
+            "--tls-server-name: expected a name to verify the server with, as "
+            "--multiplexer-address is a unix: path"
+        )
+    if settings.token and settings.token_file:
+        raise ConfigError("--token and --token-file: expected one of them, not both")
+    if settings.token_file:
+        object.__setattr__(settings, "token", _read_token_file(settings.token_file))
+    if settings.tls:
+        try:
+            client_creator(settings.server_name, settings.tls_ca, settings.tls_cert,
+                           settings.tls_key)
+        except TLSConfigError as error:
+            raise ConfigError(str(error))
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            token = stream.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"--token-file {path}: cannot be read: {reason}")
+    try:
+        return _check_token(token)
+    except _Invalid as error:
+        raise ConfigError(f"--token-file {path}: expected {error}")
 
 
 def _field_name(option: _Option) -> str:
@@ -496,7 +665,7 @@ def read_config_file(path: str, options: Sequence[_Option]) -> dict:
         except _Invalid as error:
             raise ConfigError(
                 f"{where}: key {key!r}: expected {error}"
-                + ("" if ", got " in str(error) else f", got {value!r}")
+                + ("" if ", got " in str(error) else f", got {_shown(option, value)}")
             )
     return values
 
@@ -541,8 +710,10 @@ def _load(
         try:
             flag_values[attr] = _from_text(option, text)
         except _Invalid as error:
-            shown = text if isinstance(text, str) else " ".join(text)
-            raise ConfigError(f"--{option.flag}: expected {error}, got {shown!r}")
+            shown = text if isinstance(text, (str, bool)) else " ".join(text)
+            raise ConfigError(
+                f"--{option.flag}: expected {error}, got {_shown(option, shown)}"
+            )
     for option in options:
         text = environ.get(option.env)
         if not text:  # unset or empty: not given
@@ -551,7 +722,8 @@ def _load(
             env_values[option.attr] = _from_text(option, text)
         except _Invalid as error:
             raise ConfigError(
-                f"environment variable {option.env}: expected {error}, got {text!r}"
+                f"environment variable {option.env}: expected {error}, "
+                f"got {_shown(option, text)}"
             )
 
     config_path = flag_values.get("config", env_values.get("config"))

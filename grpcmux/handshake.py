@@ -13,7 +13,7 @@ The server tells the two apart from the first byte of the first stream.
 """
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -44,7 +44,7 @@ class ClientHello:
     client_id: str
     wire_protocol: str
     labels: tuple = ()
-    token: str = ""
+    token: str = field(default="", repr=False)  # a secret: never in logs
     version: str = ""
 
 

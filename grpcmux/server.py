@@ -18,11 +18,13 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredList, fail, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from grpcmux import __version__
+from grpcmux import __version__, tls
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.addresses import server_endpoint
+from grpcmux.admission import Admission
 from grpcmux.bridge import Bridge
 from grpcmux.handshake import HandshakeRejected, ServerHandshake
 from grpcmux.ids import client_id_problem
@@ -192,6 +194,13 @@ class _ClientConnection:
 
     def _session_closed(self, reason):
         self._cancel_timeout()
+        problem = tls.failure_reason(reason) if self.hello is None else None
+        if problem is not None:
+            self._log.warn(
+                "TLS with {remote_address} failed: {reason}",
+                remote_address=self.remote_address,
+                reason=problem,
+            )
         self.depart(reason)
 
     def depart(self, reason=None):
@@ -247,8 +256,12 @@ class MultiplexerServer(Service):
         yamux_config=None,
         metrics=None,
         max_clients=10000,
+        tls_options=None,
+        admission=None,
     ):
         self.reactor = reactor
+        self.tls_options = tls_options  # None: plain TCP/UNIX listener
+        self.admission = admission or Admission()
         self.clock = reactor
         self.registry = registry
         self._listener = listener
@@ -272,11 +285,26 @@ class MultiplexerServer(Service):
         super().startService()
         self.runtime_dir = self._make_runtime_dir()
         endpoint = server_endpoint(self.reactor, self._listener)
-        self.port = _listen_now(endpoint, _SessionFactory(self))
+        factory = _SessionFactory(self)
+        if self.tls_options is not None:
+            factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
+        self.port = _listen_now(endpoint, factory)
         self._log.info(
-            "multiplexer endpoint listening on {address}",
+            "multiplexer endpoint listening on {address} ({transport}; {security})",
             address=_describe(self.port.getHost()),
+            transport="TLS" if self.tls_options is not None else "no TLS",
+            security=self.admission.describe(),
         )
+        if (self.admission.tokens is not None and self.tls_options is None
+                and not self._listener.startswith("unix:")):
+            self._log.warn(
+                "--auth-tokens without --tls-cert: tokens cross the network in clear"
+            )
+        if self.admission.allow_legacy_clients:
+            self._log.warn(
+                "--allow-legacy-clients: legacy clients are admitted without "
+                "credentials (not under ids a token entry covers)"
+            )
 
     def stop_accepting(self):
         """First step of a graceful stop: close the listener, GoAway to every client.
@@ -345,6 +373,11 @@ class MultiplexerServer(Service):
         problem = client_id_problem(client_id)
         if problem is not None:
             return fail(HandshakeRejected(Reject.CODE_BAD_CLIENT_ID, problem))
+        refusal = self.admission.refusal(
+            connection.hello, tls.peer_names(connection.session.transport)
+        )
+        if refusal is not None:
+            return fail(refusal)
         if client_id in self._claims:
             return fail(self._already_connected(client_id))
         existing = self._by_id.get(client_id)
@@ -497,6 +530,25 @@ class ServerService(MultiService):
         return stopped
 
 
+def security_options(settings):
+    """``tls_options`` and ``admission`` for ``MultiplexerServer`` from settings."""
+    from grpcmux.tokens import ClientTokens
+
+    tls_options = None
+    if settings.tls_cert:
+        tls_options = tls.server_options(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+    tokens = ClientTokens.load(settings.auth_tokens) if settings.auth_tokens else None
+    admission = Admission(
+        tokens=tokens,
+        client_ca=bool(settings.tls_client_ca),
+        client_id_from_cert=settings.client_id_from_cert,
+        allow_legacy_clients=settings.allow_legacy_clients,
+    )
+    return {"tls_options": tls_options, "admission": admission}
+
+
 def make_service(settings, reactor):
     """The whole server for twistd: multiplexer endpoint plus proxy endpoint."""
     from grpcmux.rpc.security import load_proxy_security
@@ -515,6 +567,7 @@ def make_service(settings, reactor):
         metrics=metrics,
         max_clients=settings.max_clients,
         yamux_config=YamuxConfig(max_streams=settings.max_streams_per_client),
+        **security_options(settings),
     )
     proxy = ProxyService(
         reactor,

@@ -62,6 +62,10 @@ class ClientTokens:
                 admitted |= hmac.compare_digest(known, digest) and matches
         return admitted
 
+    def covers(self, client_id):
+        """Whether any entry's pattern matches ``client_id`` (a token protects it)."""
+        return any(fnmatchcase(client_id, pattern) for pattern, _ in self._entries)
+
     def __len__(self):
         return len(self._entries)
 

@@ -54,8 +54,13 @@ class Stack:
 
         return d.addCallback(start_again).addTimeout(TIMEOUT, self.reactor)
 
-    def client(self, client_id, wire_protocol="native", backend_address=None, labels=()):
-        """Start a client; ``.tunnel.when_admitted()`` tells when it is in."""
+    def client(self, client_id, wire_protocol="native", backend_address=None, labels=(),
+               token=None, tls_creator=None):
+        """Start a client; ``.tunnel.when_admitted()`` tells when it is in.
+
+        ``token`` and ``tls_creator`` (``grpcmux.tls.client_creator``) are the
+        client's credentials; the server's are ``Stack(tls_options=, admission=)``.
+        """
         tunnel = Tunnel(
             self.reactor,
             client_id,
@@ -64,8 +69,9 @@ class Stack:
             wire_protocol=wire_protocol,
             labels=labels,
             retry_policy=_RetryPolicy(backoffPolicy(initialDelay=0.05, maxDelay=0.5)),
+            token=token,
         )
-        service = TunnelClientService(self.reactor, tunnel)
+        service = TunnelClientService(self.reactor, tunnel, tls_creator=tls_creator)
         service.startService()
         self.clients.append(service)
         return service

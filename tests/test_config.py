@@ -71,6 +71,12 @@ def test_server_defaults(dirs):
         "proxy_tls_key": None,
         "proxy_tls_client_ca": None,
         "proxy_auth_tokens": None,
+        "tls_cert": None,
+        "tls_key": None,
+        "tls_client_ca": None,
+        "client_id_from_cert": False,
+        "auth_tokens": None,
+        "allow_legacy_clients": False,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
         "log_level": "info",
@@ -87,6 +93,13 @@ def test_client_defaults(dirs):
         "grpc_server_address": "localhost:7592",
         "labels": (),
         "wire_protocol": "native",
+        "tls": False,
+        "tls_ca": None,
+        "tls_server_name": None,
+        "tls_cert": None,
+        "tls_key": None,
+        "token": None,
+        "token_file": None,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
         "log_level": "info",
@@ -447,13 +460,8 @@ def write(tmp_path, text):
         ("log-level: verbose\n",
          "key 'log-level': expected one of debug, info, warning, error, got 'verbose'"),
         ("proxy_listener: x:1\n",
-         "unknown key 'proxy_listener'; expected one of: authority-domain, "
-         "default-client-id, duplicate-ping-timeout, "
-         "handshake-timeout, log-format, log-level, max-calls-per-client, "
-         "max-clients, max-message-size, max-proxy-calls, "
-         "max-streams-per-client, metrics-listener, multiplexer-listener, "
-         "proxy-auth-tokens, proxy-listener, proxy-tls-cert, "
-         "proxy-tls-client-ca, proxy-tls-key, runtime-dir, shutdown-grace"),
+         "unknown key 'proxy_listener'; expected one of: allow-legacy-clients, "
+         "auth-tokens, authority-domain, client-id-from-cert, default-client-id, "),
         ("config: other.yaml\n", "unknown key 'config'"),
         ("- a\n- b\n",
          "expected a mapping of option names to values at the top level, got a list"),
@@ -486,7 +494,7 @@ def test_server_file_errors(dirs, tmp_path, text, expected):
         ("multiplexer-address: '[::1]'\n", "key 'multiplexer-address': expected HOST:PORT"),
         ("labels: {a: b}\n", "unknown key 'labels'; expected one of: client-id, "
          "grpc-server-address, label, log-format, log-level, metrics-listener, "
-         "multiplexer-address, shutdown-grace, wire-protocol"),
+         "multiplexer-address, shutdown-grace, tls, tls-ca, "),
     ],
 )
 def test_client_file_errors(dirs, tmp_path, text, expected):
@@ -611,3 +619,86 @@ def test_bad_limits_are_one_line_errors(dirs, tmp_path, attr):
         f"key '{flag}': expected a positive whole number, got a number 1.5")
     assert error_of(ServerSettings, **{attr: -1}) == (
         f"ServerSettings.{attr}: expected a positive whole number, got -1")
+
+
+# -- security settings (README "Security") ------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path_factory):
+    from certs import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_server_security_from_flags_environment_and_file(dirs, tmp_path, pki):
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("edge-1: " + "ab" * 32 + "\n")
+    path = write(tmp_path, f"tls-cert: {pki.server.cert}\ntls-key: {pki.server.key}\n"
+                           "allow-legacy-clients: true\n")
+    settings = server(
+        dirs, {"config": str(path), "client_id_from_cert": True},
+        environ={"GRPCMUX_TLS_CLIENT_CA": pki.ca, "GRPCMUX_AUTH_TOKENS": str(tokens)},
+    )
+    assert (settings.tls_cert, settings.tls_key, settings.tls_client_ca) == (
+        pki.server.cert, pki.server.key, pki.ca)
+    assert settings.client_id_from_cert and settings.allow_legacy_clients
+    assert settings.auth_tokens == str(tokens)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("yes", True), ("1", True), ("ON", True), ("false", False), ("0", False), ("no", False),
+])
+def test_boolean_from_the_environment(dirs, text, expected):
+    settings = server(dirs, environ={"GRPCMUX_ALLOW_LEGACY_CLIENTS": text})
+    assert settings.allow_legacy_clients is expected
+
+
+def test_boolean_errors(dirs, tmp_path):
+    message = error_of(server, dirs, environ={"GRPCMUX_ALLOW_LEGACY_CLIENTS": "maybe"})
+    assert message == ("environment variable GRPCMUX_ALLOW_LEGACY_CLIENTS: expected true "
+                       "or false (also 1/0, yes/no, on/off), got 'maybe'")
+    path = write(tmp_path, "client-id-from-cert: 'yes'\n")
+    message = error_of(server, dirs, {"config": str(path)})
+    assert "key 'client-id-from-cert': expected true or false, got a string 'yes'" in message
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"tls_cert": "c"}, "--tls-cert and --tls-key: expected both or neither"),
+    ({"tls_client_ca": "ca"}, "--tls-client-ca: expected --tls-cert and --tls-key as well"),
+    ({"client_id_from_cert": True}, "--client-id-from-cert: expected --tls-client-ca"),
+    ({"auth_tokens": "/nonexistent/tokens.yaml"},
+     "/nonexistent/tokens.yaml: cannot be read"),
+    ({"tls_cert": "/nonexistent/s.crt", "tls_key": "/nonexistent/s.key"},
+     "certificate file /nonexistent/s.crt: cannot be read"),
+])
+def test_server_security_errors(fields, expected):
+    with pytest.raises(ConfigError) as info:
+        ServerSettings(**fields)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_client_tls_settings(pki):
+    settings = ClientSettings(multiplexer_address="mux.example.com:7602", tls=True,
+                              tls_ca=pki.ca, tls_cert=pki.client.cert,
+                              tls_key=pki.client.key)
+    assert settings.server_name == "mux.example.com"
+    assert ClientSettings(multiplexer_address="[::1]:7602", tls=True).server_name == "::1"
+    named = ClientSettings(multiplexer_address="unix:/run/mux.sock", tls=True,
+                           tls_server_name="Mux.Example.com.")
+    assert named.server_name == "mux.example.com"
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"tls_ca": "ca.crt"}, "--tls-ca: expected --tls as well"),
+    ({"tls_server_name": "a.example"}, "--tls-server-name: expected --tls as well"),
+    ({"tls": True, "tls_cert": "c"}, "--tls-cert and --tls-key: expected both or neither"),
+    ({"tls": True, "multiplexer_address": "unix:/run/mux.sock"},
+     "--tls-server-name: expected a name to verify the server with"),
+    ({"tls": True, "tls_server_name": "not a name"}, "expected a DNS domain name"),
+    ({"tls": True, "tls_ca": "/nonexistent/ca.crt"}, "CA file /nonexistent/ca.crt: cannot"),
+])
+def test_client_security_errors(fields, expected):
+    with pytest.raises(ConfigError) as info:
+        ClientSettings(**fields)
+    assert expected in str(info.value) and "\n" not in str(info.value)

@@ -67,6 +67,12 @@ SERVER_HELP = {
     "--proxy-auth-tokens=": "[default: off: every caller may call every client]",
     "--shutdown-grace=": "[default: 10]",
     "--metrics-listener=": "[default: off]",
+    "--tls-cert=": "[default: no TLS]",
+    "--tls-key=": "[default: none]",
+    "--tls-client-ca=": "[default: no client certificates]",
+    "--client-id-from-cert": "needs a client CA",
+    "--auth-tokens=": "[default: no tokens]",
+    "--allow-legacy-clients": "carry no credentials",
     "--log-level=": "[default: info]",
     "--log-format=": "[default: pretty]",
     "--config=": "Default: search $HOME/.grpc-multiplexer-server.yaml, "
@@ -81,6 +87,13 @@ CLIENT_HELP = {
     "--wire-protocol=": "[default: native]",
     "--shutdown-grace=": "[default: 10]",
     "--metrics-listener=": "[default: off]",
+    "--tls": "Connect to the multiplexer over TLS.",
+    "--tls-ca=": "[default: the system trust store]",
+    "--tls-server-name=": "[default: the host of the multiplexer address]",
+    "--tls-cert=": "[default: none]",
+    "--tls-key=": "[default: none]",
+    "--token=": "prefer a token file or GRPCMUX_TOKEN",
+    "--token-file=": "[default: none]",
     "--log-level=": "[default: info]",
     "--log-format=": "[default: pretty]",
     "--config=": "$HOME/.grpc-",
@@ -103,11 +116,13 @@ def test_help_lists_every_option_with_its_default(module, expected):
 
 def test_help_lists_every_settings_field():
     fields = {f for f in ServerSettings.__dataclass_fields__} - {"config"}
-    assert {f.replace("_", "-") + "=" for f in fields} <= {
-        k[2:] for k in SERVER_HELP
+    assert {f.replace("_", "-") for f in fields} <= {
+        k[2:].rstrip("=") for k in SERVER_HELP
     }
     fields = {f for f in ClientSettings.__dataclass_fields__} - {"config", "labels"}
-    assert {f.replace("_", "-") + "=" for f in fields} <= {k[2:] for k in CLIENT_HELP}
+    assert {f.replace("_", "-") for f in fields} <= {
+        k[2:].rstrip("=") for k in CLIENT_HELP
+    }
 
 
 def test_server_flags(dirs):
@@ -433,3 +448,26 @@ def test_tap_modules_import_without_grpc_or_reactor():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + sys.path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO,
                    timeout=60)
+
+
+def test_security_flags(dirs, tmp_path):
+    from certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    options = parse(
+        server_tap,
+        ["--tls-cert", pki.server.cert, "--tls-key", pki.server.key,
+         "--tls-client-ca", pki.ca, "--client-id-from-cert", "--allow-legacy-clients"],
+        dirs,
+    )
+    assert options.settings.client_id_from_cert and options.settings.allow_legacy_clients
+    assert options.given_flags()["client_id_from_cert"] is True
+    # An absent on/off flag leaves the environment's value alone.
+    options = parse(server_tap, [], dirs, environ={"GRPCMUX_ALLOW_LEGACY_CLIENTS": "true"})
+    assert options.settings.allow_legacy_clients is True
+    options = parse(client_tap, ["--tls", "--tls-ca", pki.ca, "--multiplexer-address",
+                                 "localhost:7602"], dirs)
+    assert options.settings.tls and options.settings.server_name == "localhost"
+    with pytest.raises(usage.UsageError) as info:
+        parse(client_tap, ["--token", "a secret value"], dirs)
+    assert "secret" not in str(info.value)

@@ -51,8 +51,13 @@ def _option_table(
     return [
         [o.flag, None, None, _help(o, config.default_of(settings_class, o), stem)]
         for o in options
-        if o.kind != "labels"
+        if o.kind not in ("labels", "bool")
     ]
+
+
+def _flag_table(options: Sequence[Any]) -> list:
+    """usage.Options optFlags for the on/off options (given: on)."""
+    return [[o.flag, None, o.help] for o in options if o.kind == "bool"]
 
 
 class SettingsOptions(usage.Options):
@@ -82,6 +87,8 @@ class SettingsOptions(usage.Options):
         given = {}
         for option in self._config_options:
             value = self.get(option.flag)
+            if option.kind == "bool":
+                value = True if value else None  # an absent flag says nothing
             if value is not None and value != []:
                 given[option.attr] = value
         return given

@@ -3,7 +3,7 @@
 from twisted.python import usage
 
 from grpcmux import config
-from grpcmux.tap import SettingsOptions, _option_table, make_twistd_service
+from grpcmux.tap import SettingsOptions, _flag_table, _option_table, make_twistd_service
 
 
 class Options(SettingsOptions):
@@ -22,6 +22,7 @@ class Options(SettingsOptions):
     optParameters = _option_table(
         config.CLIENT_OPTIONS, config.ClientSettings, config.CLIENT_FILE_STEM
     )
+    optFlags = _flag_table(config.CLIENT_OPTIONS)
     compData = usage.Completions(
         optActions={
             "log-level": usage.CompleteList(config.LOG_LEVELS),

@@ -3,7 +3,7 @@
 from twisted.python import usage
 
 from grpcmux import config
-from grpcmux.tap import SettingsOptions, _option_table, make_twistd_service
+from grpcmux.tap import SettingsOptions, _flag_table, _option_table, make_twistd_service
 
 
 class Options(SettingsOptions):
@@ -22,6 +22,7 @@ class Options(SettingsOptions):
     optParameters = _option_table(
         config.SERVER_OPTIONS, config.ServerSettings, config.SERVER_FILE_STEM
     )
+    optFlags = _flag_table(config.SERVER_OPTIONS)
     compData = usage.Completions(
         optActions={
             "log-level": usage.CompleteList(config.LOG_LEVELS),
