@@ -141,11 +141,12 @@ def _channel(args):
 
     if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
         return grpc.insecure_channel(args.proxy_address)
-    from grpcmux.rpc.security import CredentialsError, channel_credentials
+    from grpcmux.rpc.security import channel_credentials
+    from grpcmux.tls import TLSConfigError
 
     try:
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-    except CredentialsError as error:
+    except TLSConfigError as error:
         raise UsageError(f"grpcmux {args.command}: {error}") from None
     options = []
     if args.tls_server_name:

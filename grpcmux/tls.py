@@ -1,72 +1,93 @@
-"""TLS for the multiplexer endpoint: contexts from PEM files, peer names, failure reasons.
+"""TLS: certificate and key files checked once; Twisted options for the multiplexer endpoint.
 
-The server wraps whatever listener it has (``tcp:``, ``unix:``, ``systemd:``) in
-``TLSMemoryBIOFactory`` with :func:`server_options`; the client wraps its endpoint
-with ``wrapClientTLS`` and :func:`client_creator`, which verifies the server's name
-with service-identity (``optionsForClientTLS``).  Every problem with the files is a
-``TLSConfigError`` whose text is one line naming the file.
+Every PEM certificate or key file, for either endpoint, is read and checked here with
+``cryptography`` (:func:`read_certificates`, :func:`read_key_pair`): a problem is a
+``TLSConfigError`` whose text is one line naming the option and the file.  The proxy
+endpoint (:mod:`grpcmux.rpc.security`) hands the checked PEM bytes to grpcio.
+
+The multiplexer server wraps whatever listener it has (``tcp:``, ``unix:``,
+``systemd:``) in ``TLSMemoryBIOFactory`` with :func:`server_options`; the client wraps
+its endpoint with ``wrapClientTLS`` and :func:`client_creator`, which verifies the
+server's name with service-identity (``optionsForClientTLS``).  Both give Twisted the
+``cryptography`` objects, as pyOpenSSL deprecates its own.
 """
 
-import re
+from typing import NamedTuple
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.interfaces import ISSLTransport
-
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
 
 
 class TLSConfigError(ValueError):
     """A certificate, key or CA file cannot be used; ``str()`` is one line."""
 
 
-def _read(path, what):
+class KeyPair(NamedTuple):
+    """A certificate chain and the private key of its first certificate, checked."""
+
+    chain_pem: bytes
+    certificates: list  # cryptography certificates, leaf first
+    key_pem: bytes
+    key: object  # a cryptography private key
+
+
+def _read(path, label):
     try:
         with open(path, "rb") as stream:
             return stream.read()
     except OSError as error:
-        raise TLSConfigError(f"{what} {path}: cannot be read: {error.strerror or error}") from None
+        raise TLSConfigError(f"{label} {path}: cannot be read: {error.strerror or error}") from None
 
 
-def load_certificates(path, what="certificate file"):
-    """Every PEM certificate in ``path``, in order; at least one."""
-    blocks = _PEM_CERTIFICATE.findall(_read(path, what))
-    if not blocks:
-        raise TLSConfigError(f"{what} {path}: expected PEM certificates (BEGIN CERTIFICATE)")
+def read_certificates(path, label):
+    """``(PEM bytes, certificates)`` of ``path``, at least one; ``label`` names the option."""
+    data = _read(path, label)
     try:
-        return [ssl.Certificate.loadPEM(block) for block in blocks]
-    except Exception:  # pyOpenSSL raises its own crypto.Error for any bad body
-        raise TLSConfigError(f"{what} {path}: a PEM certificate in it is not valid") from None
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise TLSConfigError(
+            f"{label} {path}: expected one or more PEM certificates "
+            "(-----BEGIN CERTIFICATE-----)")
+    return data, certificates
 
 
-def _load_key(path):
+def read_key_pair(cert_path, key_path, cert_label, key_label):
+    """The :class:`KeyPair` of these files, checked to belong together."""
+    chain, certificates = read_certificates(cert_path, cert_label)
+    key_data = _read(key_path, key_label)
     try:
-        return ssl.KeyPair.load(_read(path, "key file"), crypto.FILETYPE_PEM)
-    except TLSConfigError:
-        raise
-    except Exception:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:  # cryptography's word for "encrypted, and no password given"
         raise TLSConfigError(
-            f"key file {path}: expected an unencrypted PEM private key"
-        ) from None
-
-
-def _trust_root(path, what):
-    return ssl.trustRootFromCertificates(load_certificates(path, what))
-
-
-def _identity(cert_file, key_file):
-    """``(private key, leaf certificate, chain)`` for a certificate/key pair of files."""
-    certificates = load_certificates(cert_file)
-    key = _load_key(key_file)
-    leaf = certificates[0]
-    if leaf.getPublicKey().keyHash() != key.keyHash():
+            f"{key_label} {key_path}: the private key is encrypted; expected an "
+            "unencrypted PEM key (e.g. `openssl pkey -in KEY -out PLAIN`)") from None
+    except (ValueError, UnicodeError):
         raise TLSConfigError(
-            f"key file {key_file} does not belong to the certificate in {cert_file}"
-        )
-    return key.original, leaf.original, [c.original for c in certificates[1:]]
+            f"{key_label} {key_path}: expected a PEM private key "
+            "(-----BEGIN PRIVATE KEY-----)") from None
+    if _public(key) != _public(certificates[0]):
+        raise TLSConfigError(
+            f"{key_label} {key_path}: does not match the certificate in {cert_label} "
+            f"{cert_path} (the first certificate must be the one the key signs for)")
+    return KeyPair(chain, certificates, key_data, key)
+
+
+def _public(key_or_certificate):
+    return key_or_certificate.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _trust_root(path, label):
+    _, certificates = read_certificates(path, label)
+    return ssl.trustRootFromCertificates(
+        [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
 
 
 def server_options(cert_file, key_file, client_ca_file=None):
@@ -75,14 +96,14 @@ def server_options(cert_file, key_file, client_ca_file=None):
     With ``client_ca_file`` every client must present a certificate signed by one
     of the CAs in that file (mTLS).
     """
-    key, certificate, chain = _identity(cert_file, key_file)
+    pair = read_key_pair(cert_file, key_file, "--tls-cert", "--tls-key")
     trust = None
     if client_ca_file:
-        trust = _trust_root(client_ca_file, "client CA file")
+        trust = _trust_root(client_ca_file, "--tls-client-ca")
     return ssl.CertificateOptions(
-        privateKey=key,
-        certificate=certificate,
-        extraCertChain=chain,
+        privateKey=pair.key,
+        certificate=pair.certificates[0],
+        extraCertChain=pair.certificates[1:],
         trustRoot=trust,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
@@ -94,16 +115,14 @@ def client_creator(server_name, ca_file=None, cert_file=None, key_file=None):
     Without ``ca_file`` the server's certificate is checked against the system's
     trust store.
     """
-    trust = _trust_root(ca_file, "CA file") if ca_file else None
-    client_certificate = None
+    trust = _trust_root(ca_file, "--tls-ca") if ca_file else None
+    identity = {}
     if cert_file:
-        key, certificate, _chain = _identity(cert_file, key_file)
-        client_certificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(
-            ssl.Certificate(certificate), ssl.KeyPair(key)
-        )
+        pair = read_key_pair(cert_file, key_file, "--tls-cert", "--tls-key")
+        # Not clientCertificate=: Twisted would hand pyOpenSSL's deprecated objects on.
+        identity = {"privateKey": pair.key, "certificate": pair.certificates[0]}
     return ssl.optionsForClientTLS(
-        server_name, trustRoot=trust, clientCertificate=client_certificate
-    )
+        server_name, trustRoot=trust, extraCertificateOptions=identity)
 
 
 def peer_names(transport):
@@ -117,9 +136,6 @@ def peer_names(transport):
     peer = transport.getPeerCertificate()
     if peer is None:
         return None
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
     certificate = peer.to_cryptography()
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)

@@ -670,7 +670,7 @@ def test_boolean_errors(dirs, tmp_path):
     ({"auth_tokens": "/nonexistent/tokens.yaml"},
      "/nonexistent/tokens.yaml: cannot be read"),
     ({"tls_cert": "/nonexistent/s.crt", "tls_key": "/nonexistent/s.key"},
-     "certificate file /nonexistent/s.crt: cannot be read"),
+     "--tls-cert /nonexistent/s.crt: cannot be read"),
 ])
 def test_server_security_errors(fields, expected):
     with pytest.raises(ConfigError) as info:
@@ -696,7 +696,7 @@ def test_client_tls_settings(pki):
     ({"tls": True, "multiplexer_address": "unix:/run/mux.sock"},
      "--tls-server-name: expected a name to verify the server with"),
     ({"tls": True, "tls_server_name": "not a name"}, "expected a DNS domain name"),
-    ({"tls": True, "tls_ca": "/nonexistent/ca.crt"}, "CA file /nonexistent/ca.crt: cannot"),
+    ({"tls": True, "tls_ca": "/nonexistent/ca.crt"}, "--tls-ca /nonexistent/ca.crt: cannot"),
 ])
 def test_client_security_errors(fields, expected):
     with pytest.raises(ConfigError) as info:

@@ -21,13 +21,9 @@ from twisted.python import usage
 
 from grpcmux import cli
 from grpcmux.config import ConfigError, ServerSettings
-from grpcmux.rpc.security import (
-    CredentialsError,
-    ServerTLS,
-    channel_credentials,
-    load_proxy_security,
-)
+from grpcmux.rpc.security import ServerTLS, channel_credentials, load_proxy_security
 from grpcmux.tap import server as server_tap
+from grpcmux.tls import TLSConfigError
 from mux_stack import TIMEOUT, Stack
 from proxy_certs import issue, make_ca
 from rpc_backend import ENGINES, UNLIMITED, Mux, invoke
@@ -79,7 +75,7 @@ def write(tmp_path, name, data):
 
 
 def error_of(call, *args):
-    with pytest.raises(CredentialsError) as info:
+    with pytest.raises(TLSConfigError) as info:
         call(*args)
     message = str(info.value)
     assert "\n" not in message

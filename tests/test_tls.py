@@ -233,15 +233,15 @@ def test_bad_files_are_one_line_errors(tmp_path, pki):
         (lambda: tls.server_options(str(tmp_path / "missing.crt"), pki.server.key),
          "missing.crt: cannot be read: No such file or directory"),
         (lambda: tls.server_options(str(junk), pki.server.key),
-         "expected PEM certificates"),
+         "expected one or more PEM certificates"),
         (lambda: tls.server_options(pki.server.cert, str(junk)),
-         "expected an unencrypted PEM private key"),
+         "expected a PEM private key"),
         (lambda: tls.server_options(pki.server.cert, pki.client.key),
-         "does not belong to the certificate"),
+         "does not match the certificate"),
         (lambda: tls.server_options(pki.server.cert, pki.server.key, str(junk)),
-         f"client CA file {junk}: expected PEM certificates"),
+         f"--tls-client-ca {junk}: expected one or more PEM certificates"),
         (lambda: tls.client_creator("localhost", str(junk)),
-         f"CA file {junk}: expected PEM certificates"),
+         f"--tls-ca {junk}: expected one or more PEM certificates"),
     ]
     for build, expected in cases:
         with pytest.raises(tls.TLSConfigError) as info:

@@ -1,8 +1,8 @@
 """What secures the proxy endpoint: TLS material and end-user tokens, read at startup.
 
-PEM files are parsed with ``cryptography`` before grpcio sees them: grpcio aborts the
+PEM files are checked by :mod:`grpcmux.tls` before grpcio sees them: grpcio aborts the
 whole process on a malformed certificate or key, and its complaint names no file.
-Here every problem is one line naming the option and the file. Only bytes are kept;
+There every problem is one line naming the option and the file. Only bytes are kept;
 grpc credential objects are made when a server or channel is built (after twistd
 forked), and grpc itself is imported only then.
 """
@@ -11,67 +11,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from grpcmux.config import ConfigError
+from grpcmux.tls import TLSConfigError, read_certificates, read_key_pair
 from grpcmux.tokens import PROXY_TOKEN_METADATA_KEY, ProxyTokens, TokenFileError
 
 #: The status details of a call refused for want of a known proxy token.
 UNAUTHENTICATED_DETAILS = (
     f"a valid proxy token is required in the metadata '{PROXY_TOKEN_METADATA_KEY}'")
-
-
-class CredentialsError(ValueError):
-    """A certificate or key file cannot be used; ``str(error)`` is one line."""
-
-
-def _read(path, label):
-    try:
-        with open(path, "rb") as stream:
-            return stream.read()
-    except OSError as error:
-        raise CredentialsError(f"{label} {path}: cannot be read: {error.strerror or error}")
-
-
-def read_certificates(path, label):
-    """``(PEM bytes, certificates)`` of ``path``; ``label`` names the option in errors."""
-    from cryptography import x509
-
-    data = _read(path, label)
-    try:
-        certificates = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        certificates = []
-    if not certificates:
-        raise CredentialsError(
-            f"{label} {path}: expected one or more PEM certificates "
-            "(-----BEGIN CERTIFICATE-----)")
-    return data, certificates
-
-
-def read_key_pair(cert_path, key_path, cert_label, key_label):
-    """``(certificate chain PEM, private key PEM)``, checked to belong together."""
-    from cryptography.hazmat.primitives import serialization
-
-    chain, certificates = read_certificates(cert_path, cert_label)
-    key_data = _read(key_path, key_label)
-    try:
-        key = serialization.load_pem_private_key(key_data, password=None)
-    except TypeError:  # cryptography's word for "encrypted, and no password given"
-        raise CredentialsError(
-            f"{key_label} {key_path}: the private key is encrypted; expected an "
-            "unencrypted PEM key (e.g. `openssl pkey -in KEY -out PLAIN`)") from None
-    except (ValueError, UnicodeError):
-        raise CredentialsError(
-            f"{key_label} {key_path}: expected a PEM private key "
-            "(-----BEGIN PRIVATE KEY-----)") from None
-
-    def public(k):
-        return k.public_bytes(serialization.Encoding.PEM,
-                              serialization.PublicFormat.SubjectPublicKeyInfo)
-
-    if public(key.public_key()) != public(certificates[0].public_key()):
-        raise CredentialsError(
-            f"{key_label} {key_path}: does not match the certificate in {cert_label} "
-            f"{cert_path} (the first certificate must be the one the key signs for)")
-    return chain, key_data
 
 
 @dataclass(frozen=True)
@@ -84,13 +29,12 @@ class ServerTLS:
 
     @classmethod
     def load(cls, cert_path, key_path, client_ca_path=None):
-        """Read and check the files of ``--proxy-tls-*``; CredentialsError if bad."""
-        chain, key = read_key_pair(cert_path, key_path,
-                                   "--proxy-tls-cert", "--proxy-tls-key")
+        """Read and check the files of ``--proxy-tls-*``; TLSConfigError if bad."""
+        pair = read_key_pair(cert_path, key_path, "--proxy-tls-cert", "--proxy-tls-key")
         client_ca = None
         if client_ca_path is not None:
             client_ca, _ = read_certificates(client_ca_path, "--proxy-tls-client-ca")
-        return cls(chain, key, client_ca)
+        return cls(pair.chain_pem, pair.key_pem, client_ca)
 
     @property
     def requires_client_certificates(self):
@@ -121,8 +65,9 @@ def channel_credentials(ca_path=None, cert_path=None, key_path=None, labels=None
     chain = key = None
     if cert_path is not None or key_path is not None:
         if cert_path is None or key_path is None:
-            raise CredentialsError(f"{labels['cert']} and {labels['key']} go together")
-        chain, key = read_key_pair(cert_path, key_path, labels["cert"], labels["key"])
+            raise TLSConfigError(f"{labels['cert']} and {labels['key']} go together")
+        pair = read_key_pair(cert_path, key_path, labels["cert"], labels["key"])
+        chain, key = pair.chain_pem, pair.key_pem
     return grpc.ssl_channel_credentials(root_certificates=root, private_key=key,
                                         certificate_chain=chain)
 
@@ -144,7 +89,7 @@ def load_proxy_security(settings):
                                  settings.proxy_tls_client_ca)
         if settings.proxy_auth_tokens is not None:
             tokens = ProxyTokens.load(settings.proxy_auth_tokens)
-    except CredentialsError as error:
+    except TLSConfigError as error:
         raise ConfigError(str(error)) from None
     except TokenFileError as error:
         raise ConfigError(f"--proxy-auth-tokens {error}") from None
