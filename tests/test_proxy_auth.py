@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
+from certs import make_pki
 from grpcmux import cli
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2 as pb
 from grpcmux._proto.grpc.multiplexer.v1.discovery_pb2_grpc import DiscoveryServiceStub
@@ -23,7 +24,6 @@ from grpcmux.config import ConfigError, ServerSettings
 from grpcmux.rpc.security import UNAUTHENTICATED_DETAILS, ServerTLS, load_proxy_security
 from grpcmux.tokens import ProxyTokens, hash_token
 from mux_stack import TIMEOUT, Stack
-from proxy_certs import issue, make_ca
 from rpc_backend import ENGINES, UNLIMITED, Mux, invoke
 
 OK = grpc.StatusCode.OK
@@ -317,13 +317,10 @@ def test_settings_name_the_token_file_and_errors_are_one_line(tmp_path):
 
 @pytest_twisted.async_yield_fixture
 async def secure_stack(reactor, tmp_path, tokens):
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    ca = make_ca(certs)
-    server = issue(ca, "server", dns_names=["localhost"])
-    tls = ServerTLS.load(server.cert_path, server.key_path)
+    pki = make_pki(tmp_path / "pki")
+    tls = ServerTLS.load(pki.server.cert, pki.server.key)
     s = Stack(reactor, tmp_path, proxy_kwargs={"tls": tls, "tokens": tokens})
-    s.ca_path = ca.cert_path
+    s.ca_path = pki.ca
     s.address = f"localhost:{s.proxy.port}"
     yield s
     await s.stop()
@@ -359,7 +356,7 @@ async def test_through_the_tunnel_the_backend_sees_its_authorization_not_the_tok
     finally:
         channel.close()
 
-    tls = ["--proxy-address", secure_stack.address, "--tls-ca", str(secure_stack.ca_path)]
+    tls = ["--proxy-address", secure_stack.address, "--tls-ca", secure_stack.ca_path]
     status, out, err = await run_cli(reactor, "list", *tls, "--token", ALPHA_TOKEN)
     assert (status, err) == (0, "")
     assert [line.split()[0] for line in out.splitlines()[1:]] == ["alpha"]
