@@ -493,22 +493,23 @@ class ServerSettings(_CommonSettings):
 
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)
-        _check_proxy_tls(self)
+        _check_key_pair(self, "proxy_tls_cert", "proxy_tls_key", "proxy_tls_client_ca")
         _check_server_security(self)
 
 
-def _check_proxy_tls(settings: "ServerSettings") -> None:
-    """The proxy's TLS options come as a set: certificate and key, CA only with both."""
-    if (settings.proxy_tls_cert is None) != (settings.proxy_tls_key is None):
-        raise ConfigError(
-            "--proxy-tls-cert and --proxy-tls-key: expected both (the proxy's "
-            "certificate and its private key) or neither"
-        )
-    if settings.proxy_tls_client_ca is not None and settings.proxy_tls_cert is None:
-        raise ConfigError(
-            "--proxy-tls-client-ca: expected together with --proxy-tls-cert and "
-            "--proxy-tls-key (client certificates are checked over TLS only)"
-        )
+def _check_key_pair(settings, cert: str, key: str, client_ca: Optional[str] = None) -> None:
+    """A certificate and its key come as a pair, and a client CA only with the pair.
+
+    ``cert``, ``key`` and ``client_ca`` name the settings' fields.
+    """
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    has_cert = getattr(settings, cert) is not None
+    if has_cert != (getattr(settings, key) is not None):
+        raise ConfigError(f"{flag(cert)} and {flag(key)}: expected both or neither")
+    if client_ca and getattr(settings, client_ca) is not None and not has_cert:
+        raise ConfigError(f"{flag(client_ca)}: expected {flag(cert)} and {flag(key)} as well")
 
 
 @dataclass(frozen=True)
@@ -546,10 +547,7 @@ def _check_server_security(settings: ServerSettings) -> None:
     from grpcmux.tls import TLSConfigError, server_options
     from grpcmux.tokens import ClientTokens, TokenFileError
 
-    if bool(settings.tls_cert) != bool(settings.tls_key):
-        raise ConfigError("--tls-cert and --tls-key: expected both or neither")
-    if settings.tls_client_ca and not settings.tls_cert:
-        raise ConfigError("--tls-client-ca: expected --tls-cert and --tls-key as well")
+    _check_key_pair(settings, "tls_cert", "tls_key", "tls_client_ca")
     if settings.client_id_from_cert and not settings.tls_client_ca:
         raise ConfigError("--client-id-from-cert: expected --tls-client-ca as well")
     try:
@@ -568,8 +566,7 @@ def _check_client_security(settings: ClientSettings) -> None:
     for flag in ("tls-ca", "tls-server-name", "tls-cert", "tls-key"):
         if getattr(settings, flag.replace("-", "_")) and not settings.tls:
             raise ConfigError(f"--{flag}: expected --tls as well")
-    if bool(settings.tls_cert) != bool(settings.tls_key):
-        raise ConfigError("--tls-cert and --tls-key: expected both or neither")
+    _check_key_pair(settings, "tls_cert", "tls_key")
     if settings.tls and settings.server_name is None:
         raise ConfigError(
             "--tls-server-name: expected a name to verify the server with, as "

@@ -396,11 +396,9 @@ def test_bad_default_client_id_from_env(dirs):
         ({"runtime_dir": ""}, "--runtime-dir: expected a non-empty path, got ''"),
         ({"proxy_auth_tokens": ""}, "--proxy-auth-tokens: expected a non-empty path, got ''"),
         ({"proxy_tls_key": "proxy.key"},
-         "--proxy-tls-cert and --proxy-tls-key: expected both (the proxy's certificate "
-         "and its private key) or neither"),
+         "--proxy-tls-cert and --proxy-tls-key: expected both or neither"),
         ({"proxy_tls_cert": "p.pem", "proxy_tls_client_ca": "ca.pem"},
-         "--proxy-tls-cert and --proxy-tls-key: expected both (the proxy's certificate "
-         "and its private key) or neither"),
+         "--proxy-tls-cert and --proxy-tls-key: expected both or neither"),
     ],
 )
 def test_bad_server_flags(dirs, flags, message):

@@ -141,7 +141,8 @@ def test_settings_take_certificate_and_key_together(pki):
     with pytest.raises(ConfigError, match="^--proxy-tls-cert and --proxy-tls-key: expected "
                                           "both"):
         ServerSettings(proxy_tls_cert=pki.server.cert)
-    with pytest.raises(ConfigError, match="^--proxy-tls-client-ca: expected together"):
+    with pytest.raises(ConfigError, match="^--proxy-tls-client-ca: expected --proxy-tls-cert "
+                                          "and --proxy-tls-key as well"):
         ServerSettings(proxy_tls_client_ca=pki.ca)
 
 
