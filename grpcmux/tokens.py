@@ -34,21 +34,33 @@ def hash_token(token):
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-class ClientTokens:
-    """Which token digests admit which client ids, from an ``--auth-tokens`` file."""
+class _TokenFile:
+    """Entries of a token file, checked as :meth:`load` reads them."""
 
     def __init__(self, entries):
-        #: ``(pattern, (digest bytes, ...))`` in file order.
         self._entries = tuple(entries)
 
     @classmethod
     def load(cls, path):
+        """Read ``path``; TokenFileError (one line naming file and entry) if it is bad."""
         data = _load_mapping(path)
-        entries = []
-        for pattern, digests in data.items():
-            where = f"{path}: entry {pattern!r}"
-            entries.append((_pattern(pattern, where), _digests(digests, where)))
-        return cls(entries)
+        return cls(cls._entry(path, number, key, value)
+                   for number, (key, value) in enumerate(data.items(), 1))
+
+    def __len__(self):
+        return len(self._entries)
+
+
+class ClientTokens(_TokenFile):
+    """Which token digests admit which client ids, from an ``--auth-tokens`` file.
+
+    Entries: ``(pattern, (digest bytes, ...))`` in file order.
+    """
+
+    @staticmethod
+    def _entry(path, number, pattern, digests):
+        where = f"{path}: entry {pattern!r}"
+        return _pattern(pattern, where), _digests(digests, where)
 
     def admits(self, client_id, token):
         """Whether ``token`` is valid for ``client_id``; an empty token never is."""
@@ -66,32 +78,22 @@ class ClientTokens:
         """Whether any entry's pattern matches ``client_id`` (a token protects it)."""
         return any(fnmatchcase(client_id, pattern) for pattern, _ in self._entries)
 
-    def __len__(self):
-        return len(self._entries)
 
+class ProxyTokens(_TokenFile):
+    """Which client ids an end user may call, by token, from ``--proxy-auth-tokens``.
 
-class ProxyTokens:
-    """Which client ids an end user may call, by token, from ``--proxy-auth-tokens``."""
+    Entries: ``(digest bytes, (pattern, ...))`` in file order.
+    """
 
-    def __init__(self, entries):
-        #: ``(digest bytes, (pattern, ...))`` in file order.
-        self._entries = tuple(entries)
-
-    @classmethod
-    def load(cls, path):
-        data = _load_mapping(path)
-        entries = []
-        for number, (digest, patterns) in enumerate(data.items(), 1):
-            where = f"{path}: entry {number}"  # a mistaken key may be a raw token
-            (known,) = _digests(digest, where)
-            if isinstance(patterns, str):
-                patterns = [patterns]
-            if not isinstance(patterns, list) or not patterns:
-                raise TokenFileError(
-                    f"{where}: expected a client id pattern or a list of them"
-                )
-            entries.append((known, tuple(_pattern(p, where) for p in patterns)))
-        return cls(entries)
+    @staticmethod
+    def _entry(path, number, digest, patterns):
+        where = f"{path}: entry {number}"  # a mistaken key may be a raw token
+        (known,) = _digests(digest, where)
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        if not isinstance(patterns, list) or not patterns:
+            raise TokenFileError(f"{where}: expected a client id pattern or a list of them")
+        return known, tuple(_pattern(p, where) for p in patterns)
 
     def patterns_for(self, token):
         """The id patterns ``token`` may reach, or ``None`` when it is not known."""
@@ -116,9 +118,6 @@ class ProxyTokens:
     def allows(patterns, client_id):
         """Whether ``client_id`` matches one of ``patterns``."""
         return any(fnmatchcase(client_id, pattern) for pattern in patterns)
-
-    def __len__(self):
-        return len(self._entries)
 
 
 def _load_mapping(path):
