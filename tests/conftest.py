@@ -32,6 +32,15 @@ async def stack(reactor, tmp_path):
     await s.stop()
 
 
+@pytest.fixture
+def log_events():
+    """Every event logged during the test, as logged."""
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
 def _is_error(event):
     return "log_failure" in event or bool(event.get("isError"))
 

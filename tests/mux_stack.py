@@ -4,9 +4,12 @@ Everything runs on the real reactor; blocking grpc client code runs in threads.
 Every wait has a timeout, so a broken tunnel fails a test instead of hanging it.
 """
 
+import io
+
 import grpc
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.threads import deferToThread
 
 from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
 from grpcmux.registry import ClientRegistry
@@ -140,3 +143,21 @@ class Stack:
         if self.server.running:
             await self.server.stopService().addTimeout(TIMEOUT, self.reactor)
         await self.in_thread(self.backend.stop)
+
+
+def first_report(service):
+    """A Deferred firing with the first problem a client service reports."""
+    reported = Deferred()
+    service.tunnel._report = lambda problem: reported.called or reported.callback(problem)
+    return reported.addTimeout(TIMEOUT, service.tunnel._reactor)
+
+
+def run_cli(reactor, *argv):
+    """``grpcmux <argv>`` in a thread: a Deferred of (status, stdout, stderr)."""
+    from grpcmux import cli
+
+    def run():
+        out, err = io.StringIO(), io.StringIO()
+        return cli.run(list(argv), out, err), out.getvalue(), err.getvalue()
+
+    return deferToThread(run).addTimeout(TIMEOUT, reactor)

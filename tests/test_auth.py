@@ -16,7 +16,7 @@ from grpcmux.config import ClientSettings, ConfigError, load_client_settings
 from grpcmux.handshake import WIRE_LEGACY, WIRE_NATIVE, ClientHello
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.tokens import ClientTokens, hash_token
-from mux_stack import TIMEOUT, Stack
+from mux_stack import TIMEOUT, Stack, first_report
 
 Reject = tunnel_pb2.Reject
 TOKEN = "s3cret-Token-for-edge"
@@ -139,25 +139,11 @@ def test_token_and_token_file_together_is_an_error(tmp_path):
 # -- over loopback ----------------------------------------------------------------
 
 
-@pytest.fixture
-def log_events():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
-
 def assert_token_never_logged(events, *tokens):
     for event in events:
         rendered = formatEvent(event) + repr(event)
         for token in tokens:
             assert token not in rendered, event
-
-
-def first_report(service):
-    reported = Deferred()
-    service.tunnel._report = lambda problem: reported.called or reported.callback(problem)
-    return reported.addTimeout(TIMEOUT, service.tunnel._reactor)
 
 
 def refused_event(events, client_id):

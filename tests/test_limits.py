@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.handshake import MAGIC, MessageReader, encode_message
@@ -36,15 +36,6 @@ RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 TIMEOUT = 20.0
 
 
-@pytest.fixture
-def logs():
-    """Every event logged during the test, formatted."""
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
-
 def logged(events, text):
     return [formatEvent(e) for e in events if text in formatEvent(e)]
 
@@ -56,7 +47,7 @@ def route(client_id):
 # -- yamux: streams per session --------------------------------------------------------
 
 
-def test_a_syn_beyond_max_streams_is_reset_and_logged_once(logs):
+def test_a_syn_beyond_max_streams_is_reset_and_logged_once(log_events):
     factory = RecorderFactory()
     session, transport, _ = session_on_string_transport(
         False, factory, YamuxConfig(max_streams=2))
@@ -65,7 +56,7 @@ def test_a_syn_beyond_max_streams_is_reset_and_logged_once(logs):
     sent = [(frame.stream_id, frame.flags) for frame in read_frames(transport)]
     assert sent == [(1, ACK), (3, ACK), (5, RST), (7, RST)]
     assert sorted(session.streams) == [1, 3] and len(factory.protocols) == 2
-    assert len(logged(logs, "opened more than 2 streams; resetting the extra ones")) == 1
+    assert len(logged(log_events, "opened more than 2 streams; resetting the extra ones")) == 1
     session.dataReceived(window_update(1, flags=RST))  # a stream that ends frees its place
     session.dataReceived(window_update(9, flags=SYN))
     assert sorted(session.streams) == [3, 9]
@@ -139,7 +130,7 @@ def fake_server(tmp_path, **kwargs):
 
 @pytest.mark.parametrize("preamble", [b"slow-client-id-" * 2, MAGIC + b"\x00\x00\x00\x30"])
 def test_the_handshake_deadline_counts_from_accept_whatever_trickles_in(
-        tmp_path, logs, preamble):
+        tmp_path, log_events, preamble):
     reactor, server = fake_server(tmp_path, handshake_timeout=10.0)
     peer = Peer(server, 5555)
     peer.send(window_update(1, flags=SYN))
@@ -148,11 +139,11 @@ def test_the_handshake_deadline_counts_from_accept_whatever_trickles_in(
         peer.send(data_frame(1, preamble[second:second + 1]))
         reactor.advance(1)
     assert peer.session.closed and peer.transport.disconnected  # aborted
-    assert logged(logs, "no handshake from 127.0.0.1:5555 within 10 s; closing")
+    assert logged(log_events, "no handshake from 127.0.0.1:5555 within 10 s; closing")
     assert not server._connections
 
 
-def test_beyond_max_clients_native_gets_resource_exhausted_legacy_is_dropped(tmp_path, logs):
+def test_beyond_max_clients_native_gets_resource_exhausted_legacy_is_dropped(tmp_path, log_events):
     reactor, server = fake_server(tmp_path, max_clients=1)
     first = Peer(server, 5001)
     first.send(hello("first"))
@@ -167,14 +158,14 @@ def test_beyond_max_clients_native_gets_resource_exhausted_legacy_is_dropped(tmp
     assert answer.reject.message == (
         "the server has its maximum of 1 clients connected; try again later or another server")
     assert native.session.closed
-    assert logged(logs, "refused client 'second' from 127.0.0.1:5002: CODE_RESOURCE_EXHAUSTED")
+    assert logged(log_events, "refused client 'second' from 127.0.0.1:5002: CODE_RESOURCE_EXHAUSTED")
 
     legacy = Peer(server, 5003)
     legacy.send(window_update(1, flags=SYN), data_frame(1, b"third\n"))
     reactor.advance(0)
     assert legacy.session.closed
     assert not [fr for fr in legacy.received() if fr.type == f.TYPE_DATA]
-    assert logged(logs, "refused client 'third' from 127.0.0.1:5003")
+    assert logged(log_events, "refused client 'third' from 127.0.0.1:5003")
     assert set(server.registry.snapshot) == {"first"}
 
     first.session.abort()  # a place frees up
@@ -185,7 +176,7 @@ def test_beyond_max_clients_native_gets_resource_exhausted_legacy_is_dropped(tmp
 
 
 @pytest.mark.parametrize("admitted", [True, False])
-def test_a_client_opening_a_second_stream_is_disconnected(tmp_path, logs, admitted):
+def test_a_client_opening_a_second_stream_is_disconnected(tmp_path, log_events, admitted):
     _, server = fake_server(tmp_path)
     peer = Peer(server, 5005)
     peer.send(hello("greedy") if admitted else window_update(1, flags=SYN))
@@ -194,14 +185,14 @@ def test_a_client_opening_a_second_stream_is_disconnected(tmp_path, logs, admitt
     assert [fr.length for fr in go_aways] == [f.GO_AWAY_PROTOCOL_ERROR]
     assert peer.session.closed and not peer.session.streams
     assert not server.registry.snapshot
-    assert logged(logs, "from 127.0.0.1:5005 opened a second stream; closing its session")
+    assert logged(log_events, "from 127.0.0.1:5005 opened a second stream; closing its session")
 
 
 # -- through the proxy ---------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_stream_beyond_the_session_limit_fails_the_call_cleanly(reactor, tmp_path, logs):
+async def test_a_stream_beyond_the_session_limit_fails_the_call_cleanly(reactor, tmp_path, log_events):
     # The control stream takes the only place: the bridge cannot open a data stream.
     stack = Stack(reactor, tmp_path, yamux_config=YamuxConfig(max_streams=1))
     try:
@@ -209,7 +200,7 @@ async def test_a_stream_beyond_the_session_limit_fails_the_call_cleanly(reactor,
         result = await stack.invoke("Unary", b"x", route("full"))
         assert result.code == grpc.StatusCode.UNAVAILABLE
         assert result.details.startswith("client 'full' is unavailable"), result.details
-        assert logged(logs, "cannot open a stream to client full: 1 streams are open, "
+        assert logged(log_events, "cannot open a stream to client full: 1 streams are open, "
                             "the session's limit (max_streams)")
         assert "full" in stack.registry.snapshot  # the client itself stays connected
     finally:
@@ -244,6 +235,17 @@ async def release(mux, held):
         assert await mux.in_thread(record.ended.wait, 10)
 
 
+async def call_beyond_two_held(mux, held_id, called_id):
+    """Hold two calls to ``held_id``, then call ``called_id``: RESOURCE_EXHAUSTED.
+
+    The held calls (for :func:`release`) and the refused call's details.
+    """
+    pending = await hold_calls(mux, held_id, 2)
+    refused = await mux.invoke("Unary", b"x", route(called_id))
+    assert refused.code == RESOURCE_EXHAUSTED
+    return pending, refused.details
+
+
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 @pytest_twisted.ensureDeferred
 async def test_calls_to_one_client_beyond_the_limit_are_refused(reactor, tmp_path, engine):
@@ -251,10 +253,8 @@ async def test_calls_to_one_client_beyond_the_limit_are_refused(reactor, tmp_pat
     try:
         mux.connect("busy")
         mux.connect("other")
-        pending = await hold_calls(mux, "busy", 2)
-        refused = await mux.invoke("Unary", b"x", route("busy"))
-        assert refused.code == RESOURCE_EXHAUSTED
-        assert refused.details == (
+        pending, details = await call_beyond_two_held(mux, "busy", "busy")
+        assert details == (
             "client 'busy' already has 2 calls in progress, the most allowed; retry later")
         assert (await mux.invoke("Unary", b"y", route("other"))).responses == [b"y"]
         await release(mux, pending)
@@ -272,10 +272,8 @@ async def test_calls_beyond_the_proxy_limit_are_refused(reactor, tmp_path, engin
     try:
         mux.connect("a")
         mux.connect("b")
-        pending = await hold_calls(mux, "a", 2)
-        refused = await mux.invoke("Unary", b"x", route("b"))
-        assert refused.code == RESOURCE_EXHAUSTED
-        assert refused.details == "Concurrent RPC limit exceeded!"
+        pending, details = await call_beyond_two_held(mux, "a", "b")
+        assert details == "Concurrent RPC limit exceeded!"
         await release(mux, pending)
         for _ in range(int(TIMEOUT / 0.01)):  # grpc frees the places as the calls end
             result = await mux.invoke("Unary", b"y", route("b"))

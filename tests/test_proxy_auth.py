@@ -13,7 +13,6 @@ import pytest
 import pytest_twisted
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
 from certs import make_pki
@@ -23,7 +22,7 @@ from grpcmux._proto.grpc.multiplexer.v1.discovery_pb2_grpc import DiscoveryServi
 from grpcmux.config import ConfigError, ServerSettings
 from grpcmux.rpc.security import UNAUTHENTICATED_DETAILS, ServerTLS, load_proxy_security
 from grpcmux.tokens import ProxyTokens, hash_token
-from mux_stack import TIMEOUT, Stack
+from mux_stack import TIMEOUT, Stack, run_cli
 from rpc_backend import ENGINES, UNLIMITED, Mux, invoke
 
 OK = grpc.StatusCode.OK
@@ -324,14 +323,6 @@ async def secure_stack(reactor, tmp_path, tokens):
     s.address = f"localhost:{s.proxy.port}"
     yield s
     await s.stop()
-
-
-def run_cli(reactor, *argv):
-    def run():
-        out, err = io.StringIO(), io.StringIO()
-        return cli.run(list(argv), out, err), out.getvalue(), err.getvalue()
-
-    return deferToThread(run).addTimeout(TIMEOUT, reactor)
 
 
 @pytest_twisted.ensureDeferred

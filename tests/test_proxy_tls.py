@@ -15,7 +15,6 @@ import grpc
 import pytest
 import pytest_twisted
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from twisted.internet.threads import deferToThread
 from twisted.python import usage
 
 from certs import make_pki
@@ -24,7 +23,7 @@ from grpcmux.config import ConfigError, ServerSettings
 from grpcmux.rpc.security import ServerTLS, channel_credentials, load_proxy_security
 from grpcmux.tap import server as server_tap
 from grpcmux.tls import TLSConfigError
-from mux_stack import TIMEOUT, Stack
+from mux_stack import TIMEOUT, Stack, run_cli
 from rpc_backend import ENGINES, UNLIMITED, Mux, invoke
 
 REPO = Path(__file__).resolve().parent.parent
@@ -285,14 +284,6 @@ async def tls_stack(reactor, tmp_path, pki):
     s = Stack(reactor, tmp_path, proxy_kwargs={"tls": server_tls(pki, mutual=True)})
     yield s
     await s.stop()
-
-
-def run_cli(reactor, *argv):
-    def run():
-        out, err = io.StringIO(), io.StringIO()
-        return cli.run(list(argv), out, err), out.getvalue(), err.getvalue()
-
-    return deferToThread(run).addTimeout(TIMEOUT, reactor)
 
 
 def cli_tls_args(pki, address):

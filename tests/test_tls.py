@@ -8,7 +8,6 @@ observed as new connections at the server.
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
 
 from certs import make_pki
 from grpcmux import tls
@@ -16,7 +15,7 @@ from grpcmux.admission import Admission
 from grpcmux.client import Tunnel, TunnelClientService
 from grpcmux.registry import ClientRegistry
 from grpcmux.server import MultiplexerServer
-from mux_stack import TIMEOUT, Stack
+from mux_stack import TIMEOUT, Stack, first_report
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +54,6 @@ async def mtls_stack(reactor, tmp_path, pki):
     await stack.stop()
 
 
-def first_report(service):
-    """A Deferred firing with the first problem the client reports."""
-    reported = Deferred()
-    service.tunnel._report = lambda problem: reported.called or reported.callback(problem)
-    return reported.addTimeout(TIMEOUT, service.tunnel._reactor)
-
-
 def connections(stack, count):
     """A Deferred firing once the server has accepted ``count`` more connections."""
     reached = Deferred()
@@ -76,14 +68,6 @@ def connections(stack, count):
 
     stack.server.connection_accepted = counting
     return reached.addTimeout(TIMEOUT, stack.reactor)
-
-
-@pytest.fixture
-def log_events():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def texts(events):
