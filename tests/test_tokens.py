@@ -65,40 +65,27 @@ def test_proxy_tokens_read_exactly_one_token_from_call_metadata(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, expected",
+    "tokens, text, expected",
     [
-        ("lab-1: lab-secret\n", "SHA-256 hex digest"),
-        ("lab-1: []\n", "at least one token digest"),
-        ("[a, b]\n", "non-empty mapping"),
-        ("", "non-empty mapping"),
-        ("lab-1: [\n", "valid YAML"),
-        (f"'': {LAB}\n", "client id or glob pattern"),
-        (f"'a b': {LAB}\n", "client id or glob pattern"),
+        (ClientTokens, "lab-1: lab-secret\n", "SHA-256 hex digest"),
+        (ClientTokens, "lab-1: []\n", "at least one token digest"),
+        (ClientTokens, "[a, b]\n", "non-empty mapping"),
+        (ClientTokens, "", "non-empty mapping"),
+        (ClientTokens, "lab-1: [\n", "valid YAML"),
+        (ClientTokens, f"'': {LAB}\n", "client id or glob pattern"),
+        (ClientTokens, f"'a b': {LAB}\n", "client id or glob pattern"),
+        (ProxyTokens, "lab-secret: lab-*\n", "SHA-256 hex digest"),
+        (ProxyTokens, f"{LAB}: []\n", "pattern or a list"),
+        (ProxyTokens, f"{LAB}: {{a: b}}\n", "pattern or a list"),
     ],
 )
-def test_client_token_file_errors_are_one_line(tmp_path, text, expected):
+def test_token_file_errors_are_one_line(tmp_path, tokens, text, expected):
     path = write(tmp_path, text)
     with pytest.raises(TokenFileError) as caught:
-        ClientTokens.load(path)
+        tokens.load(path)
     message = str(caught.value)
     assert expected in message and path in message and "\n" not in message
-    assert "lab-secret" not in message  # a token pasted by mistake is not echoed
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("lab-secret: lab-*\n", "SHA-256 hex digest"),
-        (f"{LAB}: []\n", "pattern or a list"),
-        (f"{LAB}: {{a: b}}\n", "pattern or a list"),
-    ],
-)
-def test_proxy_token_file_errors_are_one_line(tmp_path, text, expected):
-    path = write(tmp_path, text)
-    with pytest.raises(TokenFileError) as caught:
-        ProxyTokens.load(path)
-    assert expected in str(caught.value) and "\n" not in str(caught.value)
-    assert "lab-s" not in str(caught.value)
+    assert "lab-s" not in message  # a token pasted by mistake is not echoed
 
 
 def test_missing_file_is_one_line(tmp_path):
