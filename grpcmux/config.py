@@ -393,7 +393,7 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
     *_LIMIT_OPTIONS,
     _SHUTDOWN_OPTION,
     _METRICS_OPTION,
-    # Proxy endpoint security (files are read and checked by grpcmux.rpc.security).
+    # Proxy endpoint security (files are read and checked by grpcmux.tls).
     _Option("proxy-tls-cert", "str", _check_path,
             "Serve the proxy endpoint over TLS with this PEM certificate (chain).",
             optional=True, shown_default="off: plaintext"),
