@@ -385,6 +385,10 @@ def make_service(settings, reactor):
         settings.multiplexer_address,
         wire_protocol=settings.wire_protocol,
         labels=settings.labels,
+        yamux_config=YamuxConfig(
+            keepalive_interval=settings.keepalive_interval,
+            connection_write_timeout=settings.keepalive_timeout,
+        ),
     )
     service = TunnelClientService(reactor, tunnel, shutdown_grace=settings.shutdown_grace)
     if settings.metrics_listener:

@@ -461,6 +461,10 @@ def make_service(settings, reactor):
         runtime_dir=settings.runtime_dir,
         handshake_timeout=settings.handshake_timeout,
         duplicate_ping_timeout=settings.duplicate_ping_timeout,
+        yamux_config=YamuxConfig(
+            keepalive_interval=settings.keepalive_interval,
+            connection_write_timeout=settings.keepalive_timeout,
+        ),
         metrics=metrics,
     )
     proxy = ProxyService(

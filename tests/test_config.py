@@ -65,6 +65,8 @@ def test_server_defaults(dirs):
         "duplicate_ping_timeout": 2.0,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
+        "keepalive_interval": 30.0,
+        "keepalive_timeout": 10.0,
         "log_level": "info",
         "log_format": "pretty",
         "config": None,
@@ -81,6 +83,8 @@ def test_client_defaults(dirs):
         "wire_protocol": "native",
         "shutdown_grace": 10.0,
         "metrics_listener": None,
+        "keepalive_interval": 30.0,
+        "keepalive_timeout": 10.0,
         "log_level": "info",
         "log_format": "pretty",
         "config": None,
@@ -425,8 +429,8 @@ def write(tmp_path, text):
          "key 'log-level': expected one of debug, info, warning, error, got 'verbose'"),
         ("proxy_listener: x:1\n",
          "unknown key 'proxy_listener'; expected one of: authority-domain, "
-         "default-client-id, duplicate-ping-timeout, handshake-timeout, log-format, "
-         "log-level, max-message-size, metrics-listener, multiplexer-listener, "
+         "default-client-id, duplicate-ping-timeout, handshake-timeout, "
+         "keepalive-interval, keepalive-timeout, log-format, log-level, max-message-size, metrics-listener, multiplexer-listener, "
          "proxy-listener, runtime-dir, shutdown-grace"),
         ("config: other.yaml\n", "unknown key 'config'"),
         ("- a\n- b\n",
@@ -459,7 +463,7 @@ def test_server_file_errors(dirs, tmp_path, text, expected):
         ("client-id: a/b\n", "key 'client-id': expected a client id of 1-128"),
         ("multiplexer-address: '[::1]'\n", "key 'multiplexer-address': expected HOST:PORT"),
         ("labels: {a: b}\n", "unknown key 'labels'; expected one of: client-id, "
-         "grpc-server-address, label, log-format, log-level, metrics-listener, "
+         "grpc-server-address, keepalive-interval, keepalive-timeout, label, log-format, log-level, metrics-listener, "
          "multiplexer-address, shutdown-grace, wire-protocol"),
     ],
 )
@@ -553,3 +557,19 @@ def test_client_id_rule(text):
         assert not ok
     else:
         assert ok
+
+
+def test_keepalive_settings_reach_both_sessions(reactor):
+    from grpcmux import client as client_module
+    from grpcmux import server as server_module
+
+    server = server_module.make_service(
+        ServerSettings(keepalive_interval=0.5, keepalive_timeout=0.25), reactor
+    )
+    config_ = server.multiplexer.yamux_config
+    assert (config_.keepalive_interval, config_.connection_write_timeout) == (0.5, 0.25)
+    client = client_module.make_service(
+        ClientSettings(client_id="c", keepalive_interval=2, keepalive_timeout=1), reactor
+    )
+    config_ = client.tunnel.yamux_config
+    assert (config_.keepalive_interval, config_.connection_write_timeout) == (2.0, 1.0)
