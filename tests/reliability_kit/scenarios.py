@@ -1,0 +1,328 @@
+"""The fault and load scenarios: each runs real processes and returns its figures.
+
+A scenario is ``async def name(reactor, workdir, **counts) -> dict``; the tests
+assert bounds on the figures, ``benchmarks/reliability.py`` prints them.  Times
+are seconds measured with ``time.monotonic`` in this process; memory is the
+resident set size (RSS) of the child process, read from ``/proc``.
+"""
+
+import time
+
+import grpc
+from twisted.internet.defer import DeferredList
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+
+from reliability_kit import callers
+from reliability_kit.discovery import CONNECTED, DISCONNECTED, Watcher, list_servers
+from reliability_kit.pattern import CHUNK, SERVICE, chunk
+from reliability_kit.processes import MuxServer, client_admitted, kit_script, mux_client
+from reliability_kit.relay import Relay
+
+# Short keepalive for the fault scenarios: (interval, timeout) in seconds.
+KEEPALIVE = (1.0, 1.0)
+MIB = 1024 * 1024
+# The issue's counts for the load scenarios (keyword arguments of each).
+LOAD_COUNTS = {
+    "many_clients": {"count": 1000},
+    "many_streams": {"count": 1000},
+}
+
+
+def in_thread(reactor, fn, *args, timeout=60.0):
+    d = deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+    return d.addTimeout(timeout, reactor)
+
+
+class Scene:
+    """The processes and helpers of one scenario, all stopped at the end."""
+
+    def __init__(self, reactor, workdir):
+        self.reactor = reactor
+        self.workdir = workdir
+        self.children = []
+        self.closers = []
+
+    async def backend(self, port=0):
+        child = self.track(kit_script(self.reactor, "echo backend", "echo_backend",
+                                      "--port", port))
+        event = await child.wait_for(lambda e: e.get("event") == "listening")
+        child.port = event["port"]
+        child.address = f"127.0.0.1:{event['port']}"
+        return child
+
+    async def server(self, keepalive=KEEPALIVE, extra=()):
+        server = MuxServer(self.reactor, self.workdir, keepalive, extra)
+        await server.start()
+        self.track(server.child)
+        self.server_ = server
+        return server
+
+    async def client(self, client_id, multiplexer_address, backend, keepalive=KEEPALIVE):
+        child = self.track(mux_client(self.reactor, client_id, multiplexer_address,
+                                      backend.address, keepalive))
+        await client_admitted(child)
+        return child
+
+    def watcher(self, server):
+        watcher = Watcher(self.reactor, server.proxy_address)
+        self.closers.append(watcher.close)
+        return watcher
+
+    def track(self, child):
+        self.children.append(child)
+        return child
+
+    async def close(self):
+        for close in reversed(self.closers):
+            close()
+        await DeferredList([child.stop() for child in reversed(self.children)])
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.close()
+
+
+def _failures(outcomes, killed_at, client_id):
+    delays = [outcome.ended - killed_at for outcome in outcomes]
+    return {
+        "calls": len(outcomes),
+        "codes": sorted({outcome.code.name for outcome in outcomes}),
+        "details_name_client": all(f"'{client_id}'" in (outcome.details or "")
+                                   for outcome in outcomes),
+        "failed_within_s": max(delays),
+        "echo_errors": [outcome.error for outcome in outcomes if outcome.error],
+        "bytes_checked": sum(outcome.checked for outcome in outcomes),
+    }
+
+
+# -- faults ------------------------------------------------------------------------
+
+
+async def client_killed(reactor, workdir, streams=8):
+    """SIGKILL a client with streaming calls in flight."""
+    async with Scene(reactor, workdir) as scene:
+        backend = await scene.backend()
+        server = await scene.server()
+        watch = scene.watcher(server)
+        client = await scene.client("edge-kill", server.multiplexer_address, backend)
+        await watch.next("edge-kill", CONNECTED)
+        held = callers.HeldStreams(reactor, server.proxy_address, "edge-kill", streams)
+        scene.closers.append(held.close)
+        await held.when_established()
+        killed_at = client.signal("KILL")
+        outcomes = await held.when_ended()
+        gone, _, _ = await watch.next("edge-kill", DISCONNECTED, after=killed_at)
+        listed = await in_thread(reactor, list_servers, server.proxy_address)
+        figures = _failures(outcomes, killed_at, "edge-kill")
+        figures.update(watch_disconnected_s=gone - killed_at, listed_after=listed)
+        return figures
+
+
+async def _frozen_or_blackholed(reactor, workdir, streams, freeze):
+    interval, timeout = KEEPALIVE
+    async with Scene(reactor, workdir) as scene:
+        backend = await scene.backend()
+        server = await scene.server()
+        watch = scene.watcher(server)
+        dial = server.multiplexer_address
+        relay = None
+        if not freeze:
+            relay = Relay(reactor, "127.0.0.1", server.multiplexer_port)
+            scene.closers.append(relay.close)
+            dial = relay.address
+        client = await scene.client("edge-fault", dial, backend)
+        await watch.next("edge-fault", CONNECTED)
+        held = callers.HeldStreams(reactor, server.proxy_address, "edge-fault", streams)
+        scene.closers.append(held.close)
+        await held.when_established()
+        since = len(client.events)
+        if freeze:
+            fault_at = client.signal("STOP")
+        else:
+            relay.hold()
+            fault_at = time.monotonic()
+        gone, _, _ = await watch.next("edge-fault", DISCONNECTED, after=fault_at)
+        outcomes = await held.when_ended()
+        figures = _failures(outcomes, fault_at, "edge-fault")
+        figures.update(detected_s=gone - fault_at, bound_s=interval + timeout)
+        if not freeze:
+            lost = await client.wait_for_message("lost its session", since=since)
+            figures["client_detected_s"] = lost["_seen"] - fault_at
+        if freeze:
+            recovered_at = client.signal("CONT")
+        else:
+            relay.release()
+            recovered_at = time.monotonic()
+        back, _, _ = await watch.next("edge-fault", CONNECTED, after=recovered_at)
+        figures["reconnected_s"] = back - recovered_at
+        figures["probe_after"] = await _probe_until_ok(reactor, server, "edge-fault")
+        return figures
+
+
+async def client_frozen(reactor, workdir, streams=4):
+    """SIGSTOP a client with calls in flight, then SIGCONT."""
+    return await _frozen_or_blackholed(reactor, workdir, streams, freeze=True)
+
+
+async def link_blackholed(reactor, workdir, streams=4):
+    """Black-hole the client's link with calls in flight, then let it through."""
+    return await _frozen_or_blackholed(reactor, workdir, streams, freeze=False)
+
+
+async def _probe_until_ok(reactor, server, client_id, limit=10.0):
+    """Unary calls until one succeeds: (seconds until then, calls failed meanwhile)."""
+    started = time.monotonic()
+    failed = 0
+    while True:
+        code, details, _ = await in_thread(reactor, callers.probe, server.proxy_address,
+                                           client_id)
+        if code == grpc.StatusCode.OK:
+            return {"ok_after_s": time.monotonic() - started, "failed_first": failed}
+        failed += 1
+        if time.monotonic() - started > limit:
+            raise AssertionError(f"{client_id} not callable after {limit}s: {code} {details}")
+
+
+def backoff_bound(downtime, initial=0.5, factor=1.5, maximum=30.0, jitter=1.0):
+    """The longest wait, after a server came back, that the client's default backoff
+    (grpcmux.client._RetryPolicy) allows: its attempt in progress began once the
+    delays before it (each at least their jitter-free value) fitted in ``downtime``."""
+    elapsed, attempt = 0.0, 0
+    while elapsed + initial * factor ** attempt <= downtime:
+        elapsed += initial * factor ** attempt
+        attempt += 1
+    return min(initial * factor ** attempt, maximum) + jitter
+
+
+async def server_restarted(reactor, workdir, clients=3):
+    """SIGKILL the server, start it again on the same ports; the clients come back."""
+    async with Scene(reactor, workdir) as scene:
+        backend = await scene.backend()
+        server = await scene.server()
+        ids = [f"edge-{n}" for n in range(clients)]
+        children = [await scene.client(i, server.multiplexer_address, backend) for i in ids]
+        marks = [len(child.events) for child in children]
+        killed_at = server.child.signal("KILL")
+        await server.child.when_ended()
+        await server.start()
+        scene.track(server.child)
+        ready_at = time.monotonic()
+        watch = scene.watcher(server)
+        back = []
+        for client_id, child, mark in zip(ids, children, marks):
+            event = await client_admitted(child, since=mark)
+            back.append(event["_seen"] - ready_at)
+        for client_id in ids:
+            await watch.next(client_id, CONNECTED)
+        probes = [await _probe_until_ok(reactor, server, client_id) for client_id in ids]
+        return {
+            "clients": clients,
+            "server_down_s": ready_at - killed_at,
+            "reconnected_max_s": max(back),
+            "backoff_bound_s": backoff_bound(ready_at - killed_at),
+            "callable_after_s": max(back) + max(p["ok_after_s"] for p in probes),
+            "listed_after": await in_thread(reactor, list_servers, server.proxy_address),
+        }
+
+
+async def backend_restarted(reactor, workdir, calls_while_down=5):
+    """Stop the client's gRPC backend, call, start it again on the same port, call."""
+    async with Scene(reactor, workdir) as scene:
+        backend = await scene.backend()
+        server = await scene.server()
+        await scene.client("edge-backend", server.multiplexer_address, backend)
+        before = await _probe_until_ok(reactor, server, "edge-backend")
+        backend.signal("KILL")
+        await backend.when_ended()
+        down = [await in_thread(reactor, callers.probe, server.proxy_address, "edge-backend")
+                for _ in range(calls_while_down)]
+        await scene.backend(port=backend.port)
+        after = await _probe_until_ok(reactor, server, "edge-backend")
+        return {
+            "ok_before": before["failed_first"] == 0,
+            "down_codes": sorted({code.name for code, _, _ in down}),
+            "down_details": sorted({details for _, details, _ in down}),
+            "down_slowest_s": max(seconds for _, _, seconds in down),
+            "up_ok_after_s": after["ok_after_s"],
+            "up_failed_first": after["failed_first"],
+        }
+
+
+async def duplicate_takeover(reactor, workdir, ping_timeout=0.5):
+    """A second client with the id of a frozen (undetected) one takes over."""
+    async with Scene(reactor, workdir) as scene:
+        backend = await scene.backend()
+        server = await scene.server(keepalive=(30.0, 10.0),
+                                    extra=("--duplicate-ping-timeout", ping_timeout))
+        watch = scene.watcher(server)
+        first = await scene.client("edge-dup", server.multiplexer_address, backend,
+                                   keepalive=(30.0, 10.0))
+        await watch.next("edge-dup", CONNECTED)
+        frozen_at = first.signal("STOP")
+        started = time.monotonic()
+        second = scene.track(mux_client(reactor, "edge-dup", server.multiplexer_address,
+                                        backend.address, (30.0, 10.0)))
+        admitted = await client_admitted(second)
+        replaced, _, _ = await watch.next("edge-dup", DISCONNECTED, after=frozen_at)
+        connected, _, _ = await watch.next("edge-dup", CONNECTED, after=replaced)
+        probe = await _probe_until_ok(reactor, server, "edge-dup")
+        first.signal("KILL")
+        return {
+            "took_over_s": admitted["_seen"] - started,
+            "old_dropped_s": replaced - started,
+            "new_listed_s": connected - started,
+            "ping_timeout_s": ping_timeout,
+            "probe": probe,
+        }
+
+
+# -- load and resource bounds ------------------------------------------------------
+
+
+async def many_clients(reactor, workdir, count=1000):
+    """``count`` clients in one swarm process, one checked call to each."""
+    async with Scene(reactor, workdir) as scene:
+        backend = await scene.backend()
+        server = await scene.server(keepalive=(30.0, 10.0))
+        swarm = scene.track(kit_script(reactor, "swarm", "swarm", "hold", "--count", count,
+                                       "--multiplexer", server.multiplexer_address,
+                                       "--backend", backend.address, "--prefix", "many"))
+        admitted = await swarm.wait_for(lambda e: e.get("event") == "admitted", timeout=300)
+        listed = await in_thread(reactor, list_servers, server.proxy_address)
+        ids = [f"many-{n}" for n in range(count)]
+        result = await callers.run_load(reactor, server.proxy_address,
+                                        callers.unary_calls(ids), concurrency=100)
+        return {
+            "clients": count,
+            "connect_s": admitted["seconds"],
+            "listed": len(listed),
+            "listed_exactly": sorted(listed) == sorted(ids),
+            "calls_ok": result.ok,
+            "calls_failed": result.failed,
+            "failures": result.failures,
+            "calls_s": result.seconds,
+            "server": server.resources(),
+        }
+
+
+async def many_streams(reactor, workdir, count=1000, messages=4, size=4096):
+    """``count`` concurrent streaming calls through one client, every byte hashed."""
+    async with Scene(reactor, workdir) as scene:
+        backend = await scene.backend()
+        server = await scene.server(keepalive=(30.0, 10.0))
+        await scene.client("edge-streams", server.multiplexer_address, backend,
+                           keepalive=(30.0, 10.0))
+        result = await callers.run_load(
+            reactor, server.proxy_address,
+            callers.bidi_calls("edge-streams", count, messages, size), concurrency=count)
+        return {
+            "streams": count,
+            "calls_ok": result.ok,
+            "calls_failed": result.failed,
+            "failures": result.failures,
+            "bytes_checked": result.bytes_checked,
+            "seconds": result.seconds,
+        }
