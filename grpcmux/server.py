@@ -279,8 +279,20 @@ class MultiplexerServer(Service):
         if self._runtime_dir_option:
             os.makedirs(self._runtime_dir_option, mode=0o700, exist_ok=True)
             os.chmod(self._runtime_dir_option, 0o700)
+            self._remove_stale_sockets(self._runtime_dir_option)
             return self._runtime_dir_option
         return tempfile.mkdtemp(prefix="grpcmux-")
+
+    def _remove_stale_sockets(self, directory):
+        """A server that was killed leaves its bridge sockets behind; their names
+        are reused from 1 on, and a leftover one would make admitting a client fail."""
+        stale = [name for name in os.listdir(directory)
+                 if name.endswith(".sock") and name[:-len(".sock")].isdigit()]
+        for name in stale:
+            os.unlink(os.path.join(directory, name))
+        if stale:
+            self._log.info("removed {count} stale bridge socket(s) from {directory}",
+                           count=len(stale), directory=directory)
 
     def _remove_runtime_dir(self):
         if self.runtime_dir and not self._runtime_dir_option:
