@@ -8,6 +8,7 @@ the bounds the issue names.  Keepalive is (1 s interval, 1 s timeout) here;
 """
 
 import grpc
+import pytest
 import pytest_twisted
 
 from mux_stack import Stack
@@ -25,6 +26,58 @@ async def test_client_killed_fails_streams_within_a_second(reactor, tmp_path):
     assert figures["echo_errors"] == []
     assert figures["watch_disconnected_s"] < 1.0
     assert "edge-kill" not in figures["listed_after"]
+
+
+def assert_held_calls_failed_cleanly(figures, client_id):
+    assert figures["codes"] == ["UNAVAILABLE"]
+    assert figures["details_name_client"], client_id
+    assert figures["echo_errors"] == []
+
+
+@pytest.mark.parametrize("scenario", ["client_frozen", "link_blackholed"])
+@pytest_twisted.ensureDeferred
+async def test_dead_link_is_detected_by_keepalive_and_the_client_comes_back(
+        reactor, tmp_path, scenario):
+    figures = await getattr(scenarios, scenario)(reactor, tmp_path)
+    bound = figures["bound_s"] + SLACK  # keepalive interval + timeout
+    assert figures["detected_s"] <= bound
+    assert figures["failed_within_s"] <= bound  # the calls in flight did not hang
+    assert_held_calls_failed_cleanly(figures, "edge-fault")
+    if scenario == "link_blackholed":
+        assert figures["client_detected_s"] <= bound  # the client noticed too
+    # Back without any action: after SIGCONT the server's close is read at once;
+    # through the relay, the client's attempt in progress is itself cut by its
+    # keepalive, so one more interval + timeout, plus a backoff step.
+    assert figures["reconnected_s"] <= bound + scenarios.backoff_bound(bound)
+    assert figures["probe_after"]["ok_after_s"] < 5.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_killed_and_restarted_clients_come_back_within_backoff(
+        reactor, tmp_path):
+    figures = await scenarios.server_restarted(reactor, tmp_path)
+    assert figures["reconnected_max_s"] <= figures["backoff_bound_s"] + SLACK
+    assert figures["listed_after"] == ["edge-0", "edge-1", "edge-2"]
+    assert figures["callable_after_s"] <= figures["backoff_bound_s"] + 2 * SLACK
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_down_fails_fast_and_recovers_without_restarts(reactor, tmp_path):
+    figures = await scenarios.backend_restarted(reactor, tmp_path)
+    assert figures["ok_before"]
+    assert figures["down_codes"] == ["UNAVAILABLE"]
+    assert all("'edge-backend'" in details for details in figures["down_details"])
+    assert figures["down_slowest_s"] < 1.0  # fast, not the 2 s probe deadline
+    assert figures["up_ok_after_s"] < 5.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_id_takes_over_an_undetected_dead_session(reactor, tmp_path):
+    figures = await scenarios.duplicate_takeover(reactor, tmp_path)
+    # Keepalive is 30 s here: only the duplicate check's ping can explain this.
+    assert figures["took_over_beyond_startup_s"] <= figures["ping_timeout_s"] + SLACK
+    assert figures["old_dropped_s"] <= figures["took_over_s"] + SLACK
+    assert figures["probe"]["failed_first"] == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -10,7 +10,7 @@ import time
 
 import grpc
 from twisted.internet.defer import DeferredList
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 
 from reliability_kit import callers
@@ -172,11 +172,14 @@ async def link_blackholed(reactor, workdir, streams=4):
     return await _frozen_or_blackholed(reactor, workdir, streams, freeze=False)
 
 
-async def _probe_until_ok(reactor, server, client_id, limit=10.0):
-    """Unary calls until one succeeds: (seconds until then, calls failed meanwhile)."""
+async def _probe_until_ok(reactor, server, client_id, limit=10.0, pause=0.05):
+    """Unary calls, ``pause`` apart, until one succeeds: seconds until then and calls
+    failed meanwhile."""
     started = time.monotonic()
     failed = 0
     while True:
+        if failed:
+            await deferLater(reactor, pause)
         code, details, _ = await in_thread(reactor, callers.probe, server.proxy_address,
                                            client_id)
         if code == grpc.StatusCode.OK:
@@ -258,8 +261,10 @@ async def duplicate_takeover(reactor, workdir, ping_timeout=0.5):
         server = await scene.server(keepalive=(30.0, 10.0),
                                     extra=("--duplicate-ping-timeout", ping_timeout))
         watch = scene.watcher(server)
+        spawned = time.monotonic()
         first = await scene.client("edge-dup", server.multiplexer_address, backend,
                                    keepalive=(30.0, 10.0))
+        startup = time.monotonic() - spawned
         await watch.next("edge-dup", CONNECTED)
         frozen_at = first.signal("STOP")
         started = time.monotonic()
@@ -271,7 +276,9 @@ async def duplicate_takeover(reactor, workdir, ping_timeout=0.5):
         probe = await _probe_until_ok(reactor, server, "edge-dup")
         first.signal("KILL")
         return {
+            "client_startup_s": startup,
             "took_over_s": admitted["_seen"] - started,
+            "took_over_beyond_startup_s": admitted["_seen"] - started - startup,
             "old_dropped_s": replaced - started,
             "new_listed_s": connected - started,
             "ping_timeout_s": ping_timeout,
