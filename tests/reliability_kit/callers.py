@@ -17,7 +17,7 @@ import time
 import grpc
 from twisted.internet.defer import Deferred, DeferredList
 
-from reliability_kit.pattern import SERVICE, echo_payload
+from reliability_kit.pattern import SERVICE, chunk, echo_payload
 
 UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 ROUNDS = 8  # checked echo round trips before a held stream counts as established
@@ -118,6 +118,62 @@ def probe(proxy_address, client_id, timeout=2.0):
         return error.code(), error.details(), time.monotonic() - started
     finally:
         channel.close()
+
+
+class PacedReader:
+    """Reads a ``Flood`` stream in a thread, one chunk per permit from the reactor.
+
+    ``allow(n)`` lets it read ``n`` more chunks, ``unpace()`` lets it read freely;
+    every chunk is compared with the pattern and hashed.  ``received`` is read by
+    the reactor (an int rebinding, so a consistent value).
+    """
+
+    def __init__(self, reactor, proxy_address, client_id, total, timeout=300.0):
+        self.reactor = reactor
+        self.received = 0
+        self.chunks = 0
+        self.digest = hashlib.sha256()
+        self.error = None
+        self._permits = threading.Semaphore(0)
+        self._paced = True
+        self.channel = grpc.insecure_channel(proxy_address, options=UNLIMITED)
+        self.call = self.channel.unary_stream(f"/{SERVICE}/Flood")(
+            str(total).encode(), metadata=route(client_id), timeout=timeout)
+        self.ended = Deferred()
+        threading.Thread(target=self._run, daemon=True, name="paced-reader").start()
+
+    def allow(self, chunks):
+        for _ in range(chunks):
+            self._permits.release()
+
+    def unpace(self):
+        self._paced = False
+        self._permits.release()
+
+    def stop(self):
+        """Cancel the call (the caller has read enough)."""
+        self.call.cancel()
+        self.unpace()
+
+    def _run(self):
+        try:
+            while True:
+                if self._paced:
+                    self._permits.acquire()
+                message = next(self.call)
+                if message != chunk(self.chunks):
+                    self.error = self.error or f"chunk {self.chunks} differs"
+                self.digest.update(message)
+                self.chunks += 1
+                self.received += len(message)
+        except (grpc.RpcError, StopIteration):
+            pass
+        code = self.call.code()
+        self.reactor.callFromThread(self.ended.callback, code)
+
+    def close(self):
+        self.stop()
+        self.channel.close()
 
 
 # -- load from one asyncio loop ----------------------------------------------------

@@ -3,8 +3,9 @@
 Serves ``/test.Echo/Unary`` (echo), ``/test.Echo/Bidi`` (echo each message) and
 ``/test.Echo/Flood`` (a server stream of pattern chunks; the request is the
 number of bytes to send, as decimal text).  Prints ``{"event": "listening",
-"port": P}`` once serving, and ``{"event": "flood_ended", "produced": N}`` when a
-flood call ends, so the test knows how far flow control let it get.
+"port": P}`` once serving, ``{"event": "flood_progress", "produced": N}`` after
+every MiB a flood call got past ``write`` (flow control holds ``write`` back), and
+``{"event": "flood_ended", "produced": N}`` when a flood call ends.
 """
 
 import argparse
@@ -15,6 +16,9 @@ import sys
 import grpc
 
 from reliability_kit.pattern import CHUNK, SERVICE, chunk
+
+
+PROGRESS = 1024 * 1024  # report every MiB handed to grpc
 
 
 def emit(**fields):
@@ -39,6 +43,8 @@ async def flood(request, context):
             await context.write(chunk(index))
             produced += CHUNK
             index += 1
+            if produced % PROGRESS == 0:
+                emit(event="flood_progress", produced=produced)
     finally:
         emit(event="flood_ended", produced=produced)
 

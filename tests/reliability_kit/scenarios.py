@@ -9,23 +9,27 @@ resident set size (RSS) of the child process, read from ``/proc``.
 import time
 
 import grpc
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 
 from reliability_kit import callers
 from reliability_kit.discovery import CONNECTED, DISCONNECTED, Watcher, list_servers
-from reliability_kit.pattern import CHUNK, SERVICE, chunk
+from reliability_kit.pattern import CHUNK, expected_digest
 from reliability_kit.processes import MuxServer, client_admitted, kit_script, mux_client
 from reliability_kit.relay import Relay
 
 # Short keepalive for the fault scenarios: (interval, timeout) in seconds.
 KEEPALIVE = (1.0, 1.0)
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 # The issue's counts for the load scenarios (keyword arguments of each).
 LOAD_COUNTS = {
     "many_clients": {"count": 1000},
     "many_streams": {"count": 1000},
+    "backpressure": {},
+    "churn_connections": {"cycles": 5000},
+    "churn_calls": {"calls": 100000},
 }
 
 
@@ -332,4 +336,174 @@ async def many_streams(reactor, workdir, count=1000, messages=4, size=4096):
             "failures": result.failures,
             "bytes_checked": result.bytes_checked,
             "seconds": result.seconds,
+        }
+
+
+async def backpressure(reactor, workdir, total=GIB, read=None, rate=MIB, slow_seconds=4.0,
+                       tick=0.1):
+    """A caller reads a ``total``-byte stream at ``rate`` bytes/s for ``slow_seconds``,
+    then at full speed until it has ``read`` bytes (default: all), and cancels the
+    rest.  The RSS of the server and client processes is sampled every ``tick``;
+    every chunk is checked and everything received hashed."""
+    read = total if read is None else read
+    async with Scene(reactor, workdir) as scene:
+        backend = await scene.backend()
+        server = await scene.server(keepalive=(30.0, 10.0))
+        client = await scene.client("edge-flood", server.multiplexer_address, backend,
+                                    keepalive=(30.0, 10.0))
+        await _probe_until_ok(reactor, server, "edge-flood")  # the path is warm
+        rss = {"server": server.child.resources, "client": client.resources}
+        baseline = {name: measure()["rss"] for name, measure in rss.items()}
+        peak = dict(baseline)
+        reader = callers.PacedReader(reactor, server.proxy_address, "edge-flood", total)
+        scene.closers.append(reader.close)
+        credit = [0.0]
+        done = Deferred()
+
+        def sample():
+            for name, measure in rss.items():
+                peak[name] = max(peak[name], measure()["rss"])
+            credit[0] += rate * tick / CHUNK
+            whole = int(credit[0])
+            credit[0] -= whole
+            reader.allow(whole)
+            if reader.received >= read and not done.called:
+                done.callback(None)
+
+        def ended(code):
+            if not done.called:
+                done.callback(None)
+            return code
+
+        reader.ended.addCallback(ended)
+        sampler = LoopingCall(sample)
+        sampler.clock = reactor
+        sampler.start(tick)
+        def produced():
+            progress = [e["produced"] for e in backend.events
+                        if e.get("event") == "flood_progress"]
+            return progress[-1] if progress else 0
+
+        try:
+            # Halfway, the buffers on the way are full; from then on the backend may
+            # produce only what the caller reads.
+            await deferLater(reactor, slow_seconds / 2)
+            mid_received, mid_produced = reader.received, produced()
+            await deferLater(reactor, slow_seconds / 2)
+            slow_received = reader.received
+            produced_slow = produced()
+            slow_peak = dict(peak)
+            reader.unpace()
+            fast_started = time.monotonic()
+            await done.addTimeout(300.0, reactor)
+            fast_seconds = time.monotonic() - fast_started
+        finally:
+            sampler.stop()
+        if read < total:
+            reader.stop()
+        code = await reader.ended.addTimeout(30.0, reactor)
+        intact = reader.error is None and reader.digest.hexdigest() == expected_digest(
+            reader.chunks)
+        return {
+            "requested_mib": total / MIB,
+            "read_mib": read / MIB,
+            "slow_read_rate_mib_s": slow_received / slow_seconds / MIB,
+            "slow_received_mib": slow_received / MIB,
+            "slow_produced_mib": produced_slow / MIB,
+            "slow_held_back_mib": (produced_slow - slow_received) / MIB,
+            "second_half_read_mib": (slow_received - mid_received) / MIB,
+            "second_half_produced_mib": (produced_slow - mid_produced) / MIB,
+            "slow_server_extra_mib": (slow_peak["server"] - baseline["server"]) / MIB,
+            "slow_client_extra_mib": (slow_peak["client"] - baseline["client"]) / MIB,
+            "fast_mib_s": (reader.received - slow_received) / fast_seconds / MIB,
+            "run_server_extra_mib": (peak["server"] - baseline["server"]) / MIB,
+            "run_client_extra_mib": (peak["client"] - baseline["client"]) / MIB,
+            "received_mib": reader.received / MIB,
+            "status": code.name,
+            "hash_ok": intact,
+        }
+
+
+def _compare(baseline, after):
+    """Each resource figure after the load relative to its baseline (1.0: equal)."""
+    return {name: (after[name] / baseline[name] if baseline[name] else
+                   (1.0 if after[name] == 0 else float("inf")))
+            for name in baseline}
+
+
+async def _settled(reactor, server, limit=30.0, pause=0.1):
+    """Wait until the server lists no client and has no bridge socket left."""
+    started = time.monotonic()
+    while True:
+        listed = await in_thread(reactor, list_servers, server.proxy_address)
+        if not listed and server.bridge_sockets() == 0:
+            return time.monotonic() - started
+        if time.monotonic() - started > limit:
+            raise AssertionError(f"server not idle after {limit}s: {len(listed)} listed")
+        await deferLater(reactor, pause)
+
+
+async def churn_connections(reactor, workdir, cycles=5000, warmup=200, concurrency=50):
+    """``cycles`` client connect/disconnect cycles; the server's resources before
+    (after ``warmup`` cycles) and after."""
+    async with Scene(reactor, workdir) as scene:
+        backend = await scene.backend()
+        server = await scene.server(keepalive=(30.0, 10.0))
+
+        async def churn(count, prefix):
+            swarm = scene.track(kit_script(
+                reactor, "swarm", "swarm", "churn", "--cycles", count, "--prefix", prefix,
+                "--concurrency", concurrency, "--multiplexer", server.multiplexer_address,
+                "--backend", backend.address))
+            report = await swarm.wait_for(lambda e: e.get("event") == "churned", timeout=600)
+            await swarm.when_ended()
+            await _settled(reactor, server)
+            return report
+
+        await churn(warmup, "warmup")
+        baseline = server.resources()
+        report = await churn(cycles, "churn")
+        after = server.resources()
+        return {
+            "cycles": cycles,
+            "failed": report["failed"],
+            "errors": report["errors"],
+            "seconds": report["seconds"],
+            "baseline": baseline,
+            "after": after,
+            "ratio": _compare(baseline, after),
+        }
+
+
+async def churn_calls(reactor, workdir, calls=100000, warmup=2000, concurrency=100):
+    """``calls`` proxied unary calls to one client; the server's and the client's
+    resources before (after ``warmup`` calls) and after."""
+    async with Scene(reactor, workdir) as scene:
+        backend = await scene.backend()
+        server = await scene.server(keepalive=(30.0, 10.0))
+        client = await scene.client("edge-calls", server.multiplexer_address, backend,
+                                    keepalive=(30.0, 10.0))
+
+        def load(count):
+            return callers.run_load(reactor, server.proxy_address,
+                                    callers.repeated_unary_calls(["edge-calls"], count),
+                                    concurrency=concurrency, timeout=900.0)
+
+        warm = await load(warmup)
+        baseline = server.resources()
+        client_baseline = client.resources()
+        result = await load(calls)
+        after = server.resources()
+        client_after = client.resources()
+        return {
+            "calls": calls,
+            "calls_ok": result.ok,
+            "calls_failed": result.failed + warm.failed,
+            "failures": result.failures,
+            "seconds": result.seconds,
+            "calls_per_s": calls / result.seconds,
+            "baseline": baseline,
+            "after": after,
+            "ratio": _compare(baseline, after),
+            "client_ratio": _compare(client_baseline, client_after),
         }
