@@ -40,8 +40,12 @@ def _flatten(figures, prefix=""):
             yield f"{prefix}{key}", str(value)
 
 
+def _short(text, width=72):
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def print_table(results):
-    rows = [(name, key, value) for name, figures in results
+    rows = [(name, key, _short(value)) for name, figures in results
             for key, value in _flatten(figures)]
     widths = [max(len(row[i]) for row in rows + [("scenario", "figure", "value")])
               for i in range(3)]

@@ -18,8 +18,8 @@ import grpc
 from twisted.internet.defer import Deferred, DeferredList
 
 from reliability_kit.pattern import SERVICE, chunk, echo_payload
+from rpc_backend import UNLIMITED, in_thread
 
-UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 ROUNDS = 8  # checked echo round trips before a held stream counts as established
 
 
@@ -275,8 +275,5 @@ def bidi_calls(client_id, count, messages=4, size=1024, started=None):
 
 def run_load(reactor, proxy_address, calls, concurrency, timeout=300.0):
     """Run ``calls`` (from the builders above) in a thread; a Deferred of LoadResult."""
-    from twisted.internet.threads import deferToThreadPool
-
-    d = deferToThreadPool(reactor, reactor.getThreadPool(), asyncio.run,
-                          _load(proxy_address, calls, concurrency))
-    return d.addTimeout(timeout, reactor)
+    return in_thread(reactor, asyncio.run, _load(proxy_address, calls, concurrency),
+                     wait=timeout)

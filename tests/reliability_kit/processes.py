@@ -17,17 +17,16 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 
-REPO = Path(__file__).resolve().parents[2]
+from interop.peers import REPO, python_env
+
 KIT = Path(__file__).resolve().parent
 TIMEOUT = 30.0
 
 
 def child_env():
-    """The environment of a child: this checkout first on ``PYTHONPATH``."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")])
-    )
+    """The environment of a child: this checkout and its tests on ``PYTHONPATH``."""
+    env = python_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
     return env
 
 

@@ -11,13 +11,13 @@ import time
 import grpc
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.internet.threads import deferToThreadPool
 
 from reliability_kit import callers
 from reliability_kit.discovery import CONNECTED, DISCONNECTED, Watcher, list_servers
 from reliability_kit.pattern import CHUNK, expected_digest
 from reliability_kit.processes import MuxServer, client_admitted, kit_script, mux_client
 from reliability_kit.relay import Relay
+from rpc_backend import in_thread
 
 # Short keepalive for the fault scenarios: (interval, timeout) in seconds.
 KEEPALIVE = (1.0, 1.0)
@@ -31,11 +31,6 @@ LOAD_COUNTS = {
     "churn_connections": {"cycles": 5000},
     "churn_calls": {"calls": 100000},
 }
-
-
-def in_thread(reactor, fn, *args, timeout=60.0):
-    d = deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
-    return d.addTimeout(timeout, reactor)
 
 
 class Scene:
@@ -59,7 +54,6 @@ class Scene:
         server = MuxServer(self.reactor, self.workdir, keepalive, extra)
         await server.start()
         self.track(server.child)
-        self.server_ = server
         return server
 
     async def client(self, client_id, multiplexer_address, backend, keepalive=KEEPALIVE):
@@ -251,7 +245,9 @@ async def backend_restarted(reactor, workdir, calls_while_down=5):
         return {
             "ok_before": before["failed_first"] == 0,
             "down_codes": sorted({code.name for code, _, _ in down}),
-            "down_details": sorted({details for _, details, _ in down}),
+            "down_details_name_client": all("'edge-backend'" in details
+                                            for _, details, _ in down),
+            "down_detail": down[-1][1],
             "down_slowest_s": max(seconds for _, _, seconds in down),
             "up_ok_after_s": after["ok_after_s"],
             "up_failed_first": after["failed_first"],
