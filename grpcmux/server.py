@@ -183,7 +183,7 @@ class _ClientConnection:
         self._server.forget(self)
         self._server.metrics.session_closed(self.session)
         if self.bridge is not None:
-            self.bridge.stop()
+            self._server.bridge_closing(self.bridge.stop())
         if self.admitted:
             self._log.info(
                 "client {client_id} disconnected ({reason})",
@@ -237,6 +237,7 @@ class MultiplexerServer(Service):
         self._by_id = {}
         self._claims = {}
         self._socket_counter = 0
+        self._bridges_closing = set()  # stopListening Deferreds of departed bridges
         self.metrics = metrics or ServerMetrics()
         self.metrics.track(self)
 
@@ -272,6 +273,9 @@ class MultiplexerServer(Service):
             stopping.append(connection.session.when_closed())
             connection.depart("server stopping")
         done = DeferredList(stopping)
+        # Stopped means the bridge sockets are gone too: a server started next in
+        # the same runtime directory reuses their names.
+        done.addCallback(lambda _: DeferredList(list(self._bridges_closing)))
         done.addCallback(lambda _: self._remove_runtime_dir())
         return done
 
@@ -355,6 +359,15 @@ class MultiplexerServer(Service):
             f"client id {client_id!r} is already connected; pick another id "
             "or stop the other client",
         )
+
+    def bridge_closing(self, stopped):
+        """Track a departed bridge until its socket is removed (``stopped`` fires)."""
+        self._bridges_closing.add(stopped)
+        stopped.addBoth(self._bridge_closed, stopped)
+
+    def _bridge_closed(self, result, stopped):
+        self._bridges_closing.discard(stopped)
+        return result
 
     def bridge_for(self, connection, stream_session):
         self._socket_counter += 1
