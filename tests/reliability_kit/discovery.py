@@ -57,9 +57,9 @@ class Watcher:
         return waiter.addTimeout(timeout, self.reactor)
 
     def close(self):
+        """Cancel the Watch; its thread ends on its own (never joined on the reactor)."""
         self._call.cancel()
         self._channel.close()
-        self._thread.join(5)
 
 
 def list_servers(proxy_address, timeout=30.0):

@@ -398,8 +398,8 @@ async def backpressure(reactor, workdir, total=GIB, read=None, rate=MIB, slow_se
         if read < total:
             reader.stop()
         code = await reader.ended.addTimeout(30.0, reactor)
-        intact = reader.error is None and reader.digest.hexdigest() == expected_digest(
-            reader.chunks)
+        expected = await in_thread(reactor, expected_digest, reader.chunks)
+        intact = reader.error is None and reader.digest.hexdigest() == expected
         return {
             "requested_mib": total / MIB,
             "read_mib": read / MIB,
