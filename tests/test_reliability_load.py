@@ -43,7 +43,7 @@ async def test_a_thousand_concurrent_streams_through_one_client(reactor, tmp_pat
 async def test_slow_reader_holds_the_backend_back_within_32_mib(reactor, tmp_path):
     figures = await scenarios.backpressure(reactor, tmp_path, total=GIB, read=256 * MIB,
                                            rate=MIB, slow_seconds=4.0)
-    assert 0.5 < figures["slow_read_rate_mib_s"] <= 1.1
+    assert figures["slow_read_rate_mib_s"] <= 1.1
     assert figures["slow_server_extra_mib"] < 32
     assert figures["slow_client_extra_mib"] < 32
     # Held back: of the GiB asked for, the backend got out only what the caller

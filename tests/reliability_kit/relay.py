@@ -6,6 +6,7 @@ not connected onward — to the peers it looks like a link that went silent.
 ``release()`` forwards everything again.
 """
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
 
@@ -55,6 +56,9 @@ class _Outbound(_End):
 class _Inbound(_End):
     def connectionMade(self):
         super().connectionMade()
+        accepted, self.relay.accepted = self.relay.accepted, []
+        for waiter in accepted:
+            waiter.callback(self)
         if self.relay.held:
             self.relay.waiting.append(self)
         else:
@@ -82,6 +86,7 @@ class Relay:
         self.held = False
         self.ends = set()
         self.waiting = []
+        self.accepted = []  # Deferreds waiting for the next inbound connection
         factory = Factory()
         factory.buildProtocol = lambda addr: _Inbound(self)
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -92,6 +97,12 @@ class Relay:
 
     def connect_onward(self, inbound):
         self.reactor.connectTCP(*self.target, _OutboundFactory(self, inbound))
+
+    def when_accepted(self, timeout=30.0):
+        """A Deferred firing when the next connection arrives."""
+        waiter = Deferred()
+        self.accepted.append(waiter)
+        return waiter.addTimeout(timeout, self.reactor)
 
     def hold(self):
         """Black-hole every connection: forward nothing, close nothing."""
