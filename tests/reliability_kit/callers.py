@@ -208,7 +208,7 @@ async def _unary(channel, client_id, index, result):
     result.bytes_checked += len(answer)
 
 
-async def _bidi(channel, client_id, index, result, messages, size, started):
+async def _bidi(channel, client_id, index, result, messages, size):
     """A streaming call: ``messages`` echoes, each checked; the digests compared."""
     sent = hashlib.sha256()
     received = hashlib.sha256()
@@ -218,8 +218,6 @@ async def _bidi(channel, client_id, index, result, messages, size, started):
             payload = echo_payload(index, number, size)
             sent.update(payload)
             await call.write(payload)
-            if number == 0:
-                started.append(index)
             answer = await call.read()
             if answer is grpc.aio.EOF:
                 break
@@ -265,11 +263,10 @@ def repeated_unary_calls(client_ids, total):
             for i in range(total)]
 
 
-def bidi_calls(client_id, count, messages=4, size=1024, started=None):
+def bidi_calls(client_id, count, messages=4, size=1024):
     """``count`` streaming calls to one client, ``messages`` echoes each."""
-    started = started if started is not None else []
     return [lambda channel, result, i=i: _bidi(channel, client_id, i, result, messages,
-                                                size, started)
+                                                size)
             for i in range(count)]
 
 

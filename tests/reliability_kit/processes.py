@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 
 from interop.peers import REPO, python_env
@@ -140,9 +140,6 @@ class Child(ProcessProtocol):
         except ProcessExitedAlready:
             return succeed(None)
         return self.when_ended(10.0)
-
-    def clean_exit(self):
-        return isinstance(self.exit, ProcessDone)
 
     # -- resources ---------------------------------------------------------------
 
