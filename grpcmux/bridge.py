@@ -6,7 +6,7 @@ yamux stream opened towards X (on the outer session for native clients, on the
 nested one for legacy clients), so HTTP/2 bytes flow untouched end to end.
 """
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -68,7 +68,8 @@ class Bridge:
         port, self._port = self._port, None
         if port is None:
             return succeed(None)
-        return port.stopListening()
+        # A port whose listening already ended answers None rather than a Deferred.
+        return maybeDeferred(port.stopListening)
 
     @property
     def active_connections(self):

@@ -411,6 +411,10 @@ def make_service(settings, reactor):
         wire_protocol=settings.wire_protocol,
         labels=settings.labels,
         token=settings.token,
+        yamux_config=YamuxConfig(
+            keepalive_interval=settings.keepalive_interval,
+            connection_write_timeout=settings.keepalive_timeout,
+        ),
     )
     tls_creator = None
     if settings.token and not settings.tls:

@@ -304,6 +304,14 @@ _SHUTDOWN_OPTION = _Option(
     "shutdown-grace", "float", _number(False),
     "Seconds the calls in flight get to finish on shutdown.",
 )
+# Liveness of the multiplexer connection (yamux pings), on both sides.
+_KEEPALIVE_OPTIONS = (
+    _Option("keepalive-interval", "float", _number(True),
+            "Seconds between keepalive pings on the multiplexer connection."),
+    _Option("keepalive-timeout", "float", _number(True),
+            "Seconds a keepalive ping may go unanswered before the connection is "
+            "dropped (the client then reconnects)."),
+)
 _CONFIG_OPTION = _Option(
     "config", "str", _check_path,
     "Config file (YAML). Default: search $HOME/.{stem}.yaml, $HOME/.{stem}, "
@@ -406,7 +414,7 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
             "YAML file mapping SHA-256 digests of end-user tokens to the client ids "
             "(glob patterns) they may call; callers send the metadata grpcmux-token.",
             optional=True, shown_default="off: every caller may call every client"),
-) + _SERVER_SECURITY_OPTIONS + _LOG_OPTIONS + (_CONFIG_OPTION,)
+) + _SERVER_SECURITY_OPTIONS + _KEEPALIVE_OPTIONS + _LOG_OPTIONS + (_CONFIG_OPTION,)
 
 CLIENT_OPTIONS: Tuple[_Option, ...] = (
     _Option("client-id", "str", _check_client_id,
@@ -424,7 +432,7 @@ CLIENT_OPTIONS: Tuple[_Option, ...] = (
             "v0.2.1 servers)."),
     _SHUTDOWN_OPTION,
     _METRICS_OPTION,
-) + _CLIENT_SECURITY_OPTIONS + _LOG_OPTIONS + (_CONFIG_OPTION,)
+) + _CLIENT_SECURITY_OPTIONS + _KEEPALIVE_OPTIONS + _LOG_OPTIONS + (_CONFIG_OPTION,)
 
 
 def _validate_fields(settings: Any, options: Sequence[_Option]) -> None:
@@ -457,6 +465,8 @@ class _CommonSettings:
 
     shutdown_grace: float = 10.0
     metrics_listener: Optional[str] = None  # None: no metrics endpoint
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 10.0
     log_level: str = "info"
     log_format: str = "pretty"
     config: Optional[str] = None  # the config file the values were read from

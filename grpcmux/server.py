@@ -215,7 +215,7 @@ class _ClientConnection:
         self._server.forget(self)
         self._server.metrics.session_closed(self.session)
         if self.bridge is not None:
-            self._socket_removed = self.bridge.stop()
+            self._socket_removed = self._server.bridge_closing(self.bridge.stop())
         if self.admitted:
             self._log.info(
                 "client {client_id} disconnected ({reason})",
@@ -276,6 +276,7 @@ class MultiplexerServer(Service):
         self._by_id = {}
         self._claims = {}
         self._socket_counter = 0
+        self._bridges_closing = set()  # stopListening Deferreds of departed bridges
         self.metrics = metrics or ServerMetrics()
         self.metrics.track(self)
 
@@ -326,6 +327,9 @@ class MultiplexerServer(Service):
             stopping.append(connection.session.when_closed())
             stopping.append(connection.depart("server stopping"))
         done = DeferredList(stopping)
+        # Stopped means the bridge sockets are gone too: a server started next in
+        # the same runtime directory reuses their names.
+        done.addCallback(lambda _: DeferredList(list(self._bridges_closing)))
         done.addCallback(lambda _: self._remove_runtime_dir())
         return done
 
@@ -425,6 +429,16 @@ class MultiplexerServer(Service):
             f"client id {client_id!r} is already connected; pick another id "
             "or stop the other client",
         )
+
+    def bridge_closing(self, stopped):
+        """Track a departed bridge until its socket is removed (``stopped`` fires)."""
+        self._bridges_closing.add(stopped)
+        stopped.addBoth(self._bridge_closed, stopped)
+        return stopped
+
+    def _bridge_closed(self, result, stopped):
+        self._bridges_closing.discard(stopped)
+        return result
 
     def bridge_for(self, connection, stream_session):
         self._socket_counter += 1
@@ -564,9 +578,13 @@ def make_service(settings, reactor):
         runtime_dir=settings.runtime_dir,
         handshake_timeout=settings.handshake_timeout,
         duplicate_ping_timeout=settings.duplicate_ping_timeout,
+        yamux_config=YamuxConfig(
+            keepalive_interval=settings.keepalive_interval,
+            connection_write_timeout=settings.keepalive_timeout,
+            max_streams=settings.max_streams_per_client,
+        ),
         metrics=metrics,
         max_clients=settings.max_clients,
-        yamux_config=YamuxConfig(max_streams=settings.max_streams_per_client),
         **security_options(settings),
     )
     proxy = ProxyService(

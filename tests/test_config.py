@@ -79,6 +79,8 @@ def test_server_defaults(dirs):
         "allow_legacy_clients": False,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
+        "keepalive_interval": 30.0,
+        "keepalive_timeout": 10.0,
         "log_level": "info",
         "log_format": "pretty",
         "config": None,
@@ -102,6 +104,8 @@ def test_client_defaults(dirs):
         "token_file": None,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
+        "keepalive_interval": 30.0,
+        "keepalive_timeout": 10.0,
         "log_level": "info",
         "log_format": "pretty",
         "config": None,
@@ -386,6 +390,10 @@ def test_bad_default_client_id_from_env(dirs):
          "--duplicate-ping-timeout: expected a positive number of seconds, got 'nan'"),
         ({"shutdown_grace": "-1"},
          "--shutdown-grace: expected a number of seconds, zero or more, got '-1'"),
+        ({"keepalive_interval": "0"},
+         "--keepalive-interval: expected a positive number of seconds, got '0'"),
+        ({"keepalive_timeout": "inf"},
+         "--keepalive-timeout: expected a positive number of seconds, got 'inf'"),
         ({"max_message_size": "0"},
          "--max-message-size: expected a positive whole number, got '0'"),
         ({"max_message_size": "4MB"},
@@ -491,8 +499,8 @@ def test_server_file_errors(dirs, tmp_path, text, expected):
         ("client-id: a/b\n", "key 'client-id': expected a client id of 1-128"),
         ("multiplexer-address: '[::1]'\n", "key 'multiplexer-address': expected HOST:PORT"),
         ("labels: {a: b}\n", "unknown key 'labels'; expected one of: client-id, "
-         "grpc-server-address, label, log-format, log-level, metrics-listener, "
-         "multiplexer-address, shutdown-grace, tls, tls-ca, "),
+         "grpc-server-address, keepalive-interval, keepalive-timeout, label, "
+         "log-format, log-level, metrics-listener, multiplexer-address, "),
     ],
 )
 def test_client_file_errors(dirs, tmp_path, text, expected):
@@ -700,3 +708,17 @@ def test_client_security_errors(fields, expected):
     with pytest.raises(ConfigError) as info:
         ClientSettings(**fields)
     assert expected in str(info.value) and "\n" not in str(info.value)
+def test_keepalive_settings_reach_both_sessions(reactor):
+    from grpcmux import client as client_module
+    from grpcmux import server as server_module
+
+    server = server_module.make_service(
+        ServerSettings(keepalive_interval=0.5, keepalive_timeout=0.25), reactor
+    )
+    config_ = server.multiplexer.yamux_config
+    assert (config_.keepalive_interval, config_.connection_write_timeout) == (0.5, 0.25)
+    client = client_module.make_service(
+        ClientSettings(client_id="c", keepalive_interval=2, keepalive_timeout=1), reactor
+    )
+    config_ = client.tunnel.yamux_config
+    assert (config_.keepalive_interval, config_.connection_write_timeout) == (2.0, 1.0)

@@ -73,6 +73,8 @@ SERVER_HELP = {
     "--client-id-from-cert": "needs a client CA",
     "--auth-tokens=": "[default: no tokens]",
     "--allow-legacy-clients": "carry no credentials",
+    "--keepalive-interval=": "[default: 30]",
+    "--keepalive-timeout=": "[default: 10]",
     "--log-level=": "[default: info]",
     "--log-format=": "[default: pretty]",
     "--config=": "Default: search $HOME/.grpc-multiplexer-server.yaml, "
@@ -94,6 +96,8 @@ CLIENT_HELP = {
     "--tls-key=": "[default: none]",
     "--token=": "prefer a token file or GRPCMUX_TOKEN",
     "--token-file=": "[default: none]",
+    "--keepalive-interval=": "[default: 30]",
+    "--keepalive-timeout=": "[default: 10]",
     "--log-level=": "[default: info]",
     "--log-format=": "[default: pretty]",
     "--config=": "$HOME/.grpc-",

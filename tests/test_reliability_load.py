@@ -1,0 +1,73 @@
+"""Load and resource bounds with real processes on loopback (issue 6).
+
+The scenarios live in ``tests/reliability_kit/scenarios.py`` (shared with
+``benchmarks/reliability.py``).  Memory is the RSS of the server and client
+processes (``/proc/<pid>/status``); every byte of every stream is compared with
+what was sent and hashed.  Resource baselines are taken after a warm-up, so
+one-time allocations (grpc's channel machinery, the first client) are not
+counted as leaks.
+"""
+
+import pytest
+import pytest_twisted
+
+from reliability_kit import scenarios
+from reliability_kit.scenarios import GIB, MIB
+
+# The proxied-calls churn at the issue's 100,000 calls takes about 2-3 minutes on a
+# 2-core machine (the report script runs it); the test runs a fifth of it.
+CHURN_CALLS = 20000
+
+
+def assert_near_baseline(ratio, names=("rss", "fds", "threads")):
+    for name in names:
+        assert 0.9 <= ratio[name] <= 1.1, (name, ratio)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_thousand_clients_listed_and_each_callable(reactor, tmp_path):
+    figures = await scenarios.many_clients(reactor, tmp_path, count=1000)
+    assert (figures["listed"], figures["listed_exactly"]) == (1000, True)
+    assert (figures["calls_ok"], figures["failures"]) == (1000, {})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_thousand_concurrent_streams_through_one_client(reactor, tmp_path):
+    figures = await scenarios.many_streams(reactor, tmp_path, count=1000, messages=4,
+                                           size=4096)
+    assert (figures["calls_ok"], figures["failures"]) == (1000, {})
+    assert figures["bytes_checked"] == 1000 * 4 * 4096
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_holds_the_backend_back_within_32_mib(reactor, tmp_path):
+    figures = await scenarios.backpressure(reactor, tmp_path, total=GIB, read=256 * MIB,
+                                           rate=MIB, slow_seconds=4.0)
+    assert figures["slow_read_rate_mib_s"] <= 1.1
+    assert figures["slow_server_extra_mib"] < 32
+    assert figures["slow_client_extra_mib"] < 32
+    # Held back: of the GiB asked for, the backend got out only what the caller
+    # read plus what the buffers on the way hold.
+    assert figures["slow_held_back_mib"] < 32
+    assert figures["received_mib"] >= 256
+    assert figures["hash_ok"]
+    assert figures["status"] == "CANCELLED"  # the caller stopped after 256 MiB
+
+
+@pytest.mark.timeout(300)
+@pytest_twisted.ensureDeferred
+async def test_connect_disconnect_churn_leaves_the_server_at_baseline(reactor, tmp_path):
+    figures = await scenarios.churn_connections(reactor, tmp_path, cycles=5000)
+    assert (figures["failed"], figures["errors"]) == (0, [])
+    assert_near_baseline(figures["ratio"])
+    assert figures["after"]["bridge_sockets"] == figures["baseline"]["bridge_sockets"] == 0
+
+
+@pytest.mark.timeout(300)
+@pytest_twisted.ensureDeferred
+async def test_proxied_calls_churn_leaves_server_and_client_at_baseline(reactor, tmp_path):
+    figures = await scenarios.churn_calls(reactor, tmp_path, calls=CHURN_CALLS)
+    assert (figures["calls_ok"], figures["calls_failed"]) == (CHURN_CALLS, 0)
+    assert_near_baseline(figures["ratio"])
+    assert figures["after"]["bridge_sockets"] == figures["baseline"]["bridge_sockets"] == 1
+    assert_near_baseline(figures["client_ratio"])
