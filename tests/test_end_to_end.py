@@ -310,3 +310,25 @@ async def test_client_stop_cuts_calls_after_the_grace_period(stack):
     await client.stopService().addTimeout(TIMEOUT, stack.reactor)
     result = await stack.in_thread(pending.finish)
     assert result.code == grpc.StatusCode.UNAVAILABLE
+
+
+def _no_delay(transport):
+    import socket
+
+    return transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_legs_send_small_writes_at_once(stack):
+    """Nagle is off on every TCP leg: a unary call took 40 ms (a delayed ACK) with it on."""
+    service = await stack.connected_client("lab", backend_address=stack.backend.tcp_address)
+    result = await stack.invoke("Unary", b"ping", route("lab"))
+    assert result.code == OK
+    [connection] = stack.server._connections
+    assert _no_delay(connection.session.transport)
+    session = service.tunnel.session
+    assert _no_delay(session.transport)
+    # The proxy's channel keeps its connection, hence its stream and backend leg, open.
+    backend_legs = [s.protocol.peer.transport for s in session.streams.values()
+                    if getattr(s.protocol, "peer", None) is not None]
+    assert backend_legs and all(_no_delay(t) for t in backend_legs)

@@ -119,6 +119,7 @@ class YamuxSession(Protocol):
 
     def connectionMade(self):
         self.transport.registerProducer(self, True)
+        _no_delay(self.transport)
         if self.config.enable_keepalive:
             self._schedule_keepalive()
 
@@ -534,3 +535,15 @@ class YamuxFactory(Factory):
         session = YamuxSession(self.is_client, self.stream_factory, self.config, self.clock)
         session.factory = self
         return session
+
+
+def _no_delay(transport):
+    """Turn Nagle off on a TCP (or TLS over TCP) transport; others have no such knob.
+
+    Frames are written whole, so nothing gains from coalescing; with Nagle on, a
+    small write behind unacknowledged data (a call's HEADERS after the previous
+    reply) waits for the peer's delayed ACK: 40 ms per unary call, measured.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
