@@ -84,6 +84,8 @@ class Stack:
                          for i in range(args.load_procs)]
         for loadgen in self.loadgens:
             loadgen.read_until(lambda l: l == "ready", TIMEOUT)
+        self.pids = {child.name: child.pid for child in self.children}
+        _progress(f"processes: {self.pids}")
 
     def _start(self, child):
         self.children.append(child)
@@ -327,6 +329,7 @@ def main(argv=None):
     stack = None
     try:
         stack = Stack(args, workdir)
+        report["processes"] = stack.pids
         report["throughput"] = measure_throughput(stack, args)
         report["cpu"] = measure_cpu(stack, args)
         if args.idle_clients:
