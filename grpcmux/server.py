@@ -8,6 +8,7 @@ is forgotten, socket and entry included, the moment its session ends.
 """
 
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -448,10 +449,33 @@ class ServerService(MultiService):
         return stopped
 
 
+def raise_open_file_limit():
+    """Raise the soft limit on open files to the hard limit, as Go programs do at start.
+
+    Each connected client holds two descriptors here (its connection and its bridge
+    socket), so the usual soft limit of 1,024 would turn clients away past about 500
+    while the hard limit (often 524,288 under systemd) allows far more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    log = MultiplexerServer._log
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as error:
+        log.warn("cannot raise the open-file limit from {soft} to {hard}: {error}",
+                 soft=soft, hard=hard, error=error)
+        return soft
+    log.info("open-file limit raised from {soft} to {hard} (two per connected client)",
+             soft=soft, hard=hard)
+    return hard
+
+
 def make_service(settings, reactor):
     """The whole server for twistd: multiplexer endpoint plus proxy endpoint."""
     from grpcmux.rpc.service import ProxyService
 
+    raise_open_file_limit()
     registry = ClientRegistry()
     metrics = ServerMetrics()
     multiplexer = MultiplexerServer(
