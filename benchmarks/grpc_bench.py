@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _procs import BenchError, Child, cpu_seconds, rss_kib, twistd
+from _procs import BenchError, Child, children, cpu_seconds, rss_kib, twistd
 
 HERE = Path(__file__).resolve().parent
 MIB = 1024 * 1024
@@ -97,17 +97,20 @@ class Stack:
         return {"target": self.proxy_address, "metadata": [["client-id", "bench"]]}
 
     def run_job(self, job):
-        """Run ``job`` on every load generator at once (concurrency/rate split)."""
-        n = len(self.loadgens)
-        for i, loadgen in enumerate(self.loadgens):
+        """Run ``job`` on the load generators at once, its concurrency (or rate) split
+        between them; each has its own connection, so with proxy workers the calls
+        can reach more than one worker."""
+        loadgens = self.loadgens[:job.get("concurrency", len(self.loadgens))]
+        n = len(loadgens)
+        for i, loadgen in enumerate(loadgens):
             part = dict(job)
             if "rate" in job:
                 part["rate"] = job["rate"] / n
             else:
-                part["concurrency"] = max(1, job["concurrency"] // n + (i < job["concurrency"] % n))
+                part["concurrency"] = job["concurrency"] // n + (i < job["concurrency"] % n)
             loadgen.send(json.dumps(part))
         results = []
-        for loadgen in self.loadgens:
+        for loadgen in loadgens:
             result = json.loads(loadgen.read_until(lambda l: l.startswith("{"),
                                                    job["duration"] + job["warmup"] + TIMEOUT))
             if "error" in result:
@@ -175,14 +178,20 @@ def measure_cpu(stack, args):
            "duration": args.cpu_duration, "warmup": args.warmup}
     out = {"rate": args.cpu_rate, "unit": "ms CPU per call (= s per 1,000 calls)",
            "target_ms": GO_CPU_MS_PER_CALL}
+    # With --proxy-workers the server's child processes do the proxy's gRPC work.
+    workers = {f"worker{i}": pid for i, pid in enumerate(children(stack.server.pid))}
     for mode, pids in (("direct", {"backend": stack.backend.pid}),
-                       ("proxied", {"server": stack.server.pid, "client": stack.client.pid})):
+                       ("proxied", {"server": stack.server.pid, "client": stack.client.pid,
+                                    **workers})):
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         # The warm-up burns CPU too: count it in the calls (warm-up + measured).
         result = stack.run_job({**job, **stack.target(mode)})
         spent = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         calls = result["calls"] + int(args.cpu_rate * args.warmup)
-        entry = {f"{name}_ms_per_call": seconds * 1e3 / calls for name, seconds in spent.items()}
+        entry = {f"{name}_ms_per_call": seconds * 1e3 / calls for name, seconds in spent.items()
+                 if not name.startswith("worker")}
+        if mode == "proxied" and workers:
+            entry["workers_ms_per_call"] = sum(spent[name] for name in workers) * 1e3 / calls
         entry["ms_per_call"] = sum(spent.values()) * 1e3 / calls
         entry["achieved_rate"] = result["rate"]
         entry["p50_ms"] = result["p50_ms"]
@@ -261,9 +270,13 @@ def render(report):
     if cpu:
         rows.append((f"cpu @ {cpu['rate']}/s", "ms CPU/call", f"{cpu['direct']['ms_per_call']:.3f}",
                      f"{cpu['proxied']['ms_per_call']:.3f}", "", f"{cpu['target_ms']} ms"))
-        rows.append(("", "  server / client", "",
-                     f"{cpu['proxied']['server_ms_per_call']:.3f} / "
-                     f"{cpu['proxied']['client_ms_per_call']:.3f}", "", ""))
+        proxied = cpu["proxied"]
+        parts = [("server", proxied["server_ms_per_call"])]
+        if "workers_ms_per_call" in proxied:
+            parts.append(("workers", proxied["workers_ms_per_call"]))
+        parts.append(("client", proxied["client_ms_per_call"]))
+        rows.append(("", "  " + " / ".join(name for name, _ in parts), "",
+                     " / ".join(f"{ms:.3f}" for _, ms in parts), "", ""))
     memory = report.get("memory")
     if memory:
         for level in memory["levels"]:

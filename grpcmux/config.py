@@ -94,6 +94,12 @@ def _positive_int(value: int) -> int:
     return value
 
 
+def _non_negative_int(value: int) -> int:
+    if value < 0:
+        raise _Invalid("a whole number, zero or more")
+    return value
+
+
 def _number(minimum_exclusive: bool) -> Callable[[float], float]:
     def check(value: float) -> float:
         value = float(value)
@@ -182,7 +188,7 @@ def _from_text(option: _Option, text: Any) -> Any:
         return option.check([_split_label(p.strip()) for p in parts if p.strip()])
     if option.kind == "int":
         if not text.strip().isdigit():
-            raise _Invalid("a positive whole number")
+            raise _Invalid(_int_expected(option))
         return option.check(int(text))
     if option.kind == "float":
         try:
@@ -191,6 +197,15 @@ def _from_text(option: _Option, text: Any) -> Any:
             raise _Invalid("a number of seconds")
         return option.check(number)
     return option.check(text)
+
+
+def _int_expected(option: _Option) -> str:
+    """What a whole-number option expects, in its own check's words."""
+    try:
+        option.check(-1)
+    except _Invalid as error:
+        return str(error)
+    return "a whole number"
 
 
 def _yaml_type_name(value: Any) -> str:
@@ -228,7 +243,7 @@ def _from_yaml(option: _Option, value: Any) -> Any:
     if option.kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Invalid(
-                f"a positive whole number, got {_yaml_type_name(value)} {value!r}"
+                f"{_int_expected(option)}, got {_yaml_type_name(value)} {value!r}"
             )
         return option.check(value)
     if option.kind == "float":
@@ -291,6 +306,9 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
     _Option("duplicate-ping-timeout", "float", _number(True),
             "Seconds to wait for the old session's ping answer when a client id "
             "connects twice."),
+    _Option("proxy-workers", "int", _non_negative_int,
+            "Processes serving the proxy endpoint; 0 serves it in the server "
+            "process (see Performance in README.rst)."),
     _SHUTDOWN_OPTION,
     _METRICS_OPTION,
 ) + _LOG_OPTIONS + (_CONFIG_OPTION,)
@@ -359,6 +377,7 @@ class ServerSettings(_CommonSettings):
     runtime_dir: Optional[str] = None
     handshake_timeout: float = 10.0
     duplicate_ping_timeout: float = 2.0
+    proxy_workers: int = 0
 
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)

@@ -474,6 +474,7 @@ def raise_open_file_limit():
 def make_service(settings, reactor):
     """The whole server for twistd: multiplexer endpoint plus proxy endpoint."""
     from grpcmux.rpc.service import ProxyService
+    from grpcmux.rpc.workers import ProxyWorkerPool
 
     raise_open_file_limit()
     registry = ClientRegistry()
@@ -487,16 +488,31 @@ def make_service(settings, reactor):
         duplicate_ping_timeout=settings.duplicate_ping_timeout,
         metrics=metrics,
     )
-    proxy = ProxyService(
-        reactor,
-        registry,
-        settings.proxy_listener,
-        authority_domain=settings.authority_domain,
-        default_client_id=settings.default_client_id,
-        max_message_size=settings.max_message_size,
-        shutdown_grace=settings.shutdown_grace,
-        call_observer=metrics.call_started,
-    )
+    if settings.proxy_workers:
+        proxy = ProxyWorkerPool(
+            reactor,
+            registry,
+            settings.proxy_listener,
+            settings.proxy_workers,
+            lambda: multiplexer.runtime_dir,
+            shutdown_grace=settings.shutdown_grace,
+            log_level=settings.log_level,
+            log_format=settings.log_format,
+            authority_domain=settings.authority_domain,
+            default_client_id=settings.default_client_id,
+            max_message_size=settings.max_message_size,
+        )
+    else:
+        proxy = ProxyService(
+            reactor,
+            registry,
+            settings.proxy_listener,
+            authority_domain=settings.authority_domain,
+            default_client_id=settings.default_client_id,
+            max_message_size=settings.max_message_size,
+            shutdown_grace=settings.shutdown_grace,
+            call_observer=metrics.call_started,
+        )
     metrics_service = None
     if settings.metrics_listener:
         metrics_service = MetricsService(reactor, settings.metrics_listener, metrics.registry)

@@ -63,6 +63,7 @@ def test_server_defaults(dirs):
         "runtime_dir": None,
         "handshake_timeout": 10.0,
         "duplicate_ping_timeout": 2.0,
+        "proxy_workers": 0,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
         "log_level": "info",
@@ -189,6 +190,7 @@ def test_all_server_keys_from_file(dirs, tmp_path):
         "runtime-dir: /run/grpcmux\n"
         "handshake-timeout: 2.5\n"
         "duplicate-ping-timeout: 1\n"
+        "proxy-workers: 2\n"
         "shutdown-grace: 0\n"
         "log-level: warning\n"
         "log-format: json\n"
@@ -202,6 +204,7 @@ def test_all_server_keys_from_file(dirs, tmp_path):
         runtime_dir="/run/grpcmux",
         handshake_timeout=2.5,
         duplicate_ping_timeout=1.0,
+        proxy_workers=2,
         shutdown_grace=0.0,
         log_level="warning",
         log_format="json",
@@ -361,6 +364,10 @@ def test_bad_default_client_id_from_env(dirs):
          "--max-message-size: expected a positive whole number, got '0'"),
         ({"max_message_size": "4MB"},
          "--max-message-size: expected a positive whole number, got '4MB'"),
+        ({"proxy_workers": "-1"},
+         "--proxy-workers: expected a whole number, zero or more, got '-1'"),
+        ({"proxy_workers": "two"},
+         "--proxy-workers: expected a whole number, zero or more, got 'two'"),
         ({"authority_domain": "not a domain"},
          "--authority-domain: expected a DNS domain name such as grpcmux.example.com, "
          "got 'not a domain'"),
@@ -421,13 +428,15 @@ def write(tmp_path, text):
          "key 'max-message-size': expected a positive whole number, got a number"),
         ("max-message-size: -3\n",
          "key 'max-message-size': expected a positive whole number, got -3"),
+        ("proxy-workers: 1.5\n",
+         "key 'proxy-workers': expected a whole number, zero or more, got a number"),
         ("log-level: verbose\n",
          "key 'log-level': expected one of debug, info, warning, error, got 'verbose'"),
         ("proxy_listener: x:1\n",
          "unknown key 'proxy_listener'; expected one of: authority-domain, "
          "default-client-id, duplicate-ping-timeout, handshake-timeout, log-format, "
          "log-level, max-message-size, metrics-listener, multiplexer-listener, "
-         "proxy-listener, runtime-dir, shutdown-grace"),
+         "proxy-listener, proxy-workers, runtime-dir, shutdown-grace"),
         ("config: other.yaml\n", "unknown key 'config'"),
         ("- a\n- b\n",
          "expected a mapping of option names to values at the top level, got a list"),
