@@ -200,16 +200,19 @@ def measure_cpu(stack, args):
     return out
 
 
-def measure_memory(stack, args, workdir):
-    """Server RSS with 1 (the bench client) and more idle clients; connect times."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # Each client holds two descriptors in the server: its TCP connection and its
-    # bridge's UNIX listener.
-    fd_cap = (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 200) // 2
+def measure_memory(stack, args):
+    """Server RSS (plus its proxy workers', if any) with 1 (the bench client) and more
+    idle clients, and the time they took to connect and register."""
+    # Each client holds two descriptors in the server (its TCP connection and its
+    # bridge's UNIX listener), whose open-file limit is raised to the hard one: count
+    # only as many clients as that allows, and say so.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd_cap = (hard - 200) // 2
     levels = sorted(set(min(level, fd_cap) for level in args.idle_clients))
+    if levels[-1] < max(args.idle_clients):
+        _progress(f"memory: at most {fd_cap} clients fit in the open-file limit {hard}")
     out = {"unit": "KiB", "target_kib_per_client": GO_KIB_PER_IDLE_CLIENT,
-           "requested": args.idle_clients, "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
-           "levels": []}
+           "requested": args.idle_clients, "fd_limit": hard, "levels": []}
     crowd = stack._start(Child("crowd", [sys.executable, HERE / "crowd.py",
                                          "--multiplexer", stack.multiplexer_address,
                                          "--backend", stack.backend_address]))
@@ -225,13 +228,18 @@ def measure_memory(stack, args, workdir):
         listed = _listed_clients(stack.proxy_address)
         out["levels"].append({"clients": level, "listed": listed,
                               "server_rss_kib": rss_kib(stack.server.pid),
+                              # --proxy-workers: each keeps a copy of the registry
+                              "workers_rss_kib": sum(rss_kib(pid) for pid in
+                                                     children(stack.server.pid)),
                               "connect_seconds": connect_seconds})
         _progress(f"memory: {level} clients ({listed} listed): "
                   f"{out['levels'][-1]['server_rss_kib']} KiB, connected in {connect_seconds:.1f}s")
     first, last = out["levels"][0], out["levels"][-1]
     if last["clients"] > first["clients"]:
-        out["kib_per_idle_client"] = ((last["server_rss_kib"] - first["server_rss_kib"])
-                                      / (last["clients"] - first["clients"]))
+        out["kib_per_idle_client"] = (
+            (last["server_rss_kib"] + last["workers_rss_kib"]
+             - first["server_rss_kib"] - first["workers_rss_kib"])
+            / (last["clients"] - first["clients"]))
         out["connect_clients_per_s"] = (last["clients"] - 1) / max(last["connect_seconds"], 1e-9)
     crowd.stop()
     return out
@@ -280,8 +288,10 @@ def render(report):
     memory = report.get("memory")
     if memory:
         for level in memory["levels"]:
+            workers = (f" + {level['workers_rss_kib'] / 1024:.1f}"
+                       if level["workers_rss_kib"] else "")
             rows.append(("memory", f"{level['clients']} idle clients", "",
-                         f"{level['server_rss_kib'] / 1024:.1f} MiB", "",
+                         f"{level['server_rss_kib'] / 1024:.1f}{workers} MiB", "",
                          f"connected in {level['connect_seconds']:.1f}s"))
         if "kib_per_idle_client" in memory:
             rows.append(("", "KiB per idle client", "", f"{memory['kib_per_idle_client']:.1f}",
@@ -346,7 +356,7 @@ def main(argv=None):
         report["throughput"] = measure_throughput(stack, args)
         report["cpu"] = measure_cpu(stack, args)
         if args.idle_clients:
-            report["memory"] = measure_memory(stack, args, workdir)
+            report["memory"] = measure_memory(stack, args)
     except BenchError as error:
         print(f"grpc_bench: {error}", file=sys.stderr)
         return 1
