@@ -1,6 +1,6 @@
 """gRPC through grpcmux vs. direct: the benchmark suite (issue #7).
 
-    python benchmarks/grpc_bench.py            # full run (~6 minutes)
+    python benchmarks/grpc_bench.py            # full run (~4 minutes)
     python benchmarks/grpc_bench.py --quick    # fewer, shorter runs (< 2 minutes)
 
 Starts, each in its own process on loopback: the echo backend
