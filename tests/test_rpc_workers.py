@@ -5,8 +5,10 @@ one worker throughout: a Watch on it tells when *that* worker has seen a change.
 """
 
 import signal
+import socket
 
 import grpc
+import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
@@ -133,3 +135,27 @@ async def test_a_dead_worker_is_replaced_and_stop_ends_them_all(reactor, tmp_pat
         await replacement.ended.addTimeout(TIMEOUT, reactor)
     finally:
         await stack.stop()
+
+
+def test_a_taken_port_fails_the_start_and_spawns_nothing(reactor, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    pool = ProxyWorkerPool(reactor, None, f"127.0.0.1:{port}", 2, lambda: str(tmp_path))
+    try:
+        with pytest.raises(OSError, match=f"proxy endpoint cannot listen on '127.0.0.1:{port}'"):
+            pool.startService()
+    finally:
+        taken.close()
+    assert not pool.running and not pool._processes
+
+
+def test_the_server_uses_the_pool_when_asked(reactor):
+    from grpcmux import server as server_module
+    from grpcmux.config import ServerSettings
+    from grpcmux.rpc.service import ProxyService
+
+    pooled = server_module.make_service(ServerSettings(proxy_workers=3), reactor).proxy
+    assert isinstance(pooled, ProxyWorkerPool) and pooled.workers == 3
+    assert isinstance(server_module.make_service(ServerSettings(), reactor).proxy, ProxyService)

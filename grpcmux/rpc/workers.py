@@ -124,10 +124,14 @@ class ProxyWorkerPool(Service):
 
     def startService(self):
         host, port = parse_host_port(self.listen_address, listener=True)
-        if port == 0:
-            self._holder = _reserve_port(host)
-            port = self._holder.getsockname()[1]
-        self.port = port
+        # Bound here first: a port that is taken fails the start, as without workers,
+        # and port 0 becomes one port that all the workers share.
+        try:
+            self._holder = _reserve_port(host, port)
+        except OSError as error:
+            raise OSError(f"proxy endpoint cannot listen on {self.listen_address!r}: "
+                          f"{error.strerror or error}") from None
+        self.port = port = self._holder.getsockname()[1]
         self.feed_path = os.path.join(self._runtime_dir(), FEED_SOCKET)
         self._address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         factory = Factory.forProtocol(lambda: _FeedConnection(self))
@@ -236,12 +240,16 @@ def _signal(worker, number):
         pass
 
 
-def _reserve_port(host):
-    """A bound, never listening SO_REUSEPORT socket: a free port the workers can share."""
+def _reserve_port(host, port):
+    """A bound, never listening SO_REUSEPORT socket: the port the workers will share."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     holder = socket.socket(family, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0))
+    try:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    except OSError:
+        holder.close()
+        raise
     return holder
 
 
