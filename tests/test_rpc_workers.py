@@ -12,7 +12,10 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
+from grpcmux import server as server_module
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
+from grpcmux.config import ServerSettings
+from grpcmux.rpc.service import ProxyService
 from grpcmux.rpc.workers import ProxyWorkerPool
 from mux_stack import TIMEOUT, Stack
 from rpc_backend import UNLIMITED, invoke
@@ -152,10 +155,6 @@ def test_a_taken_port_fails_the_start_and_spawns_nothing(reactor, tmp_path):
 
 
 def test_the_server_uses_the_pool_when_asked(reactor):
-    from grpcmux import server as server_module
-    from grpcmux.config import ServerSettings
-    from grpcmux.rpc.service import ProxyService
-
     pooled = server_module.make_service(ServerSettings(proxy_workers=3), reactor).proxy
     assert isinstance(pooled, ProxyWorkerPool) and pooled.workers == 3
     assert isinstance(server_module.make_service(ServerSettings(), reactor).proxy, ProxyService)
