@@ -106,7 +106,8 @@ async def test_deadline_reaches_the_backend(stack):
     result = await stack.invoke("Unary", b"x", route("lab"), timeout=7.0)
     assert result.code == OK
     remaining = stack.backend.next_call().time_remaining
-    assert remaining is not None and 0 < remaining <= 7.0
+    # grpc-timeout's encoding may round up at each hop (grpc core says so): allow a bit.
+    assert remaining is not None and 0 < remaining <= 7.1
 
 
 @pytest_twisted.ensureDeferred
