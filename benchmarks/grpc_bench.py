@@ -168,6 +168,9 @@ def measure_throughput(stack, args):
                            for key in ("rate", "mb_per_s", "p50_ms", "p99_ms")}
             entry[mode]["runs"] = results
         entry["ratio"] = entry["proxied"][metric] / entry["direct"][metric]
+        entry["beats_go"] = entry["ratio"] > GO_RATIOS[name]
+        if metric == "mb_per_s":
+            entry["half_of_direct"] = entry["ratio"] >= STREAMING_FLOOR
         out[name] = entry
     return out
 
