@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from grpcmux.splice import SpliceProtocol, splice
 from grpcmux.yamux.errors import YamuxError
+from grpcmux.yamux.session import tune_transport
 
 
 class _BridgeFactory(Factory):
@@ -88,6 +89,7 @@ class Bridge:
             )
             socket_end.abort()
             return
+        tune_transport(socket_end.transport)
         splice(socket_end, stream_end)
 
     def connection_lost(self, socket_end):

@@ -41,7 +41,7 @@ from grpcmux.metrics import (
 )
 from grpcmux.splice import SpliceProtocol, splice
 from grpcmux.yamux.config import YamuxConfig
-from grpcmux.yamux.session import YamuxSession
+from grpcmux.yamux.session import YamuxSession, tune_transport
 
 
 class _StreamEnd(SpliceProtocol):
@@ -64,6 +64,7 @@ class _StreamEnd(SpliceProtocol):
             return
         self._backend.reachable()
         self._backend.metrics.streams_spliced.inc()
+        tune_transport(backend_end.transport)
         splice(self, backend_end)
 
     def _failed(self, failure):

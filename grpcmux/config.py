@@ -103,6 +103,12 @@ def _positive_int(value: int) -> int:
     return value
 
 
+def _non_negative_int(value: int) -> int:
+    if value < 0:
+        raise _Invalid("a whole number, zero or more")
+    return value
+
+
 def _number(minimum_exclusive: bool) -> Callable[[float], float]:
     def check(value: float) -> float:
         value = float(value)
@@ -219,7 +225,7 @@ def _from_text(option: _Option, text: Any) -> Any:
         return _bool_from_text(text)
     if option.kind == "int":
         if not text.strip().isdigit():
-            raise _Invalid("a positive whole number")
+            raise _Invalid(_int_expected(option))
         return option.check(int(text))
     if option.kind == "float":
         try:
@@ -228,6 +234,15 @@ def _from_text(option: _Option, text: Any) -> Any:
             raise _Invalid("a number of seconds")
         return option.check(number)
     return option.check(text)
+
+
+def _int_expected(option: _Option) -> str:
+    """What a whole-number option expects, in its own check's words."""
+    try:
+        option.check(-1)
+    except _Invalid as error:
+        return str(error)
+    return "a whole number"
 
 
 def _yaml_type_name(value: Any) -> str:
@@ -269,7 +284,7 @@ def _from_yaml(option: _Option, value: Any) -> Any:
     if option.kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Invalid(
-                f"a positive whole number, got {_yaml_type_name(value)} {value!r}"
+                f"{_int_expected(option)}, got {_yaml_type_name(value)} {value!r}"
             )
         return option.check(value)
     if option.kind == "float":
@@ -399,6 +414,9 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
             "Seconds to wait for the old session's ping answer when a client id "
             "connects twice."),
     *_LIMIT_OPTIONS,
+    _Option("proxy-workers", "int", _non_negative_int,
+            "Processes serving the proxy endpoint; 0 serves it in the server "
+            "process (see Performance in README.rst)."),
     _SHUTDOWN_OPTION,
     _METRICS_OPTION,
     # Proxy endpoint security (files are read and checked by grpcmux.tls).
@@ -500,6 +518,7 @@ class ServerSettings(_CommonSettings):
     client_id_from_cert: bool = False
     auth_tokens: Optional[str] = None
     allow_legacy_clients: bool = False
+    proxy_workers: int = 0
 
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)

@@ -9,6 +9,7 @@ is forgotten, socket and entry included, the moment its session ends.
 
 import os
 import re
+import resource
 import shutil
 import stat
 import tempfile
@@ -561,13 +562,35 @@ def security_options(settings):
         allow_legacy_clients=settings.allow_legacy_clients,
     )
     return {"tls_options": tls_options, "admission": admission}
+def raise_open_file_limit():
+    """Raise the soft limit on open files to the hard limit, as Go programs do at start.
+
+    Each connected client holds two descriptors here (its connection and its bridge
+    socket), so the usual soft limit of 1,024 would turn clients away past about 500
+    while the hard limit (often 524,288 under systemd) allows far more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    log = MultiplexerServer._log
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as error:
+        log.warn("cannot raise the open-file limit from {soft} to {hard}: {error}",
+                 soft=soft, hard=hard, error=error)
+        return soft
+    log.info("open-file limit raised from {soft} to {hard} (two per connected client)",
+             soft=soft, hard=hard)
+    return hard
 
 
 def make_service(settings, reactor):
     """The whole server for twistd: multiplexer endpoint plus proxy endpoint."""
     from grpcmux.rpc.security import load_proxy_security
     from grpcmux.rpc.service import ProxyService
+    from grpcmux.rpc.workers import ProxyWorkerPool
 
+    raise_open_file_limit()
     proxy_security = load_proxy_security(settings)
     registry = ClientRegistry()
     metrics = ServerMetrics()
@@ -587,20 +610,45 @@ def make_service(settings, reactor):
         max_clients=settings.max_clients,
         **security_options(settings),
     )
-    proxy = ProxyService(
-        reactor,
-        registry,
-        settings.proxy_listener,
+    proxy_options = dict(
         authority_domain=settings.authority_domain,
         default_client_id=settings.default_client_id,
         max_message_size=settings.max_message_size,
-        shutdown_grace=settings.shutdown_grace,
-        call_observer=metrics.call_started,
-        max_concurrent_calls=settings.max_proxy_calls,
-        max_calls_per_client=settings.max_calls_per_client,
-        tls=proxy_security.tls,
-        tokens=proxy_security.tokens,
     )
+    if settings.proxy_workers:
+        # Each worker enforces its share of the call limits and reads the same TLS
+        # and token files, so N workers secure and bound the port as one would.
+        share = settings.proxy_workers
+        proxy = ProxyWorkerPool(
+            reactor,
+            registry,
+            settings.proxy_listener,
+            settings.proxy_workers,
+            lambda: multiplexer.runtime_dir,
+            shutdown_grace=settings.shutdown_grace,
+            log_level=settings.log_level,
+            log_format=settings.log_format,
+            max_concurrent_calls=-(-settings.max_proxy_calls // share),
+            max_calls_per_client=-(-settings.max_calls_per_client // share),
+            proxy_tls_cert=settings.proxy_tls_cert,
+            proxy_tls_key=settings.proxy_tls_key,
+            proxy_tls_client_ca=settings.proxy_tls_client_ca,
+            proxy_auth_tokens=settings.proxy_auth_tokens,
+            **proxy_options,
+        )
+    else:
+        proxy = ProxyService(
+            reactor,
+            registry,
+            settings.proxy_listener,
+            shutdown_grace=settings.shutdown_grace,
+            call_observer=metrics.call_started,
+            max_concurrent_calls=settings.max_proxy_calls,
+            max_calls_per_client=settings.max_calls_per_client,
+            tls=proxy_security.tls,
+            tokens=proxy_security.tokens,
+            **proxy_options,
+        )
     metrics_service = None
     if settings.metrics_listener:
         metrics_service = MetricsService(reactor, settings.metrics_listener, metrics.registry)
