@@ -33,11 +33,13 @@ from grpcmux.handshake import MAGIC, encode_message
 from grpcmux.testing import build_frame, data_frame, ping_frame, window_update
 from grpcmux.yamux import frame as f
 from grpcmux.yamux.config import YamuxConfig
+from grpcmux.yamux.session import IO_SIZE
 from mux_stack import TIMEOUT, Stack
 
-# One stream's receive window (256 KiB) plus one handshake message (64 KiB): nothing a
-# single peer makes the server hold may exceed it.
-BOUND = 256 * 1024 + 64 * 1024
+# Nothing a single peer makes the server hold may exceed this: a full TCP write buffer
+# (IO_SIZE; a stream's 256 KiB receive window is no larger) plus the answers to one
+# read of IO_SIZE bytes of pings, plus one handshake message (64 KiB).
+BOUND = 2 * IO_SIZE + 64 * 1024
 OK = grpc.StatusCode.OK
 SYN = f.FLAG_SYN
 
