@@ -23,7 +23,8 @@ grpc-multiplexer handshake, over the first outer stream (opened by drive);
 the streams are then opened on the inner session.
 
 Both modes send DATA frames as large as the window (as Go does) and use big
-TCP buffers (see TcpSession): they exist to be measured against the Go peer.
+TCP buffers (YamuxSession tunes its transport, see session.tune_transport):
+they exist to be measured against the Go peer.
 
 Bad arguments, a refused connection or an unusable listen address: one line on
 stderr and exit 2.
@@ -46,7 +47,6 @@ from .errors import GoAwayReceived, ProtocolError, RemoteGoAwayError, YamuxConfi
 from .session import YamuxSession
 
 _CHUNK = 256 * 1024  # driver write size
-_TCP_BUFFER = 256 * 1024
 USAGE_EXIT = 2
 
 
@@ -179,26 +179,6 @@ class CarrierFactory(Factory):
         return self.inner
 
 
-class TcpSession(YamuxSession):
-    """The outer session over TCP, tuned for bulk throughput.
-
-    TCP_NODELAY, so small frames (pings, window updates) are not held back by
-    Nagle's algorithm behind a delayed ACK.  Twisted's TCP transport reads 64
-    KiB per recv(), sends at most 128 KiB per send() and pauses its producer
-    (this session) once 64 KiB wait to be sent; at hundreds of MB/s that is a
-    reactor turn per 64 KiB, so the CLI raises all three to _TCP_BUFFER, one
-    default window.  Measured over loopback: 256 KiB moved one stream about
-    1.5x faster than 1 MiB (smaller reads keep echo and driver pipelined), 16
-    streams about as fast.
-    """
-
-    def connectionMade(self):
-        self.transport.setTcpNoDelay(True)
-        self.transport.bufferSize = _TCP_BUFFER
-        self.transport.SEND_LIMIT = _TCP_BUFFER
-        super().connectionMade()
-
-
 class _OneConnection(Factory):
     """Builds a single session for the first TCP connection; refuses the rest."""
 
@@ -234,7 +214,7 @@ def run_echo(reactor, args, config):
     else:
         stream_factory = echo_factory
     connection = _OneConnection(
-        lambda: TcpSession(is_client, stream_factory, config, reactor))
+        lambda: YamuxSession(is_client, stream_factory, config, reactor))
     host, port = args.listen
     try:
         listening = yield TCP4ServerEndpoint(reactor, port, interface=host).listen(connection)
@@ -378,7 +358,7 @@ def run_drive(reactor, args, config):
     """Connect, drive the streams, print the JSON line and return the exit code."""
     is_client = args.role == "client"
     endpoint = TCP4ClientEndpoint(reactor, *args.connect, timeout=10)
-    factory = Factory.forProtocol(lambda: TcpSession(is_client, None, config, reactor))
+    factory = Factory.forProtocol(lambda: YamuxSession(is_client, None, config, reactor))
     try:
         outer = yield endpoint.connect(factory)
     except Exception as exc:  # refused, unreachable, unresolvable, timed out
