@@ -417,15 +417,11 @@ def make_service(settings, reactor):
             connection_write_timeout=settings.keepalive_timeout,
         ),
     )
-    tls_creator = None
     if settings.token and not settings.tls:
         Tunnel._log.warn("a token without --tls crosses the network in clear")
-    if settings.tls:
-        tls_creator = tls.client_creator(
-            settings.server_name, settings.tls_ca, settings.tls_cert, settings.tls_key
-        )
     service = TunnelClientService(
-        reactor, tunnel, shutdown_grace=settings.shutdown_grace, tls_creator=tls_creator
+        reactor, tunnel, shutdown_grace=settings.shutdown_grace,
+        tls_creator=settings.tls_creator,
     )
     if settings.metrics_listener:
         metrics = MetricsService(reactor, settings.metrics_listener, tunnel.metrics.registry)

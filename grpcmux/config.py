@@ -572,24 +572,30 @@ class ClientSettings(_CommonSettings):
 
 
 def _check_server_security(settings: ServerSettings) -> None:
-    """Options that only work together, and the files they name (loaded once here)."""
+    """Options that only work together, and the files they name: loaded once here
+    into ``tls_options`` and ``client_tokens`` (not fields: derived from the paths)."""
     from grpcmux.tls import TLSConfigError, server_options
     from grpcmux.tokens import ClientTokens, TokenFileError
 
     _check_key_pair(settings, "tls_cert", "tls_key", "tls_client_ca")
     if settings.client_id_from_cert and not settings.tls_client_ca:
         raise ConfigError("--client-id-from-cert: expected --tls-client-ca as well")
+    tls_options = tokens = None
     try:
         if settings.tls_cert:
-            server_options(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            tls_options = server_options(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         if settings.auth_tokens:
-            ClientTokens.load(settings.auth_tokens)
+            tokens = ClientTokens.load(settings.auth_tokens)
     except (TLSConfigError, TokenFileError) as error:
         raise ConfigError(str(error))
+    object.__setattr__(settings, "tls_options", tls_options)
+    object.__setattr__(settings, "client_tokens", tokens)
 
 
 def _check_client_security(settings: ClientSettings) -> None:
-    """TLS options need --tls; reads --token-file into ``token``."""
+    """TLS options need --tls; reads --token-file into ``token`` and the TLS files
+    into ``tls_creator`` (not a field: derived from the paths; None without --tls)."""
     from grpcmux.tls import TLSConfigError, client_creator
 
     for flag in ("tls-ca", "tls-server-name", "tls-cert", "tls-key"):
@@ -605,12 +611,14 @@ def _check_client_security(settings: ClientSettings) -> None:
         raise ConfigError("--token and --token-file: expected one of them, not both")
     if settings.token_file:
         object.__setattr__(settings, "token", _read_token_file(settings.token_file))
+    tls_creator = None
     if settings.tls:
         try:
-            client_creator(settings.server_name, settings.tls_ca, settings.tls_cert,
-                           settings.tls_key)
+            tls_creator = client_creator(settings.server_name, settings.tls_ca,
+                                         settings.tls_cert, settings.tls_key)
         except TLSConfigError as error:
             raise ConfigError(str(error))
+    object.__setattr__(settings, "tls_creator", tls_creator)
 
 
 def _read_token_file(path: str) -> str:

@@ -546,22 +546,15 @@ class ServerService(MultiService):
 
 
 def security_options(settings):
-    """``tls_options`` and ``admission`` for ``MultiplexerServer`` from settings."""
-    from grpcmux.tokens import ClientTokens
-
-    tls_options = None
-    if settings.tls_cert:
-        tls_options = tls.server_options(
-            settings.tls_cert, settings.tls_key, settings.tls_client_ca
-        )
-    tokens = ClientTokens.load(settings.auth_tokens) if settings.auth_tokens else None
+    """``tls_options`` and ``admission`` for ``MultiplexerServer`` from settings
+    (whose files the settings read and checked when they were made)."""
     admission = Admission(
-        tokens=tokens,
+        tokens=settings.client_tokens,
         client_ca=bool(settings.tls_client_ca),
         client_id_from_cert=settings.client_id_from_cert,
         allow_legacy_clients=settings.allow_legacy_clients,
     )
-    return {"tls_options": tls_options, "admission": admission}
+    return {"tls_options": settings.tls_options, "admission": admission}
 def raise_open_file_limit():
     """Raise the soft limit on open files to the hard limit, as Go programs do at start.
 
