@@ -1,18 +1,20 @@
-"""Child processes for the benchmark: line-oriented output, /proc figures.
+"""Child processes for the benchmark (``interop.peers.Peer``), /proc figures.
 
 Waiting is always on a child's output with a deadline; a deadline that passes
 raises ``BenchError`` with the child's stderr.
 """
 
 import os
-import queue
 import resource
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.append(str(REPO / "tests"))
+
+from interop.peers import Peer, python_env  # noqa: E402
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -26,77 +28,36 @@ def _more_files():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def python_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.setdefault("GRPC_VERBOSITY", "NONE")
-    return env
-
-
-class Child:
-    """A child process; its stdout lines are queued, its stderr kept."""
+class Child(Peer):
+    """A named benchmark process: lines on its stdin, a raised open-file limit."""
 
     def __init__(self, name, argv, stdin=subprocess.PIPE):
+        env = python_env()
+        env.setdefault("GRPC_VERBOSITY", "NONE")
+        super().__init__(argv, env=env, stdin=stdin, preexec_fn=_more_files)
         self.name = name
-        self.argv = [str(a) for a in argv]
-        self.process = subprocess.Popen(
-            self.argv, cwd=REPO, env=python_env(), stdin=stdin, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, preexec_fn=_more_files,
-        )
         self.pid = self.process.pid
-        self._lines = queue.Queue()
-        self._stderr = []
-        self._threads = [threading.Thread(target=self._pump, daemon=True),
-                         threading.Thread(target=self._pump_stderr, daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def _pump(self):
-        for line in self.process.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def _pump_stderr(self):
-        for line in self.process.stderr:
-            self._stderr.append(line)
-
-    def fail(self, problem):
-        tail = "".join(self._stderr[-20:])
-        raise BenchError(f"{self.name}: {problem}\n--- stderr (last lines) ---\n{tail}")
 
     def read_until(self, predicate, timeout):
         """The first stdout line satisfying ``predicate`` within ``timeout`` seconds."""
-        while True:
-            try:
-                line = self._lines.get(timeout=timeout)
-            except queue.Empty:
-                self.fail(f"nothing expected within {timeout}s")
-            if line is None:
-                self._lines.put(None)
-                self.process.wait(5)
-                self.fail(f"exited ({self.process.returncode})")
-            if predicate(line):
-                return line
+        try:
+            return super().read_until(predicate, timeout)
+        except AssertionError as error:
+            raise BenchError(f"{self.name}: {error}") from None
 
     def send(self, line):
         self.process.stdin.write(line + "\n")
         self.process.stdin.flush()
 
     def stop(self, timeout=15.0):
-        if self.process.poll() is None:
-            if self.process.stdin is not None and not self.process.stdin.closed:
-                try:
-                    self.process.stdin.close()
-                except BrokenPipeError:
-                    pass
-            self.process.terminate()
+        """Close stdin (the loadgen's and backend's signal to end), then terminate."""
+        stdin = self.process.stdin
+        if self.process.poll() is None and stdin is not None and not stdin.closed:
             try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        for thread in self._threads:
-            thread.join(5)
+                stdin.close()
+            except BrokenPipeError:
+                pass
+        super().stop(timeout)
 
 
 def twistd(name, *argv):

@@ -25,16 +25,17 @@ def python_env():
 class Peer:
     """A child process whose stdout lines are read with timeouts."""
 
-    def __init__(self, argv, env=None):
+    def __init__(self, argv, env=None, stdin=subprocess.DEVNULL, preexec_fn=None):
         self.argv = [str(arg) for arg in argv]
         self.process = subprocess.Popen(
             self.argv,
             cwd=REPO,
             env=env if env is not None else python_env(),
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=preexec_fn,
         )
         self._lines = queue.Queue()
         self._stderr = []
@@ -93,12 +94,12 @@ class Peer:
             reader.join(timeout)
         return code
 
-    def stop(self):
-        """Terminate (then kill) the process if it still runs."""
+    def stop(self, timeout=5.0):
+        """Terminate (then, after ``timeout`` seconds, kill) the process if it still runs."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(5)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
