@@ -555,6 +555,8 @@ def security_options(settings):
         allow_legacy_clients=settings.allow_legacy_clients,
     )
     return {"tls_options": settings.tls_options, "admission": admission}
+
+
 def raise_open_file_limit():
     """Raise the soft limit on open files to the hard limit, as Go programs do at start.
 
