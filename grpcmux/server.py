@@ -586,7 +586,6 @@ def make_service(settings, reactor):
     from grpcmux.rpc.workers import ProxyWorkerPool
 
     raise_open_file_limit()
-    proxy_security = load_proxy_security(settings)
     registry = ClientRegistry()
     metrics = ServerMetrics()
     multiplexer = MultiplexerServer(
@@ -632,6 +631,7 @@ def make_service(settings, reactor):
             **proxy_options,
         )
     else:
+        proxy_security = load_proxy_security(settings)
         proxy = ProxyService(
             reactor,
             registry,
