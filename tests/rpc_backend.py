@@ -241,6 +241,11 @@ class PendingCall:
         return Result(self.call, responses)
 
 
+def route(client_id):
+    """The metadata that sends a call through the proxy to ``client_id``."""
+    return (("client-id", client_id),)
+
+
 def start_call(channel, kind, request, metadata=(), timeout=10.0, **kwargs) -> PendingCall:
     """Start ``/test.Echo/<kind>``; ``request`` is bytes, or a list for client streams."""
     multicallable = getattr(channel, KINDS[kind])(f"/{SERVICE}/{kind}")

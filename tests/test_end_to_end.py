@@ -11,12 +11,9 @@ from twisted.internet.defer import Deferred
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.yamux.session import IO_SIZE
 from mux_stack import TIMEOUT
+from rpc_backend import route
 
 OK = grpc.StatusCode.OK
-
-
-def route(client_id):
-    return (("client-id", client_id),)
 
 
 @pytest.mark.parametrize("wire_protocol", ["native", "legacy"])

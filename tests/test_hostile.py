@@ -35,6 +35,7 @@ from grpcmux.yamux import frame as f
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.session import IO_SIZE
 from mux_stack import TIMEOUT, Stack
+from rpc_backend import route
 
 # Nothing a single peer makes the server hold may exceed this: a full TCP write buffer
 # (IO_SIZE; a stream's 256 KiB receive window is no larger) plus the answers to one
@@ -42,10 +43,6 @@ from mux_stack import TIMEOUT, Stack
 BOUND = 2 * IO_SIZE + 64 * 1024
 OK = grpc.StatusCode.OK
 SYN = f.FLAG_SYN
-
-
-def route(client_id):
-    return (("client-id", client_id),)
 
 
 def held(connection):

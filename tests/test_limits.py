@@ -28,7 +28,7 @@ from grpcmux.yamux import frame as f
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.errors import StreamLimitReached
 from mux_stack import Stack
-from rpc_backend import ENGINES, Mux, start_call
+from rpc_backend import ENGINES, Mux, route, start_call
 
 SYN, ACK, RST = f.FLAG_SYN, f.FLAG_ACK, f.FLAG_RST
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -38,10 +38,6 @@ TIMEOUT = 20.0
 
 def logged(events, text):
     return [formatEvent(e) for e in events if text in formatEvent(e)]
-
-
-def route(client_id):
-    return (("client-id", client_id),)
 
 
 # -- yamux: streams per session --------------------------------------------------------

@@ -18,14 +18,11 @@ from grpcmux.metrics import ClientMetrics, MetricsService, ServerMetrics, reject
 from grpcmux.registry import ClientRegistry
 from grpcmux.rpc.service import ProxyService
 from mux_stack import TIMEOUT
+from rpc_backend import route
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 # Twisted's own Agent response transport trips readBody's abortConnection check.
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarning")
-
-
-def route(client_id):
-    return (("client-id", client_id),)
 
 
 async def scrape(reactor, service):

@@ -19,11 +19,7 @@ from grpcmux.rpc.service import ProxyService
 from grpcmux.rpc.workers import ProxyWorkerPool
 from grpcmux.tokens import hash_token
 from mux_stack import TIMEOUT, Stack
-from rpc_backend import UNLIMITED, invoke
-
-
-def route(client_id):
-    return (("client-id", client_id),)
+from rpc_backend import UNLIMITED, invoke, route
 
 
 class WorkerStack(Stack):

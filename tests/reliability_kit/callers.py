@@ -18,13 +18,9 @@ import grpc
 from twisted.internet.defer import Deferred, DeferredList
 
 from reliability_kit.pattern import SERVICE, chunk, echo_payload
-from rpc_backend import UNLIMITED, in_thread
+from rpc_backend import UNLIMITED, in_thread, route
 
 ROUNDS = 8  # checked echo round trips before a held stream counts as established
-
-
-def route(client_id):
-    return (("client-id", client_id),)
 
 
 class Outcome:
