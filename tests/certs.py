@@ -33,7 +33,6 @@ class Pki:
     client: Issued  # DNS:sensor-1, DNS:sensor-2
     cn_only: Issued  # CN=cn-client, no SAN
     other_ca: str  # an unrelated CA
-    other_server: Issued  # localhost, signed by other_ca
     other_client: Issued  # DNS:sensor-1, signed by other_ca
 
 
@@ -121,9 +120,5 @@ def make_pki(directory):
         client=_write_issued(directory, "client", ca.issue("sensor", ["sensor-1", "sensor-2"])),
         cn_only=_write_issued(directory, "cn-only", ca.issue("cn-client")),
         other_ca=_write_cert(directory / "other-ca.crt", other.cert),
-        other_server=_write_issued(
-            directory, "other-server",
-            other.issue("localhost", ["localhost"], ["127.0.0.1"], server=True),
-        ),
         other_client=_write_issued(directory, "other-client", other.issue("sensor", ["sensor-1"])),
     )
