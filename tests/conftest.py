@@ -32,6 +32,14 @@ async def stack(reactor, tmp_path):
     await s.stop()
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """Test certificates (``tests/certs.py``), made once per test module."""
+    from certs import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture
 def log_events():
     """Every event logged during the test, as logged."""

@@ -639,13 +639,6 @@ def test_bad_limits_are_one_line_errors(dirs, tmp_path, attr):
 # -- security settings (README "Security") ------------------------------------------
 
 
-@pytest.fixture
-def pki(tmp_path_factory):
-    from certs import make_pki
-
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
 def test_server_security_from_flags_environment_and_file(dirs, tmp_path, pki):
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text("edge-1: " + "ab" * 32 + "\n")

@@ -17,7 +17,6 @@ import pytest_twisted
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twisted.python import usage
 
-from certs import make_pki
 from grpcmux import cli
 from grpcmux.config import ConfigError, ServerSettings
 from grpcmux.rpc.security import ServerTLS, channel_credentials, load_proxy_security
@@ -32,11 +31,6 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 ROUTE = (("client-id", "alpha"),)
 _TWISTD = ("import sys; sys.argv = ['twistd'] + sys.argv[1:]; "
            "from twisted.scripts.twistd import run; run()")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def server_tls(pki, mutual=False):

@@ -9,18 +9,12 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from certs import make_pki
 from grpcmux import tls
 from grpcmux.admission import Admission
 from grpcmux.client import Tunnel, TunnelClientService
 from grpcmux.registry import ClientRegistry
 from grpcmux.server import MultiplexerServer
 from mux_stack import TIMEOUT, Stack, first_report
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def server_tls(pki, client_ca=False):
