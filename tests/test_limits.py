@@ -261,6 +261,40 @@ async def test_calls_to_one_client_beyond_the_limit_are_refused(reactor, tmp_pat
         await mux.stop()
 
 
+class _FailingChannel:
+    """A backend channel whose next call cannot even be created (closed under us)."""
+
+    def __init__(self, channel):
+        self._channel = channel
+
+    def stream_stream(self, method):
+        def refuse(*args, **kwargs):
+            raise RuntimeError("channel closed while the call was being made")
+
+        return refuse
+
+    def __getattr__(self, name):
+        return getattr(self._channel, name)
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest_twisted.ensureDeferred
+async def test_a_call_that_cannot_be_made_gives_its_slot_back(reactor, tmp_path, engine):
+    mux = Mux(reactor, tmp_path, max_calls_per_client=1, **ENGINES[engine])
+    try:
+        mux.connect("edge")
+        assert (await mux.invoke("Unary", b"a", route("edge"))).responses == [b"a"]
+        [backend] = mux.service._engine._proxy._backends.values()
+        channel, backend.channel = backend.channel, _FailingChannel(backend.channel)
+        failed = await mux.invoke("Unary", b"b", route("edge"))
+        assert failed.code == grpc.StatusCode.UNKNOWN
+        backend.channel = channel
+        assert backend.active == 0
+        assert (await mux.invoke("Unary", b"c", route("edge"))).responses == [b"c"]
+    finally:
+        await mux.stop()
+
+
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 @pytest_twisted.ensureDeferred
 async def test_calls_beyond_the_proxy_limit_are_refused(reactor, tmp_path, engine):

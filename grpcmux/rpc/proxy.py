@@ -211,6 +211,15 @@ class _Proxy(grpc.GenericRpcHandler):
         with self._lock:
             backend.active -= 1
 
+    @contextlib.contextmanager
+    def _slot_returned_on_error(self, backend):
+        """Give the call slot back if the backend call cannot even be created."""
+        try:
+            yield
+        except BaseException:
+            self._free_call_slot(backend)
+            raise
+
     def _pop_backend(self, info):
         with self._lock:
             return self._backends.pop((info.client_id, info.socket_path), None)
@@ -360,10 +369,11 @@ class AsyncProxy(_Proxy):
             self._take_call_slot(backend)
         except RoutingError as e:
             await context.abort(e.code, e.message)
-        call = backend.channel.stream_stream(method)(
-            timeout=context.time_remaining(),
-            metadata=_forwarded_metadata(context.invocation_metadata()),
-        )
+        with self._slot_returned_on_error(backend):
+            call = backend.channel.stream_stream(method)(
+                timeout=context.time_remaining(),
+                metadata=_forwarded_metadata(context.invocation_metadata()),
+            )
         # Our own pump, not grpc's request_iterator: grpc.aio turns a request written
         # after the backend already answered into INTERNAL, hiding the real status.
         pump = asyncio.ensure_future(_pump(requests, call))
@@ -469,12 +479,13 @@ class ThreadedProxy(_Proxy):
         except RoutingError as e:
             context.abort(e.code, e.message)
         remaining = context.time_remaining()
-        call = backend.channel.stream_stream(method)(
-            requests,
-            # Without a deadline grpcio reports roughly the largest int64 in seconds.
-            timeout=remaining if remaining < 1e9 else None,
-            metadata=_forwarded_metadata(context.invocation_metadata()),
-        )
+        with self._slot_returned_on_error(backend):
+            call = backend.channel.stream_stream(method)(
+                requests,
+                # Without a deadline grpcio reports roughly the largest int64 in seconds.
+                timeout=remaining if remaining < 1e9 else None,
+                metadata=_forwarded_metadata(context.invocation_metadata()),
+            )
         # Fires on every end of the caller's call, cancellation included.
         context.add_callback(call.cancel)
         return self._relay(backend, call, context)
