@@ -235,7 +235,7 @@ def run_echo(reactor, args, config):
 # seed-derived offset.  The block length is odd and not a multiple of any frame
 # or read size, so a lost, repeated or misdirected piece shows up as a
 # mismatch (only a shift by an exact multiple of the block length could not),
-# and every send is a slice of one bytes object and every check a memcmp.
+# and every send is a view into one bytes object and every check a memcmp.
 _BLOCK_SIZE = 1024 * 1024 + 7
 _pattern_cache = []
 
@@ -287,7 +287,7 @@ class DriveProtocol(Protocol):
 
     def __init__(self, seed, size):
         self._size = size
-        self._pattern = _pattern()
+        self._pattern = memoryview(_pattern())  # writes are views: no copy, as in Go
         self._offset = _start_offset(seed)
         self._expected = _PatternReader(seed)
         self._sent = 0

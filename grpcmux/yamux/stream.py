@@ -32,6 +32,12 @@ from .frame import (
 )
 
 
+def _bytes_view(data):
+    """True for a flat memoryview of a bytes object: it can be kept as it is."""
+    return (type(data) is memoryview and type(data.obj) is bytes
+            and data.ndim == 1 and data.itemsize == 1)
+
+
 @implementer(ITransport, IConsumer, IPushProducer)
 class YamuxStream:
     """A yamux stream; the protocol connected to it sees an ordinary transport."""
@@ -78,11 +84,14 @@ class YamuxStream:
     # -- ITransport / IConsumer --------------------------------------------
 
     def write(self, data):
-        """Buffer ``data`` for sending; dropped once the write side is closed."""
+        """Buffer ``data`` for sending; dropped once the write side is closed.
+
+        Bytes, and memoryviews of bytes (immutable, so kept without a copy).
+        """
         if self._write_closed or self.disconnected or not data:
             return
-        if type(data) is not bytes:
-            data = bytes(data)
+        if type(data) is not bytes and not _bytes_view(data):
+            data = bytes(data)  # a copy: the caller may change a bytearray later
         self._send_buf.append(data)
         self._send_len += len(data)
         if self._send_window > 0:
