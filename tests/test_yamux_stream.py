@@ -85,6 +85,26 @@ def test_written_buffers_are_sent_as_they_were_at_write_time():
     assert b"".join(fr.data for fr in frames) == b"abcdefghijk"
 
 
+class ChunkRecorder(StreamRecorder):
+    def __init__(self):
+        super().__init__()
+        self.chunks = []
+
+    def dataReceived(self, data):
+        self.chunks.append(data)
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_pieces_of_a_read_are_bytes_unless_the_protocol_takes_views(views):
+    proto = ChunkRecorder()
+    session, _, _, stream, _ = opened(proto)
+    stream.deliver_views = views
+    session.dataReceived(data_frame(1, b"abc") + data_frame(1, b"defg"))
+    assert [bytes(chunk) for chunk in proto.chunks] == [b"abc", b"defg"]
+    expected = memoryview if views else bytes
+    assert [type(chunk) for chunk in proto.chunks] == [expected, expected]
+
+
 def test_data_frames_bounded_by_max_frame_size():
     _, transport, clock, stream, _ = opened(max_frame_size=1000)
     stream.write(b"x" * 2500)

@@ -133,6 +133,7 @@ class EchoProtocol(Protocol):
     def connectionMade(self):
         if self._on_first_stream is not None:
             self._on_first_stream(self.transport.session)
+        self.transport.deliver_views = True  # echoed as they are: no copy needed
         self.transport.registerProducer(self.transport, True)
 
     def dataReceived(self, data):
@@ -298,6 +299,7 @@ class DriveProtocol(Protocol):
         self.done = defer.Deferred()
 
     def connectionMade(self):
+        self.transport.deliver_views = True  # only compared: no copy needed
         self.transport.registerProducer(self, True)
         self.resumeProducing()
 

@@ -40,7 +40,13 @@ def _bytes_view(data):
 
 @implementer(ITransport, IConsumer, IPushProducer)
 class YamuxStream:
-    """A yamux stream; the protocol connected to it sees an ordinary transport."""
+    """A yamux stream; the protocol connected to it sees an ordinary transport.
+
+    ``dataReceived`` gets bytes.  A protocol that reads its data without
+    keeping it as bytes may set ``transport.deliver_views = True``: pieces of
+    a read that carried more than this stream's data then come as memoryviews
+    into that read instead of copies (writing them to a stream needs no copy).
+    """
 
     _log = Logger()
 
@@ -54,6 +60,7 @@ class YamuxStream:
         self.disconnected = False
         self.established = False
         self.producer = None
+        self.deliver_views = False
         self._streaming = True
         self._producer_paused = False
         self._high_water = config.max_stream_send_buffer
@@ -278,8 +285,10 @@ class YamuxStream:
             self._add_credit(len(chunk))
         elif self._reading_paused or self._recv_buf:
             self._recv_buf += chunk
-        else:
+        elif type(chunk) is bytes or self.deliver_views:
             self._deliver(chunk)
+        else:
+            self._deliver(bytes(chunk))
 
     def _deliver(self, chunk):
         try:
