@@ -22,9 +22,11 @@ prints one JSON line {"streams_ok", "bytes", "seconds", "mb_per_s", "rtt_ms"}
 grpc-multiplexer handshake, over the first outer stream (opened by drive);
 the streams are then opened on the inner session.
 
-Both modes send DATA frames as large as the window (as Go does) and use big
-TCP buffers (YamuxSession tunes its transport, see session.tune_transport):
-they exist to be measured against the Go peer.
+Both modes send DATA frames as large as the window (as Go does), use big
+TCP buffers (YamuxSession tunes its transport, see session.tune_transport)
+and take received data as memoryviews (YamuxStream.deliver_views; the echo
+writes them back, the drive compares them: neither needs a copy): they exist
+to be measured against the Go peer.
 
 Bad arguments, a refused connection or an unusable listen address: one line on
 stderr and exit 2.
