@@ -25,8 +25,8 @@ class Recorder:
         return self.want
 
     def data_received(self, header, chunk, last):
-        assert isinstance(chunk, bytes)
-        self.events.append(("data", header.stream_id, chunk, last))
+        assert isinstance(chunk, (bytes, memoryview))
+        self.events.append(("data", header.stream_id, bytes(chunk), last))
 
     def frames(self):
         """Rebuild (header, body) pairs from the events."""

@@ -71,6 +71,40 @@ def test_write_and_write_sequence_coalesce_into_one_frame():
     assert read_frames(transport) == [Frame(DATA, 0, 1, 8, b"abcdefgh")]
 
 
+def test_written_buffers_are_sent_as_they_were_at_write_time():
+    # Views of bytes are kept as they are (immutable); anything else is copied at write.
+    _, transport, clock, stream, _ = opened(max_frame_size=3)
+    mutable = bytearray(b"ab")
+    stream.write(mutable)
+    mutable[:] = b"XY"
+    stream.write(memoryview(b"--cdefg")[2:])
+    stream.write(memoryview(b"hijk").cast("I"))  # one 4-byte item: still 4 bytes
+    clock.advance(0)
+    frames = read_frames(transport)
+    assert [fr.length for fr in frames] == [3, 3, 3, 2]
+    assert b"".join(fr.data for fr in frames) == b"abcdefghijk"
+
+
+class ChunkRecorder(StreamRecorder):
+    def __init__(self):
+        super().__init__()
+        self.chunks = []
+
+    def dataReceived(self, data):
+        self.chunks.append(data)
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_pieces_of_a_read_are_bytes_unless_the_protocol_takes_views(views):
+    proto = ChunkRecorder()
+    session, _, _, stream, _ = opened(proto)
+    stream.deliver_views = views
+    session.dataReceived(data_frame(1, b"abc") + data_frame(1, b"defg"))
+    assert [bytes(chunk) for chunk in proto.chunks] == [b"abc", b"defg"]
+    expected = memoryview if views else bytes
+    assert [type(chunk) for chunk in proto.chunks] == [expected, expected]
+
+
 def test_data_frames_bounded_by_max_frame_size():
     _, transport, clock, stream, _ = opened(max_frame_size=1000)
     stream.write(b"x" * 2500)

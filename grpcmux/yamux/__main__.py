@@ -22,9 +22,11 @@ prints one JSON line {"streams_ok", "bytes", "seconds", "mb_per_s", "rtt_ms"}
 grpc-multiplexer handshake, over the first outer stream (opened by drive);
 the streams are then opened on the inner session.
 
-Both modes send DATA frames as large as the window (as Go does) and use big
-TCP buffers (YamuxSession tunes its transport, see session.tune_transport):
-they exist to be measured against the Go peer.
+Both modes send DATA frames as large as the window (as Go does), use big
+TCP buffers (YamuxSession tunes its transport, see session.tune_transport)
+and take received data as memoryviews (YamuxStream.deliver_views; the echo
+writes them back, the drive compares them: neither needs a copy): they exist
+to be measured against the Go peer.
 
 Bad arguments, a refused connection or an unusable listen address: one line on
 stderr and exit 2.
@@ -133,6 +135,7 @@ class EchoProtocol(Protocol):
     def connectionMade(self):
         if self._on_first_stream is not None:
             self._on_first_stream(self.transport.session)
+        self.transport.deliver_views = True  # echoed as they are: no copy needed
         self.transport.registerProducer(self.transport, True)
 
     def dataReceived(self, data):
@@ -235,7 +238,7 @@ def run_echo(reactor, args, config):
 # seed-derived offset.  The block length is odd and not a multiple of any frame
 # or read size, so a lost, repeated or misdirected piece shows up as a
 # mismatch (only a shift by an exact multiple of the block length could not),
-# and every send is a slice of one bytes object and every check a memcmp.
+# and every send is a view into one bytes object and every check a memcmp.
 _BLOCK_SIZE = 1024 * 1024 + 7
 _pattern_cache = []
 
@@ -287,7 +290,7 @@ class DriveProtocol(Protocol):
 
     def __init__(self, seed, size):
         self._size = size
-        self._pattern = _pattern()
+        self._pattern = memoryview(_pattern())  # writes are views: no copy, as in Go
         self._offset = _start_offset(seed)
         self._expected = _PatternReader(seed)
         self._sent = 0
@@ -298,6 +301,7 @@ class DriveProtocol(Protocol):
         self.done = defer.Deferred()
 
     def connectionMade(self):
+        self.transport.deliver_views = True  # only compared: no copy needed
         self.transport.registerProducer(self, True)
         self.resumeProducing()
 

@@ -57,6 +57,8 @@ class FrameParser:
       larger than the stream's receive window) before any body byte is read.
     - ``data_received(header, chunk, last)`` for each piece of a wanted DATA
       body as it arrives; ``last`` is true on the piece that ends the frame.
+      ``chunk`` is the fed bytes when the piece is all of it, else a memoryview
+      into them (no copy; the handler copies what it must keep as bytes).
 
     The body is never collected here: each received chunk is handed on as soon
     as it is read, so an announced length never makes the parser buffer
@@ -105,7 +107,10 @@ class FrameParser:
                 remaining -= take
                 self._remaining = remaining
                 if self._wanted:
-                    chunk = data if (pos == 0 and take == size) else data[pos:pos + take]
+                    if pos == 0 and take == size:
+                        chunk = data
+                    else:
+                        chunk = memoryview(data)[pos:pos + take]
                     pos += take
                     handler.data_received(self._header, chunk, remaining == 0)
                 else:

@@ -50,6 +50,8 @@ from .stream import YamuxStream
 # DATA bytes sent in one flush before yielding to the reactor (fairness with
 # everything else the reactor runs; transports that never pause, too).
 _FLUSH_BUDGET = 1024 * 1024
+# Collected frames are handed to the transport at least this often in a flush.
+_WRITE_SIZE = 256 * 1024
 
 
 @implementer(IPushProducer)
@@ -95,6 +97,8 @@ class YamuxSession(Protocol):
         self._in_receive = False
         self._flushing = False
         self._flush_call = None
+        self._out = None  # while flushing: the pieces of the next transport write
+        self._out_len = 0
         self._unacked_incoming = 0
         self._stream_limit_logged = False
         self._pings = {}
@@ -381,7 +385,11 @@ class YamuxSession(Protocol):
         self._unacked_incoming = 0
         data = control[0] if len(control) == 1 else b"".join(control)
         self.bytes_sent += len(data)
-        self.transport.write(data)
+        if self._out is not None:
+            self._out.append(data)
+            self._out_len += len(data)
+        else:
+            self.transport.write(data)
         if self._writing_paused:
             # The peer is not reading; stop reading from it if it keeps
             # making us answer (pings, window updates) into a full buffer.
@@ -400,21 +408,34 @@ class YamuxSession(Protocol):
                 self._flush_call = self.clock.callLater(0, self._flush)
 
     def _flush(self):
-        """Write control frames, then DATA round-robin while the transport takes it."""
+        """Write control frames, then DATA round-robin while the transport takes it.
+
+        The frames are collected (headers, and bodies as views into the streams'
+        buffers) and handed to the transport joined, one write per _WRITE_SIZE
+        or less: a Twisted transport joins whatever is pending into one bytes
+        before send(), so a single pending bytes is sent as it is, with no copy
+        besides our join.  Past _WRITE_SIZE the transport gets what is collected,
+        so a full transport pauses the flush as before.
+        """
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
         if self._flushing or self.closed:
             return
         self._flushing = True
+        self._out = out = []
+        self._out_len = 0
         try:
             if self._control:
                 self._write_control()
             ready = self._ready
-            transport = self.transport
             limit = self.config.max_frame_size
             budget = _FLUSH_BUDGET
-            while ready and not self._writing_paused and not self.closed:
+            while ready and not self.closed:
+                if self._out_len >= _WRITE_SIZE:
+                    self._write_out()
+                if self._writing_paused or self.closed:
+                    break
                 if budget <= 0:
                     self._flush_call = self.clock.callLater(0, self._flush)
                     break
@@ -423,8 +444,10 @@ class YamuxSession(Protocol):
                 if stream.disconnected:
                     continue
                 before = stream._send_len
-                more = stream._send_turn(limit, transport)
+                counted = self.bytes_sent
+                more = stream._send_turn(limit, out)
                 budget -= before - stream._send_len + 1
+                self._out_len += self.bytes_sent - counted
                 if self._control and not self.closed:
                     self._write_control()
                 if more and not stream._scheduled:
@@ -432,6 +455,17 @@ class YamuxSession(Protocol):
                     ready.append(stream)
         finally:
             self._flushing = False
+            self._write_out()
+            self._out = None
+
+    def _write_out(self):
+        """Hand what the flush collected to the transport as one bytes."""
+        out = self._out
+        if out:
+            data = b"".join(out)
+            out.clear()
+            self._out_len = 0
+            self.transport.write(data)
 
     # -- streams -----------------------------------------------------------
 
@@ -509,6 +543,12 @@ class YamuxSession(Protocol):
             return
         if self._control and self.transport is not None and not abort:
             self._write_control()
+        if self._out:
+            # Shut down during a flush: what it collected goes before the close.
+            if abort or self.transport is None:
+                self._out.clear()
+            else:
+                self._write_out()
         self.closed = True
         self._close_reason = reason
         self._parser.stop()

@@ -32,9 +32,21 @@ from .frame import (
 )
 
 
+def _bytes_view(data):
+    """True for a flat memoryview of a bytes object: it can be kept as it is."""
+    return (type(data) is memoryview and type(data.obj) is bytes
+            and data.ndim == 1 and data.itemsize == 1)
+
+
 @implementer(ITransport, IConsumer, IPushProducer)
 class YamuxStream:
-    """A yamux stream; the protocol connected to it sees an ordinary transport."""
+    """A yamux stream; the protocol connected to it sees an ordinary transport.
+
+    ``dataReceived`` gets bytes.  A protocol that reads its data without
+    keeping it as bytes may set ``transport.deliver_views = True``: pieces of
+    a read that carried more than this stream's data then come as memoryviews
+    into that read instead of copies (writing them to a stream needs no copy).
+    """
 
     _log = Logger()
 
@@ -48,6 +60,7 @@ class YamuxStream:
         self.disconnected = False
         self.established = False
         self.producer = None
+        self.deliver_views = False
         self._streaming = True
         self._producer_paused = False
         self._high_water = config.max_stream_send_buffer
@@ -78,11 +91,14 @@ class YamuxStream:
     # -- ITransport / IConsumer --------------------------------------------
 
     def write(self, data):
-        """Buffer ``data`` for sending; dropped once the write side is closed."""
+        """Buffer ``data`` for sending; dropped once the write side is closed.
+
+        Bytes, and memoryviews of bytes (immutable, so kept without a copy).
+        """
         if self._write_closed or self.disconnected or not data:
             return
-        if type(data) is not bytes:
-            data = bytes(data)
+        if type(data) is not bytes and not _bytes_view(data):
+            data = bytes(data)  # a copy: the caller may change a bytearray later
         self._send_buf.append(data)
         self._send_len += len(data)
         if self._send_window > 0:
@@ -198,13 +214,16 @@ class YamuxStream:
         if self.producer is not None:
             self._check_producer()
 
-    def _send_turn(self, limit, transport):
-        """Send one frame of at most ``limit`` body bytes; True if more can go."""
+    def _send_turn(self, limit, out):
+        """Append one frame of at most ``limit`` body bytes to ``out``; True if more can go.
+
+        The body goes into ``out`` as the buffered writes themselves or memoryviews
+        into them, never as copies: the session joins ``out`` into one transport
+        write, the only copy made of the body before the socket.
+        """
         size = min(limit, self._send_window, self._send_len)
-        pieces = [None]
         if size > 0:
-            # Slices of the buffered writes, never a copy of what stays buffered:
-            # a write larger than the frame is sent from an offset into it.
+            out.append(encode_header(TYPE_DATA, 0, self.stream_id, size))
             buf = self._send_buf
             head = self._send_head
             left = size
@@ -213,34 +232,25 @@ class YamuxStream:
                 available = len(chunk) - head
                 if available <= left:
                     buf.popleft()
-                    pieces.append(chunk[head:] if head else chunk)
+                    out.append(memoryview(chunk)[head:] if head else chunk)
                     left -= available
                     head = 0
                 else:
-                    pieces.append(chunk[head:head + left])
+                    out.append(memoryview(chunk)[head:head + left])
                     head += left
                     left = 0
             self._send_head = head
             self._send_len -= size
             self._send_window -= size
-        flags = 0
-        if self._write_closed and not self._fin_sent and not self._send_len:
-            flags = FLAG_FIN
-            self._fin_sent = True
-        if size > 0:
-            pieces[0] = encode_header(TYPE_DATA, 0, self.stream_id, size)
-        else:
-            del pieces[0]
-        if flags:
+            self.session.bytes_sent += size + HEADER_SIZE
+        fin = self._write_closed and not self._fin_sent and not self._send_len
+        if fin:
             # FIN travels on its own WINDOW_UPDATE, as Go sends it: some hashicorp/yamux
             # versions let a reader see the FIN of a DATA|FIN frame before its body and
             # report EOF with the last bytes unread.
-            pieces.append(encode_header(TYPE_WINDOW_UPDATE, flags, self.stream_id, 0))
-        if pieces:
-            headers = (size > 0) + bool(flags)
-            self.session.bytes_sent += size + HEADER_SIZE * headers
-            transport.writeSequence(pieces)
-        if flags:
+            self._fin_sent = True
+            out.append(encode_header(TYPE_WINDOW_UPDATE, FLAG_FIN, self.stream_id, 0))
+            self.session.bytes_sent += HEADER_SIZE
             self._after_fin_sent()
         if self.producer is not None and not self.disconnected:
             self._check_producer()
@@ -275,8 +285,10 @@ class YamuxStream:
             self._add_credit(len(chunk))
         elif self._reading_paused or self._recv_buf:
             self._recv_buf += chunk
-        else:
+        elif type(chunk) is bytes or self.deliver_views:
             self._deliver(chunk)
+        else:
+            self._deliver(bytes(chunk))
 
     def _deliver(self, chunk):
         try:
