@@ -303,23 +303,25 @@ def worker_main(argv=None):
     parser.add_argument("--authority-domain")
     parser.add_argument("--default-client-id")
     parser.add_argument("--max-message-size", type=int)
-    parser.add_argument("--max-concurrent-calls", type=int, default=10000)
-    parser.add_argument("--max-calls-per-client", type=int, default=1000)
+    parser.add_argument("--max-concurrent-calls", type=int)
+    parser.add_argument("--max-calls-per-client", type=int)
     for name in ("proxy-tls-cert", "proxy-tls-key", "proxy-tls-client-ca", "proxy-auth-tokens"):
         parser.add_argument("--" + name)
     args = parser.parse_args(argv)
     start_logging(sys.stdout, args.log_level, args.log_format)
     security = load_proxy_security(args)  # the server checked these files already
+    # Limits the server did not pass keep ProxyService's own defaults.
+    limits = {name: getattr(args, name) for name in ("max_concurrent_calls", "max_calls_per_client")
+              if getattr(args, name) is not None}
     registry = ClientRegistry()
     proxy = ProxyService(reactor, registry, args.listen,
                          authority_domain=args.authority_domain,
                          default_client_id=args.default_client_id,
                          max_message_size=args.max_message_size,
-                         max_concurrent_calls=args.max_concurrent_calls,
-                         max_calls_per_client=args.max_calls_per_client,
                          tls=security.tls,
                          tokens=security.tokens,
-                         shutdown_grace=args.shutdown_grace)
+                         shutdown_grace=args.shutdown_grace,
+                         **limits)
     stopping = []
 
     def stop_once(*_):
