@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO / "tests"))
 
 from interop.peers import Peer, python_env  # noqa: E402
+from reliability_kit.processes import proc_resources  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -86,8 +87,4 @@ def children(pid):
 
 def rss_kib(pid):
     """Resident set size of a process in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise BenchError(f"no VmRSS for process {pid}")
+    return proc_resources(pid)["rss"] // 1024

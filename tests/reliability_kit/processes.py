@@ -145,13 +145,18 @@ class Child(ProcessProtocol):
 
     def resources(self):
         """RSS (bytes), open fds and threads of the process, from /proc."""
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        return {
-            "rss": int(fields["VmRSS"].split()[0]) * 1024,
-            "fds": len(os.listdir(f"/proc/{self.pid}/fd")),
-            "threads": int(fields["Threads"]),
-        }
+        return proc_resources(self.pid)
+
+
+def proc_resources(pid):
+    """RSS (bytes), open fds and threads of process ``pid``, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {
+        "rss": int(fields["VmRSS"].split()[0]) * 1024,
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+        "threads": int(fields["Threads"]),
+    }
 
 
 def twistd(reactor, name, plugin, *argv):
