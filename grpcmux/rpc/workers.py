@@ -291,9 +291,11 @@ def worker_main(argv=None):
     from twisted.internet import reactor
 
     from grpcmux.logging import start_logging
+    from grpcmux.malloc import tune_malloc
     from grpcmux.rpc.security import load_proxy_security
     from grpcmux.rpc.service import ProxyService
 
+    tune_malloc()
     parser = argparse.ArgumentParser(description="a grpcmux proxy worker process")
     parser.add_argument("--feed", required=True)
     parser.add_argument("--listen", required=True)

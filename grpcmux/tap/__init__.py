@@ -30,6 +30,7 @@ from twisted.python.components import Componentized
 
 from grpcmux import config
 from grpcmux import logging as grpcmux_logging
+from grpcmux.malloc import tune_malloc
 
 
 def _help(option: Any, default: Any, stem: str) -> str:
@@ -203,10 +204,15 @@ def _rotate_on_sigusr1(logfile: Any) -> None:
 def make_twistd_service(
     options: SettingsOptions, service: IService, reactor: Any = None
 ) -> TwistdRoot:
-    """Wrap *service* for twistd and log which config file the settings came from."""
+    """Wrap *service* for twistd and log which config file the settings came from.
+
+    glibc's malloc thresholds are fixed here, for the whole process (see grpcmux.malloc).
+    """
     settings = options.settings
     root = TwistdRoot(service, settings, getattr(options, "parent", None), reactor)
     log = Logger(namespace="grpcmux.tap")
+    if tune_malloc():
+        log.debug("malloc thresholds fixed for bulk transfers")
     if settings.config:
         log.info("using config file {config_file}", config_file=settings.config)
     else:

@@ -44,6 +44,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from ..malloc import tune_malloc
 from .config import YamuxConfig
 from .errors import GoAwayReceived, ProtocolError, RemoteGoAwayError, YamuxConfigError
 from .session import YamuxSession
@@ -445,6 +446,7 @@ def main(argv=None):
 
     from twisted.internet import reactor
 
+    tune_malloc()
     outcome = []
     run = run_echo if args.mode == "echo" else run_drive
 
