@@ -415,6 +415,7 @@ def make_service(settings, reactor):
         yamux_config=YamuxConfig(
             keepalive_interval=settings.keepalive_interval,
             connection_write_timeout=settings.keepalive_timeout,
+            max_stream_window_size=settings.stream_window,
         ),
     )
     if settings.token and not settings.tls:

@@ -58,4 +58,7 @@ def tune_malloc(environ=None):
     if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         _log.warn("glibc refused the malloc thresholds; bulk transfers will page-fault more")
         return False
+    _log.debug("malloc: blocks up to {mmap_threshold} bytes from the heap, up to "
+               "{trim_threshold} free bytes kept at its top",
+               mmap_threshold=MMAP_THRESHOLD, trim_threshold=TRIM_THRESHOLD)
     return True

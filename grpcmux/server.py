@@ -599,6 +599,7 @@ def make_service(settings, reactor):
             keepalive_interval=settings.keepalive_interval,
             connection_write_timeout=settings.keepalive_timeout,
             max_streams=settings.max_streams_per_client,
+            max_stream_window_size=settings.stream_window,
         ),
         metrics=metrics,
         max_clients=settings.max_clients,

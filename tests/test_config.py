@@ -82,6 +82,7 @@ def test_server_defaults(dirs):
         "metrics_listener": None,
         "keepalive_interval": 30.0,
         "keepalive_timeout": 10.0,
+        "stream_window": 1048576,
         "log_level": "info",
         "log_format": "pretty",
         "config": None,
@@ -107,6 +108,7 @@ def test_client_defaults(dirs):
         "metrics_listener": None,
         "keepalive_interval": 30.0,
         "keepalive_timeout": 10.0,
+        "stream_window": 1048576,
         "log_level": "info",
         "log_format": "pretty",
         "config": None,
@@ -397,6 +399,12 @@ def test_bad_default_client_id_from_env(dirs):
          "--keepalive-interval: expected a positive number of seconds, got '0'"),
         ({"keepalive_timeout": "inf"},
          "--keepalive-timeout: expected a positive number of seconds, got 'inf'"),
+        ({"stream_window": "65536"},
+         "--stream-window: expected a number of bytes from 262144 (256 KiB, yamux's initial "
+         "window) to 4294967295, got '65536'"),
+        ({"stream_window": "4294967296"},
+         "--stream-window: expected a number of bytes from 262144 (256 KiB, yamux's initial "
+         "window) to 4294967295, got '4294967296'"),
         ({"max_message_size": "0"},
          "--max-message-size: expected a positive whole number, got '0'"),
         ({"max_message_size": "4MB"},
@@ -710,17 +718,20 @@ def test_client_security_errors(fields, expected):
     with pytest.raises(ConfigError) as info:
         ClientSettings(**fields)
     assert expected in str(info.value) and "\n" not in str(info.value)
-def test_keepalive_settings_reach_both_sessions(reactor):
+def test_keepalive_and_window_settings_reach_both_sessions(reactor):
     from grpcmux import client as client_module
     from grpcmux import server as server_module
 
     server = server_module.make_service(
-        ServerSettings(keepalive_interval=0.5, keepalive_timeout=0.25), reactor
+        ServerSettings(keepalive_interval=0.5, keepalive_timeout=0.25, stream_window=524288),
+        reactor,
     )
     config_ = server.multiplexer.yamux_config
     assert (config_.keepalive_interval, config_.connection_write_timeout) == (0.5, 0.25)
+    assert config_.max_stream_window_size == 524288
     client = client_module.make_service(
         ClientSettings(client_id="c", keepalive_interval=2, keepalive_timeout=1), reactor
     )
     config_ = client.tunnel.yamux_config
     assert (config_.keepalive_interval, config_.connection_write_timeout) == (2.0, 1.0)
+    assert config_.max_stream_window_size == 1024 * 1024

@@ -76,6 +76,7 @@ SERVER_HELP = {
     "--allow-legacy-clients": "carry no credentials",
     "--keepalive-interval=": "[default: 30]",
     "--keepalive-timeout=": "[default: 10]",
+    "--stream-window=": "[default: 1048576]",
     "--log-level=": "[default: info]",
     "--log-format=": "[default: pretty]",
     "--config=": "Default: search $HOME/.grpc-multiplexer-server.yaml, "
@@ -99,6 +100,7 @@ CLIENT_HELP = {
     "--token-file=": "[default: none]",
     "--keepalive-interval=": "[default: 30]",
     "--keepalive-timeout=": "[default: 10]",
+    "--stream-window=": "[default: 1048576]",
     "--log-level=": "[default: info]",
     "--log-format=": "[default: pretty]",
     "--config=": "$HOME/.grpc-",

@@ -211,8 +211,7 @@ def make_twistd_service(
     settings = options.settings
     root = TwistdRoot(service, settings, getattr(options, "parent", None), reactor)
     log = Logger(namespace="grpcmux.tap")
-    if tune_malloc():
-        log.debug("malloc thresholds fixed for bulk transfers")
+    tune_malloc()
     if settings.config:
         log.info("using config file {config_file}", config_file=settings.config)
     else:

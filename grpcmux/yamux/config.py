@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from .errors import YamuxConfigError
-from .frame import INITIAL_STREAM_WINDOW, MAX_STREAM_ID
+from .frame import INITIAL_STREAM_WINDOW, MAX_STREAM_WINDOW
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ class YamuxConfig:
                 raise YamuxConfigError(f"{name} must be an integer")
         if not isinstance(self.enable_keepalive, bool):
             raise YamuxConfigError("enable_keepalive must be a bool")
-        if not INITIAL_STREAM_WINDOW <= self.max_stream_window_size <= MAX_STREAM_ID:
+        if not INITIAL_STREAM_WINDOW <= self.max_stream_window_size <= MAX_STREAM_WINDOW:
             raise YamuxConfigError(
                 f"max_stream_window_size must be between {INITIAL_STREAM_WINDOW} "
-                f"and {MAX_STREAM_ID}"
+                f"and {MAX_STREAM_WINDOW}"
             )
