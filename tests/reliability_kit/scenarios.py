@@ -506,5 +506,7 @@ async def churn_calls(reactor, workdir, calls=100000, warmup=2000, concurrency=1
             "baseline": baseline,
             "after": after,
             "ratio": _compare(baseline, after),
+            "client_baseline": client_baseline,
+            "client_after": client_after,
             "client_ratio": _compare(client_baseline, client_after),
         }
