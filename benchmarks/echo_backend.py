@@ -1,7 +1,8 @@
 """The benchmark's gRPC backend: ``grpcmux.v1.BenchService`` on a grpc.aio server.
 
 Run by ``grpc_bench.py`` in a process of its own; prints ``listening <port>`` once
-it serves on 127.0.0.1, and runs until stdin closes or SIGTERM.
+it serves on 127.0.0.1 (and on ``--unix PATH`` if given, for the proxy stage alone),
+and runs until stdin closes or SIGTERM.
 """
 
 import argparse
@@ -46,10 +47,12 @@ class BenchServicer(bench_pb2_grpc.BenchServiceServicer):
             yield bench_pb2.EchoReply(payload=request.payload)
 
 
-async def serve(port):
+async def serve(port, unix):
     server = grpc.aio.server(options=UNLIMITED)
     bench_pb2_grpc.add_BenchServiceServicer_to_server(BenchServicer(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    if unix:
+        server.add_insecure_port(f"unix:{unix}")
     await server.start()
     print(f"listening {bound}", flush=True)
     # Serve until the parent closes our stdin.
@@ -60,7 +63,9 @@ async def serve(port):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
-    asyncio.run(serve(parser.parse_args().port))
+    parser.add_argument("--unix", help="also serve on this UNIX socket")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, args.unix))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ ratio proxied/direct next to the Go original's ratio (the issue's targets).
 Then the CPU cost of the grpcmux processes per 1,000 calls at a fixed call rate,
 and the server's memory with idle clients connected by ``crowd.py``.
 
+``--stage`` adds a third way to every measurement: through the proxy stage alone
+(``proxy_stage.py``: the same ProxyService, routing straight to the backend's
+UNIX socket, no tunnel).  It shows what terminating each call in grpcio costs by
+itself, against what the whole tunnel costs.
+
 The table goes to stdout, everything measured to ``--json``
 (default ``benchmarks/results/grpc_bench.json``).
 """
@@ -64,9 +69,17 @@ class Stack:
     def __init__(self, args, workdir):
         self.args = args
         self.children = []
-        self.backend = self._start(Child("backend", [sys.executable, HERE / "echo_backend.py"]))
+        backend_socket = workdir / "backend.sock"
+        self.backend = self._start(Child("backend", [sys.executable, HERE / "echo_backend.py",
+                                                     "--unix", backend_socket]))
         port = self.backend.read_until(lambda l: l.startswith("listening "), TIMEOUT).split()[1]
         self.backend_address = f"127.0.0.1:{port}"
+        self.stage = self.stage_address = None
+        if args.stage:
+            self.stage = self._start(Child("stage", [sys.executable, HERE / "proxy_stage.py",
+                                                     "--socket", backend_socket]))
+            port = self.stage.read_until(lambda l: l.startswith("listening "), TIMEOUT).split()[1]
+            self.stage_address = f"127.0.0.1:{port}"
         server_argv = ["grpcmux-server", "--multiplexer-listener", "127.0.0.1:0",
                        "--proxy-listener", "127.0.0.1:0", "--runtime-dir", workdir / "run",
                        *args.server_arg]
@@ -91,10 +104,16 @@ class Stack:
         self.children.append(child)
         return child
 
+    @property
+    def modes(self):
+        """The ways every scenario is measured: direct, proxied and perhaps stage."""
+        return ("direct", "proxied", "stage") if self.stage else ("direct", "proxied")
+
     def target(self, mode):
         if mode == "direct":
             return {"target": self.backend_address, "metadata": []}
-        return {"target": self.proxy_address, "metadata": [["client-id", "bench"]]}
+        address = self.stage_address if mode == "stage" else self.proxy_address
+        return {"target": address, "metadata": [["client-id", "bench"]]}
 
     def run_job(self, job):
         """Run ``job`` on the load generators at once, its concurrency (or rate) split
@@ -145,11 +164,12 @@ def _percentile(sorted_values, p):
 
 
 def measure_throughput(stack, args):
-    """Every scenario, direct and proxied alternating, ``args.runs`` times."""
+    """Every scenario in every mode, the order rotating, ``args.runs`` times."""
     table = scenarios(args)
-    runs = {name: {"direct": [], "proxied": []} for name in table if name in args.scenario}
+    runs = {name: {mode: [] for mode in stack.modes} for name in table if name in args.scenario}
     for run in range(args.runs):
-        modes = ("direct", "proxied") if run % 2 == 0 else ("proxied", "direct")
+        shift = run % len(stack.modes)
+        modes = stack.modes[shift:] + stack.modes[:shift]
         for name in runs:
             job, _, _ = table[name]
             for mode in modes:
@@ -168,6 +188,8 @@ def measure_throughput(stack, args):
                            for key in ("rate", "mb_per_s", "p50_ms", "p99_ms")}
             entry[mode]["runs"] = results
         entry["ratio"] = entry["proxied"][metric] / entry["direct"][metric]
+        if "stage" in by_mode:
+            entry["stage_ratio"] = entry["stage"][metric] / entry["direct"][metric]
         entry["beats_go"] = entry["ratio"] > GO_RATIOS[name]
         if metric == "mb_per_s":
             entry["half_of_direct"] = entry["ratio"] >= STREAMING_FLOOR
@@ -176,26 +198,34 @@ def measure_throughput(stack, args):
 
 
 def measure_cpu(stack, args):
-    """CPU ms per call at a fixed rate: the backend direct, grpcmux's two processes proxied."""
+    """CPU ms per call at a fixed rate: the backend direct, grpcmux's two processes
+    proxied, the proxy stage's process alone with --stage; in every mode also the
+    load generators' own cost (``caller_ms_per_call``), the price of a gRPC client call."""
     job = {"scenario": "unary", "size": 100, "rate": args.cpu_rate,
            "duration": args.cpu_duration, "warmup": args.warmup}
     out = {"rate": args.cpu_rate, "unit": "ms CPU per call (= s per 1,000 calls)",
            "target_ms": GO_CPU_MS_PER_CALL}
     # With --proxy-workers the server's child processes do the proxy's gRPC work.
     workers = {f"worker{i}": pid for i, pid in enumerate(children(stack.server.pid))}
-    for mode, pids in (("direct", {"backend": stack.backend.pid}),
-                       ("proxied", {"server": stack.server.pid, "client": stack.client.pid,
-                                    **workers})):
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    pids_by_mode = {"direct": {"backend": stack.backend.pid},
+                    "proxied": {"server": stack.server.pid, "client": stack.client.pid,
+                                **workers}}
+    if stack.stage:
+        pids_by_mode["stage"] = {"stage": stack.stage.pid}
+    callers = {loadgen.name: loadgen.pid for loadgen in stack.loadgens}
+    for mode, pids in pids_by_mode.items():
+        before = {name: cpu_seconds(pid) for name, pid in {**pids, **callers}.items()}
         # The warm-up burns CPU too: count it in the calls (warm-up + measured).
         result = stack.run_job({**job, **stack.target(mode)})
         spent = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         calls = result["calls"] + int(args.cpu_rate * args.warmup)
+        caller_seconds = sum(cpu_seconds(pid) - before[name] for name, pid in callers.items())
         entry = {f"{name}_ms_per_call": seconds * 1e3 / calls for name, seconds in spent.items()
                  if not name.startswith("worker")}
         if mode == "proxied" and workers:
             entry["workers_ms_per_call"] = sum(spent[name] for name in workers) * 1e3 / calls
         entry["ms_per_call"] = sum(spent.values()) * 1e3 / calls
+        entry["caller_ms_per_call"] = caller_seconds * 1e3 / calls
         entry["achieved_rate"] = result["rate"]
         entry["p50_ms"] = result["p50_ms"]
         out[mode] = entry
@@ -266,39 +296,50 @@ def _progress(text):
 
 
 def render(report):
-    """The results as a fixed-width text table."""
-    rows = [("scenario", "metric", "direct", "proxied", "ratio", "Go ratio")]
+    """The results as a fixed-width text table (stage columns only with --stage)."""
+    stage = "stage" in report["processes"]
+    extra = ("stage", "ratio") if stage else ()
+    rows = [("scenario", "metric", "direct", "proxied", "ratio", "Go ratio", *extra)]
+
+    def row(*cells, stage_cells=("", "")):
+        rows.append((*cells, *(stage_cells if stage else ())))
+
     for name, entry in report["throughput"].items():
         metric = entry["metric"]
         d, p = entry["direct"], entry["proxied"]
-        rows.append((name, entry["unit"], f"{d[metric]:.1f}", f"{p[metric]:.1f}",
-                     f"{entry['ratio']:.2f}x", f"{entry['target_ratio']:.2f}x"))
+        row(name, entry["unit"], f"{d[metric]:.1f}", f"{p[metric]:.1f}",
+            f"{entry['ratio']:.2f}x", f"{entry['target_ratio']:.2f}x",
+            stage_cells=stage and (f"{entry['stage'][metric]:.1f}", f"{entry['stage_ratio']:.2f}x"))
         if name in ("unary_c1", "unary_c32", "bidi_pingpong"):
             for key in ("p50_ms", "p99_ms"):
-                rows.append(("", key.replace("_ms", " ms"), f"{d[key]:.2f}", f"{p[key]:.2f}",
-                             "", ""))
+                row("", key.replace("_ms", " ms"), f"{d[key]:.2f}", f"{p[key]:.2f}", "", "",
+                    stage_cells=stage and (f"{entry['stage'][key]:.2f}", ""))
     cpu = report.get("cpu")
     if cpu:
-        rows.append((f"cpu @ {cpu['rate']}/s", "ms CPU/call", f"{cpu['direct']['ms_per_call']:.3f}",
-                     f"{cpu['proxied']['ms_per_call']:.3f}", "", f"{cpu['target_ms']} ms"))
+        row(f"cpu @ {cpu['rate']}/s", "ms CPU/call", f"{cpu['direct']['ms_per_call']:.3f}",
+            f"{cpu['proxied']['ms_per_call']:.3f}", "", f"{cpu['target_ms']} ms",
+            stage_cells=stage and (f"{cpu['stage']['ms_per_call']:.3f}", ""))
         proxied = cpu["proxied"]
         parts = [("server", proxied["server_ms_per_call"])]
         if "workers_ms_per_call" in proxied:
             parts.append(("workers", proxied["workers_ms_per_call"]))
         parts.append(("client", proxied["client_ms_per_call"]))
-        rows.append(("", "  " + " / ".join(name for name, _ in parts), "",
-                     " / ".join(f"{ms:.3f}" for _, ms in parts), "", ""))
+        row("", "  " + " / ".join(name for name, _ in parts), "",
+            " / ".join(f"{ms:.3f}" for _, ms in parts), "", "")
+        row("", "  caller (load generator)", f"{cpu['direct']['caller_ms_per_call']:.3f}",
+            f"{proxied['caller_ms_per_call']:.3f}", "", "",
+            stage_cells=stage and (f"{cpu['stage']['caller_ms_per_call']:.3f}", ""))
     memory = report.get("memory")
     if memory:
         for level in memory["levels"]:
             workers = (f" + {level['workers_rss_kib'] / 1024:.1f}"
                        if level["workers_rss_kib"] else "")
-            rows.append(("memory", f"{level['clients']} idle clients", "",
-                         f"{level['server_rss_kib'] / 1024:.1f}{workers} MiB", "",
-                         f"connected in {level['connect_seconds']:.1f}s"))
+            row("memory", f"{level['clients']} idle clients", "",
+                f"{level['server_rss_kib'] / 1024:.1f}{workers} MiB", "",
+                f"connected in {level['connect_seconds']:.1f}s")
         if "kib_per_idle_client" in memory:
-            rows.append(("", "KiB per idle client", "", f"{memory['kib_per_idle_client']:.1f}",
-                         "", f"{memory['target_kib_per_client']} KiB"))
+            row("", "KiB per idle client", "", f"{memory['kib_per_idle_client']:.1f}",
+                "", f"{memory['target_kib_per_client']} KiB")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -326,6 +367,8 @@ def parse_args(argv=None):
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra flag for grpcmux-server (repeatable, e.g. "
                              "--server-arg=--proxy-workers=2)")
+    parser.add_argument("--stage", action="store_true",
+                        help="also measure the proxy stage alone (proxy_stage.py)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "grpc_bench.json")
     args = parser.parse_args(argv)
     if args.quick:

@@ -34,13 +34,34 @@ def test_tiny_run_reports_every_scenario_direct_and_proxied(tmp_path):
         assert entry["ratio"] == entry["proxied"][entry["metric"]] / entry["direct"][entry["metric"]]
     for mode in ("direct", "proxied"):
         assert report["cpu"][mode]["ms_per_call"] >= 0
-    assert set(report["cpu"]["proxied"]) >= {"server_ms_per_call", "client_ms_per_call"}
+    assert set(report["cpu"]["proxied"]) >= {"server_ms_per_call", "client_ms_per_call",
+                                             "caller_ms_per_call"}
+    assert "stage" not in report["processes"] and "stage" not in report["cpu"]
     levels = report["memory"]["levels"]
     assert [(level["clients"], level["listed"]) for level in levels] == [(1, 1), (3, 3)]
     assert all(level["server_rss_kib"] > 0 for level in levels)
     assert "kib_per_idle_client" in report["memory"]
     for name in SCENARIOS:
         assert name in done.stdout  # the table
+    assert "Traceback" not in done.stderr
+
+
+def test_stage_adds_the_proxy_stage_alone_to_every_measurement(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_bench("--stage", "--runs", "2", "--duration", "0.2", "--warmup", "0.05",
+                     "--scenario", "unary_c1", "--scenario", "server_stream",
+                     "--stream-count", "2", "--stream-size", "4096", "--cpu-rate", "100",
+                     "--cpu-duration", "0.3", "--idle-clients", "", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert "stage" in report["processes"]
+    for name, entry in report["throughput"].items():
+        metric = entry["metric"]
+        assert [run["calls"] > 0 for run in entry["stage"]["runs"]] == [True, True], name
+        assert entry["stage_ratio"] == entry["stage"][metric] / entry["direct"][metric]
+    assert set(report["cpu"]["stage"]) >= {"stage_ms_per_call", "caller_ms_per_call"}
+    header = done.stdout.splitlines()[0].split()
+    assert header[-2:] == ["stage", "ratio"]
     assert "Traceback" not in done.stderr
 
 
