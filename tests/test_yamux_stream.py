@@ -4,6 +4,8 @@ import pytest
 from twisted.internet import error
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -22,6 +24,7 @@ from grpcmux.testing import (
 from grpcmux.yamux import frame as f
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.errors import StreamReset
+from grpcmux.yamux.session import YamuxSession
 
 WU, DATA, PING = f.TYPE_WINDOW_UPDATE, f.TYPE_DATA, f.TYPE_PING
 SYN, ACK, FIN, RST = f.FLAG_SYN, f.FLAG_ACK, f.FLAG_FIN, f.FLAG_RST
@@ -277,6 +280,32 @@ def test_control_flood_while_write_paused_stops_reading():
     assert transport.producerState == "paused"
     session.resumeProducing()
     assert transport.producerState == "producing"
+
+
+class FillingTransport(StringTransport):
+    """Pauses its producer once it holds more than ``limit`` bytes, as a TCP transport does."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+        self.full = False
+
+    def write(self, data):
+        super().write(data)
+        if len(self.value()) > self.limit and not self.full:
+            self.full = True
+            self.producer.pauseProducing()
+
+
+def test_answers_that_fill_the_transport_count_against_the_control_buffer():
+    # The answers to one read fill the transport: they are what the peer is not
+    # reading, so reading stops before the next read adds as much again.
+    transport = FillingTransport(limit=100)
+    session = YamuxSession(False, None, YamuxConfig(max_control_buffer=120), Clock())
+    session.makeConnection(transport)
+    session.dataReceived(b"".join(ping_frame(i) for i in range(11)))  # 132 bytes of answers
+    assert transport.full and transport.producerState == "paused"
+    assert len(read_frames(transport)) == 11
 
 
 def test_half_close_both_ways():

@@ -99,6 +99,7 @@ class YamuxSession(Protocol):
         self._flush_call = None
         self._out = None  # while flushing: the pieces of the next transport write
         self._out_len = 0
+        self._out_control = 0  # control bytes among them
         self._unacked_incoming = 0
         self._stream_limit_logged = False
         self._pings = {}
@@ -388,12 +389,17 @@ class YamuxSession(Protocol):
         if self._out is not None:
             self._out.append(data)
             self._out_len += len(data)
+            self._out_control += len(data)
         else:
             self.transport.write(data)
+            self._control_written(len(data))
+
+    def _control_written(self, count):
+        """Count control bytes that went into a full transport (this write may have
+        filled it); past max_control_buffer, stop reading: a peer that is not reading
+        cannot keep making us answer (pings, window updates) into its buffer."""
         if self._writing_paused:
-            # The peer is not reading; stop reading from it if it keeps
-            # making us answer (pings, window updates) into a full buffer.
-            self._paused_control_bytes += len(data)
+            self._paused_control_bytes += count
             if (self._paused_control_bytes > self.config.max_control_buffer
                     and not self._reading_paused):
                 self._reading_paused = True
@@ -465,7 +471,10 @@ class YamuxSession(Protocol):
             data = b"".join(out)
             out.clear()
             self._out_len = 0
+            control, self._out_control = self._out_control, 0
             self.transport.write(data)
+            if control:
+                self._control_written(control)
 
     # -- streams -----------------------------------------------------------
 
