@@ -17,6 +17,7 @@ import time
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredList, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -27,7 +28,7 @@ from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.addresses import server_endpoint
 from grpcmux.admission import Admission
 from grpcmux.bridge import Bridge
-from grpcmux.handshake import HandshakeRejected, ServerHandshake
+from grpcmux.handshake import WIRE_NATIVE, HandshakeRejected, ServerHandshake
 from grpcmux.ids import client_id_problem
 from grpcmux.metrics import (
     ACCEPTED,
@@ -130,9 +131,30 @@ class _ClientConnection:
             server_version=__version__,
             keepalive_interval_ms=int(self.session.config.keepalive_interval * 1000),
         )
-        inner = self.handshake.accept(welcome)
-        stream_session = self.session if inner is None else inner
-        self.bridge = self._server.bridge_for(self, stream_session)
+        try:
+            if self.handshake.wire_protocol == WIRE_NATIVE:
+                # The bridge listens before the Welcome: a client told it is admitted
+                # can be reached.
+                stream_session = self.session
+                self.bridge = self._server.bridge_for(self, stream_session)
+                self.handshake.accept(welcome)
+            else:
+                # A legacy client is told nothing; its streams run on the inner session.
+                stream_session = self.handshake.accept(welcome)
+                self.bridge = self._server.bridge_for(self, stream_session)
+        except CannotListenError as error:
+            self._log.error(
+                "cannot serve client {client_id} from {remote_address}: its bridge "
+                "socket cannot listen: {error}",
+                client_id=self.client_id,
+                remote_address=self.remote_address,
+                error=error.socketError,
+            )
+            self._reject(HandshakeRejected(
+                tunnel_pb2.Reject.CODE_RESOURCE_EXHAUSTED,
+                "the server cannot open a socket for this client now; try again later",
+            ))
+            return
         self.admitted = True
         self._server.register(self)
         stream_session.when_go_away().addCallback(self._leaving)
@@ -161,6 +183,10 @@ class _ClientConnection:
             reason=rejected,
         )
         self._cancel_timeout()
+        self._reject(rejected)
+
+    def _reject(self, rejected):
+        """Send (native) or act out (legacy: drop) ``rejected``, then close the session."""
         self._server.metrics.handshake(REJECTED, reject_reason(rejected.code))
         clock = self._server.clock
         self.handshake.reject(

@@ -4,10 +4,13 @@ Units run on a StringTransport and a fake clock; the stream and call limits are 
 checked through a real proxy.
 """
 
+import errno
+
 import grpc
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent
@@ -117,11 +120,41 @@ def hello(client_id):
         1, MAGIC + encode_message(tunnel_pb2.Hello(client_id=client_id)))
 
 
-def fake_server(tmp_path, **kwargs):
-    reactor = MemoryReactorClock()
+def fake_server(tmp_path, reactor=None, **kwargs):
+    reactor = reactor if reactor is not None else MemoryReactorClock()
     server = MultiplexerServer(reactor, ClientRegistry(), LOOPBACK, **kwargs)
     server.runtime_dir = str(tmp_path)  # bridges "listen" on the fake reactor
     return reactor, server
+
+
+class _NoUnixListening(MemoryReactorClock):
+    """A reactor on which no UNIX socket can listen (say, the runtime directory was
+    deleted under the running server)."""
+
+    def listenUNIX(self, address, factory, **kwargs):
+        raise CannotListenError(None, address, OSError(errno.ENOENT, "No such file or directory"))
+
+
+def test_a_client_whose_bridge_cannot_listen_is_refused_not_welcomed(tmp_path, log_events):
+    reactor, server = fake_server(tmp_path, reactor=_NoUnixListening())
+    native = Peer(server, 5001)
+    native.send(hello("edge"))
+    reactor.advance(0)
+    reactor.advance(0)
+    (answer,) = native.answers()  # no Welcome first: it could not be called
+    assert answer.reject.code == tunnel_pb2.Reject.CODE_RESOURCE_EXHAUSTED
+    assert answer.reject.message == (
+        "the server cannot open a socket for this client now; try again later")
+    assert native.session.closed
+    assert logged(log_events, "cannot serve client edge from 127.0.0.1:5001: its bridge socket "
+                              "cannot listen: [Errno 2] No such file or directory")
+
+    legacy = Peer(server, 5002)
+    legacy.send(window_update(1, flags=SYN), data_frame(1, b"old\n"))
+    reactor.advance(0)
+    assert legacy.session.closed
+    assert logged(log_events, "cannot serve client old from 127.0.0.1:5002")
+    assert not server.registry.snapshot and not server.connected_clients
 
 
 @pytest.mark.parametrize("preamble", [b"slow-client-id-" * 2, MAGIC + b"\x00\x00\x00\x30"])
