@@ -120,7 +120,9 @@ def client_creator(server_name, ca_file=None, cert_file=None, key_file=None):
     if cert_file:
         pair = read_key_pair(cert_file, key_file, "--tls-cert", "--tls-key")
         # Not clientCertificate=: Twisted would hand pyOpenSSL's deprecated objects on.
-        identity = {"privateKey": pair.key, "certificate": pair.certificates[0]}
+        # The chain goes too: a server trusting only the root needs the intermediates.
+        identity = {"privateKey": pair.key, "certificate": pair.certificates[0],
+                    "extraCertChain": pair.certificates[1:]}
     return ssl.optionsForClientTLS(
         server_name, trustRoot=trust, extraCertificateOptions=identity)
 

@@ -1,8 +1,9 @@
 """Test certificates, made at run time (no key or certificate is committed).
 
 ``make_pki(directory)`` writes a CA, a server certificate for localhost/127.0.0.1,
-client certificates (with DNS SANs, and with a CN only), and an unrelated CA with a
-server and a client certificate of its own, as PEM files; it returns their paths.
+client certificates (with DNS SANs, with a CN only, and one issued by an intermediate
+CA, its file holding the leaf and then the intermediate), and an unrelated CA with a
+client certificate of its own, as PEM files; it returns their paths.
 """
 
 import datetime
@@ -32,16 +33,26 @@ class Pki:
     server: Issued  # DNS:localhost, IP:127.0.0.1
     client: Issued  # DNS:sensor-1, DNS:sensor-2
     cn_only: Issued  # CN=cn-client, no SAN
+    chained_client: Issued  # DNS:sensor-3, signed by an intermediate of ca; file: leaf + intermediate
     other_ca: str  # an unrelated CA
     other_client: Issued  # DNS:sensor-1, signed by other_ca
 
 
 class _Authority:
-    def __init__(self, name):
+    """A CA: a root, or an intermediate when ``parent`` (another _Authority) signs it."""
+
+    def __init__(self, name, parent=None):
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        signer = parent if parent is not None else self
+        builder = _builder(self.name, signer.name, self.key.public_key())
+        if parent is not None:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()),
+                critical=False,
+            )
         self.cert = (
-            _builder(self.name, self.name, self.key.public_key())
+            builder
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -53,7 +64,7 @@ class _Authority:
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()),
                            critical=False)
-            .sign(self.key, hashes.SHA256())
+            .sign(signer.key, hashes.SHA256())
         )
 
     def issue(self, common_name, dns=(), ips=(), server=False):
@@ -111,7 +122,11 @@ def make_pki(directory):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ca = _Authority("grpcmux test CA")
+    intermediate = _Authority("grpcmux test intermediate CA", parent=ca)
     other = _Authority("unrelated CA")
+    chained = _write_issued(directory, "chained-client", intermediate.issue("sensor", ["sensor-3"]))
+    with open(chained.cert, "ab") as chain:
+        chain.write(intermediate.cert.public_bytes(serialization.Encoding.PEM))
     return Pki(
         ca=_write_cert(directory / "ca.crt", ca.cert),
         server=_write_issued(
@@ -119,6 +134,7 @@ def make_pki(directory):
         ),
         client=_write_issued(directory, "client", ca.issue("sensor", ["sensor-1", "sensor-2"])),
         cn_only=_write_issued(directory, "cn-only", ca.issue("cn-client")),
+        chained_client=chained,
         other_ca=_write_cert(directory / "other-ca.crt", other.cert),
         other_client=_write_issued(directory, "other-client", other.issue("sensor", ["sensor-1"])),
     )

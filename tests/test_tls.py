@@ -169,6 +169,16 @@ async def test_client_certificate_names_bind_the_id(mtls_stack, pki):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_client_certificate_from_an_intermediate_ca_is_sent_with_its_chain(
+        mtls_stack, pki):
+    # The server trusts only the root: it needs the intermediate from the client.
+    await mtls_stack.connected_client("sensor-3",
+                                      tls_creator=client_tls(pki, issued=pki.chained_client))
+    result = await mtls_stack.invoke("Unary", b"chained", (("client-id", "sensor-3"),))
+    assert result.responses == [b"chained"], result.details
+
+
+@pytest_twisted.ensureDeferred
 async def test_common_name_binds_when_there_is_no_dns_name(mtls_stack, pki):
     await mtls_stack.connected_client("cn-client", tls_creator=client_tls(pki, issued=pki.cn_only))
 
