@@ -152,8 +152,15 @@ class Stack:
 
 
 def _event(child, text):
-    line = child.read_until(lambda l: l.startswith("{") and text in json.loads(l)["message"],
-                            TIMEOUT)
+    def matches(line):
+        # With --proxy-workers the server's log also holds the workers' own lines,
+        # relayed with their pid ("proxy worker <pid>: ..."): not the server's event.
+        if not line.startswith("{"):
+            return False
+        record = json.loads(line)
+        return text in record["message"] and "worker_pid" not in record
+
+    line = child.read_until(matches, TIMEOUT)
     return json.loads(line)
 
 

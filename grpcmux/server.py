@@ -648,7 +648,6 @@ def make_service(settings, reactor):
             lambda: multiplexer.runtime_dir,
             shutdown_grace=settings.shutdown_grace,
             log_level=settings.log_level,
-            log_format=settings.log_format,
             max_concurrent_calls=-(-settings.max_proxy_calls // share),
             max_calls_per_client=-(-settings.max_calls_per_client // share),
             proxy_tls_cert=settings.proxy_tls_cert,

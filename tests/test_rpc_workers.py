@@ -4,6 +4,7 @@ Real worker processes on loopback. A channel keeps one connection, so it talks t
 one worker throughout: a Watch on it tells when *that* worker has seen a change.
 """
 
+import json
 import signal
 import socket
 
@@ -11,12 +12,16 @@ import grpc
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.logger import LogLevel, formatEvent
+from twisted.python.failure import Failure
 
 from grpcmux import server as server_module
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.config import ServerSettings
 from grpcmux.rpc.service import ProxyService
-from grpcmux.rpc.workers import ProxyWorkerPool
+from grpcmux.registry import ClientRegistry
+from grpcmux.rpc.workers import ProxyWorkerPool, _WorkerProcess
 from grpcmux.tokens import hash_token
 from mux_stack import TIMEOUT, Stack
 from rpc_backend import UNLIMITED, invoke, route
@@ -31,7 +36,7 @@ class WorkerStack(Stack):
         self.channel.close()
         self.pool = ProxyWorkerPool(reactor, self.registry, "127.0.0.1:0", workers,
                                     lambda: self.server.runtime_dir, shutdown_grace=1.0,
-                                    log_format="json", log_level="warning",
+                                    log_level="warning",
                                     **worker_options)
         self.pool.startService()
         self.address = f"127.0.0.1:{self.pool.port}"
@@ -188,3 +193,34 @@ def test_the_server_uses_the_pool_when_asked(reactor, tmp_path):
     assert options["proxy_auth_tokens"] == str(tokens)
     assert (options["max_concurrent_calls"], options["max_calls_per_client"]) == (34, 4)
     assert isinstance(server_module.make_service(ServerSettings(), reactor).proxy, ProxyService)
+
+
+class _Pid:
+    pid = 4242
+
+
+def test_a_workers_output_goes_to_the_server_log_at_its_level(log_events):
+    # Under a daemonized twistd a worker has no terminal: its JSON log lines (and
+    # anything on its stderr) are re-emitted in the server's log, whatever splits them.
+    pool = ProxyWorkerPool(None, ClientRegistry(), "127.0.0.1:0", 1, lambda: "/nonexistent")
+    worker = _WorkerProcess(pool)
+    worker.transport = _Pid()
+    warning = json.dumps({"time": "2026-11-25T01:00:00.000Z", "level": "warning",
+                          "message": "no route to client edge-1",
+                          "namespace": "grpcmux.rpc.proxy"}).encode()
+    worker.childDataReceived(1, warning[:9])
+    worker.childDataReceived(1, warning[9:] + b"\n" + json.dumps(
+        {"level": "error", "message": "boom", "traceback": "Traceback (most recent call last)"}
+    ).encode() + b"\nnot json\n")
+    worker.childDataReceived(2, b"E1125 grpc says so\nno newline at the end")
+    worker.processEnded(Failure(ProcessDone(0)))
+    relayed = [(formatEvent(e), e["log_level"]) for e in log_events if "worker_pid" in e]
+    assert relayed == [
+        ("proxy worker 4242: no route to client edge-1", LogLevel.warn),
+        ("proxy worker 4242: boom\nTraceback (most recent call last)", LogLevel.error),
+        ("proxy worker 4242: not json", LogLevel.info),
+        ("proxy worker 4242 (stderr): E1125 grpc says so", LogLevel.warn),
+        ("proxy worker 4242 (stderr): no newline at the end", LogLevel.warn),
+    ]
+    assert [e["worker_namespace"] for e in log_events if "worker_namespace" in e][0] == \
+        "grpcmux.rpc.proxy"

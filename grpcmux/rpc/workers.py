@@ -13,6 +13,11 @@ runtime directory on which the server sends its registry snapshot, a ``synced``
 line, then every change, one JSON object per line.  A worker starts serving once
 synced, says ``ready`` on the feed, and exits when the feed closes (the server is
 gone).  A worker that dies is started again.
+
+A worker logs JSON lines to a pipe; the server re-emits each in its own log, at
+the worker's level, so the workers' logs go wherever the server's go (a file, the
+journal) even when twistd has daemonized and has no terminal.  What a worker writes
+to stderr (a traceback, grpc's own messages) is relayed as warnings.
 """
 
 import dataclasses
@@ -27,7 +32,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineOnlyReceiver
 
 from grpcmux.addresses import parse_host_port
@@ -80,12 +85,41 @@ class _FeedConnection(LineOnlyReceiver):
             self._unsubscribe()
 
 
+# A worker's JSON level names (grpcmux.logging) -> the level it is re-emitted at.
+_WORKER_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warning": LogLevel.warn,
+                  "error": LogLevel.error, "critical": LogLevel.critical}
+
+
 class _WorkerProcess(ProcessProtocol):
+    """One worker: its end is reported to the pool, its output relayed line by line."""
+
     def __init__(self, pool):
         self._pool = pool
         self.ended = Deferred()
+        self._partial = {1: b"", 2: b""}
+
+    def childDataReceived(self, fd, data):
+        lines = (self._partial[fd] + data).split(b"\n")
+        self._partial[fd] = lines.pop()
+        if len(self._partial[fd]) > _MAX_LINE:  # no newline in sight: pass it on cut
+            lines.append(self._partial[fd])
+            self._partial[fd] = b""
+        for line in lines:
+            self._relay(fd, line)
+
+    def _relay(self, fd, line):
+        text = line.decode("utf-8", "replace").rstrip()
+        if not text:
+            return
+        if fd == 1:
+            self._pool.worker_logged(self.transport.pid, text)
+        else:
+            self._pool.worker_stderr(self.transport.pid, text)
 
     def processEnded(self, reason):
+        for fd, rest in self._partial.items():
+            self._relay(fd, rest)
+        self._partial = {1: b"", 2: b""}
         self._pool.worker_ended(self, reason.value.exitCode, reason.value.signal)
         self.ended.callback(None)
 
@@ -103,8 +137,7 @@ class ProxyWorkerPool(Service):
     _log = Logger()
 
     def __init__(self, reactor, registry, listen_address, workers, runtime_dir,
-                 shutdown_grace=10.0, log_level="info", log_format="pretty",
-                 **worker_options):
+                 shutdown_grace=10.0, log_level="info", **worker_options):
         self._reactor = reactor
         self.registry = registry
         self.listen_address = listen_address
@@ -112,7 +145,8 @@ class ProxyWorkerPool(Service):
         self._runtime_dir = runtime_dir
         self.feed_path = None
         self.shutdown_grace = shutdown_grace
-        self._log_args = ["--log-level", log_level, "--log-format", log_format]
+        # JSON, which the pool parses and re-emits (worker_logged).
+        self._log_args = ["--log-level", log_level, "--log-format", "json"]
         self._worker_options = worker_options
         self.port = None
         self._holder = None  # keeps a chosen port ours until the workers bind it
@@ -159,7 +193,7 @@ class ProxyWorkerPool(Service):
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self._reactor.spawnProcess(worker, sys.executable, self._argv(), env=env,
-                                   childFDs={0: "w", 1: 1, 2: 2})
+                                   childFDs={0: "w", 1: "r", 2: "r"})
         self._processes.add(worker)
 
     def when_ready(self):
@@ -186,6 +220,24 @@ class ProxyWorkerPool(Service):
             self._log.info("proxy endpoint listening on {address} (port {port}), "
                            "{workers} worker processes",
                            address=self.listen_address, port=self.port, workers=self.workers)
+
+    def worker_logged(self, pid, line):
+        """Re-emit one of a worker's JSON log lines here, at its level."""
+        try:
+            record = json.loads(line)
+            level = _WORKER_LEVELS[record["level"]]
+            message = str(record["message"])
+        except (ValueError, KeyError, TypeError):
+            level, message, record = LogLevel.info, line, {}
+        if "traceback" in record:
+            message = f"{message}\n{record['traceback']}"
+        self._log.emit(level, "proxy worker {worker_pid}: {worker_message}",
+                       worker_pid=pid, worker_message=message,
+                       worker_namespace=record.get("namespace"))
+
+    def worker_stderr(self, pid, line):
+        self._log.warn("proxy worker {worker_pid} (stderr): {worker_message}",
+                       worker_pid=pid, worker_message=line)
 
     def worker_ended(self, worker, code, signal_number):
         self._processes.discard(worker)
