@@ -69,6 +69,13 @@ class Stack:
     def __init__(self, args, workdir):
         self.args = args
         self.children = []
+        try:
+            self._launch(args, workdir)
+        except BaseException:
+            self.stop()  # the ones started so far: a failed start leaves nothing running
+            raise
+
+    def _launch(self, args, workdir):
         backend_socket = workdir / "backend.sock"
         self.backend = self._start(Child("backend", [sys.executable, HERE / "echo_backend.py",
                                                      "--unix", backend_socket]))

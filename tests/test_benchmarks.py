@@ -5,6 +5,7 @@ and memory figures), never how fast anything is.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,22 @@ BENCH = ROOT / "benchmarks" / "grpc_bench.py"
 SCENARIOS = {"unary_c1", "unary_c32", "server_stream", "client_stream", "bidi_pingpong"}
 
 
-def run_bench(*argv, timeout=100):
+def run_bench(*argv, timeout=100, env=None):
     return subprocess.run([sys.executable, str(BENCH), *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
+
+
+def processes_mentioning(text):
+    """Running processes whose command line contains ``text``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass  # gone meanwhile
+    return found
 
 
 def test_tiny_run_reports_every_scenario_direct_and_proxied(tmp_path):
@@ -63,6 +77,17 @@ def test_stage_adds_the_proxy_stage_alone_to_every_measurement(tmp_path):
     header = done.stdout.splitlines()[0].split()
     assert header[-2:] == ["stage", "ratio"]
     assert "Traceback" not in done.stderr
+
+
+def test_a_failed_start_is_one_line_and_leaves_no_process(tmp_path):
+    # The backend (started first; its socket lives in the work directory, under
+    # TMPDIR) must not outlive a server that cannot start.
+    done = run_bench("--server-arg=--no-such-flag", "--json", str(tmp_path / "x.json"),
+                     env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 1
+    assert done.stderr.startswith("grpc_bench: grpcmux-server: output ended")
+    assert "Traceback" not in done.stderr
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def test_bad_option_is_one_line(tmp_path):
