@@ -21,15 +21,14 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.failure import Failure
 
 from grpcmux import __version__, tls
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
-from grpcmux.addresses import server_endpoint
 from grpcmux.admission import Admission
 from grpcmux.bridge import Bridge
 from grpcmux.handshake import WIRE_NATIVE, HandshakeRejected, ServerHandshake
 from grpcmux.ids import client_id_problem
+from grpcmux.listening import StartupError, listen
 from grpcmux.metrics import (
     ACCEPTED,
     FAILED,
@@ -310,13 +309,20 @@ class MultiplexerServer(Service):
     # service lifecycle
 
     def startService(self):
-        super().startService()
-        self.runtime_dir = self._make_runtime_dir()
-        endpoint = server_endpoint(self.reactor, self._listener)
         factory = _SessionFactory(self)
         if self.tls_options is not None:
             factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
-        self.port = _listen_now(endpoint, factory)
+            factory.noisy = False
+        try:
+            self.runtime_dir = self._make_runtime_dir()
+        except OSError as error:
+            raise StartupError(f"--runtime-dir: {error}") from None
+        try:
+            self.port = listen(self.reactor, self._listener, factory, "multiplexer-listener")
+        except StartupError:
+            self._remove_runtime_dir()  # a failed start leaves nothing behind
+            raise
+        super().startService()
         self._log.info(
             "multiplexer endpoint listening on {address} ({transport}; {security})",
             address=_describe(self.port.getHost()),
@@ -333,6 +339,17 @@ class MultiplexerServer(Service):
                 "--allow-legacy-clients: legacy clients are admitted without "
                 "credentials (not under ids a token entry covers)"
             )
+
+    def abandon(self):
+        """Undo a start the rest of the server could not complete, at once.
+
+        The reactor is not running then, so nothing waits: the port is closed and
+        the runtime directory removed before twistd exits.
+        """
+        port, self.port = self.port, None
+        if port is not None:
+            port.stopListening()
+        self._remove_runtime_dir()
 
     def stop_accepting(self):
         """First step of a graceful stop: close the listener, GoAway to every client.
@@ -516,21 +533,6 @@ class MultiplexerServer(Service):
         return dict(self._by_id)
 
 
-def _listen_now(endpoint, factory):
-    """Listen and return the port, raising at once if that fails.
-
-    Every endpoint we accept listens synchronously; raising from ``startService``
-    makes twistd report the problem and exit instead of running without a port.
-    """
-    outcome = []
-    endpoint.listen(factory).addBoth(outcome.append)
-    if not outcome:
-        raise RuntimeError(f"endpoint {endpoint!r} did not start listening synchronously")
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return outcome[0]
-
-
 def _describe(address):
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
@@ -560,6 +562,30 @@ class ServerService(MultiService):
         if metrics_service is not None:
             metrics_service.setName("metrics")
             metrics_service.setServiceParent(self)
+
+    def startService(self):
+        try:
+            super().startService()
+        except BaseException:
+            self._abandon_start()
+            raise
+
+    def _abandon_start(self):
+        """A listener could not be had: undo what did start, before twistd exits.
+
+        The reactor never ran, so nothing is waited for.
+        """
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            if not service.running:
+                continue
+            abandon = getattr(service, "abandon", None)
+            if abandon is not None:
+                abandon()
+            else:
+                stopped = service.stopService()
+                if stopped is not None:
+                    stopped.addErrback(lambda _: None)  # the process is exiting
 
     def stopService(self):
         Service.stopService(self)

@@ -11,6 +11,7 @@ import pytest
 import pytest_twisted
 
 from grpcmux.bridge import Bridge
+from grpcmux.listening import StartupError
 from grpcmux.registry import ClientRegistry
 from grpcmux.server import MultiplexerServer
 from mux_stack import TIMEOUT, Stack
@@ -81,10 +82,11 @@ def test_a_runtime_dir_that_is_not_our_directory_is_refused(reactor, tmp_path, m
     path = tmp_path / "run"
     make(tmp_path, path)
     server = MultiplexerServer(reactor, ClientRegistry(), LOOPBACK, runtime_dir=str(path))
-    with pytest.raises(OSError) as info:
+    with pytest.raises(StartupError) as info:
         server.startService()
     message = str(info.value)
-    assert "\n" not in message and "must be a directory (not a link)" in message
+    assert "\n" not in message and message.startswith(f"--runtime-dir: runtime directory {path}")
+    assert "must be a directory (not a link)" in message
     assert server.port is None
 
 

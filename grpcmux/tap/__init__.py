@@ -30,6 +30,7 @@ from twisted.python.components import Componentized
 
 from grpcmux import config
 from grpcmux import logging as grpcmux_logging
+from grpcmux.listening import StartupError
 from grpcmux.malloc import tune_malloc
 
 
@@ -138,7 +139,38 @@ class TwistdRoot(MultiService):
 
     def startService(self) -> None:
         grpcmux_logging.bridge_stdlib_logging(self.settings.log_level)
-        super().startService()
+        try:
+            super().startService()
+        except StartupError as error:
+            grpcmux_logging.unbridge_stdlib_logging()
+            if self._twistd_options is None:
+                raise  # not under twistd: the caller reports it
+            self._fail_start(str(error))
+
+    def _fail_start(self, message: str) -> None:
+        """End twistd with *message* as its one line, status 1, no traceback.
+
+        Logged at error level; shown on stderr as well unless the log already goes
+        to stdout; a daemonizing twistd's parent gets it through its status pipe
+        (cut at a word, as the pipe takes 100 bytes).  The pid file twistd wrote is
+        removed, as twistd does on its own failures.
+        """
+        self._log.error("{message}", message=message)
+        options = self._twistd_options
+        status_pipe = options.get("statusPipe")
+        if status_pipe is not None:
+            options["statusPipe"] = None
+            os.write(status_pipe, b"1 " + _cut(message.encode("ascii", "replace"), 98))
+            os.close(status_pipe)
+        elif self.observer is None or not _logs_to_stdout(options):
+            sys.stderr.write(message + "\n")
+        pidfile = options.get("pidfile")
+        if pidfile:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+        raise SystemExit(1)
 
     def _exit_cleanly(self) -> None:
         """After a graceful stop, let twistd exit 0 rather than re-raise SIGTERM.
@@ -162,6 +194,13 @@ class TwistdRoot(MultiService):
         return d
 
 
+def _cut(text: bytes, limit: int) -> bytes:
+    """*text*, cut at a space with "..." if longer than *limit* bytes."""
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3].rsplit(b" ", 1)[0] + b"..."
+
+
 def twistd_observer(twistd_options: Any, level: str, fmt: str) -> ILogObserver:
     """The observer twistd should log to: twistd's destination, our level/format.
 
@@ -177,7 +216,7 @@ def twistd_observer(twistd_options: Any, level: str, fmt: str) -> ILogObserver:
         legacy = syslog.SyslogObserver(opts.get("prefix") or "twisted").emit
         return grpcmux_logging.filter_observer(LegacyLogObserverWrapper(legacy), level)
     logfile = opts.get("logfile") or ""
-    if twistd_options is None or logfile == "-" or (opts.get("nodaemon") and not logfile):
+    if twistd_options is None or _logs_to_stdout(opts):
         out = sys.stdout
     else:
         from twisted.python.logfile import LogFile
@@ -185,6 +224,14 @@ def twistd_observer(twistd_options: Any, level: str, fmt: str) -> ILogObserver:
         out = LogFile.fromFullPath(os.path.abspath(logfile or "twistd.log"))
         _rotate_on_sigusr1(out)
     return grpcmux_logging.make_observer(out, level, fmt)
+
+
+def _logs_to_stdout(twistd_options: Any) -> bool:
+    """Whether twistd's log goes to stdout (``--logfile=-``, or -n without one)."""
+    if twistd_options.get("syslog"):
+        return False
+    logfile = twistd_options.get("logfile") or ""
+    return logfile == "-" or bool(twistd_options.get("nodaemon") and not logfile)
 
 
 def _rotate_on_sigusr1(logfile: Any) -> None:
