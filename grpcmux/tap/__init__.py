@@ -18,6 +18,7 @@ path while the service runs.
 
 from __future__ import annotations
 
+import difflib
 import os
 import signal
 import sys
@@ -83,6 +84,43 @@ class SettingsOptions(usage.Options):
         self._home = home
         self._etc_dir = etc_dir
         self.settings: Any = None
+        self.warnings: list = []  # logged once logging is set up
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """Parse exact option names only; under twistd, a mistake is one line.
+
+        twistd answers a UsageError with the whole usage (about 100 lines) before
+        the one useful line; the line and a pointer to ``--help`` are enough.
+        """
+        argv = sys.argv[1:] if options is None else list(options)
+        try:
+            self._refuse_abbreviations(argv)
+            super().parseOptions(argv)
+        except usage.UsageError as error:
+            if self.parent is None:
+                raise  # called directly (tests, tools): the caller reports it
+            command = f"twistd {self.parent.subCommand}"
+            sys.stderr.write(f"{command}: {error} (see '{command} --help')\n")
+            raise SystemExit(1)
+
+    def _refuse_abbreviations(self, argv: Sequence[str]) -> None:
+        """getopt takes any unique prefix (``--proxy-listen``); take whole names.
+
+        Scans *argv* as getopt does: up to ``--`` or the first non-option, skipping
+        the values of options that take one.  (The taps have no short options;
+        getopt refuses any.)
+        """
+        names = {name.rstrip("=") for name in self.longOpt}
+        takes_value = {name[:-1] for name in self.longOpt if name.endswith("=")}
+        args = iter(argv)
+        for arg in args:
+            if arg == "--" or not arg.startswith("--"):
+                return
+            name, equals, _ = arg[2:].partition("=")
+            if name not in names:
+                raise usage.UsageError(f"no such option --{name}{_nearest(name, names)}")
+            if name in takes_value and not equals:
+                next(args, None)
 
     def given_flags(self) -> dict:
         """The options given on the command line, by attribute name."""
@@ -105,6 +143,14 @@ class SettingsOptions(usage.Options):
             )
         except config.ConfigError as error:
             raise usage.UsageError(str(error))
+        self.warnings = config.environment_warnings(self._environ)
+
+
+def _nearest(name: str, names: Any) -> str:
+    """"; did you mean --x?" for the known name closest to *name*, or ""."""
+    close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.7)
+    close = close or sorted(n for n in names if n.startswith(name))[:1]
+    return f"; did you mean --{close[0]}?" if close else ""
 
 
 class TwistdRoot(MultiService):
@@ -263,4 +309,6 @@ def make_twistd_service(
         log.info("using config file {config_file}", config_file=settings.config)
     else:
         log.info("no config file found; using flags, environment and defaults")
+    for warning in getattr(options, "warnings", ()):
+        log.warn("{warning}", warning=warning)
     return root
