@@ -29,6 +29,7 @@ from grpcmux.bridge import Bridge
 from grpcmux.handshake import WIRE_NATIVE, HandshakeRejected, ServerHandshake
 from grpcmux.ids import client_id_problem
 from grpcmux.listening import StartupError, listen
+from grpcmux.preface import PrefaceGuard, judge_multiplexer_client
 from grpcmux.metrics import (
     ACCEPTED,
     FAILED,
@@ -253,17 +254,44 @@ class _ClientConnection:
 
 
 class _SessionFactory(Factory):
+    """A yamux session per connection, behind a check of the first bytes (a gRPC
+    caller or a TLS mismatch is told which endpoint or setting to use)."""
+
     noisy = False
 
     def __init__(self, server):
         self._server = server
+        tls_port = server.tls_options is not None
+        self._judge = lambda data: judge_multiplexer_client(data, tls_port, inside_tls=tls_port)
 
     def buildProtocol(self, addr):
         session = YamuxSession(
             is_client=False, config=self._server.yamux_config, clock=self._server.clock
         )
         self._server.connection_accepted(session, addr)
-        return session
+        return PrefaceGuard(session, self._judge, _describe)
+
+
+class _PlaintextCheck(Factory):
+    """In front of a TLS endpoint's factory: a client without --tls is told so."""
+
+    noisy = False
+
+    def __init__(self, tls_factory):
+        self._tls_factory = tls_factory
+
+    def doStart(self):
+        self._tls_factory.doStart()
+
+    def doStop(self):
+        self._tls_factory.doStop()
+
+    def buildProtocol(self, addr):
+        protocol = self._tls_factory.buildProtocol(addr)
+        if protocol is None:
+            return None
+        return PrefaceGuard(
+            protocol, lambda data: judge_multiplexer_client(data, tls_port=True), _describe)
 
 
 class MultiplexerServer(Service):
@@ -313,6 +341,7 @@ class MultiplexerServer(Service):
         if self.tls_options is not None:
             factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
             factory.noisy = False
+            factory = _PlaintextCheck(factory)
         try:
             self.runtime_dir = self._make_runtime_dir()
         except OSError as error:

@@ -97,13 +97,14 @@ class Peer:
 
     def __init__(self, server, port):
         address = IPv4Address("TCP", "127.0.0.1", port)
-        self.session = _SessionFactory(server).buildProtocol(address)
+        self.connection = _SessionFactory(server).buildProtocol(address)
+        self.session = self.connection.protocol  # behind the first bytes' check
         self.transport = StringTransport(peerAddress=address)
-        self.session.makeConnection(self.transport)
+        self.connection.makeConnection(self.transport)
         self.frames = []
 
     def send(self, *frames):
-        self.session.dataReceived(b"".join(frames))
+        self.connection.dataReceived(b"".join(frames))
 
     def received(self):
         self.frames += read_frames(self.transport)

@@ -225,10 +225,11 @@ def session_on_fake_clock(metrics):
     clock = task.Clock()
     server = server_module.MultiplexerServer(
         clock, ClientRegistry(), LOOPBACK, handshake_timeout=5.0, metrics=metrics)
-    session = server_module._SessionFactory(server).buildProtocol(
+    connection = server_module._SessionFactory(server).buildProtocol(
         IPv4Address("TCP", "127.0.0.1", 5555))
+    session = connection.protocol  # behind the first bytes' check
     transport = StringTransport()
-    session.makeConnection(transport)
+    connection.makeConnection(transport)
     return clock, server, session, transport
 
 
