@@ -67,7 +67,7 @@ class ProxyService(Service):
         self.tls = tls
         self.tokens = tokens
         self._runtime_dir = RuntimeDir(runtime_dir)
-        self._limits = RouterLimits(max_concurrent_calls, max_calls_per_client, max_message_size)
+        self.limits = RouterLimits(max_concurrent_calls, max_calls_per_client, max_message_size)
         self._routing = dict(authority_domain=authority_domain,
                              default_client_id=default_client_id)
         self._observer = observer
@@ -91,14 +91,18 @@ class ProxyService(Service):
             local = EndpointTarget(UNIXClientEndpoint(self._reactor, self.local.socket_path))
             self.router = Router(
                 self._reactor, self._registry, self._tunnels, local,
-                self._caller_config, self._upstream_config, limits=self._limits,
+                self._caller_config, self._upstream_config, limits=self.limits,
                 tokens=self.tokens, observer=self._observer, instance=os.urandom(8).hex().encode(),
                 **self._routing)
             factory = self.router.factory
             if self.tls is not None:
                 factory = TLSMemoryBIOFactory(self.tls.options(), False, factory)
-            self.listening_port = listen_now(server_endpoint(self._reactor, self.listen_address),
-                                              factory)
+            try:
+                endpoint = server_endpoint(self._reactor, self.listen_address)
+            except ValueError as error:
+                raise OSError(f"proxy endpoint cannot listen on {self.listen_address!r}: "
+                              f"{error}") from None
+            self.listening_port = listen_now(endpoint, factory)
         except BaseException:
             self._runtime_dir.remove()
             raise
@@ -142,6 +146,7 @@ class ProxyService(Service):
         router, self.router = self.router, None
         port, self.listening_port = self.listening_port, None
         stopped = port.stopListening() if port is not None else succeed(None)
+        self.local.begin_shutdown()
         router.drain()
         drained = _all_closed(router.callers)
         timer = self._reactor.callLater(self.shutdown_grace, drained.cancel)

@@ -54,7 +54,11 @@ class UpstreamPool:
         self._factory = _ConnectionFactory(self)
 
     def __repr__(self):
-        return f"<UpstreamPool {self.target.label!r}>"
+        return f"<UpstreamPool {self.describe()}>"
+
+    def describe(self):
+        label = self.target.label
+        return f"client {label}" if label else "the local services"
 
     def request(self, call):
         """Give ``call`` a stream now (``call.upstream_opened(connection)``) or soon."""
@@ -111,8 +115,8 @@ class UpstreamPool:
 
     def _connect_failed(self, failure):
         self._connecting -= 1
-        self._log.info("cannot connect to upstream {target}: {reason}",
-                       target=self.target.label or "local services", reason=failure.value)
+        self._log.info("cannot open a connection to {upstream}: {reason}",
+                       upstream=self.describe(), reason=failure.value)
         code, message = self.target.failure(None, failure.value)
         self._fail_waiting(code, message)
 
@@ -150,12 +154,16 @@ class UpstreamPool:
             for connection in self.connections:
                 connection.go_away()
 
-    def close(self):
-        """Fail waiting calls and drain every connection."""
+    def close(self, abort=False):
+        """Fail waiting calls and drain every connection (``abort``: cut them, and
+        the calls on them fail as the target says)."""
         if self.closed:
             return
         self.closed = True
         self._fail_waiting(*self.target.failure(None, None))
         for connection in list(self.connections):
-            connection.drain()
+            if abort:
+                connection.abort()
+            else:
+                connection.drain()
 
