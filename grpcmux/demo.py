@@ -151,7 +151,8 @@ class Demo:
         )
         multiplexer_address = dial_address(args.multiplexer_listener, server.port.getHost().port)
         proxy = self._start(
-            ProxyService(reactor, registry, args.proxy_listener, shutdown_grace=_STOP_GRACE),
+            ProxyService(reactor, registry, args.proxy_listener, tunnels=server.tunnel_for,
+                         shutdown_grace=_STOP_GRACE),
             "proxy endpoint",
         )
         proxy_address = dial_address(args.proxy_listener, proxy.port)

@@ -111,7 +111,7 @@ class ProxyService(Service):
         super().startService()
         self._log.info("proxy endpoint listening on {address} ({security}; local services "
                        "in {runtime_dir})", address=describe_address(self.listening_port.getHost()),
-                       security=self._describe_security(), runtime_dir=path)
+                       security=self._describe_security(), runtime_dir=path, port=self.port)
         if self.tokens is not None and self.tls is None:
             self._log.warn("proxy tokens are checked but travel in plaintext: "
                            "serve the proxy endpoint over TLS (--proxy-tls-cert)")
