@@ -156,3 +156,12 @@ def client_endpoint(reactor, address, timeout=10):
         return UNIXClientEndpoint(reactor, address[len("unix:"):], timeout=timeout)
     host, port = parse_host_port(address)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+def describe_address(address):
+    """``HOST:PORT`` (``[v6]:PORT``) of a listening or peer address; else its str()."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

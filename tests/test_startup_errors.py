@@ -80,10 +80,11 @@ def assert_one_line_and_nothing_left(tmp_path, result, line):
     assert sum(line in text for text in lines) == 1, output
     assert not [text for text in lines if (" ERR " in text or " WRN " in text) and line not in text]
     assert os.listdir(tmp_path / "tmp") == []  # no grpcmux-XXXXXXXX runtime directory
+    assert "Traceback" not in output
     assert not (tmp_path / "twistd.pid").exists()
 
 
-@pytest.mark.parametrize("option", ["multiplexer-listener", "metrics-listener"])
+@pytest.mark.parametrize("option", ["multiplexer-listener", "proxy-listener", "metrics-listener"])
 def test_twistd_stops_on_a_taken_port_in_one_line(tmp_path, held_port, option):
     listeners = {"multiplexer-listener": "127.0.0.1:0", "metrics-listener": "127.0.0.1:0",
                  "proxy-listener": "127.0.0.1:0", option: f"127.0.0.1:{held_port}"}
