@@ -218,8 +218,15 @@ class _ClientConnection:
                 "client {client_id} disconnected ({reason})",
                 client_id=self.client_id,
                 remote_address=self.remote_address,
-                reason=reason or "closed",
+                reason=_reason_text(reason),
             )
+
+
+def _reason_text(reason):
+    """Why a session ended, as a log line's parenthesis: "connection was closed
+    cleanly", not Twisted's "Connection was closed cleanly."."""
+    text = str(getattr(reason, "value", reason) or "closed").strip().rstrip(".")
+    return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
 
 
 class _SessionFactory(Factory):
