@@ -6,7 +6,9 @@ socket, in the foreground and daemonizing, and check the one line, the exit
 status, and that nothing is left behind (runtime directory, pid file).
 """
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import pytest_twisted
 from twisted.internet.protocol import Factory
 
 from grpcmux.listening import StartupError, listen
-from interop.peers import python_env
+from interop.peers import Peer, python_env
 
 TIMEOUT = 60
 _TWISTD = ("import sys; sys.argv = ['twistd'] + sys.argv[1:]; "
@@ -59,7 +61,7 @@ async def test_listen_returns_the_listening_port(reactor):
         await port.stopListening()
 
 
-def run_server(tmp_path, *argv, foreground=True):
+def run_server(tmp_path, *argv, foreground=True, twistd_args=()):
     """``twistd grpcmux-server`` with its own TMPDIR and cwd; the CompletedProcess."""
     temp = tmp_path / "tmp"
     temp.mkdir(exist_ok=True)
@@ -67,7 +69,8 @@ def run_server(tmp_path, *argv, foreground=True):
     env.update(HOME=str(tmp_path), TMPDIR=str(temp))
     twistd = ["--nodaemon"] if foreground else ["--logfile", str(tmp_path / "server.log")]
     return subprocess.run(
-        [sys.executable, "-c", _TWISTD, *twistd, "--pidfile", str(tmp_path / "twistd.pid"),
+        [sys.executable, "-c", _TWISTD, *twistd, *twistd_args,
+         "--pidfile", str(tmp_path / "twistd.pid"),
          "grpcmux-server", *argv],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
@@ -103,3 +106,34 @@ def test_daemonizing_twistd_reports_the_whole_line(tmp_path, held_port):
     assert_one_line_and_nothing_left(tmp_path, result, line)
     log = (tmp_path / "server.log").read_text()
     assert line in log and "Traceback" not in log
+
+
+def test_a_second_server_on_the_first_ones_proxy_port_does_not_start(tmp_path):
+    """The issue's case: grpcio shared the port (SO_REUSEPORT) and calls went to either."""
+    first_dir = tmp_path / "first"
+    first_dir.mkdir()
+    env = {k: v for k, v in python_env().items() if not k.startswith("GRPCMUX_")}
+    env["HOME"] = str(first_dir)
+    first = Peer([sys.executable, "-c", _TWISTD, "--nodaemon", "--pidfile=", "grpcmux-server",
+                  "--multiplexer-listener", "127.0.0.1:0", "--proxy-listener", "127.0.0.1:0",
+                  "--log-format", "json"], env=env)
+    try:
+        line = first.read_until(lambda text: "proxy endpoint listening" in text, timeout=TIMEOUT)
+        proxy = json.loads(line)["address"]
+        result = run_server(tmp_path, "--multiplexer-listener", "127.0.0.1:0",
+                            "--proxy-listener", proxy)
+        assert_one_line_and_nothing_left(
+            tmp_path, result, f"--proxy-listener {proxy}: cannot listen: address already in use")
+    finally:
+        first.process.send_signal(signal.SIGTERM)
+        assert first.wait(TIMEOUT) == 0
+
+
+def test_with_a_log_file_the_line_is_on_stderr_too(tmp_path, held_port):
+    result = run_server(tmp_path, "--multiplexer-listener", "127.0.0.1:0",
+                        "--metrics-listener", f"127.0.0.1:{held_port}", "--proxy-listener",
+                        "127.0.0.1:0", twistd_args=[f"--logfile={tmp_path / 'server.log'}"])
+    line = f"--metrics-listener 127.0.0.1:{held_port}: cannot listen: address already in use"
+    assert result.stderr == line + "\n"
+    assert line in (tmp_path / "server.log").read_text()
+    assert_one_line_and_nothing_left(tmp_path, result, line)

@@ -209,7 +209,9 @@ class TwistdRoot(MultiService):
             os.write(status_pipe, b"1 " + _cut(message.encode("ascii", "replace"), 98))
             os.close(status_pipe)
         elif self.observer is None or not _logs_to_stdout(options):
-            sys.stderr.write(message + "\n")
+            # twistd has pointed sys.stderr at the log by now: the terminal's is __stderr__
+            sys.__stderr__.write(message + "\n")
+            sys.__stderr__.flush()
         pidfile = options.get("pidfile")
         if pidfile:
             try:
