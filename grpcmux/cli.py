@@ -429,16 +429,13 @@ def _proxy_address_from(environ, command: str) -> str:
 def _unrecognized(parser, args, extra) -> UsageError:
     """The error for arguments argparse left over, named after the subcommand (which
     argparse does not do), with the nearest option of that subcommand."""
-    import difflib
+    from grpcmux.config import nearest
 
     command = parser.commands.choices[args.command]
     names = [o for action in command._actions for o in action.option_strings]
-    hint = ""
     first = extra[0].partition("=")[0]
-    if first.startswith("--"):
-        close = difflib.get_close_matches(first, names, n=1, cutoff=0.7)
-        close = close or [n for n in names if n.startswith(first)][:1]
-        hint = f"; did you mean {close[0]}?" if close else ""
+    close = nearest(first, names) if first.startswith("--") else None
+    hint = f"; did you mean {close}?" if close else ""
     return UsageError(f"grpcmux {args.command}: unrecognized arguments: {' '.join(extra)}"
                       f"{hint} (see 'grpcmux {args.command} --help')")
 

@@ -824,6 +824,12 @@ def load_client_settings(
 COMMAND_ENVIRONMENT = ("GRPCMUX_PROXY_ADDRESS", "GRPCMUX_TOKEN")
 
 
+def nearest(name: str, candidates: Sequence[str]) -> Optional[str]:
+    """The candidate a misspelled *name* most likely meant (or one it abbreviates)."""
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.7)
+    return (close or sorted(c for c in candidates if c.startswith(name))[:1] or [None])[0]
+
+
 def environment_warnings(environ: Optional[Mapping[str, str]] = None) -> list:
     """One line per GRPCMUX_* variable that no grpcmux program reads.
 
@@ -838,10 +844,8 @@ def environment_warnings(environ: Optional[Mapping[str, str]] = None) -> list:
         if not name.startswith(ENV_PREFIX) or name in known:
             continue
         # Compared without the prefix, which every candidate shares.
-        close = difflib.get_close_matches(
-            name[len(ENV_PREFIX):], sorted(k[len(ENV_PREFIX):] for k in known), n=1,
-            cutoff=0.7)
-        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+        close = nearest(name[len(ENV_PREFIX):], [k[len(ENV_PREFIX):] for k in known])
+        hint = f"; did you mean {ENV_PREFIX}{close}?" if close else ""
         warnings.append(f"environment variable {name} is not a grpcmux setting and is "
                         f"ignored{hint}")
     return warnings
@@ -864,6 +868,7 @@ __all__ = [
     "config_search_path",
     "default_of",
     "environment_warnings",
+    "nearest",
     "load_client_settings",
     "load_server_settings",
     "read_config_file",

@@ -18,7 +18,6 @@ path while the service runs.
 
 from __future__ import annotations
 
-import difflib
 import os
 import signal
 import sys
@@ -118,7 +117,9 @@ class SettingsOptions(usage.Options):
                 return
             name, equals, _ = arg[2:].partition("=")
             if name not in names:
-                raise usage.UsageError(f"no such option --{name}{_nearest(name, names)}")
+                close = config.nearest(name, names)
+                hint = f"; did you mean --{close}?" if close else ""
+                raise usage.UsageError(f"no such option --{name}{hint}")
             if name in takes_value and not equals:
                 next(args, None)
 
@@ -144,13 +145,6 @@ class SettingsOptions(usage.Options):
         except config.ConfigError as error:
             raise usage.UsageError(str(error))
         self.warnings = config.environment_warnings(self._environ)
-
-
-def _nearest(name: str, names: Any) -> str:
-    """"; did you mean --x?" for the known name closest to *name*, or ""."""
-    close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.7)
-    close = close or sorted(n for n in names if n.startswith(name))[:1]
-    return f"; did you mean --{close[0]}?" if close else ""
 
 
 class TwistdRoot(MultiService):
