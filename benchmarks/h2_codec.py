@@ -5,7 +5,8 @@ Prints microseconds per operation for:
   router's own 9-byte header parse, and with ``hyperframe`` (parse_frame_header +
   parse_body), which the router does not use;
 - decoding and re-encoding a grpc-go-style request header block with ``hpack``,
-  first call (literals into the dynamic table) and warm (indexed references).
+  first call (literals into the dynamic table) and warm (indexed references), and
+  warm through the router's caches (``grpcmux.http2.hpack_cache``).
 
     python benchmarks/h2_codec.py [--rounds N]
 """
@@ -27,6 +28,7 @@ from grpcmux.http2.frames import (  # noqa: E402
     frame_header,
     parse_frame_header,
 )
+from grpcmux.http2.hpack_cache import CachingDecoder, CachingEncoder  # noqa: E402
 
 REQUEST = [
     (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/grpcmux.v1.Bench/Unary"),
@@ -92,6 +94,13 @@ def main(argv=None):
     print(f"hpack request block ({len(first)} B first, {len(warm)} B warm): decode first "
           f"{cold_decode:.1f} us, warm {warm_decode:.1f} us; encode warm {warm_encode:.1f} us"
           f" (huffman {huffman_encode:.1f} us)")
+    cached_in, cached_out = CachingDecoder(65536, 4096), CachingEncoder()
+    cached_in.decode(first)
+    cached_out.encode(REQUEST)
+    cached_out.encode(REQUEST)
+    print(f"with grpcmux.http2.hpack_cache, warm: decode "
+          f"{timed(lambda: cached_in.decode(warm), args.rounds):.2f} us, encode "
+          f"{timed(lambda: cached_out.encode(REQUEST), args.rounds):.2f} us")
 
 
 if __name__ == "__main__":
