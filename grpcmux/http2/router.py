@@ -302,7 +302,8 @@ class Router:
         self._remote = remote
         self._node_token = node_token
         self._via = b"2 grpcmux-" + instance
-        self._local_pool = UpstreamPool(local, upstream_config, clock, budget)
+        self._local_pool = (UpstreamPool(local, upstream_config, clock, budget)
+                            if local is not None else None)
         self._pools = {}  # client id (or node label) -> pool of its current target
         self.callers = set()
         self.calls = set()
@@ -535,7 +536,7 @@ class Router:
         return {key for key in self._pools if isinstance(key, str)}
 
     def upstream_connections(self):
-        pools = [self._local_pool, *tuple(self._pools.values())]
+        pools = [p for p in (self._local_pool, *tuple(self._pools.values())) if p is not None]
         return sum(len(pool.connections) for pool in pools)
 
     # -- stopping ------------------------------------------------------------------
@@ -553,5 +554,6 @@ class Router:
         for connection in list(self.callers):
             connection.close(ERROR_NO_ERROR, "shutting down")
         for pool in [self._local_pool, *self._pools.values()]:
-            pool.close()
+            if pool is not None:
+                pool.close()
         self._pools.clear()
