@@ -8,9 +8,15 @@ are counted with one increment where they happen.
 ``MetricsResource`` renders on the reactor's thread pool, so the collectors only
 take atomic reads of reactor-owned state: the registry's immutable snapshot, a
 ``tuple()`` copy of a set, plain integers.
+
+The server's listener also serves the status page (:mod:`grpcmux.status`) at ``/``;
+its per-client rows come from :meth:`ServerMetrics.clients`.
 """
 
 import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -47,10 +53,12 @@ class MetricsService(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, listener, registry):
+    def __init__(self, reactor, listener, registry, status=None):
         self._reactor = reactor
         self.listener = listener
         self.registry = registry
+        # What the status page at / shows (a ServerMetrics); None: no status page.
+        self.status = status
         self.port = None
 
     def startService(self):
@@ -59,6 +67,10 @@ class MetricsService(Service):
 
         root = _Root()
         root.putChild(b"metrics", MetricsResource(registry=self.registry))
+        if self.status is not None:
+            from grpcmux.status import add_status_page
+
+            add_status_page(root, self.status)
         site = Site(root)
         site.noisy = False
         outcome = []
@@ -80,7 +92,7 @@ class MetricsService(Service):
 
 
 class _Root(Resource):
-    """Only /metrics exists; anything else is a plain 404."""
+    """Only /metrics (and the status page's paths) exist; anything else is a plain 404."""
 
     def getChild(self, path, request):
         return notFound()
@@ -96,11 +108,80 @@ def _handshakes(prefix, registry):
     )
 
 
-class ServerMetrics:
-    """The multiplexer server's metrics; ``track(server)`` makes its live state visible."""
+# How far back a client's calls/s looks, in seconds.
+RATE_WINDOW = 10
 
-    def __init__(self, registry=None):
+
+class ClientStats:
+    """One connected client's calls, as the proxy counts them (reactor thread only)."""
+
+    def __init__(self, clock):
+        self._clock = clock
+        self.calls = 0  # finished calls
+        self.errors = 0  # finished with a status other than OK
+        self.in_flight = 0
+        self._recent = deque()  # [whole second, calls finished in it], oldest first
+
+    def started(self):
+        self.in_flight += 1
+
+    def finished(self, code_name):
+        self.in_flight -= 1
+        self.calls += 1
+        if code_name != "OK":
+            self.errors += 1
+        second = int(self._clock())
+        if self._recent and self._recent[-1][0] == second:
+            self._recent[-1][1] += 1
+        else:
+            self._recent.append([second, 1])
+        self._forget_old(second)
+
+    def _forget_old(self, now):
+        while self._recent and self._recent[0][0] <= now - RATE_WINDOW:
+            self._recent.popleft()
+
+    def calls_per_second(self):
+        """Calls finished per second over the last RATE_WINDOW seconds."""
+        self._forget_old(int(self._clock()))
+        return sum(count for _, count in self._recent) / RATE_WINDOW
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    """One row of the status page: a connected client and its traffic."""
+
+    client_id: str
+    labels: Tuple[Tuple[str, str], ...]
+    wire_protocol: str
+    remote_address: str
+    connected_at: float  # POSIX seconds
+    # None where not known: health before clients report it (issue 16.3), node
+    # outside a cluster (issue 13), calls where the proxy does not count per client,
+    # bytes of a client whose session is on another node.
+    health: Optional[str] = None
+    node: Optional[str] = None
+    calls_per_second: Optional[float] = None
+    calls: Optional[int] = None
+    errors: Optional[int] = None
+    bytes_received: Optional[int] = None
+    bytes_sent: Optional[int] = None
+
+
+class ServerMetrics:
+    """The multiplexer server's metrics; ``track(server)`` makes its live state visible.
+
+    Per-client call counts: whoever proxies calls and knows the client calls
+    ``call_started(client_id)`` (on the reactor thread) and the ``finished(code_name)``
+    it returns; from the first such call the status page shows calls/s and errors.
+    """
+
+    def __init__(self, registry=None, clock=time.monotonic):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._clock = clock
+        self._client_stats = {}  # client id -> ClientStats, while connected
+        # True once calls are counted per client (by call_started(client_id)).
+        self.calls_per_client = False
         self.handshakes = _handshakes("grpcmux_server", self.registry)
         self.calls = Counter(
             "grpcmux_proxy_calls", "Proxied calls by the gRPC status code answered.",
@@ -114,6 +195,53 @@ class ServerMetrics:
     def track(self, server):
         """Report the connections of ``server`` (a MultiplexerServer) from now on."""
         self._live.server = server
+        server.registry.subscribe(self._registry_changed)
+
+    def _registry_changed(self, event):
+        from grpcmux.registry import DISCONNECTED
+
+        if event.kind == DISCONNECTED:
+            self._client_stats.pop(event.info.client_id, None)
+
+    def client_stats(self, client_id):
+        """The ClientStats of a connected client, made on first use; else None.
+
+        Only connected ids get one, so calls naming made-up ids cost no memory.
+        """
+        stats = self._client_stats.get(client_id)
+        server = self._live.server
+        if stats is None and server is not None and client_id in server.registry.snapshot:
+            stats = self._client_stats[client_id] = ClientStats(self._clock)
+        return stats
+
+    def clients(self):
+        """A ClientStatus per connected client, by id (reactor thread)."""
+        server = self._live.server
+        if server is None:
+            return []
+        connections = server.connected_clients
+        rows = []
+        for client_id, info in sorted(server.registry.snapshot.items()):
+            connection = connections.get(client_id)
+            session = connection.session if connection is not None else None
+            calls = {}
+            if self.calls_per_client:
+                stats = self._client_stats.get(client_id) or ClientStats(self._clock)
+                calls = dict(calls_per_second=stats.calls_per_second(), calls=stats.calls,
+                             errors=stats.errors)
+            rows.append(ClientStatus(
+                client_id=client_id,
+                labels=tuple(info.labels),
+                wire_protocol=info.wire_protocol,
+                remote_address=info.remote_address,
+                connected_at=info.connected_at,
+                health=getattr(info, "health", None),
+                node=getattr(info, "node", None),
+                bytes_received=session.bytes_received if session is not None else None,
+                bytes_sent=session.bytes_sent if session is not None else None,
+                **calls,
+            ))
+        return rows
 
     def handshake(self, outcome, reason=""):
         self.handshakes.labels(outcome=outcome, reason=reason).inc()
@@ -123,13 +251,25 @@ class ServerMetrics:
         self._live.closed_in += session.bytes_received
         self._live.closed_out += session.bytes_sent
 
-    def call_started(self):
-        """Returns ``finished(code_name)``, which records the call; for any thread."""
+    def call_started(self, client_id=None):
+        """Returns ``finished(code_name)``, which records the call.
+
+        For any thread without ``client_id``; with it (the call's client, counted
+        for the status page as well), the reactor thread only.
+        """
         started = time.monotonic()
+        stats = None
+        if client_id is not None:
+            self.calls_per_client = True
+            stats = self.client_stats(client_id)
+            if stats is not None:
+                stats.started()
 
         def finished(code_name):
             self.call_seconds.observe(time.monotonic() - started)
             self.calls.labels(code=code_name).inc()
+            if stats is not None:
+                stats.finished(code_name)
 
         return finished
 
