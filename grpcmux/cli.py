@@ -33,7 +33,7 @@ from grpcmux.ids import client_id_problem
 from grpcmux.listing import TOKEN_ENV
 
 DEFAULT_PROXY_ADDRESS = "localhost:7592"
-# Where --proxy-address is read from when not given.
+# Where --proxy-address is read from when not given (as the server reads GRPCMUX_*).
 PROXY_ADDRESS_ENV = "GRPCMUX_PROXY_ADDRESS"
 DEFAULT_TIMEOUT = 10.0
 
@@ -152,13 +152,16 @@ def _header(value: str):
 _HEADER_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
-def _proxy_options(parser) -> None:
-    """How a command reaches the proxy endpoint: address, TLS, token."""
+def _discovery_options(parser, json=True) -> None:
+    """How a command reaches the proxy endpoint: address, TLS, token (and --json)."""
     default = os.environ.get(PROXY_ADDRESS_ENV) or DEFAULT_PROXY_ADDRESS
     parser.add_argument(
         "--proxy-address", type=_proxy_address, default=default, metavar="HOST:PORT",
         help=f"the multiplexer server's proxy endpoint (default: ${PROXY_ADDRESS_ENV}, "
              f"else {DEFAULT_PROXY_ADDRESS})")
+    if json:
+        parser.add_argument("--json", action="store_true",
+                            help="print JSON instead of a table")
     security = parser.add_argument_group("TLS and authorization")
     security.add_argument("--tls", action="store_true",
                           help="connect over TLS (implied by the other --tls-* options)")
@@ -190,8 +193,7 @@ def make_parser() -> argparse.ArgumentParser:
         "list", help="list the connected gRPC servers",
         description="List the gRPC servers connected to a multiplexer (Discovery "
                     "ListGRPCServer).")
-    _proxy_options(listing)
-    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _discovery_options(listing)
     listing.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="S",
                          help=f"give up after S seconds (default: {DEFAULT_TIMEOUT:g})")
     listing.set_defaults(run=_run_list)
@@ -200,8 +202,7 @@ def make_parser() -> argparse.ArgumentParser:
         "watch", help="follow gRPC servers connecting and disconnecting",
         description="Print one line per connect and disconnect (Discovery "
                     "WatchGRPCServer) until Ctrl-C.")
-    _proxy_options(watch)
-    watch.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _discovery_options(watch)
     watch.add_argument("--no-replay", dest="replay", action="store_false",
                        help="do not start with the servers connected already")
     watch.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="S",
@@ -233,7 +234,7 @@ def make_parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="S",
                       help=f"give up after S seconds, reflection included "
                            f"(default: {DEFAULT_TIMEOUT:g})")
-    _proxy_options(call)
+    _discovery_options(call, json=False)
     call.set_defaults(run=_run_call)
 
     example = commands.add_parser(

@@ -226,9 +226,10 @@ class ServerMetrics:
             session = connection.session if connection is not None else None
             calls = {}
             if self.calls_per_client:
-                stats = self._client_stats.get(client_id) or ClientStats(self._clock)
-                calls = dict(calls_per_second=stats.calls_per_second(), calls=stats.calls,
-                             errors=stats.errors)
+                stats = self._client_stats.get(client_id)
+                calls = dict(calls_per_second=stats.calls_per_second() if stats else 0.0,
+                             calls=stats.calls if stats else 0,
+                             errors=stats.errors if stats else 0)
             rows.append(ClientStatus(
                 client_id=client_id,
                 labels=tuple(info.labels),
