@@ -7,7 +7,7 @@ are counted with one increment where they happen.
 
 ``MetricsResource`` renders on the reactor's thread pool, so the collectors only
 take atomic reads of reactor-owned state: the registry's immutable snapshot, a
-``tuple()`` copy of a set, plain integers.
+``tuple()`` copy of a set, ``len()`` of a set, plain integers.
 
 The server's listener also serves the status page (:mod:`grpcmux.status`) at ``/``;
 its per-client rows come from :meth:`ServerMetrics.clients`.
@@ -17,6 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional, Tuple
+
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -119,14 +120,9 @@ class ClientStats:
         self._clock = clock
         self.calls = 0  # finished calls
         self.errors = 0  # finished with a status other than OK
-        self.in_flight = 0
         self._recent = deque()  # [whole second, calls finished in it], oldest first
 
-    def started(self):
-        self.in_flight += 1
-
     def finished(self, code_name):
-        self.in_flight -= 1
         self.calls += 1
         if code_name != "OK":
             self.errors += 1
@@ -156,9 +152,8 @@ class ClientStatus:
     wire_protocol: str
     remote_address: str
     connected_at: float  # POSIX seconds
-    # None where not known: health before clients report it (issue 16.3), node
-    # outside a cluster (issue 13), calls where the proxy does not count per client,
-    # bytes of a client whose session is on another node.
+    # None where not known: health where the registry has none, node outside a
+    # cluster (issue 13), bytes of a client whose session is on another node.
     health: Optional[str] = None
     node: Optional[str] = None
     calls_per_second: Optional[float] = None
@@ -169,26 +164,26 @@ class ClientStatus:
 
 
 class ServerMetrics:
-    """The multiplexer server's metrics; ``track(server)`` makes its live state visible.
-
-    Per-client call counts: whoever proxies calls and knows the client calls
-    ``call_started(client_id)`` (on the reactor thread) and the ``finished(code_name)``
-    it returns; from the first such call the status page shows calls/s and errors.
-    """
+    """The multiplexer server's metrics; ``track(server)`` makes its live state visible."""
 
     def __init__(self, registry=None, clock=time.monotonic):
         self.registry = registry if registry is not None else CollectorRegistry()
         self._clock = clock
         self._client_stats = {}  # client id -> ClientStats, while connected
-        # True once calls are counted per client (by call_started(client_id)).
-        self.calls_per_client = False
         self.handshakes = _handshakes("grpcmux_server", self.registry)
         self.calls = Counter(
-            "grpcmux_proxy_calls", "Proxied calls by the gRPC status code answered.",
-            ["code"], registry=self.registry)
+            "grpcmux_proxy_calls",
+            "Calls through the proxy endpoint by gRPC status code and client id "
+            "(client \"\": answered by the proxy itself).",
+            ["code", "client"], registry=self.registry)
         self.call_seconds = Histogram(
             "grpcmux_proxy_call_duration_seconds", "Proxied call latency in seconds.",
             registry=self.registry)
+        self.call_bytes = Counter(
+            "grpcmux_proxy_call_bytes",
+            "DATA bytes of calls through the proxy endpoint, by direction "
+            "(received from callers, sent to callers).",
+            ["direction"], registry=self.registry)
         self._live = _ServerCollector()
         self.registry.register(self._live)
 
@@ -224,12 +219,7 @@ class ServerMetrics:
         for client_id, info in sorted(server.registry.snapshot.items()):
             connection = connections.get(client_id)
             session = connection.session if connection is not None else None
-            calls = {}
-            if self.calls_per_client:
-                stats = self._client_stats.get(client_id)
-                calls = dict(calls_per_second=stats.calls_per_second() if stats else 0.0,
-                             calls=stats.calls if stats else 0,
-                             errors=stats.errors if stats else 0)
+            stats = self._client_stats.get(client_id)
             rows.append(ClientStatus(
                 client_id=client_id,
                 labels=tuple(info.labels),
@@ -240,9 +230,12 @@ class ServerMetrics:
                 node=getattr(info, "node", None),
                 bytes_received=session.bytes_received if session is not None else None,
                 bytes_sent=session.bytes_sent if session is not None else None,
-                **calls,
+                calls_per_second=stats.calls_per_second() if stats else 0.0,
+                calls=stats.calls if stats else 0,
+                errors=stats.errors if stats else 0,
             ))
         return rows
+
 
     def handshake(self, outcome, reason=""):
         self.handshakes.labels(outcome=outcome, reason=reason).inc()
@@ -252,27 +245,25 @@ class ServerMetrics:
         self._live.closed_in += session.bytes_received
         self._live.closed_out += session.bytes_sent
 
-    def call_started(self, client_id=None):
-        """Returns ``finished(code_name)``, which records the call.
+    def track_proxy(self, proxy):
+        """Report the open streams and upstream connections of ``proxy`` from now on."""
+        self._live.proxy = proxy
 
-        For any thread without ``client_id``; with it (the call's client, counted
-        for the status page as well), the reactor thread only.
+    def call_finished(self, client, code_name, seconds, bytes_in, bytes_out):
+        """Record one call through the proxy endpoint (the router calls it once per call).
+
+        ``client``: the client id the call was routed to ("" for the proxy's own
+        services); a connected client's call also counts on the status page.
         """
-        started = time.monotonic()
-        stats = None
-        if client_id is not None:
-            self.calls_per_client = True
-            stats = self.client_stats(client_id)
-            if stats is not None:
-                stats.started()
-
-        def finished(code_name):
-            self.call_seconds.observe(time.monotonic() - started)
-            self.calls.labels(code=code_name).inc()
-            if stats is not None:
-                stats.finished(code_name)
-
-        return finished
+        self.calls.labels(code=code_name, client=client).inc()
+        stats = self.client_stats(client) if client else None
+        if stats is not None:
+            stats.finished(code_name)
+        self.call_seconds.observe(seconds)
+        if bytes_in:
+            self.call_bytes.labels(direction="received").inc(bytes_in)
+        if bytes_out:
+            self.call_bytes.labels(direction="sent").inc(bytes_out)
 
 
 class _ServerCollector:
@@ -280,6 +271,7 @@ class _ServerCollector:
 
     def __init__(self):
         self.server = None
+        self.proxy = None
         self.closed_in = 0
         self.closed_out = 0
 
@@ -312,6 +304,17 @@ class _ServerCollector:
         yield CounterMetricFamily(
             "grpcmux_server_sent_bytes", "Bytes sent to clients.",
             value=self.closed_out + sum(s.bytes_sent for s in sessions))
+        router = self.proxy.router if self.proxy is not None else None
+        yield GaugeMetricFamily(
+            "grpcmux_proxy_open_calls", "Calls in progress through the proxy endpoint.",
+            value=len(router.calls) if router is not None else 0)
+        yield GaugeMetricFamily(
+            "grpcmux_proxy_caller_connections", "HTTP/2 connections of callers.",
+            value=len(router.callers) if router is not None else 0)
+        yield GaugeMetricFamily(
+            "grpcmux_proxy_upstream_connections",
+            "HTTP/2 connections from the proxy to clients and its own services.",
+            value=router.upstream_connections() if router is not None else 0)
 
 
 class ClientMetrics:

@@ -1,7 +1,8 @@
 """The status page on the metrics listener: over HTTP, and in headless Chromium.
 
 A whole stack runs on loopback with its server's metrics served by MetricsService;
-clients connect and leave while a real browser watches the page.  Ids and labels
+clients connect, take calls through the proxy and leave while a real browser
+watches the page.  Ids and labels
 are peer-supplied, so hostile ones must show as text, server-rendered and live.
 """
 
@@ -15,9 +16,10 @@ from twisted.web.client import Agent, readBody
 
 from chromium import Chromium
 from grpcmux.metrics import RATE_WINDOW, ClientStats, MetricsService, ServerMetrics
-from grpcmux.registry import ClientInfo
+from grpcmux.registry import ClientInfo, ClientRegistry
 from grpcmux.status import COLUMNS, table
 from mux_stack import TIMEOUT, Stack
+from rpc_backend import route
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 # Quotes, ampersands and markup that would run script if pasted in as HTML.
@@ -37,7 +39,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarnin
 async def watched(reactor, tmp_path):
     """A stack whose server metrics and status page are served on ``watched.url``."""
     metrics = ServerMetrics()
-    stack = Stack(reactor, tmp_path, metrics=metrics)
+    stack = Stack(reactor, tmp_path, proxy_kwargs={"observer": metrics.call_finished},
+                  metrics=metrics)
     stack.server_metrics = metrics
     stack.http = MetricsService(reactor, LOOPBACK, metrics.registry, status=metrics)
     stack.http.startService()
@@ -63,6 +66,14 @@ async def get(reactor, url):
     return response, body.decode()
 
 
+async def calls(stack, client_id, count, failing=0):
+    """``count`` calls to ``client_id`` through the proxy, the first ``failing`` failing."""
+    for i in range(count):
+        fail = (("x-fail", "UNAVAILABLE down for a moment"),) if i < failing else ()
+        result = await stack.invoke("Unary", b"x", route(client_id) + fail)
+        assert result.code.name == ("UNAVAILABLE" if i < failing else "OK"), result
+
+
 def rows_js():
     """JS: the table's rows as arrays of cell texts."""
     return ("[...document.querySelectorAll('#clients tbody tr')]"
@@ -85,9 +96,7 @@ async def test_clients_appear_and_disappear_live(watched, browser, tmp_path):
 
     await watched.connected_client(HOSTILE_ID, labels=HOSTILE_LABELS)
     legacy = await watched.connected_client("beta", wire_protocol="legacy")
-    for _ in range(3):
-        watched.server_metrics.call_started(HOSTILE_ID)("OK")
-    watched.server_metrics.call_started(HOSTILE_ID)("UNAVAILABLE")
+    await calls(watched, HOSTILE_ID, 4, failing=1)
     rows = await browser.wait_for(
         f"(rows => rows.length === 2 && rows[0][{column('Calls')}] === '4' && rows)"
         f"({rows_js()})", "both clients listed with their calls")
@@ -115,11 +124,10 @@ async def test_a_screenshot_of_a_busy_page(watched, browser):
     await watched.connected_client("lab-printer", labels=(("role", "printer"), ("site", "berlin")))
     await watched.connected_client("sensor-17", labels=(("site", "lisbon"),))
     await watched.connected_client("build-farm", wire_protocol="legacy")
-    for client_id, calls, errors in (("lab-printer", 12, 1), ("sensor-17", 40, 0)):
-        for i in range(calls):
-            watched.server_metrics.call_started(client_id)("INTERNAL" if i < errors else "OK")
+    await calls(watched, "lab-printer", 12, failing=1)
+    await calls(watched, "sensor-17", 30)
     await browser.navigate(watched.url)
-    await browser.wait_for(f"(rows => rows.length === 3 && rows[2][{column('Calls')}] === '40')"
+    await browser.wait_for(f"(rows => rows.length === 3 && rows[2][{column('Calls')}] === '30')"
                            f"({rows_js()})", "three clients with their calls")
     screenshot = await browser.screenshot()
     assert screenshot.startswith(b"\x89PNG\r\n\x1a\n")
@@ -176,7 +184,7 @@ async def test_status_json_has_the_table_and_the_raw_rows(reactor, watched):
     assert data["rows"][0][:3] == ["alpha", "site=lab", "native"]
     raw = data["clients"][0]
     assert (raw["client_id"], raw["labels"], raw["calls"], raw["health"]) == (
-        "alpha", {"site": "lab"}, None, None)
+        "alpha", {"site": "lab"}, 0, None)
     assert raw["bytes_received"] > 0 and raw["bytes_sent"] > 0
 
 
@@ -199,35 +207,42 @@ def test_client_stats_count_calls_errors_and_a_windowed_rate():
     clock = task.Clock()
     stats = ClientStats(clock.seconds)
     for code in ("OK", "OK", "NOT_FOUND"):
-        stats.started()
         stats.finished(code)
-    assert (stats.calls, stats.errors, stats.in_flight) == (3, 1, 0)
+    assert (stats.calls, stats.errors) == (3, 1)
     assert stats.calls_per_second() == 3 / RATE_WINDOW
     clock.advance(RATE_WINDOW - 1)
-    stats.started()
-    assert (stats.calls_per_second(), stats.in_flight) == (3 / RATE_WINDOW, 1)
+    stats.finished("OK")
+    assert stats.calls_per_second() == 4 / RATE_WINDOW
     clock.advance(1)
+    assert stats.calls_per_second() == 1 / RATE_WINDOW
+    clock.advance(RATE_WINDOW)
     assert stats.calls_per_second() == 0
 
 
-def test_calls_for_ids_not_connected_keep_nothing():
-    from grpcmux.registry import ClientRegistry
+class _Server:
+    """What ServerMetrics.track reads of a MultiplexerServer."""
 
-    class _Server:
-        registry = ClientRegistry()
-        connected_clients = {}
+    def __init__(self):
+        self.registry = ClientRegistry()
+        self.connected_clients = {}
 
+
+def test_calls_count_while_connected_and_never_for_ids_not_connected():
+    server = _Server()
     metrics = ServerMetrics()
-    metrics.track(_Server)
+    metrics.track(server)
     for i in range(100):
-        metrics.call_started(f"nobody-{i}")("NOT_FOUND")
+        metrics.call_finished(f"nobody-{i}", "NOT_FOUND", 0.001, 0, 0)
+    metrics.call_finished("", "OK", 0.001, 0, 0)  # the proxy's own services
     assert metrics._client_stats == {}
-    assert metrics.calls.labels(code="NOT_FOUND")._value.get() == 100
-
-
-def _info(client_id, **extra):
-    return ClientInfo(client_id=client_id, socket_path="", connected_at=0.0,
-                      remote_address="127.0.0.1:1", wire_protocol="native", **extra)
+    server.registry.add(ClientInfo(client_id="a", connected_at=0.0, remote_address="x:1",
+                                   wire_protocol="native"))
+    metrics.call_finished("a", "OK", 0.001, 5, 5)
+    metrics.call_finished("a", "CANCELLED", 0.001, 5, 5)
+    (row,) = metrics.clients()
+    assert (row.client_id, row.calls, row.errors, row.bytes_received) == ("a", 2, 1, None)
+    server.registry.remove("a")
+    assert metrics._client_stats == {} and metrics.clients() == []
 
 
 def test_optional_columns_show_only_when_some_client_has_a_value():
