@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from grpcmux.commands import EXIT_OK, CommandFailed, UsageError, one_line
-from grpcmux.listing import channel_for, token_metadata
+from grpcmux.listing import TOKEN_ENV, channel_for, token_metadata
 
 CLIENT_ID_METADATA_KEY = "client-id"
 # Method kinds by (client streaming, server streaming): the channel's factory name.
@@ -273,6 +273,8 @@ def problem(error, args):
         details = f"no answer within {args.timeout:g} s (--timeout)"
     elif code == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect"):
         details = f"cannot reach the grpcmux proxy at {args.proxy_address}: {details}"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        details += f" (pass a valid --token or set {TOKEN_ENV})"
     return f"{code.name}: {details}"
 
 

@@ -269,7 +269,9 @@ async def test_tls_and_token(reactor, secure_stack, example):
     await stack.connected_client("lab", backend_address=example)
     argv = ("call", "--proxy-address", f"localhost:{stack.proxy.port}", "--client-id", "lab",
             "--tls-ca", stack.ca_path, HELLO)
-    assert_failed(await run_cli(reactor, *argv), 1, "grpcmux call: UNAUTHENTICATED: ")
+    status, out, err = await run_cli(reactor, *argv)
+    assert_failed((status, out, err), 1, "grpcmux call: UNAUTHENTICATED: ")
+    assert err.endswith(" (pass a valid --token or set GRPCMUX_TOKEN)\n")
     status, out, err = await run_cli(reactor, *argv, "--token", TOKEN)
     assert (status, err, replies(out)) == (0, "", [{"message": "Hello, world!",
                                                     "server": "lab"}])
