@@ -18,7 +18,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
@@ -30,6 +29,7 @@ from twisted.web.server import Site
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.addresses import server_endpoint
+from grpcmux.registry import DISCONNECTED
 
 # Handshake outcomes (the ``outcome`` label); ``reason`` is set for rejections only.
 ACCEPTED = "accepted"
@@ -193,8 +193,6 @@ class ServerMetrics:
         server.registry.subscribe(self._registry_changed)
 
     def _registry_changed(self, event):
-        from grpcmux.registry import DISCONNECTED
-
         if event.kind == DISCONNECTED:
             self._client_stats.pop(event.info.client_id, None)
 
@@ -235,7 +233,6 @@ class ServerMetrics:
                 errors=stats.errors if stats else 0,
             ))
         return rows
-
 
     def handshake(self, outcome, reason=""):
         self.handshakes.labels(outcome=outcome, reason=reason).inc()
