@@ -354,7 +354,11 @@ class Router:
             raise CallRefused(RESOURCE_EXHAUSTED,
                               f"the proxy has {self._limits.max_calls} calls in progress, "
                               "the most allowed; retry later")
-        named = self._named_client(request)
+        try:
+            named = self._named_client(request)
+        except CallRefused:
+            self._token_patterns(request)  # without a valid token: UNAUTHENTICATED first
+            raise
         if path.startswith(DISCOVERY_PREFIX) or (
                 named is None and path.startswith(UNROUTED_LOCAL_PREFIXES)):
             return self._local_pool, "", self._forwarded(request, keep_token=True)
