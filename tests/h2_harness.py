@@ -12,7 +12,7 @@ with a :class:`~h2_frames.FrameReader`. Time is a ``task.Clock``.
 import time
 
 from hpack import Encoder
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -107,11 +107,13 @@ class FakeTunnel(TunnelTarget):
     """A client's tunnel whose connections are Upstream objects the test drives.
 
     ``hold``: connect() returns a Deferred the test fires with :meth:`release`;
-    ``settings``: the SETTINGS each new upstream sends at once (None: the test does).
+    ``settings``: the SETTINGS each new upstream sends at once (None: the test does);
+    ``refuse``: connect() fails with that exception.
     """
 
-    def __init__(self, client_id, settings=(), hold=False):
+    def __init__(self, client_id, settings=(), hold=False, refuse=None):
         self.label = client_id
+        self.refuse = refuse  # an exception connect() fails with
         self.session = type("Session", (), {"closed": False})()
         self.upstreams = []
         self.settings = settings
@@ -119,6 +121,8 @@ class FakeTunnel(TunnelTarget):
         self._held = []
 
     def connect(self, factory):
+        if self.refuse is not None:
+            return fail(self.refuse)
         upstream = Upstream(factory.buildProtocol(None))
         self.upstreams.append(upstream)
         if self.hold:

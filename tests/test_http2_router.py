@@ -363,6 +363,19 @@ def test_request_trailers_are_forwarded(h):
     assert blocks[-1].end_stream and blocks[-1].header(b"x-end") == [b"1"]
 
 
+def test_request_trailers_wait_with_the_call_for_the_upstream():
+    h = RouterHarness()
+    tunnel = h.client("alpha", hold=True)
+    caller = h.caller()
+    caller.call(1)
+    caller.send(h2.data(1, h2.grpc_message(b"m")))
+    caller.headers(1, [(b"x-end", b"1")], end_stream=True)
+    tunnel.release()
+    blocks = forwarded(tunnel.upstream, 1)
+    assert len(blocks) == 2 and blocks[-1].header(b"x-end") == [b"1"]
+    assert blocks[-1].end_stream
+
+
 def test_malformed_response_fails_the_call_as_unavailable(h, logged_errors):
     caller = h.caller()
     caller.call(1, end_stream=True)
@@ -757,6 +770,24 @@ def test_upstream_lost_before_a_response_is_unavailable_trailers_only(h):
     code, message, trailers_only = status_of(caller, 1)
     assert (code, trailers_only) == (14, True)
     assert "client 'alpha'" in message
+
+
+def test_upstream_that_never_answered_is_cannot_reach_its_grpc_server():
+    h = RouterHarness()
+    tunnel = h.client("alpha", settings=None)
+    caller = h.caller()
+    caller.call(1, end_stream=True)
+    tunnel.upstream.protocol.connectionLost(Failure(ConnectionLost()))
+    assert "client 'alpha' cannot reach its gRPC server" in refused(caller, 1, 14)
+
+
+def test_upstream_connect_failure_is_unavailable_naming_the_client():
+    h = RouterHarness()
+    h.client("alpha", refuse=ConnectionRefusedError("stream refused"))
+    caller = h.caller()
+    caller.call(1, end_stream=True)
+    message = refused(caller, 1, 14)
+    assert "client 'alpha'" in message and "stream refused" in message
 
 
 def test_upstream_lost_after_a_response_started_is_unavailable_trailers(h):

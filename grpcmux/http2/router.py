@@ -105,7 +105,10 @@ class Call:
         connection.send_headers(stream, self._headers, self._request_ended and not queued)
         self._headers = None
         for data, end in queued:
-            connection.send_data(stream, data, end)
+            if end is None:  # request trailers
+                connection.send_headers(stream, data, True)
+            else:
+                connection.send_data(stream, data, end)
 
     def upstream_failed(self, code, message):
         self.fail(code, message)
@@ -130,8 +133,7 @@ class Call:
         if self.upstream is not None:
             self.upstream.connection.send_headers(self.upstream, headers, True)
         elif self._queued is not None:
-            # Request trailers before the upstream opened: rare enough to keep simple.
-            self._queued.append((b"", True))
+            self._queued.append((headers, None))
 
     def _response_headers(self, headers, end_stream):
         first = not self.response_started
