@@ -704,6 +704,33 @@ def test_rapid_reset_is_enhance_your_calm_and_reaches_upstream_at_most_the_burst
     assert not h.router.calls
 
 
+PROVOKED = {
+    "WINDOW_UPDATE of 0": lambda caller, stream_id: caller.send(h2.window_update(stream_id, 0)),
+    "trailers without END_STREAM": lambda caller, stream_id: caller.headers(
+        stream_id, [(b"x-t", b"1")]),
+    "HEADERS after END_STREAM": lambda caller, stream_id: (
+        caller.send(h2.data(stream_id, b"", end_stream=True)),
+        caller.headers(stream_id, [(b"x-t", b"1")], end_stream=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROVOKED))
+def test_resets_the_caller_provokes_count_as_rapid_reset(name):
+    # "MadeYouReset" (CVE-2025-8671): a frame that makes us reset the stream costs
+    # the upstream the same as a RST_STREAM from the caller.
+    h = RouterHarness(caller=H2Config(reset_burst=20, reset_rate=0.001))
+    h.client("alpha")
+    caller = h.caller()
+    for stream_id in range(1, 2 * 100, 2):
+        caller.call(stream_id)
+        PROVOKED[name](caller, stream_id)
+        if caller.disconnecting:
+            break
+    goaway = only(caller.frames(), TYPE_GOAWAY)
+    assert goaway and goaway[0].error_code == ERROR_ENHANCE_YOUR_CALM
+    assert len(forwarded(h.tunnels["alpha"].upstream)) <= 21
+
+
 def test_resets_within_the_burst_are_fine():
     h = RouterHarness(caller=H2Config(reset_burst=20, reset_rate=0.001))
     h.client("alpha")

@@ -603,7 +603,14 @@ class H2Connection(Protocol):
             return stream_id >= self._next_stream_id
         return stream_id > self.last_peer_stream_id
 
+    def peer_caused_reset(self):
+        """Count a reset the peer provoked (a stream error) as one it sent: past the
+        reset rate it is a rapid reset too ("MadeYouReset", CVE-2025-8671)."""
+        if not self.is_client and not self._resets.take():
+            raise H2ConnectionError(ERROR_ENHANCE_YOUR_CALM, "too many stream errors")
+
     def _stream_error(self, stream, code):
+        self.peer_caused_reset()
         handler = stream.handler
         self.reset_stream(stream, code)
         handler.stream_reset(stream, code)

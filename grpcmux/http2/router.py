@@ -224,6 +224,7 @@ class Call:
         self._finished(code_name(code))
 
     def _protocol_error(self):
+        self.caller.connection.peer_caused_reset()
         self.caller.connection.reset_stream(self.caller, ERROR_PROTOCOL_ERROR)
         if self.upstream is not None:
             self.upstream.connection.reset_stream(self.upstream, ERROR_CANCEL)
