@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from grpcmux.addresses import describe_address, listen_now, server_endpoint
 from grpcmux.http2.config import H2Config
+from grpcmux.http2.connection import Budget
 from grpcmux.http2.router import Router, RouterLimits
 from grpcmux.http2.status import CallRefused, NOT_FOUND
 from grpcmux.http2.targets import EndpointTarget
@@ -58,6 +59,7 @@ class ProxyService(Service):
         runtime_dir=None,
         caller_config=None,
         upstream_config=None,
+        buffer_budget=256 * 1024 * 1024,
     ):
         self._reactor = reactor
         self._registry = registry
@@ -74,6 +76,7 @@ class ProxyService(Service):
         self._caller_config = caller_config or H2Config()
         self._upstream_config = upstream_config or H2Config(
             idle_timeout=0, preface_timeout=0, control_burst=10**6, control_rate=10**5)
+        self.budget = Budget(buffer_budget)
         self.router = None
         self.local = None
         self.listening_port = None
@@ -92,7 +95,8 @@ class ProxyService(Service):
             self.router = Router(
                 self._reactor, self._registry, self._tunnels, local,
                 self._caller_config, self._upstream_config, limits=self.limits,
-                tokens=self.tokens, observer=self._observer, instance=os.urandom(8).hex().encode(),
+                tokens=self.tokens, observer=self._observer, budget=self.budget,
+                instance=os.urandom(8).hex().encode(),
                 **self._routing)
             factory = self.router.factory
             if self.tls is not None:

@@ -22,6 +22,8 @@ from collections import deque
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from grpcmux.yamux.session import tune_transport
+
 from .connection import H2Connection
 
 
@@ -98,10 +100,15 @@ class UpstreamPool:
 
     def new_connection(self):
         connection = H2Connection(self._config, self._clock, is_client=True, budget=self._budget)
+        connection.on_made = self._made
         connection.on_capacity = self._serve_waiting
         connection.on_settings = self._serve_waiting
         connection.on_closed = lambda reason: self._lost(connection, reason)
         return connection
+
+    @staticmethod
+    def _made(connection):
+        tune_transport(connection.transport)
 
     def _connected(self, connection):
         self._connecting -= 1
