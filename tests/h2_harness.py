@@ -149,7 +149,8 @@ class RouterHarness:
     """A Router, its registry and clock; clients with fake tunnels."""
 
     def __init__(self, caller=None, upstream=None, limits=None, tokens=None,
-                 authority_domain=None, default_client_id=None, instance=b"testproxy"):
+                 authority_domain=None, default_client_id=None, instance=b"testproxy",
+                 budget=None):
         self.clock = Clock()
         self.registry = ClientRegistry()
         self.tunnels = {}
@@ -161,7 +162,8 @@ class RouterHarness:
             caller or H2Config(), upstream or H2Config(
                 idle_timeout=0, preface_timeout=0, control_burst=10**6, control_rate=10**5),
             limits=limits or RouterLimits(), tokens=tokens, authority_domain=authority_domain,
-            default_client_id=default_client_id, observer=self._observe, instance=instance)
+            default_client_id=default_client_id, observer=self._observe, instance=instance,
+            budget=budget)
 
     def _observe(self, label, code, seconds, bytes_in, bytes_out):
         self.ended.append((label, code, bytes_in, bytes_out))

@@ -631,6 +631,25 @@ def test_idle_connection_is_closed_after_idle_timeout():
     closed_with(caller, ERROR_NO_ERROR)
 
 
+def test_connection_stuck_in_a_header_block_is_closed_when_idle():
+    h = harness(idle_timeout=30)
+    caller = h.caller()
+    caller.send(h2.frame(TYPE_HEADERS, 0, 1, Encoder().encode(request())[:5]))
+    h.clock.advance(30)
+    closed_with(caller, ERROR_NO_ERROR)
+
+
+def test_goaway_from_the_caller_lets_its_streams_finish():
+    h = harness()
+    h.client()
+    caller = h.caller()
+    caller.call(1, end_stream=True)
+    caller.send(h2.goaway(1))
+    assert not caller.disconnecting
+    h.tunnels["alpha"].upstream.respond(1, b"r")
+    assert only(caller.frames(), TYPE_DATA, 1) and caller.disconnecting
+
+
 def test_connection_with_a_stream_is_not_idle():
     h = harness(idle_timeout=30)
     h.client()

@@ -11,6 +11,7 @@ from twisted.internet.error import ConnectionLost
 
 import h2_frames as h2
 from grpcmux.http2.config import H2Config
+from grpcmux.http2.connection import Budget
 from grpcmux.http2.frames import (
     ERROR_CANCEL,
     ERROR_ENHANCE_YOUR_CALM,
@@ -19,6 +20,7 @@ from grpcmux.http2.frames import (
     ERROR_NO_ERROR,
     ERROR_PROTOCOL_ERROR,
     ERROR_REFUSED_STREAM,
+    SETTINGS_HEADER_TABLE_SIZE,
     SETTINGS_INITIAL_WINDOW_SIZE,
     SETTINGS_MAX_CONCURRENT_STREAMS,
     TYPE_DATA,
@@ -657,6 +659,28 @@ def test_stalled_caller_does_not_stall_another_on_the_same_upstream():
     assert not upstream.disconnecting
 
 
+def test_budget_holds_credits_back_while_the_router_holds_too_much():
+    budget = Budget(1000)
+    h = RouterHarness(caller=H2Config(initial_window=1000), budget=budget)
+    h.client("alpha", settings=[(SETTINGS_INITIAL_WINDOW_SIZE, 0)])
+    h.client("beta")
+    stuck, other = h.caller(), h.caller()
+    stuck.call(1)
+    stuck.send(h2.data(1, b"x" * 1000))  # waits: alpha's upstream grants no window
+    other.call(1, client_id="beta")
+    other.frames()
+    other.send(h2.data(1, b"y" * 500))
+    assert only(h.tunnels["beta"].upstream.frames(), TYPE_DATA, 1)  # forwarded at once
+    assert [f.increment for f in only(other.frames(), TYPE_WINDOW_UPDATE, 1)] == [500]
+    budget.add(1)  # the router now holds more than the budget
+    other.send(h2.data(1, b"y" * 500))
+    assert only(h.tunnels["beta"].upstream.frames(), TYPE_DATA, 1)
+    assert not only(other.frames(), TYPE_WINDOW_UPDATE, 1)  # its credit waits
+    h.tunnels["alpha"].upstream.send(h2.window_update(1, 1000))  # alpha drains
+    budget.remove(1)
+    assert [f.increment for f in only(other.frames(), TYPE_WINDOW_UPDATE, 1)] == [500]
+
+
 def test_upstream_data_beyond_its_stream_window_is_flow_control_error():
     h = RouterHarness(upstream=H2Config(initial_window=1000, idle_timeout=0,
                                         preface_timeout=0))
@@ -850,6 +874,22 @@ def test_stream_ids_near_the_end_move_to_a_fresh_connection(h):
     assert forwarded(first)[-1].stream_id == last
     caller.call(5, end_stream=True)
     assert len(tunnel.upstreams) == 2 and forwarded(tunnel.upstream, 1)
+
+
+def test_upstream_header_table_size_is_honoured_up_to_ours(h):
+    caller = h.caller()
+    caller.call(1, end_stream=True)
+    upstream = h.tunnels["alpha"].upstream
+    upstream.reader.decoder.max_allowed_table_size = 2**20  # see what we would use
+    upstream.send(h2.settings((SETTINGS_HEADER_TABLE_SIZE, 2**20)))
+    for stream_id in range(3, 40, 2):
+        caller.call(stream_id, end_stream=True, extra=[(b"x-%d" % stream_id, b"v" * 500)])
+    forwarded(upstream)
+    assert upstream.reader.decoder.header_table.maxsize <= 4096
+    upstream.send(h2.settings((SETTINGS_HEADER_TABLE_SIZE, 0)))
+    caller.call(41, end_stream=True, extra=[(b"x-new", b"v")])
+    forwarded(upstream)
+    assert upstream.reader.decoder.header_table.maxsize == 0
 
 
 def test_upstream_ping_is_answered(h):
