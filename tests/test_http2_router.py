@@ -659,6 +659,37 @@ def test_stalled_caller_does_not_stall_another_on_the_same_upstream():
     assert not upstream.disconnecting
 
 
+def test_caller_that_stops_reading_holds_back_only_its_own_calls():
+    # A caller may grant huge windows and then not read its socket: what the router
+    # writes it must then wait in the router, within its windows, not pile up in the
+    # transport's buffer with the upstream credited as if it had been delivered.
+    h = RouterHarness(upstream=H2Config(initial_window=65536, idle_timeout=0,
+                                        preface_timeout=0))
+    h.client("alpha")
+    stuck = h.caller(settings=[(SETTINGS_INITIAL_WINDOW_SIZE, 2**31 - 1)])
+    stuck.send(h2.window_update(0, 2**31 - 1 - 65535))
+    moving = h.caller()
+    stuck.call(1, end_stream=True)
+    moving.call(1, end_stream=True)
+    upstream = h.tunnels["alpha"].upstream
+    upstream.headers(1, RESPONSE)
+    upstream.headers(3, RESPONSE)
+    stuck.transport.producer.pauseProducing()  # its socket buffer is full
+    stuck.frames()
+    upstream.frames()
+    for _ in range(4):
+        upstream.send(h2.data(1, b"s" * 16000), h2.data(3, b"m" * 16000))
+        moving.send(h2.window_update(1, 16000), h2.window_update(0, 16000))
+    assert not only(stuck.frames(), TYPE_DATA)
+    assert sum(len(f.payload) for f in only(moving.frames(), TYPE_DATA, 1)) == 64000
+    credits = only(upstream.frames(), TYPE_WINDOW_UPDATE)
+    assert not [c for c in credits if c.stream_id == 1]
+    assert [c for c in credits if c.stream_id == 3]
+    stuck.transport.producer.resumeProducing()
+    assert sum(len(f.payload) for f in only(stuck.frames(), TYPE_DATA, 1)) == 64000
+    assert [c for c in only(upstream.frames(), TYPE_WINDOW_UPDATE) if c.stream_id == 1]
+
+
 def test_budget_holds_credits_back_while_the_router_holds_too_much():
     budget = Budget(1000)
     h = RouterHarness(caller=H2Config(initial_window=1000), budget=budget)

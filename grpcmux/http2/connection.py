@@ -22,8 +22,10 @@ from collections import deque
 
 from hpack import HPACKError, OversizedHeaderListError
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .hpack_cache import CachingDecoder, CachingEncoder
 from .frames import (
@@ -187,6 +189,7 @@ class _TokenBucket:
         self._tokens = min(self._burst, self._tokens + count)
 
 
+@implementer(IPushProducer)
 class H2Connection(Protocol):
     """The framing and state of one HTTP/2 connection, either role.
 
@@ -222,6 +225,7 @@ class H2Connection(Protocol):
         self.settings_received = False
         self._header_block = None  # (stream id, flags, fragments, size, count)
         self._blocked = deque()  # streams with DATA waiting for the connection window
+        self._paused = False  # our transport's buffer is full: DATA waits in its streams
         self.go_away_sent = False
         self.go_away_received = None  # last stream id the peer will process
         self.closed = False
@@ -242,6 +246,10 @@ class H2Connection(Protocol):
     # -- lifecycle ------------------------------------------------------------
 
     def connectionMade(self):
+        # DATA goes out only while the transport takes it, so what a peer that stops
+        # reading costs us stays in its streams (within its windows, in the budget)
+        # and their senders are not credited for bytes stuck in a socket buffer.
+        self.transport.registerProducer(self, True)
         if self.on_made is not None:
             self.on_made(self)
         settings = [
@@ -432,8 +440,24 @@ class H2Connection(Protocol):
 
     # -- sending ------------------------------------------------------------
 
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        for stream in list(self.streams.values()):
+            if self._paused:
+                break
+            if stream._pending or stream._end_pending:
+                self._flush_stream(stream)
+
+    def stopProducing(self):
+        pass  # connectionLost follows
+
     def _flush_stream(self, stream):
         """Send what the windows allow of ``stream``'s pending DATA (then trailers)."""
+        if self._paused:
+            return
         sent = 0
         pending = stream._pending
         frames = []
