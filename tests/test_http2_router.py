@@ -378,13 +378,34 @@ def test_request_trailers_wait_with_the_call_for_the_upstream():
     assert blocks[-1].end_stream
 
 
-def test_malformed_response_fails_the_call_as_unavailable(h, logged_errors):
+def test_malformed_response_fails_the_call_as_unavailable(h):
     caller = h.caller()
     caller.call(1, end_stream=True)
     upstream = h.tunnels["alpha"].upstream
     upstream.headers(1, [(b":status", b"200"), (b"Bad", b"1")])
     code, message, trailers_only = status_of(caller, 1)
     assert (code, trailers_only) == (14, True) and "alpha" in message
+    assert only(upstream.frames(), TYPE_RST_STREAM, 1)
+
+
+def test_response_data_before_its_headers_is_a_malformed_response(h):
+    caller = h.caller()
+    caller.call(1, end_stream=True)
+    upstream = h.tunnels["alpha"].upstream
+    upstream.send(h2.data(1, h2.grpc_message(b"early")))
+    assert not only(caller.frames(), TYPE_DATA)
+    code, message, trailers_only = status_of(caller, 1)
+    assert (code, trailers_only) == (14, True) and "malformed" in message
+
+
+def test_response_trailers_without_end_stream_are_a_malformed_response(h):
+    caller = h.caller()
+    caller.call(1, end_stream=True)
+    upstream = h.tunnels["alpha"].upstream
+    upstream.headers(1, RESPONSE)
+    upstream.headers(1, [(b"x-more", b"1")])
+    code, message, trailers_only = status_of(caller, 1)
+    assert (code, trailers_only) == (14, False) and "malformed" in message
     assert only(upstream.frames(), TYPE_RST_STREAM, 1)
 
 

@@ -144,10 +144,11 @@ class Call:
                     self.caller.connection.send_headers(self.caller, headers, False)
                     return
             else:
+                if not end_stream:
+                    raise HeaderError("response trailers without END_STREAM")
                 check_trailers(headers)
         except HeaderError as error:
-            self._router.upstream_misbehaved(self, error)
-            self.fail(UNAVAILABLE, f"{self._router.describe(self)} sent a malformed response")
+            self._malformed_response(error)
             return
         self.response_started = True
         self.caller.connection.send_headers(self.caller, headers, end_stream)
@@ -171,6 +172,9 @@ class Call:
             elif self._queued is not None:
                 self._queued.append((data, end_stream))
         else:
+            if not self.response_started:
+                self._malformed_response(HeaderError("response DATA before its HEADERS"))
+                return
             self.bytes_out += len(data)
             if self._response_limit is not None and data:
                 try:
@@ -181,6 +185,10 @@ class Call:
             self.caller.connection.send_data(self.caller, data, end_stream)
             if end_stream:
                 self._finished("UNKNOWN")  # a response without trailers
+
+    def _malformed_response(self, error):
+        self._router.upstream_misbehaved(self, error)
+        self.fail(UNAVAILABLE, f"{self._router.describe(self)} sent a malformed response")
 
     def stream_drained(self, stream, count):
         if stream is self.upstream:
