@@ -409,6 +409,20 @@ def test_response_trailers_without_end_stream_are_a_malformed_response(h):
     assert only(upstream.frames(), TYPE_RST_STREAM, 1)
 
 
+def test_frames_on_a_stream_we_reset_are_ignored(h):
+    # RFC 9113 section 5.1: frames the peer sent before it saw our RST_STREAM.
+    caller = h.caller()
+    caller.call(1, end_stream=True)
+    upstream = h.tunnels["alpha"].upstream
+    upstream.headers(1, RESPONSE)
+    caller.send(h2.rst_stream(1, ERROR_CANCEL))
+    upstream.frames()
+    caller.frames()
+    upstream.send(h2.data(1, b"in flight") * 100)
+    assert upstream.frames() == []
+    assert not upstream.disconnecting and not caller.frames()
+
+
 def test_informational_response_is_passed_before_the_response(h):
     caller = h.caller()
     caller.call(1, end_stream=True)

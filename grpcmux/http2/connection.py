@@ -642,8 +642,14 @@ class H2Connection(Protocol):
         elif not end_stream:
             self._control()
         stream = self.streams.get(stream_id)
-        if stream is None or stream.remote_closed:
-            self._unknown_stream(stream_id, "DATA")
+        if stream is None:
+            # Closed: DATA the peer sent before it saw our RST_STREAM or END_STREAM
+            # is ignored (RFC 9113 section 5.1); idle is an error.
+            if self._is_idle(stream_id):
+                raise H2ConnectionError(ERROR_PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
+            return
+        if stream.remote_closed:  # half-closed (remote): a stream error
+            self._stream_error(stream, ERROR_STREAM_CLOSED)
             return
         stream.recv_window -= length
         if stream.recv_window < 0:
