@@ -333,6 +333,12 @@ def test_malformed_request_is_reset_and_never_forwarded(h, name):
     assert forwarded(h.tunnels["alpha"].upstream, 1)
 
 
+def test_options_star_path_is_well_formed(h):
+    caller = h.caller()
+    caller.call(1, [(n, {b":method": b"OPTIONS", b":path": b"*"}.get(n, v)) for n, v in BASE])
+    assert forwarded(h.tunnels["alpha"].upstream, 1)
+
+
 def test_te_trailers_is_forwarded(h):
     caller = h.caller()
     caller.call(1)
@@ -988,6 +994,19 @@ def test_client_leaving_gracefully_lets_calls_finish(h):
     assert upstream.disconnecting
 
 
+def test_every_call_is_counted_once(h):
+    caller = h.caller()
+    caller.call(1)
+    upstream = h.tunnels["alpha"].upstream
+    upstream.send(h2.rst_stream(1, ERROR_REFUSED_STREAM))
+    caller.send(h2.rst_stream(1, ERROR_CANCEL))
+    caller.call(3)
+    caller.send(h2.rst_stream(3, ERROR_CANCEL))
+    upstream.respond(3)
+    assert h.ended == [("alpha", "UNAVAILABLE", 0, 0), ("alpha", "CANCELLED", 0, 0)]
+    assert h.router.calls_to("alpha") == 0 and not h.router.calls
+
+
 # -- graceful drain ------------------------------------------------------------------
 
 
@@ -1010,6 +1029,18 @@ def test_drain_closes_an_idle_caller_at_once(h):
     caller = h.caller()
     h.router.drain()
     assert only(caller.frames(), TYPE_GOAWAY) and caller.disconnecting
+
+
+def test_cancel_all_fails_the_calls_left_and_closes_every_connection(h):
+    caller = h.caller()
+    caller.call(1, end_stream=True)
+    upstream = h.tunnels["alpha"].upstream
+    h.router.drain()
+    h.router.cancel_all()
+    code, message, _ = status_of(caller, 1)
+    assert code == 14 and "shutting down" in message
+    assert caller.disconnecting
+    assert only(upstream.frames(), TYPE_RST_STREAM, 1) and upstream.disconnecting
 
 
 def test_caller_arriving_while_draining_is_drained(h):
