@@ -317,6 +317,7 @@ MALFORMED = {
     "missing :scheme": [f for f in BASE if f[0] != b":scheme"],
     "missing :path": [f for f in BASE if f[0] != b":path"],
     "empty :path": [(n, b"" if n == b":path" else v) for n, v in BASE],
+    ":path without a slash": [(n, b"Echo/Unary" if n == b":path" else v) for n, v in BASE],
     "CONNECT": [(n, b"CONNECT" if n == b":method" else v) for n, v in BASE],
 }
 
