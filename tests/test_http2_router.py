@@ -453,6 +453,18 @@ def test_never_indexed_request_field_stays_never_indexed(h):
     assert kinds[b"x-plain"] is not NeverIndexedHeaderTuple
 
 
+def test_never_indexed_field_stays_never_indexed_when_the_block_repeats(h):
+    caller = h.caller()
+    secret = [NeverIndexedHeaderTuple(b"authorization", b"Bearer s")]
+    for stream_id in (1, 3, 5):
+        caller.call(stream_id, extra=secret)
+    blocks = forwarded(h.tunnels["alpha"].upstream)
+    assert len(blocks) == 3
+    for block in blocks:
+        (field,) = [f for f in block.headers if f[0] == b"authorization"]
+        assert type(field) is NeverIndexedHeaderTuple
+
+
 def test_never_indexed_response_field_stays_never_indexed(h):
     caller = h.caller()
     caller.call(1, end_stream=True)
