@@ -177,6 +177,23 @@ def test_settings_out_of_range_are_connection_errors(setting, value, code):
     closed_with(caller, code)
 
 
+def test_a_setting_repeated_in_one_frame_is_applied_once(monkeypatch):
+    # 2,730 INITIAL_WINDOW_SIZE values in one 16 KiB frame, each a pass over 1,000
+    # streams, cost 0.14 s of CPU per frame: the last value of each setting counts.
+    applied = []
+    original = H2Connection._setting
+    monkeypatch.setattr(H2Connection, "_setting",
+                        lambda self, key, value: (applied.append(key), original(self, key, value)))
+    h = harness()
+    h.client()
+    caller = h.caller()
+    caller.call(1)
+    applied.clear()
+    caller.send(h2.settings(*[(SETTINGS_INITIAL_WINDOW_SIZE, 1000 + i) for i in range(2730)]))
+    assert applied == [SETTINGS_INITIAL_WINDOW_SIZE]
+    assert caller.protocol.streams[1].send_window == 1000 + 2729
+
+
 def test_unknown_settings_are_ignored():
     h = harness()
     caller = h.caller(settings=[(0x4242, 7)])

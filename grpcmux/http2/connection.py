@@ -803,8 +803,13 @@ class H2Connection(Protocol):
             return
         if len(payload) % 6:
             raise H2ConnectionError(ERROR_FRAME_SIZE_ERROR, "SETTINGS of bad size")
+        # The last value of each setting counts: a frame that repeats one (2,730 fit in
+        # 16 KiB) must not cost a pass over every stream per repeat.
+        values = {}
         for offset in range(0, len(payload), 6):
             identifier, value = _SETTING.unpack_from(payload, offset)
+            values[identifier] = value
+        for identifier, value in values.items():
             self._setting(identifier, value)
         self.transport.write(frame_header(0, TYPE_SETTINGS, FLAG_ACK, 0))
         first = not self.settings_received
