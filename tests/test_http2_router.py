@@ -766,6 +766,24 @@ def test_budget_holds_credits_back_while_the_router_holds_too_much():
     assert [f.increment for f in only(other.frames(), TYPE_WINDOW_UPDATE, 1)] == [500]
 
 
+def test_connection_window_is_shared_in_turn_by_blocked_streams(h):
+    caller = h.caller()
+    for stream_id in (1, 3, 5):
+        caller.call(stream_id, end_stream=True)
+    upstream = h.tunnels["alpha"].upstream
+    for stream_id in (1, 3, 5):
+        upstream.headers(stream_id, RESPONSE)
+        upstream.send(h2.data(stream_id, b"d" * 30000))  # 90,000 > the caller's 65,535
+    for stream_id in (1, 3):
+        upstream.send(h2.data(stream_id, b"e" * 100))  # they wait too
+    caller.frames()
+    turns = []
+    for _ in range(6):
+        caller.send(h2.window_update(0, 1))
+        turns += [f.stream_id for f in only(caller.frames(), TYPE_DATA)]
+    assert turns == [5, 1, 3, 5, 1, 3]
+
+
 def test_upstream_data_beyond_its_stream_window_is_flow_control_error():
     h = RouterHarness(upstream=H2Config(initial_window=1000, idle_timeout=0,
                                         preface_timeout=0))

@@ -864,10 +864,13 @@ class H2Connection(Protocol):
             self.send_window += increment
             if self.send_window > MAX_WINDOW:
                 raise H2ConnectionError(ERROR_FLOW_CONTROL_ERROR, "connection window overflow")
-            blocked, self._blocked = self._blocked, deque()
-            for stream in blocked:
+            # Blocked streams take the window in turn (one still short goes to the
+            # back) and only while there is some: a 1-byte update is one send, not a
+            # pass over every blocked stream with the first one served each time.
+            blocked = self._blocked
+            while blocked and self.send_window > 0 and not self._paused:
+                stream = blocked.popleft()
                 stream._blocked = False
-            for stream in blocked:
                 if stream.id in self.streams:
                     self._flush_stream(stream)
             return
