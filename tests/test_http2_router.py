@@ -935,6 +935,16 @@ def test_upstream_that_never_answered_is_cannot_reach_its_grpc_server():
     assert "client 'alpha' cannot reach its gRPC server" in refused(caller, 1, 14)
 
 
+def test_upstream_silent_past_its_preface_timeout_is_unavailable():
+    h = RouterHarness(upstream=H2Config(preface_timeout=10, idle_timeout=0))
+    tunnel = h.client("alpha", settings=None)  # accepts, never speaks HTTP/2
+    caller = h.caller()
+    caller.call(1, end_stream=True)
+    h.clock.advance(10)
+    assert only(tunnel.upstream.frames(), TYPE_GOAWAY) and tunnel.upstream.disconnecting
+    assert "cannot reach its gRPC server" in refused(caller, 1, 14)
+
+
 def test_upstream_connect_failure_is_unavailable_naming_the_client():
     h = RouterHarness()
     h.client("alpha", refuse=ConnectionRefusedError("stream refused"))
