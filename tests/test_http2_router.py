@@ -340,6 +340,13 @@ def test_options_star_path_is_well_formed(h):
     assert forwarded(h.tunnels["alpha"].upstream, 1)
 
 
+def test_header_block_larger_than_a_frame_goes_upstream_in_continuations(h):
+    caller = h.caller()
+    caller.headers(1, request(extra=[(b"x-big", b"v" * 40000)]), split=16000)
+    (sent,) = forwarded(h.tunnels["alpha"].upstream, 1)
+    assert sent.continuations == 2 and sent.header(b"x-big") == [b"v" * 40000]
+
+
 def test_te_trailers_is_forwarded(h):
     caller = h.caller()
     caller.call(1)
@@ -1046,6 +1053,16 @@ def test_every_call_is_counted_once(h):
     upstream.respond(3)
     assert h.ended == [("alpha", "UNAVAILABLE", 0, 0), ("alpha", "CANCELLED", 0, 0)]
     assert h.router.calls_to("alpha") == 0 and not h.router.calls
+
+
+def test_client_leaving_with_no_calls_closes_its_upstream_connections(h):
+    caller = h.caller()
+    caller.call(1, end_stream=True)
+    upstream = h.tunnels["alpha"].upstream
+    upstream.respond(1)
+    h.router.client_left("alpha", graceful=True)
+    assert only(upstream.frames(), TYPE_GOAWAY) and upstream.disconnecting
+    assert h.router.upstream_clients() == set()
 
 
 # -- graceful drain ------------------------------------------------------------------
