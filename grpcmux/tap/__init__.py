@@ -197,6 +197,12 @@ class TwistdRoot(MultiService):
         """
         self._log.error("{message}", message=message)
         options = self._twistd_options
+        pidfile = options.get("pidfile")
+        if pidfile:  # first: a daemonizing twistd's parent exits on the status pipe
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
         status_pipe = options.get("statusPipe")
         if status_pipe is not None:
             options["statusPipe"] = None
@@ -206,12 +212,6 @@ class TwistdRoot(MultiService):
             # twistd has pointed sys.stderr at the log by now: the terminal's is __stderr__
             sys.__stderr__.write(message + "\n")
             sys.__stderr__.flush()
-        pidfile = options.get("pidfile")
-        if pidfile:
-            try:
-                os.unlink(pidfile)
-            except OSError:
-                pass
         raise SystemExit(1)
 
     def _exit_cleanly(self) -> None:
