@@ -24,8 +24,7 @@ from grpcmux.admission import Admission
 from grpcmux.handshake import WIRE_NATIVE, HandshakeRejected, ServerHandshake
 from grpcmux.http2.targets import TunnelTarget
 from grpcmux.ids import client_id_problem
-from grpcmux.listening import StartupError, listen
-from grpcmux.preface import PrefaceGuard, judge_multiplexer_client
+from grpcmux.listening import listen
 from grpcmux.metrics import (
     ACCEPTED,
     FAILED,
@@ -35,6 +34,7 @@ from grpcmux.metrics import (
     ServerMetrics,
     reject_reason,
 )
+from grpcmux.preface import PrefaceGuard, judge_multiplexer_client
 from grpcmux.registry import ClientInfo, ClientRegistry
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.frame import GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR
