@@ -14,6 +14,10 @@ Application: an observer that filters by ``--log-level`` and writes
 ``--nodaemon``, ``twistd.log``, or syslog with ``--syslog``).  An explicit
 ``--logger`` still wins.  Python ``logging`` (grpcio) is bridged into the same
 path while the service runs.
+
+Mistakes end in one line, never twistd's whole usage or a traceback: a bad or
+abbreviated option or a bad setting (``parseOptions``), and a listener that cannot
+be had (:class:`~grpcmux.listening.StartupError`, caught in ``TwistdRoot``).
 """
 
 from __future__ import annotations
