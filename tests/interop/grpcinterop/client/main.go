@@ -73,6 +73,17 @@ func checkPayload(p *testpb.Payload, size int) error {
 	return nil
 }
 
+// sendError explains a failed Send. grpc-go reports a stream the server already
+// ended as io.EOF on Send; the real status then comes from receiving.
+func sendError(what string, err error, stream grpc.ClientStream) error {
+	if err == io.EOF {
+		if recvErr := stream.RecvMsg(new(testpb.Empty)); recvErr != nil && recvErr != io.EOF {
+			err = recvErr
+		}
+	}
+	return fmt.Errorf("%s: %v", what, err)
+}
+
 func wantCode(err error, code codes.Code) error {
 	if got := status.Code(err); got != code {
 		return fmt.Errorf("status %v (%v), want %v", got, err, code)
@@ -110,7 +121,7 @@ func (t *interop) clientStreaming(ctx context.Context) error {
 	}
 	for _, size := range requestSizes {
 		if err := stream.Send(&testpb.StreamingInputCallRequest{Payload: zeros(size)}); err != nil {
-			return fmt.Errorf("send %d bytes: %v", size, err)
+			return sendError(fmt.Sprintf("send %d bytes", size), err, stream)
 		}
 	}
 	reply, err := stream.CloseAndRecv()
@@ -171,7 +182,7 @@ func (t *interop) pingPong(ctx context.Context) error {
 	}
 	for i, size := range responseSizes {
 		if err := stream.Send(duplexRequest(size, requestSizes[i])); err != nil {
-			return fmt.Errorf("send %d: %v", i, err)
+			return sendError(fmt.Sprintf("send %d", i), err, stream)
 		}
 		reply, err := stream.Recv()
 		if err != nil {
@@ -241,7 +252,7 @@ func (t *interop) cancelAfterFirstResponse(ctx context.Context) error {
 		return err
 	}
 	if err := stream.Send(duplexRequest(31415, 27182)); err != nil {
-		return fmt.Errorf("send: %v", err)
+		return sendError("send", err, stream)
 	}
 	reply, err := stream.Recv()
 	if err != nil {
@@ -289,7 +300,7 @@ func (t *interop) customMetadata(ctx context.Context) error {
 		return fmt.Errorf("full duplex: %v", err)
 	}
 	if err := stream.Send(duplexRequest(314159, 271828)); err != nil {
-		return fmt.Errorf("full duplex send: %v", err)
+		return sendError("full duplex send", err, stream)
 	}
 	if err := stream.CloseSend(); err != nil {
 		return fmt.Errorf("full duplex half-close: %v", err)
