@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import DeferredList
 
 from peers import Peer
 
@@ -27,7 +28,8 @@ CASES = [
     "unimplemented_method",
     "unimplemented_service",
 ]
-CLIENT_TIMEOUT = 60.0
+CLIENT_TIMEOUT = 25.0  # below stack.in_thread's wait, so the process is killed first
+CONCURRENT_CALLERS = 4
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,18 @@ async def test_interop_client_reports_failures(stack, interop_server, interop_cl
         line = results[case]
         assert line.startswith(f"FAIL {case}: ") and "NotFound" in line, line
     assert code == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_interop_concurrent_callers_share_the_tunnel(stack, interop_server,
+                                                           interop_client):
+    """Four Go clients run every case at once through one native client's upstream."""
+    await stack.connected_client("interop", backend_address=interop_server)
+    runs = await DeferredList(
+        [stack.in_thread(run_client, interop_client, stack.proxy.port, "interop")
+         for _ in range(CONCURRENT_CALLERS)], fireOnOneErrback=True, consumeErrors=True)
+    for index, (_, (results, code, stderr)) in enumerate(runs):
+        failed = [results.get(case, f"{case}: no result") for case in CASES
+                  if results.get(case) != "PASS"]
+        assert not failed, f"caller {index}:\n" + "\n".join(failed) + "\n" + stderr
+        assert code == 0, stderr
