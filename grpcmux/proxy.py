@@ -84,8 +84,10 @@ class ProxyService(Service):
         self.cluster_router = None
         self.cluster_port = None
         self._caller_config = caller_config or H2Config()
+        # Upstreams are ours or our clients' backends: no idle limit, generous
+        # control budgets, but a backend that never speaks HTTP/2 fails its calls.
         self._upstream_config = upstream_config or H2Config(
-            idle_timeout=0, preface_timeout=0, control_burst=10**6, control_rate=10**5)
+            idle_timeout=0, control_burst=10**6, control_rate=10**5)
         self.budget = Budget(buffer_budget)
         self._instance = os.urandom(8).hex().encode()  # this router's pseudonym in via
         self.router = None
