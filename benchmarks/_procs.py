@@ -51,7 +51,7 @@ class Child(Peer):
         self.process.stdin.flush()
 
     def stop(self, timeout=15.0):
-        """Close stdin (the loadgen's and backend's signal to end), then terminate."""
+        """Close stdin (the backend's and the crowd's signal to end), then terminate."""
         stdin = self.process.stdin
         if self.process.poll() is None and stdin is not None and not stdin.closed:
             try:
