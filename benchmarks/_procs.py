@@ -76,15 +76,6 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def children(pid):
-    """The ids of a process's child processes (grpcmux-server's proxy workers)."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found.extend(int(child) for child in f.read().split())
-    return found
-
-
 def rss_kib(pid):
     """Resident set size of a process in KiB."""
     return proc_resources(pid)["rss"] // 1024

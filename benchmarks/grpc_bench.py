@@ -16,9 +16,6 @@ from Debian's packages.  Then the CPU time per call at a fixed call rate (grpcmu
 server + client processes, from /proc; the Go original's two; the backend's own for
 "direct"), and the server's memory with idle clients connected by ``crowd.py``.
 
-``--stage`` adds a fourth way: through the proxy stage alone (``proxy_stage.py``:
-grpcmux's grpcio ProxyService routing straight to the backend's UNIX socket).
-
 The table goes to stdout, everything measured to ``--json``
 (default ``benchmarks/results/grpc_bench.json``).
 """
@@ -36,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _procs import BenchError, Child, children, cpu_seconds, rss_kib, twistd
+from _procs import BenchError, Child, cpu_seconds, rss_kib, twistd
 from interop import gobuild  # noqa: I100  (tests/, on the path through _procs)
 
 HERE = Path(__file__).resolve().parent
@@ -91,9 +88,7 @@ class Stack:
             raise
 
     def _launch(self, args, workdir):
-        backend_socket = workdir / "backend.sock"
-        self.backend = self._start(Child("backend", [self.programs["echobackend"],
-                                                     "-unix", backend_socket]))
+        self.backend = self._start(Child("backend", [self.programs["echobackend"]]))
         port = self.backend.read_until(lambda l: l.startswith("listening "), TIMEOUT).split()[1]
         self.backend_address = f"127.0.0.1:{port}"
         self.addresses = {"direct": self.backend_address}
@@ -106,7 +101,7 @@ class Stack:
         mux = _event(self.server, "multiplexer endpoint listening")
         proxy = _event(self.server, "proxy endpoint listening")
         self.multiplexer_address = mux["address"]
-        self.addresses["proxied"] = f"127.0.0.1:{proxy['port']}"
+        self.addresses["proxied"] = proxy["address"]
         self.client = self._start(twistd(
             "grpcmux-client", "grpcmux-client", "--client-id", CLIENT_ID,
             "--multiplexer-address", self.multiplexer_address,
@@ -128,12 +123,6 @@ class Stack:
             self.addresses["go"] = go_proxy.split()[1]
             self.processes["go"] = {"go_server": go_server, "go_client": go_client}
 
-        if args.stage:
-            stage = self._start(Child("stage", [sys.executable, HERE / "proxy_stage.py",
-                                                "--socket", backend_socket]))
-            port = stage.read_until(lambda l: l.startswith("listening "), TIMEOUT).split()[1]
-            self.addresses["stage"] = f"127.0.0.1:{port}"
-            self.processes["stage"] = {"stage": stage}
         self.pids = {child.name: child.pid for child in self.children}
         _progress(f"processes: {self.pids}")
 
@@ -143,7 +132,7 @@ class Stack:
 
     @property
     def modes(self):
-        """The ways every scenario is measured: direct, proxied, perhaps go and stage."""
+        """The ways every scenario is measured: direct, proxied and perhaps go."""
         return tuple(self.addresses)
 
     def run_loadgen(self, mode, flags, during=None):
@@ -180,15 +169,9 @@ class Stack:
 
 
 def _event(child, text):
-    def matches(line):
-        # With --proxy-workers the server's log also holds the workers' own lines,
-        # relayed with their pid ("proxy worker <pid>: ..."): not the server's event.
-        if not line.startswith("{"):
-            return False
-        record = json.loads(line)
-        return text in record["message"] and "worker_pid" not in record
-
-    line = child.read_until(matches, TIMEOUT)
+    """The first JSON log record of ``child`` whose message contains ``text``."""
+    line = child.read_until(lambda l: l.startswith("{") and text in json.loads(l)["message"],
+                            TIMEOUT)
     return json.loads(line)
 
 
@@ -225,19 +208,14 @@ def measure_throughput(stack, args):
 
 def measure_cpu(stack, args):
     """CPU ms per call at a fixed rate, over the measured part only: the backend's
-    direct, grpcmux's server (with any processes it started) and client proxied, the
-    Go original's two, the proxy stage's; in every mode also the load generator's
-    own (``caller_ms_per_call``), the price of making a gRPC call."""
+    direct, grpcmux's server and client proxied, the Go original's two; in every mode
+    also the load generator's own (``caller_ms_per_call``), the price of a gRPC call."""
     flags = {"kind": "unary", "size": 100, "rate": args.cpu_rate,
              "duration": args.cpu_duration, "warmup": args.warmup}
     out = {"rate": args.cpu_rate, "unit": "ms CPU per call (= s per 1,000 calls)",
            "target_ms": TARGET_CPU_MS_PER_CALL}
     for mode in stack.modes:
         pids = {name: child.pid for name, child in stack.processes[mode].items()}
-        if mode == "proxied":
-            # With --proxy-workers the server's child processes do the proxy's gRPC work.
-            pids.update({f"server_child{i}": pid
-                         for i, pid in enumerate(children(stack.server.pid))})
 
         def during(pids=pids):
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -245,11 +223,7 @@ def measure_cpu(stack, args):
 
         result, spent = stack.run_loadgen(mode, flags, during)
         calls = result["calls"]
-        entry = {}
-        for name, seconds in spent.items():
-            key = "server" if name.startswith("server_child") else name
-            key = f"{key}_ms_per_call"
-            entry[key] = entry.get(key, 0.0) + seconds * 1e3 / calls
+        entry = {f"{name}_ms_per_call": seconds * 1e3 / calls for name, seconds in spent.items()}
         entry["ms_per_call"] = sum(spent.values()) * 1e3 / calls
         entry["caller_ms_per_call"] = result["cpu_s"] * 1e3 / calls
         entry["achieved_rate"] = result["calls_per_s"]
@@ -261,13 +235,13 @@ def measure_cpu(stack, args):
 
 
 def measure_memory(stack, args):
-    """Server RSS (plus its child processes', if any) with 1 (the bench client) and
-    more idle clients, and the time they took to connect and register."""
-    # Each client holds two descriptors in the server (its TCP connection and its
-    # bridge's UNIX listener), whose open-file limit is raised to the hard one: count
-    # only as many clients as that allows, and say so.
+    """Server RSS with 1 (the bench client) and more idle clients, and the time they
+    took to connect and register."""
+    # Each client holds a descriptor in the server (its TCP connection), whose
+    # open-file limit is raised to the hard one: count only as many clients as that
+    # allows, and say so.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fd_cap = (hard - 200) // 2
+    fd_cap = hard - 200
     levels = sorted(set(min(level, fd_cap) for level in args.idle_clients))
     if levels[-1] < max(args.idle_clients):
         _progress(f"memory: at most {fd_cap} clients fit in the open-file limit {hard}")
@@ -288,18 +262,13 @@ def measure_memory(stack, args):
         listed = _listed_clients(stack.addresses["proxied"])
         out["levels"].append({"clients": level, "listed": listed,
                               "server_rss_kib": rss_kib(stack.server.pid),
-                              # --proxy-workers: each keeps a copy of the registry
-                              "children_rss_kib": sum(rss_kib(pid) for pid in
-                                                      children(stack.server.pid)),
                               "connect_seconds": connect_seconds})
         _progress(f"memory: {level} clients ({listed} listed): "
                   f"{out['levels'][-1]['server_rss_kib']} KiB, connected in {connect_seconds:.1f}s")
     first, last = out["levels"][0], out["levels"][-1]
     if last["clients"] > first["clients"]:
-        out["kib_per_idle_client"] = (
-            (last["server_rss_kib"] + last["children_rss_kib"]
-             - first["server_rss_kib"] - first["children_rss_kib"])
-            / (last["clients"] - first["clients"]))
+        out["kib_per_idle_client"] = ((last["server_rss_kib"] - first["server_rss_kib"])
+                                      / (last["clients"] - first["clients"]))
         out["connect_clients_per_s"] = (last["clients"] - 1) / max(last["connect_seconds"], 1e-9)
     crowd.stop()
     return out
@@ -323,49 +292,43 @@ def _progress(text):
 
 
 def render(report):
-    """The results as a fixed-width text table; the Go original's and the stage's
-    columns only when they were measured."""
-    modes = [mode for mode in ("go", "stage") if mode in report["modes"]]
-    names = {"go": "Go original", "stage": "stage"}
+    """The results as a fixed-width text table; the Go original's columns only when
+    it was measured."""
+    go = "go" in report["modes"]
     rows = [("scenario", "metric", "direct", "proxied", "ratio", "target",
-             *(cell for mode in modes for cell in (names[mode], "ratio")))]
+             *(("Go original", "ratio") if go else ()))]
 
-    def row(*cells, extra=()):
-        rows.append((*cells, *(extra or ("",) * 2 * len(modes))))
+    def row(*cells, extra=("", "")):
+        rows.append((*cells, *(extra if go else ())))
 
     for name, entry in report["throughput"].items():
         metric = entry["metric"]
         d, p = entry["direct"], entry["proxied"]
         row(name, entry["unit"], f"{d[metric]:.1f}", f"{p[metric]:.1f}",
             f"{entry['proxied_ratio']:.2f}x", f"{entry['target_ratio']:.2f}x",
-            extra=[cell for mode in modes for cell in
-                   (f"{entry[mode][metric]:.1f}", f"{entry[f'{mode}_ratio']:.2f}x")])
+            extra=go and (f"{entry['go'][metric]:.1f}", f"{entry['go_ratio']:.2f}x"))
         if name in LATENCY_SCENARIOS:
             for key in ("p50_ms", "p99_ms"):
                 row("", key.replace("_ms", " ms"), f"{d[key]:.2f}", f"{p[key]:.2f}", "", "",
-                    extra=[cell for mode in modes for cell in (f"{entry[mode][key]:.2f}", "")])
+                    extra=go and (f"{entry['go'][key]:.2f}", ""))
     cpu = report.get("cpu")
     if cpu:
         row(f"cpu @ {cpu['rate']:.0f}/s", "ms CPU/call", f"{cpu['direct']['ms_per_call']:.3f}",
             f"{cpu['proxied']['ms_per_call']:.3f}", "", f"{cpu['target_ms']} ms",
-            extra=[cell for mode in modes for cell in (f"{cpu[mode]['ms_per_call']:.3f}", "")])
+            extra=go and (f"{cpu['go']['ms_per_call']:.3f}", ""))
         proxied = cpu["proxied"]
-        go_parts = ([f"{cpu['go']['go_server_ms_per_call']:.3f} / "
-                     f"{cpu['go']['go_client_ms_per_call']:.3f}", ""] if "go" in modes else [])
         row("", "  server / client", "",
             f"{proxied['server_ms_per_call']:.3f} / {proxied['client_ms_per_call']:.3f}", "", "",
-            extra=go_parts + ["", ""] * ("stage" in modes))
+            extra=go and (f"{cpu['go']['go_server_ms_per_call']:.3f} / "
+                          f"{cpu['go']['go_client_ms_per_call']:.3f}", ""))
         row("", "  caller (load generator)", f"{cpu['direct']['caller_ms_per_call']:.3f}",
             f"{proxied['caller_ms_per_call']:.3f}", "", "",
-            extra=[cell for mode in modes for cell in
-                   (f"{cpu[mode]['caller_ms_per_call']:.3f}", "")])
+            extra=go and (f"{cpu['go']['caller_ms_per_call']:.3f}", ""))
     memory = report.get("memory")
     if memory:
         for level in memory["levels"]:
-            extra = (f" + {level['children_rss_kib'] / 1024:.1f}"
-                     if level["children_rss_kib"] else "")
             row("memory", f"{level['clients']} idle clients", "",
-                f"{level['server_rss_kib'] / 1024:.1f}{extra} MiB", "",
+                f"{level['server_rss_kib'] / 1024:.1f} MiB", "",
                 f"connected in {level['connect_seconds']:.1f}s")
         if "kib_per_idle_client" in memory:
             row("", "KiB per idle client", "", f"{memory['kib_per_idle_client']:.1f}",
@@ -397,8 +360,6 @@ def parse_args(argv=None):
                         help="extra flag for grpcmux-server (repeatable)")
     parser.add_argument("--go-original", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure through the Go original (default: yes)")
-    parser.add_argument("--stage", action="store_true",
-                        help="also measure the proxy stage alone (proxy_stage.py)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "grpc_bench.json")
     args = parser.parse_args(argv)
     if args.quick:

@@ -34,16 +34,16 @@ def run_bench(*argv, timeout=BUILD_TIMEOUT - 20, env=None):
                           text=True, timeout=timeout, env=env)
 
 
-def processes_mentioning(text):
-    """Running processes whose command line contains ``text``."""
+def processes_with_environment(entry):
+    """Running processes whose environment holds ``entry`` (``NAME=value``)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if entry.encode() in f.read().split(b"\0"):
                     found.append(int(pid))
         except OSError:
-            pass  # gone meanwhile
+            pass  # gone meanwhile, or not ours
     return found
 
 
@@ -73,7 +73,6 @@ def test_tiny_run_reports_every_scenario_in_every_mode(tmp_path):
     assert set(cpu["go"]) >= {"go_server_ms_per_call", "go_client_ms_per_call"}
     for mode in ("direct", "proxied", "go"):
         assert cpu[mode]["ms_per_call"] >= 0 and cpu[mode]["caller_ms_per_call"] > 0
-    assert "stage" not in report["processes"] and "stage" not in cpu
     levels = report["memory"]["levels"]
     assert [(level["clients"], level["listed"]) for level in levels] == [(1, 1), (3, 3)]
     assert all(level["server_rss_kib"] > 0 for level in levels)
@@ -86,37 +85,15 @@ def test_tiny_run_reports_every_scenario_in_every_mode(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_stage_adds_the_proxy_stage_alone_to_every_measurement(tmp_path):
-    out = tmp_path / "bench.json"
-    done = run_bench(*TINY, "--stage", "--no-go-original", "--runs", "2",
-                     "--scenario", "unary_c1", "--scenario", "server_stream",
-                     "--idle-clients", "", "--json", str(out))
-    assert done.returncode == 0, done.stderr
-    report = json.loads(out.read_text())
-    assert report["modes"] == ["direct", "proxied", "stage"]
-    assert set(report["throughput"]) == {"unary_c1", "server_stream"}
-    for name, entry in report["throughput"].items():
-        metric = entry["metric"]
-        assert [run["calls"] > 0 for run in entry["stage"]["runs"]] == [True, True], name
-        assert entry["stage_ratio"] == entry["stage"][metric] / entry["direct"][metric]
-        assert "go" not in entry
-    assert set(report["cpu"]["stage"]) >= {"stage_ms_per_call", "caller_ms_per_call"}
-    assert "memory" not in report
-    header = done.stdout.splitlines()[0].split()
-    assert header[-2:] == ["stage", "ratio"]
-    assert "Traceback" not in done.stderr
-
-
 def test_a_failed_start_is_one_line_and_leaves_no_process(tmp_path):
-    # The backend (started first; its socket lives in the work directory, under
-    # TMPDIR) must not outlive a server that cannot start.  The Go build cache stays
-    # where it is (it is under TMPDIR too).
+    # The backend (started first) must not outlive a server that cannot start: no
+    # process with the run's environment is left.
     env = {**os.environ, "TMPDIR": str(tmp_path), "GRPCMUX_GO_CACHE": str(gobuild.cache_dir())}
     done = run_bench("--server-arg=--no-such-flag", "--json", str(tmp_path / "x.json"), env=env)
     assert done.returncode == 1
     assert done.stderr.startswith("grpc_bench: grpcmux-server: output ended")
     assert "Traceback" not in done.stderr
-    assert processes_mentioning(str(tmp_path)) == []
+    assert processes_with_environment(f"TMPDIR={tmp_path}") == []
 
 
 def test_a_missing_go_toolchain_fails_in_one_line(tmp_path):

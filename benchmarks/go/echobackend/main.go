@@ -1,7 +1,7 @@
 // Command echobackend serves grpcmux.v1.BenchService (proto/grpcmux/v1/bench.proto) at
 // grpc-go speed, the backend of benchmarks/grpc_bench.py:
 //
-//	echobackend [-listen 127.0.0.1:0] [-unix PATH]
+//	echobackend [-listen 127.0.0.1:0]
 //
 // It prints "listening PORT" once it serves, and runs until SIGTERM/SIGINT or, when
 // its stdin is a pipe (a parent's), until that pipe closes: it never outlives the harness. Unary and Bidi echo each payload; ServerStream answers `count`
@@ -118,7 +118,6 @@ func serviceDesc(e *echo) *grpc.ServiceDesc {
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "TCP address to serve on")
-	unix := flag.String("unix", "", "also serve on this UNIX socket")
 	cli.Parse("echobackend")
 	server := grpc.NewServer(grpc.CustomCodec(benchpb.Codec{}),
 		grpc.MaxRecvMsgSize(maxMessage), grpc.MaxSendMsgSize(maxMessage))
@@ -128,13 +127,6 @@ func main() {
 		cli.Fail("echobackend", "%v", err)
 	}
 	go server.Serve(listener)
-	if *unix != "" {
-		unixListener, err := net.Listen("unix", *unix)
-		if err != nil {
-			cli.Fail("echobackend", "%v", err)
-		}
-		go server.Serve(unixListener)
-	}
 	fmt.Printf("listening %d\n", listener.Addr().(*net.TCPAddr).Port)
 
 	done := make(chan struct{}, 2)
