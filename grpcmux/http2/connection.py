@@ -20,11 +20,12 @@ import struct
 import time
 from collections import deque
 
-from hpack import Decoder, Encoder, HPACKError, OversizedHeaderListError
+from hpack import HPACKError, OversizedHeaderListError
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+from .hpack_cache import CachingDecoder, CachingEncoder
 from .frames import (
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_WINDOW,
@@ -124,6 +125,38 @@ class Stream:
         return f"<Stream {self.id} on {self.connection!r}>"
 
 
+class Budget:
+    """What the router holds in all, unsent, across every connection it runs.
+
+    Past ``limit`` bytes, stream credits are held back (not refused) until the
+    total falls below it again: senders wait, nothing is dropped, and no stream
+    can keep more than its window anyway.
+    """
+
+    __slots__ = ("limit", "held", "_deferred")
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.held = 0
+        self._deferred = deque()  # (connection, stream, count) credits held back
+
+    @property
+    def over(self):
+        return self.held > self.limit
+
+    def add(self, count):
+        self.held += count
+
+    def remove(self, count):
+        self.held -= count
+        while self._deferred and not self.over:
+            connection, stream, credit = self._deferred.popleft()
+            connection.credit(stream, credit)
+
+    def defer(self, connection, stream, count):
+        self._deferred.append((connection, stream, count))
+
+
 class _TokenBucket:
     """A rate with a burst: ``take()`` is False once the burst is spent."""
 
@@ -173,9 +206,8 @@ class H2Connection(Protocol):
         self.peer_max_header_list = None
         self.send_window = DEFAULT_WINDOW
         self._recv_unacked = 0
-        self._decoder = Decoder(max_header_list_size=config.max_header_block)
-        self._decoder.max_allowed_table_size = config.header_table_size
-        self._encoder = Encoder()
+        self._decoder = CachingDecoder(config.max_header_block, config.header_table_size)
+        self._encoder = CachingEncoder()
         self._next_stream_id = 1 if is_client else 2
         self.last_peer_stream_id = 0
         self._buffer = b""
@@ -339,7 +371,7 @@ class H2Connection(Protocol):
             self._local_end(stream)
 
     def _write_headers(self, stream, headers, end_stream):
-        block = self._encoder.encode(headers, huffman=False)
+        block = self._encoder.encode(headers)
         limit = self.peer_max_frame_size
         flags = FLAG_END_STREAM if end_stream else 0
         if len(block) <= limit:
@@ -372,6 +404,9 @@ class H2Connection(Protocol):
     def credit(self, stream, count):
         """Let the peer send ``count`` more bytes on ``stream`` (they were forwarded)."""
         if stream.remote_closed or stream.reset or self.closed:
+            return
+        if self.budget is not None and self.budget.over:
+            self.budget.defer(self, stream, count)
             return
         stream._credit += count
         if stream._credit * 2 >= self.config.initial_window:
@@ -646,7 +681,7 @@ class H2Connection(Protocol):
 
     def _decode(self, block):
         try:
-            headers = self._decoder.decode(block, raw=True)
+            headers = self._decoder.decode(block)
         except OversizedHeaderListError:
             raise H2ConnectionError(ERROR_ENHANCE_YOUR_CALM, "header list too large") from None
         except (HPACKError, IndexError, ValueError) as error:
