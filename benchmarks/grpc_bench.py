@@ -158,7 +158,11 @@ class Stack:
             result = json.loads(line)
             if "error" in result:
                 raise BenchError(f"{loadgen.name}: {result['error']}")
-            loadgen.wait(TIMEOUT)
+            code = loadgen.wait(TIMEOUT)
+            if code != 0:
+                raise BenchError(f"{loadgen.name}: exit {code} after its result: {loadgen.stderr}")
+        except AssertionError as error:  # Peer.wait's "still running"
+            raise BenchError(f"{loadgen.name}: {error}") from None
         finally:
             loadgen.stop()
         return result, after
