@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from grpcmux.splice import SpliceProtocol, splice
 from grpcmux.yamux.errors import YamuxError
-from grpcmux.yamux.session import tune_transport
+from grpcmux.tuning import tune_transport
 
 
 class _BridgeFactory(Factory):

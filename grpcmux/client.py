@@ -41,7 +41,8 @@ from grpcmux.metrics import (
 )
 from grpcmux.splice import SpliceProtocol, splice
 from grpcmux.yamux.config import YamuxConfig
-from grpcmux.yamux.session import YamuxSession, tune_transport
+from grpcmux.tuning import tune_transport
+from grpcmux.yamux.session import YamuxSession
 
 
 class _StreamEnd(SpliceProtocol):
@@ -200,7 +201,8 @@ class Tunnel(Factory):
 
     def buildProtocol(self, addr):
         return _TunnelSession(
-            self, is_client=True, config=self.yamux_config, clock=self._reactor
+            self, is_client=True, config=self.yamux_config, clock=self._reactor,
+            tune_transport=tune_transport,
         )
 
     def when_admitted(self):

@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-from grpcmux.yamux.session import IO_SIZE
+from grpcmux.tuning import IO_SIZE
 from mux_stack import TIMEOUT
 from rpc_backend import route
 

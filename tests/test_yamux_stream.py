@@ -455,10 +455,10 @@ def test_one_flush_sends_a_bounded_amount_then_yields():
     transport.clear()
     for stream in streams:
         stream.write(b"w" * WINDOW)
-    session._flush()  # what the reactor runs; the rest waits for the next iteration
+    session.sender.flush()  # what the reactor runs; the rest waits for the next iteration
     first = sum(fr.length for fr in read_frames(transport))
     assert 1024 * 1024 <= first < 8 * WINDOW
-    assert [c.func for c in clock.getDelayedCalls() if c.getTime() == 0] == [session._flush]
+    assert [c.func for c in clock.getDelayedCalls() if c.getTime() == 0] == [session.sender.flush]
     clock.advance(0)
     assert first + sum(fr.length for fr in read_frames(transport)) == 8 * WINDOW
 
