@@ -518,8 +518,10 @@ class MultiplexerDialer:
             self._index = (self._index + 1) % len(self._addresses)
             try:
                 targets = yield self._targets(address)
-            except DNSLookupError as error:
-                problems.append(f"{address}: {error}")
+            except CancelledError:
+                raise
+            except Exception as error:  # DNSLookupError, mostly
+                problems.append(f"{address}: {Failure(error).getErrorMessage()}")
                 continue
             for turn, (label, endpoint) in enumerate(targets):
                 self._tunnel.dialling = label
@@ -553,7 +555,8 @@ class MultiplexerDialer:
         if _is_ip(host):
             return succeed([(address, wrapped(self._tcp(host, port)))])
         resolver = self._resolver or self._reactor.nameResolver
-        receiver = resolver.resolveHostName(_Resolution(), host, port)
+        receiver = _Resolution()
+        resolver.resolveHostName(receiver, host, port)
 
         def in_turn(hosts):
             if not hosts:

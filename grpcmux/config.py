@@ -66,7 +66,12 @@ def _check_dial_addresses(value: str) -> str:
     if len(set(parts)) != len(parts):
         raise _Invalid("addresses that are all different")
     for part in parts:
-        _check_dial_address(part)
+        try:
+            _check_dial_address(part)
+        except _Invalid as error:
+            if len(parts) == 1:
+                raise
+            raise _Invalid(f"{error}, for each address ({part!r} is not)") from None
     return ",".join(parts)
 _check_listen_address = _address_check(addresses.check_listen_address)
 _check_multiplexer_listener = _address_check(addresses.check_server_endpoint)
