@@ -218,7 +218,7 @@ def test_paused_stream_never_pauses_connection_or_other_streams():
     assert slow.data == b"" and len(fast.data) == WINDOW
     assert transport.producerState == "producing"
     assert read_frames(transport) == [Frame(WU, 0, 3, WINDOW)]
-    assert session.streams[1]._recv_window == 0
+    assert session.streams[1].receive_window == 0
     slow.transport.resumeProducing()
     assert len(slow.data) == WINDOW
 

@@ -142,6 +142,16 @@ class YamuxStream:
         """True once the peer acknowledged the stream (or opened it)."""
         return self.state > SYN_SENT and self.state != SYN_RECEIVED
 
+    @property
+    def send_window(self):
+        """Bytes the peer's window lets this stream send now."""
+        return self._send_window
+
+    @property
+    def receive_window(self):
+        """Bytes the peer may still send before our next window update."""
+        return self._recv_window
+
     def _move(self, flags, sent):
         self.state = transition(self.state, flags, sent)
 
