@@ -22,15 +22,13 @@ TIMEOUT = 20.0
 
 
 class Servers:
-    def __init__(self, reactor, tmp_path):
+    def __init__(self, reactor):
         self.reactor = reactor
-        self.tmp_path = tmp_path
         self.started = []
 
     def start(self, listener):
         registry = ClientRegistry()
-        server = MultiplexerServer(self.reactor, registry, listener,
-                                   runtime_dir=str(self.tmp_path / f"run{len(self.started)}"))
+        server = MultiplexerServer(self.reactor, registry, listener)
         server.startService()
         server.registry = registry
         self.started.append(server)
@@ -86,8 +84,8 @@ def free_port(family=socket.AF_INET, host="127.0.0.1"):
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_moves_to_the_next_server_when_one_sends_go_away(reactor, tmp_path):
-    servers = Servers(reactor, tmp_path)
+async def test_client_moves_to_the_next_server_when_one_sends_go_away(reactor):
+    servers = Servers(reactor)
     one, two = servers.start("tcp:0:interface=127.0.0.1"), servers.start("tcp:0:interface=127.0.0.1")
     service = client(reactor, f"{address_of(one)},{address_of(two)}")
     try:
@@ -107,8 +105,8 @@ async def test_client_moves_to_the_next_server_when_one_sends_go_away(reactor, t
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_dead_address_is_passed_over_within_one_attempt(reactor, tmp_path):
-    servers = Servers(reactor, tmp_path)
+async def test_a_dead_address_is_passed_over_within_one_attempt(reactor):
+    servers = Servers(reactor)
     alive = servers.start("tcp:0:interface=127.0.0.1")
     dead = f"127.0.0.1:{free_port()}"
     # Both orders: the dead one first or second.
@@ -143,8 +141,8 @@ class LoopbackNames:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_name_with_two_addresses_is_two_servers_in_turn(reactor, tmp_path):
-    servers = Servers(reactor, tmp_path)
+async def test_a_name_with_two_addresses_is_two_servers_in_turn(reactor):
+    servers = Servers(reactor)
     v4 = servers.start("tcp:0:interface=127.0.0.1")
     port = v4.port.getHost().port
     v6 = servers.start(f"tcp6:{port}:interface=\\:\\:1")
@@ -165,8 +163,8 @@ async def test_a_name_with_two_addresses_is_two_servers_in_turn(reactor, tmp_pat
 
 
 @pytest_twisted.ensureDeferred
-async def test_localhost_through_the_system_resolver(reactor, tmp_path):
-    servers = Servers(reactor, tmp_path)
+async def test_localhost_through_the_system_resolver(reactor):
+    servers = Servers(reactor)
     server = servers.start("tcp:0:interface=127.0.0.1")
     port = server.port.getHost().port
     service = client(reactor, f"localhost:{port}")
