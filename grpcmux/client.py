@@ -52,6 +52,7 @@ from grpcmux.metrics import (
 )
 from grpcmux.splice import SpliceProtocol, splice
 from grpcmux.yamux.config import YamuxConfig
+from grpcmux.yamux.errors import PingTimeout
 from grpcmux.tuning import tune_transport
 from grpcmux.yamux.session import YamuxSession
 
@@ -254,7 +255,10 @@ class Tunnel(Factory):
             answered.addCallbacks(
                 lambda _: self._admitted(session, inner, result),
                 lambda failure: self._refused(
-                    Failure(HandshakeFailed("the server closed the session")), session, result))
+                    Failure(HandshakeFailed(
+                        f"no answer to a ping within {seconds:g} s"
+                        if failure.check(PingTimeout) else "the server closed the session")),
+                    session, result))
             return result
         session.stream_factory = self.backend
         hello = ClientHello(
@@ -297,11 +301,13 @@ class Tunnel(Factory):
         if result.called:  # cancelled (the service is stopping), or timed out already
             return
         failure.trap(HandshakeRejected, HandshakeFailed)
-        if failure.check(HandshakeRejected):
+        stopping = self.stopping  # then the stop itself closed the session: not counted
+        if stopping:
+            pass
+        elif failure.check(HandshakeRejected):
             self.metrics.handshake(REJECTED, reject_reason(failure.value.code))
         else:
             self.metrics.handshake(TIMED_OUT if timed_out else FAILED)
-        stopping = self.stopping
         # ClientService counts a failed attempt and backs off.  First: what follows
         # (observers of the report, the close) may end the handshake once more.
         result.errback(failure)
@@ -426,11 +432,11 @@ class _Gate:
     """
 
     def __init__(self, proxy):
-        self._proxy = proxy
+        self.proxy = proxy
         self.session = proxy.unwrapped
 
     def makeConnection(self, transport):
-        self._proxy.makeConnection(transport)
+        self.proxy.makeConnection(transport)
         self.dataReceived = self.session.dataReceived  # no hop per read
 
     def connectionMade(self):
@@ -441,7 +447,7 @@ class _Gate:
 
     def connectionLost(self, reason):
         if self.session.admitted:
-            self._proxy.connectionLost(reason)
+            self.proxy.connectionLost(reason)
         else:
             self.session.connectionLost(reason)
 
@@ -508,7 +514,7 @@ class MultiplexerDialer:
         return f"multiplexer {self._tunnel.multiplexer_address}"
 
     def connect(self, factory):
-        return self._attempt(_GateFactory(factory)).addCallback(lambda gate: gate._proxy)
+        return self._attempt(_GateFactory(factory)).addCallback(lambda gate: gate.proxy)
 
     @inlineCallbacks
     def _attempt(self, factory):
