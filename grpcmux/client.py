@@ -448,6 +448,10 @@ class TunnelClientService(MultiService):
         connected = self.connector.whenConnected(failAfterFailures=fail_after_failures)
         return connected.addCallback(lambda session: deferLater(self._reactor, 0, lambda: session))
 
+    def startService(self):
+        self.tunnel.stopping = False
+        super().startService()
+
     def stopService(self):
         drained = self.tunnel.drain(self.shutdown_grace)
         drained.addCallback(lambda _: MultiService.stopService(self))

@@ -359,3 +359,18 @@ def test_a_name_that_resolves_to_nothing_moves_on():
 def test_no_address_is_an_error(addresses):
     with pytest.raises(ValueError):
         Tunnel(MemoryReactorClock(), "edge", "127.0.0.1:1", addresses)
+
+
+def test_a_stopped_service_starts_again():
+    rig = Rig().start()
+    protocol, _ = rig.accept()
+    rig.welcome(protocol)
+    rig.service.stopService()
+    lost(protocol)
+    rig.service.startService()
+    protocol, _ = rig.accept()
+    rig.reject(protocol)
+    assert rig.problems == ["multiplexer 127.0.0.1:7602 refused client edge: "
+                            "CODE_ALREADY_EXISTS: taken"]
+    lost(protocol)
+    rig.service.stopService()
