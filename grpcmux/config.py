@@ -56,6 +56,26 @@ def _address_check(check):
 
 
 _check_dial_address = _address_check(addresses.check_dial_address)
+
+
+def _check_dial_addresses(value: str) -> str:
+    """One address to dial or several, comma-separated; normalised to ``a,b``."""
+    parts = [part.strip() for part in value.split(",")]
+    if not all(parts):
+        raise _Invalid("one HOST:PORT (or unix:PATH) or several, separated by commas, "
+                       "none empty")
+    if len(set(parts)) != len(parts):
+        raise _Invalid("addresses that are all different")
+    for part in parts:
+        try:
+            _check_dial_address(part)
+        except _Invalid as error:
+            if len(parts) == 1:
+                raise
+            raise _Invalid(f"{error}, for each address ({part!r} is not)") from None
+    return ",".join(parts)
+
+
 _check_multiplexer_listener = _address_check(addresses.check_server_endpoint)
 
 
@@ -208,7 +228,7 @@ class _Option:
     """One option: its flag name, the value kind, the checker, the help text."""
 
     flag: str
-    kind: str  # "str", "int", "float", "bool", "labels"
+    kind: str  # "str", "int", "float", "bool", "labels", "addresses" (comma list or YAML list)
     check: Callable[[Any], Any]
     help: str
     optional: bool = False  # None is a valid value (the default)
@@ -299,6 +319,10 @@ def _from_yaml(option: _Option, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Invalid(f"a number of seconds, got {_yaml_type_name(value)} {value!r}")
         return option.check(value)
+    if option.kind == "addresses" and isinstance(value, list):
+        if not value or not all(isinstance(item, str) for item in value):
+            raise _Invalid(f"a list of addresses as strings, got {value!r}")
+        return option.check(",".join(value))
     if not isinstance(value, str) and option.secret:
         raise _Invalid(f"a string, got {_yaml_type_name(value)}")
     if not isinstance(value, str):
@@ -448,8 +472,10 @@ CLIENT_OPTIONS: Tuple[_Option, ...] = (
     _Option("client-id", "str", _check_client_id,
             "ID of the client. If no value specified, will generate one "
             "automatically.", optional=True, shown_default="a random pet name"),
-    _Option("multiplexer-address", "str", _check_dial_address,
-            "Multiplexer server address (HOST:PORT)."),
+    _Option("multiplexer-address", "addresses", _check_dial_addresses,
+            "Multiplexer server address (HOST:PORT), or several separated by commas "
+            "(a list in YAML): tried in turn from a random one; a host name stands "
+            "for all its addresses."),
     _Option("grpc-server-address", "str", _check_dial_address,
             "gRPC server address that will be proxied (HOST:PORT or unix:PATH)."),
     _Option("label", "labels", _check_labels,
@@ -477,7 +503,7 @@ def _validate_fields(settings: Any, options: Sequence[_Option]) -> None:
                     raise _Invalid("a number")
                 if option.kind == "int" and not isinstance(value, int):
                     raise _Invalid("a whole number")
-            elif option.kind == "str" and not isinstance(value, str):
+            elif option.kind in ("str", "addresses") and not isinstance(value, str):
                 raise _Invalid("a string")
             elif option.kind == "bool" and not isinstance(value, bool):
                 raise _Invalid("True or False")
@@ -575,11 +601,24 @@ class ClientSettings(_CommonSettings):
         _check_client_security(self)
 
     @property
+    def multiplexer_addresses(self) -> Tuple[str, ...]:
+        """The multiplexer addresses, in the order given."""
+        return tuple(self.multiplexer_address.split(","))
+
+    @property
     def server_name(self) -> Optional[str]:
-        """The name the server's certificate is checked against."""
-        if self.tls_server_name or self.multiplexer_address.startswith("unix:"):
+        """The name the first server's certificate is checked against."""
+        return self.server_name_for(self.multiplexer_addresses[0])
+
+    def server_name_for(self, address: str) -> Optional[str]:
+        """The name the certificate of the server at ``address`` is checked against."""
+        if self.tls_server_name or address.startswith("unix:"):
             return self.tls_server_name
-        return addresses.parse_host_port(self.multiplexer_address)[0]
+        return addresses.parse_host_port(address)[0]
+
+    def tls_creator_for(self, address: str) -> Any:
+        """The TLS options for dialling ``address`` (None without --tls)."""
+        return self.tls_creators.get(self.server_name_for(address))
 
 
 def _check_server_security(settings: ServerSettings) -> None:
@@ -609,14 +648,16 @@ def _check_server_security(settings: ServerSettings) -> None:
 
 def _check_client_security(settings: ClientSettings) -> None:
     """TLS options need --tls; reads --token-file into ``token`` and the TLS files
-    into ``tls_creator`` (not a field: derived from the paths; None without --tls)."""
+    into ``tls_creators`` (server name -> options; ``tls_creator`` for the first
+    address; not fields: derived from the paths; empty / None without --tls)."""
     from grpcmux.tls import TLSConfigError, client_creator
 
     for flag in ("tls-ca", "tls-server-name", "tls-cert", "tls-key"):
         if getattr(settings, flag.replace("-", "_")) and not settings.tls:
             raise ConfigError(f"--{flag}: expected --tls as well")
     _check_key_pair(settings, "tls_cert", "tls_key")
-    if settings.tls and settings.server_name is None:
+    if settings.tls and any(settings.server_name_for(address) is None
+                            for address in settings.multiplexer_addresses):
         raise ConfigError(
             "--tls-server-name: expected a name to verify the server with, as "
             "--multiplexer-address is a unix: path"
@@ -625,14 +666,18 @@ def _check_client_security(settings: ClientSettings) -> None:
         raise ConfigError("--token and --token-file: expected one of them, not both")
     if settings.token_file:
         object.__setattr__(settings, "token", _read_token_file(settings.token_file))
-    tls_creator = None
+    creators = {}
     if settings.tls:
         try:
-            tls_creator = client_creator(settings.server_name, settings.tls_ca,
-                                         settings.tls_cert, settings.tls_key)
+            for address in settings.multiplexer_addresses:
+                name = settings.server_name_for(address)
+                if name not in creators:
+                    creators[name] = client_creator(name, settings.tls_ca,
+                                                    settings.tls_cert, settings.tls_key)
         except TLSConfigError as error:
             raise ConfigError(str(error))
-    object.__setattr__(settings, "tls_creator", tls_creator)
+    object.__setattr__(settings, "tls_creators", creators)
+    object.__setattr__(settings, "tls_creator", creators.get(settings.server_name))
 
 
 def _read_token_file(path: str) -> str:

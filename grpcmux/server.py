@@ -38,6 +38,7 @@ from grpcmux.preface import PrefaceGuard, judge_multiplexer_client
 from grpcmux.registry import ClientInfo, ClientRegistry
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.frame import GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR
+from grpcmux.tuning import tune_transport
 from grpcmux.yamux.session import YamuxSession
 
 Reject = tunnel_pb2.Reject
@@ -242,7 +243,8 @@ class _SessionFactory(Factory):
 
     def buildProtocol(self, addr):
         session = YamuxSession(
-            is_client=False, config=self._server.yamux_config, clock=self._server.clock
+            is_client=False, config=self._server.yamux_config, clock=self._server.clock,
+            tune_transport=tune_transport,
         )
         self._server.connection_accepted(session, addr)
         return PrefaceGuard(session, self._judge, describe_address)

@@ -33,7 +33,7 @@ from grpcmux.handshake import MAGIC, encode_message
 from grpcmux.testing import build_frame, data_frame, ping_frame, window_update
 from grpcmux.yamux import frame as f
 from grpcmux.yamux.config import YamuxConfig
-from grpcmux.yamux.session import IO_SIZE
+from grpcmux.tuning import IO_SIZE
 from mux_stack import TIMEOUT, Stack
 from rpc_backend import route
 
@@ -53,7 +53,7 @@ def held(connection):
     for session in (connection.session, connection.inner_session):
         if session is None:
             continue
-        total += len(session._parser._partial) + sum(map(len, session._control))
+        total += len(session._parser._partial) + session.sender.queued_control_bytes()
         for stream in list(session.streams.values()):
             total += len(stream._recv_buf) + stream._send_len
     transport = connection.session.transport

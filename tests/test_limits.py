@@ -82,7 +82,7 @@ def test_ten_thousand_syns_without_data_cost_at_most_max_streams():
         session.dataReceived(b"".join(
             window_update(stream_id, flags=SYN) for stream_id in range(first, first + 200, 2)))
         # Bound: 100 streams (one protocol each), no control frame left queued.
-        assert len(session.streams) <= 100 and not session._control
+        assert len(session.streams) <= 100 and not session.sender.queued_control_bytes()
         resets += sum(frame.flags == RST for frame in read_frames(transport))
     assert len(factory.protocols) == 100
     assert resets == 9900

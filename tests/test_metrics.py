@@ -7,7 +7,6 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent
 from twisted.web.client import Agent, readBody
@@ -18,7 +17,7 @@ from grpcmux.config import ClientSettings, ConfigError, ServerSettings
 from grpcmux.listening import StartupError
 from grpcmux.metrics import ClientMetrics, MetricsService, ServerMetrics, reject_reason
 from grpcmux.registry import ClientRegistry
-from mux_stack import TIMEOUT
+from mux_stack import TIMEOUT, first_report
 from rpc_backend import route
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -144,9 +143,7 @@ async def test_refusals_count_on_both_sides(metered):
     await metered.connected_client("twin")
     second = metered.client("twin")
     second_http = watch_client(metered, second)
-    refused = Deferred()
-    second.tunnel._report = lambda problem: refused.called or refused.callback(problem)
-    await refused.addTimeout(TIMEOUT, metered.reactor)
+    await first_report(second)
     server = await scrape(metered.reactor, metered.http)
     assert server[handshakes("server", "rejected", "already_exists")] >= 1
     assert server[handshakes("server", "accepted")] == 1
@@ -166,9 +163,11 @@ async def test_client_counts_a_reconnect_after_the_server_restarts(metered):
     assert first[("grpcmux_client_streams_spliced_total",)] >= 1
     assert first[handshakes("client", "accepted")] == 1
 
-    back = metered.admitted(client)
+    session = client.tunnel.session
     await metered.restart_server()
-    await back
+    await session.when_closed().addTimeout(TIMEOUT, metered.reactor)
+    await metered.registered("lab")  # by the next session: the client saw the old one end
+    assert await metered.admitted(client) is not session
     again = await scrape(metered.reactor, http)
     assert again[("grpcmux_client_connected",)] == 1
     assert again[("grpcmux_client_reconnects_total",)] >= 1
