@@ -19,6 +19,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredList, fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -47,6 +48,8 @@ from grpcmux.yamux.session import YamuxSession
 Reject = tunnel_pb2.Reject
 # The bridge sockets this server names in its runtime directory.
 _SOCKET_NAME = re.compile(r"[0-9]+\.sock")
+# Seconds between checks whether a client that sent GoAway has calls left.
+DRAIN_CHECK_INTERVAL = 0.5
 
 
 class _FirstStreamOnly(Factory):
@@ -94,6 +97,7 @@ class _ClientConnection:
         self.admitted = False
         self._departed = False
         self._socket_removed = None
+        self._draining = None  # LoopingCall once the client sent GoAway
         self.handshake = ServerHandshake(
             self._hello_received, self._handshake_failed, self._make_inner_session
         )
@@ -117,6 +121,15 @@ class _ClientConnection:
         """Streams open on this client's session(s), the legacy inner one included."""
         inner = self.inner_session
         return len(self.session.streams) + (len(inner.streams) if inner is not None else 0)
+
+    def calls_in_flight(self):
+        """Open streams other than the handshake's: what the client still carries."""
+        control = self.handshake.transport
+        return sum(
+            stream is not control
+            for session in (self.session, self.inner_session) if session is not None
+            for stream in session.streams.values()
+        )
 
     def _hello_received(self, handshake, hello):
         self.hello = hello
@@ -163,8 +176,9 @@ class _ClientConnection:
     def _leaving(self, _):
         """The client sent GoAway (it is stopping): route nothing new to it.
 
-        Its calls in flight go on; the proxy closes its channel once they are done,
-        which lets the client finish draining and close the session.
+        Its calls in flight go on for up to the shutdown grace; the session is
+        closed once they are done (or then), whatever the client does, and counts
+        against the client limit until it is.
         """
         self._log.info(
             "client {client_id} is leaving; its calls in flight may finish",
@@ -172,6 +186,31 @@ class _ClientConnection:
             remote_address=self.remote_address,
         )
         self._server.retire(self)
+        clock = self._server.clock
+        self._draining = LoopingCall(self._close_when_drained,
+                                     clock.seconds() + self._server.shutdown_grace)
+        self._draining.clock = clock
+        self._draining.start(min(DRAIN_CHECK_INTERVAL, self._server.shutdown_grace))
+
+    def _close_when_drained(self, deadline):
+        calls = self.calls_in_flight()
+        if calls == 0:
+            self._log.info(
+                "client {client_id} has no calls left; closing its session",
+                client_id=self.client_id,
+                remote_address=self.remote_address,
+            )
+            self.session.close()
+        elif self._server.clock.seconds() >= deadline:
+            self._log.warn(
+                "client {client_id} from {remote_address} still carries {calls} calls "
+                "{seconds:g} s after its GoAway; closing its session",
+                client_id=self.client_id,
+                remote_address=self.remote_address,
+                calls=calls,
+                seconds=self._server.shutdown_grace,
+            )
+            self.session.abort()
 
     def _refused(self, failure):
         failure.trap(HandshakeRejected)
@@ -221,6 +260,8 @@ class _ClientConnection:
 
     def _session_closed(self, reason):
         self._cancel_timeout()
+        if self._draining is not None and self._draining.running:
+            self._draining.stop()
         problem = tls.failure_reason(reason) if self.hello is None else None
         if problem is not None:
             self._log.warn(
@@ -285,6 +326,7 @@ class MultiplexerServer(Service):
         max_clients=10000,
         tls_options=None,
         admission=None,
+        shutdown_grace=10.0,
     ):
         self.reactor = reactor
         self.tls_options = tls_options  # None: plain TCP/UNIX listener
@@ -298,9 +340,11 @@ class MultiplexerServer(Service):
         self.duplicate_ping_timeout = duplicate_ping_timeout
         self.yamux_config = yamux_config or YamuxConfig()
         self.max_clients = max_clients
+        self.shutdown_grace = shutdown_grace  # for the calls of a client that sent GoAway
         self.port = None
         self._connections = set()
-        self._by_id = {}
+        self._admitted = set()  # counted against max_clients until their session closes
+        self._by_id = {}  # the listed ones
         self._claims = {}
         self._socket_counter = 0
         self._bridges_closing = set()  # stopListening Deferreds of departed bridges
@@ -412,7 +456,7 @@ class MultiplexerServer(Service):
         if client_id in self._claims:
             return fail(self._already_connected(client_id))
         existing = self._by_id.get(client_id)
-        if existing is None and len(self._by_id) + len(self._claims) >= self.max_clients:
+        if existing is None and len(self._admitted) + len(self._claims) >= self.max_clients:
             return fail(HandshakeRejected(
                 Reject.CODE_RESOURCE_EXHAUSTED,
                 f"the server has its maximum of {self.max_clients} clients connected; "
@@ -478,6 +522,7 @@ class MultiplexerServer(Service):
         client_id = connection.client_id
         self._release_claim(connection)
         self._by_id[client_id] = connection
+        self._admitted.add(connection)
         hello = connection.hello
         self.registry.add(
             ClientInfo(
@@ -504,6 +549,7 @@ class MultiplexerServer(Service):
 
     def forget(self, connection):
         self._connections.discard(connection)
+        self._admitted.discard(connection)
         if connection.client_id is None:
             return
         self._release_claim(connection)
@@ -629,6 +675,7 @@ def make_service(settings, reactor):
         ),
         metrics=metrics,
         max_clients=settings.max_clients,
+        shutdown_grace=settings.shutdown_grace,
         **security_options(settings),
     )
     proxy_options = dict(

@@ -23,6 +23,7 @@ from grpcmux.testing import (
     RecorderFactory,
     StreamRecorder,
     data_frame,
+    go_away_frame,
     read_frames,
     session_on_string_transport,
     window_update,
@@ -33,7 +34,7 @@ from grpcmux.yamux.errors import StreamLimitReached
 from mux_stack import Stack
 from rpc_backend import ENGINES, Mux, route, start_call
 
-SYN, ACK, RST = f.FLAG_SYN, f.FLAG_ACK, f.FLAG_RST
+SYN, ACK, FIN, RST = f.FLAG_SYN, f.FLAG_ACK, f.FLAG_FIN, f.FLAG_RST
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 TIMEOUT = 20.0
@@ -202,6 +203,78 @@ def test_beyond_max_clients_native_gets_resource_exhausted_legacy_is_dropped(tmp
     again.send(hello("second"))
     assert again.answers()[0].WhichOneof("kind") == "welcome"
     assert set(server.registry.snapshot) == {"second"}
+
+
+def welcomed(server, reactor, port, client_id):
+    """A native peer admitted as ``client_id``."""
+    peer = Peer(server, port)
+    peer.send(hello(client_id))
+    reactor.advance(0)
+    assert [a.WhichOneof("kind") for a in peer.answers()] == ["welcome"]
+    return peer
+
+
+def refused_for_the_limit(server, reactor, port, client_id):
+    peer = Peer(server, port)
+    peer.send(hello(client_id))
+    reactor.advance(0)
+    reactor.advance(0)
+    return [a.reject.code for a in peer.answers()] == [tunnel_pb2.Reject.CODE_RESOURCE_EXHAUSTED]
+
+
+def call_to(server, client_id, peer):
+    """A stream the server opens to a client, as the proxy does for a call; acked."""
+    stream = server.connected_clients[client_id].session.open_stream(StreamRecorder())
+    peer.send(window_update(stream.stream_id, flags=ACK))
+    return stream
+
+
+def test_a_client_that_sent_goaway_counts_until_its_calls_end_then_is_closed(
+        tmp_path, log_events):
+    reactor, server = fake_server(tmp_path, max_clients=1, shutdown_grace=30.0)
+    leaving = welcomed(server, reactor, 5001, "leaving")
+    call = call_to(server, "leaving", leaving)
+    leaving.send(go_away_frame())
+    assert not server.registry.snapshot  # unlisted at once: nothing new goes to it
+    assert not leaving.session.closed  # its call goes on ...
+    assert refused_for_the_limit(server, reactor, 5002, "newcomer")  # ... and it counts
+    reactor.advance(10)
+    assert not leaving.session.closed
+    call.loseConnection()  # the call ends (FIN both ways)
+    leaving.send(window_update(call.stream_id, flags=FIN))
+    reactor.advance(0.5)
+    assert leaving.session.closed and leaving.transport.disconnecting
+    assert logged(log_events, "client leaving has no calls left; closing its session")
+    welcomed(server, reactor, 5003, "newcomer")
+
+
+def test_a_client_that_sent_goaway_is_closed_after_the_grace_at_the_latest(
+        tmp_path, log_events):
+    reactor, server = fake_server(tmp_path, max_clients=1, shutdown_grace=5.0)
+    stuck = welcomed(server, reactor, 5001, "stuck")
+    call_to(server, "stuck", stuck)
+    stuck.send(go_away_frame())
+    reactor.advance(4.9)
+    assert not stuck.session.closed
+    assert refused_for_the_limit(server, reactor, 5002, "newcomer")
+    reactor.advance(0.1)
+    assert stuck.session.closed and stuck.transport.disconnected  # aborted
+    assert logged(log_events, "client stuck from 127.0.0.1:5001 still carries 1 calls 5 s "
+                              "after its GoAway; closing its session")
+    welcomed(server, reactor, 5003, "newcomer")
+
+
+def test_goaway_right_after_welcome_closes_the_session_at_once(tmp_path):
+    # The issue's attack: Welcome, GoAway, then only answering pings.  Each such
+    # session used to stay open uncounted, letting more clients in than the limit.
+    reactor, server = fake_server(tmp_path, max_clients=2)
+    for port in range(5001, 5011):
+        peer = welcomed(server, reactor, port, f"leaver-{port}")
+        peer.send(go_away_frame())
+        assert peer.session.closed
+    welcomed(server, reactor, 5100, "a")
+    welcomed(server, reactor, 5101, "b")
+    assert refused_for_the_limit(server, reactor, 5102, "c")
 
 
 @pytest.mark.parametrize("admitted", [True, False])
