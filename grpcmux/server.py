@@ -713,6 +713,7 @@ def make_service(settings, reactor):
             call_observer=metrics.call_started,
             max_concurrent_calls=settings.max_proxy_calls,
             max_calls_per_client=settings.max_calls_per_client,
+            watch_queue_limit=settings.watch_queue_limit,
             tls=proxy_security.tls,
             tokens=proxy_security.tokens,
             **proxy_options,

@@ -67,6 +67,7 @@ def test_server_defaults(dirs):
         "max_streams_per_client": 1000,
         "max_proxy_calls": 10000,
         "max_calls_per_client": 1000,
+        "watch_queue_limit": 1000,
         "proxy_tls_cert": None,
         "proxy_tls_key": None,
         "proxy_tls_client_ca": None,
@@ -614,7 +615,8 @@ def test_client_id_rule(text):
 
 # -- limits ------------------------------------------------------------------------------
 
-LIMITS = ("max_clients", "max_streams_per_client", "max_proxy_calls", "max_calls_per_client")
+LIMITS = ("max_clients", "max_streams_per_client", "max_proxy_calls", "max_calls_per_client",
+          "watch_queue_limit")
 
 
 @pytest.mark.parametrize("attr", LIMITS)

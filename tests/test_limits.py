@@ -426,8 +426,10 @@ def test_the_settings_reach_the_services(reactor):
     from grpcmux.server import make_service
 
     service = make_service(ServerSettings(
-        max_clients=7, max_streams_per_client=8, max_proxy_calls=9, max_calls_per_client=3),
-        reactor)
+        max_clients=7, max_streams_per_client=8, max_proxy_calls=9, max_calls_per_client=3,
+        watch_queue_limit=11, shutdown_grace=4.0), reactor)
     assert service.multiplexer.max_clients == 7
+    assert service.multiplexer.shutdown_grace == 4.0
+    assert service.proxy.watch_queue_limit == 11
     assert service.multiplexer.yamux_config.max_streams == 8
     assert (service.proxy.max_concurrent_calls, service.proxy.max_calls_per_client) == (9, 3)

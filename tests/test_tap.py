@@ -61,6 +61,7 @@ SERVER_HELP = {
     "--max-streams-per-client=": "[default: 1000]",
     "--max-proxy-calls=": "[default: 10000]",
     "--max-calls-per-client=": "[default: 1000]",
+    "--watch-queue-limit=": "[default: 1000]",
     "--proxy-tls-cert=": "[default: off: plaintext]",
     "--proxy-tls-key=": "[default: none]",
     "--proxy-tls-client-ca=": "[default: off]",

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.registry import DISCONNECTED
-from grpcmux.rpc.discovery import AsyncDiscoveryServicer, DiscoveryServicer
+from grpcmux.rpc.discovery import WATCH_QUEUE_LIMIT, AsyncDiscoveryServicer, DiscoveryServicer
 from grpcmux.rpc.proxy import AsyncProxy, HandlerTable, ThreadedProxy, message_size_options
 from grpcmux.rpc.threads import defer_to_thread
 
@@ -52,6 +52,7 @@ class ProxyService(Service):
     cancelling them.  ``call_observer``, if given, is called (on a grpc thread) as each
     forwarded call starts and returns ``finished(code_name)`` for when it ends.
     ``tls`` (ServerTLS) and ``tokens`` (ProxyTokens) secure the endpoint; None: off.
+    ``watch_queue_limit``: events that may wait for one Discovery Watch caller.
     """
 
     _log = Logger()
@@ -70,6 +71,7 @@ class ProxyService(Service):
         call_observer=None,
         tls=None,
         tokens=None,
+        watch_queue_limit=WATCH_QUEUE_LIMIT,
     ):
         self._reactor = reactor
         self._registry = registry
@@ -83,6 +85,7 @@ class ProxyService(Service):
         self.call_observer = call_observer
         self.tls = tls
         self.tokens = tokens
+        self.watch_queue_limit = watch_queue_limit
         self.port = None
         self._engine = None
         self._unsubscribe = None
@@ -161,7 +164,8 @@ class _AsyncEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._run_loop, name="grpcmux-proxy", daemon=True)
-        self._discovery = AsyncDiscoveryServicer(reactor, registry, settings.tokens)
+        self._discovery = AsyncDiscoveryServicer(reactor, registry, settings.tokens,
+                                                 settings.watch_queue_limit)
         self._health = health.aio.HealthServicer()
         self._proxy = AsyncProxy(
             registry,
@@ -241,7 +245,8 @@ class _ThreadedEngine:
 
     def __init__(self, reactor, registry, settings):
         self._reactor = reactor
-        self._discovery = DiscoveryServicer(reactor, registry, settings.tokens)
+        self._discovery = DiscoveryServicer(reactor, registry, settings.tokens,
+                                            settings.watch_queue_limit)
         self._health = health.HealthServicer()
         self._proxy = ThreadedProxy(
             registry,
