@@ -350,6 +350,9 @@ _LIMIT_OPTIONS = (
     _Option("max-clients", "int", _positive_int,
             "Most multiplexer clients connected at once; more are refused "
             "(RESOURCE_EXHAUSTED)."),
+    _Option("max-handshakes", "int", _positive_int,
+            "Most multiplexer connections still in their handshake; further ones "
+            "wait in the listen backlog until one finishes."),
     _Option("max-streams-per-client", "int", _positive_int,
             "Most yamux streams open at once in one client's session; more are "
             "reset or fail."),
@@ -520,6 +523,7 @@ class ServerSettings(_CommonSettings):
     handshake_timeout: float = 10.0
     duplicate_ping_timeout: float = 2.0
     max_clients: int = 10000
+    max_handshakes: int = 1000
     max_streams_per_client: int = 1000
     max_proxy_calls: int = 10000
     max_calls_per_client: int = 1000

@@ -18,6 +18,7 @@ import time
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredList, fail, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -50,6 +51,8 @@ Reject = tunnel_pb2.Reject
 _SOCKET_NAME = re.compile(r"[0-9]+\.sock")
 # Seconds between checks whether a client that sent GoAway has calls left.
 DRAIN_CHECK_INTERVAL = 0.5
+# Seconds between two log lines saying that the handshake limit holds connections back.
+HANDSHAKE_LIMIT_LOG_INTERVAL = 60.0
 
 
 class _FirstStreamOnly(Factory):
@@ -95,6 +98,7 @@ class _ClientConnection:
         self.bridge = None
         self.inner_session = None
         self.admitted = False
+        self.handshaking = True  # counted against max_handshakes
         self._departed = False
         self._socket_removed = None
         self._draining = None  # LoopingCall once the client sent GoAway
@@ -294,6 +298,25 @@ class _ClientConnection:
         return self._socket_removed
 
 
+class _HandshakeGate(Factory):
+    """Refuses connections while ``max_handshakes`` are in progress.
+
+    The server stops accepting when its handshakes are full, but one accept batch
+    may hold more connections; those are closed at once.
+    """
+
+    noisy = False
+
+    def __init__(self, server, factory):
+        self._server = server
+        self._factory = factory
+
+    def buildProtocol(self, addr):
+        if self._server.handshakes_full:
+            return None
+        return self._factory.buildProtocol(addr)
+
+
 class _SessionFactory(Factory):
     noisy = False
 
@@ -327,6 +350,7 @@ class MultiplexerServer(Service):
         tls_options=None,
         admission=None,
         shutdown_grace=10.0,
+        max_handshakes=1000,
     ):
         self.reactor = reactor
         self.tls_options = tls_options  # None: plain TCP/UNIX listener
@@ -341,7 +365,11 @@ class MultiplexerServer(Service):
         self.yamux_config = yamux_config or YamuxConfig()
         self.max_clients = max_clients
         self.shutdown_grace = shutdown_grace  # for the calls of a client that sent GoAway
+        self.max_handshakes = max_handshakes
         self.port = None
+        self._handshakes = 0  # connections neither admitted nor closed yet
+        self._accept_paused = False
+        self._limit_logged_at = None
         self._connections = set()
         self._admitted = set()  # counted against max_clients until their session closes
         self._by_id = {}  # the listed ones
@@ -360,7 +388,7 @@ class MultiplexerServer(Service):
         factory = _SessionFactory(self)
         if self.tls_options is not None:
             factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
-        self.port = _listen_now(endpoint, factory)
+        self.port = _listen_now(endpoint, _HandshakeGate(self, factory))
         self._log.info(
             "multiplexer endpoint listening on {address} ({transport}; {security})",
             address=_describe(self.port.getHost()),
@@ -437,6 +465,38 @@ class MultiplexerServer(Service):
     def connection_accepted(self, session, addr):
         connection = _ClientConnection(self, session, _describe(addr))
         self._connections.add(connection)
+        self._handshakes += 1
+        if self.handshakes_full:
+            self._pause_accepting()
+
+    @property
+    def handshakes_full(self):
+        return self._handshakes >= self.max_handshakes
+
+    def _pause_accepting(self):
+        """Leave new connections in the listen backlog until a handshake finishes."""
+        if self._accept_paused or not IPushProducer.providedBy(self.port):
+            return
+        self._accept_paused = True
+        self.port.pauseProducing()
+        now = self.clock.seconds()
+        if self._limit_logged_at is None or now - self._limit_logged_at >= HANDSHAKE_LIMIT_LOG_INTERVAL:
+            self._limit_logged_at = now
+            self._log.warn(
+                "{count} handshakes in progress, the most allowed (--max-handshakes); "
+                "new connections wait until one finishes",
+                count=self._handshakes,
+            )
+
+    def _handshake_over(self, connection):
+        if not connection.handshaking:
+            return
+        connection.handshaking = False
+        self._handshakes -= 1
+        if self._accept_paused and not self.handshakes_full:
+            self._accept_paused = False
+            if self.port is not None:
+                self.port.resumeProducing()
 
     def admit(self, connection):
         """Decide on a client's hello; fails with ``HandshakeRejected`` to refuse.
@@ -523,6 +583,7 @@ class MultiplexerServer(Service):
         self._release_claim(connection)
         self._by_id[client_id] = connection
         self._admitted.add(connection)
+        self._handshake_over(connection)
         hello = connection.hello
         self.registry.add(
             ClientInfo(
@@ -550,6 +611,7 @@ class MultiplexerServer(Service):
     def forget(self, connection):
         self._connections.discard(connection)
         self._admitted.discard(connection)
+        self._handshake_over(connection)
         if connection.client_id is None:
             return
         self._release_claim(connection)
@@ -675,6 +737,7 @@ def make_service(settings, reactor):
         ),
         metrics=metrics,
         max_clients=settings.max_clients,
+        max_handshakes=settings.max_handshakes,
         shutdown_grace=settings.shutdown_grace,
         **security_options(settings),
     )

@@ -64,6 +64,7 @@ def test_server_defaults(dirs):
         "handshake_timeout": 10.0,
         "duplicate_ping_timeout": 2.0,
         "max_clients": 10000,
+        "max_handshakes": 1000,
         "max_streams_per_client": 1000,
         "max_proxy_calls": 10000,
         "max_calls_per_client": 1000,
@@ -615,7 +616,7 @@ def test_client_id_rule(text):
 
 # -- limits ------------------------------------------------------------------------------
 
-LIMITS = ("max_clients", "max_streams_per_client", "max_proxy_calls", "max_calls_per_client",
+LIMITS = ("max_clients", "max_handshakes", "max_streams_per_client", "max_proxy_calls", "max_calls_per_client",
           "watch_queue_limit")
 
 

@@ -304,6 +304,29 @@ async def test_sessions_that_send_goaway_after_welcome_are_closed_and_counted(
         await stack.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_max_handshakes_wait_for_a_place(reactor, tmp_path, warnings):
+    stack = Stack(reactor, tmp_path, max_handshakes=3, handshake_timeout=2.0)
+    scene = Scene(stack, warnings)
+    try:
+        await scene.start()
+        silent = [await scene.attack() for _ in range(3)]  # connect, then say nothing
+        waiting = await scene.attack()  # connected in the kernel's backlog only
+        late = stack.client("late")
+        await scene.call_good()  # admitted clients are served meanwhile
+        assert len(stack.server._connections) == 4  # good and the three silent ones
+        assert "late" not in stack.registry.snapshot
+        assert any("3 handshakes in progress, the most allowed" in e["log_format"].format(**e)
+                   for e in warnings)
+        for attacker in silent:  # their handshake deadline frees the places
+            await scene.cut_off(attacker, "no handshake from 127.0.0.1:")
+        await stack.admitted(late)
+        await stack.registered("late")
+        await scene.cut_off(waiting, "no handshake from 127.0.0.1:")
+    finally:
+        await stack.stop()
+
+
 # -- the proxy endpoint ---------------------------------------------------------------
 
 

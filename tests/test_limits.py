@@ -13,17 +13,20 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import formatEvent
+from zope.interface import implementer
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.handshake import MAGIC, MessageReader, encode_message
 from grpcmux.registry import ClientRegistry
-from grpcmux.server import MultiplexerServer, _SessionFactory
+from grpcmux.server import MultiplexerServer, _HandshakeGate, _SessionFactory
 from grpcmux.testing import (
     RecorderFactory,
     StreamRecorder,
     data_frame,
     go_away_frame,
+    ping_frame,
     read_frames,
     session_on_string_transport,
     window_update,
@@ -277,6 +280,57 @@ def test_goaway_right_after_welcome_closes_the_session_at_once(tmp_path):
     assert refused_for_the_limit(server, reactor, 5102, "c")
 
 
+@implementer(IPushProducer)
+class ListeningPort:
+    """Stands in for the listening port: records whether accepting is paused."""
+
+    paused = False
+
+    def pauseProducing(self):
+        assert not self.paused
+        self.paused = True
+
+    def resumeProducing(self):
+        assert self.paused
+        self.paused = False
+
+    def stopProducing(self):
+        raise AssertionError("the port is never stopped this way")
+
+
+def test_beyond_max_handshakes_connections_wait_until_one_finishes(tmp_path, log_events):
+    reactor, server = fake_server(tmp_path, max_handshakes=2, handshake_timeout=10.0)
+    server.port = ListeningPort()
+    gate = _HandshakeGate(server, _SessionFactory(server))
+    address = IPv4Address("TCP", "127.0.0.1", 5003)
+    silent = Peer(server, 5001)
+    silent.send(window_update(1, flags=SYN))
+    assert not server.port.paused
+    joining = Peer(server, 5002)
+    assert server.port.paused  # the rest wait in the listen backlog
+    assert gate.buildProtocol(address) is None  # one accepted in the same batch: closed
+    assert logged(log_events, "2 handshakes in progress, the most allowed (--max-handshakes); "
+                              "new connections wait until one finishes")
+    joining.send(hello("joining"))  # admitted: no longer a handshake
+    assert not server.port.paused and "joining" in server.registry.snapshot
+    assert gate.buildProtocol(address) is not None
+    assert server.port.paused
+    reactor.advance(10)  # the silent ones time out and free their places
+    assert silent.session.closed and not server.port.paused
+    assert len(logged(log_events, "handshakes in progress, the most allowed")) == 1
+    # Refused and failed handshakes free their places too.
+    duplicate = Peer(server, 5004)
+    duplicate.send(hello("joining"))  # an id in use: its holder is pinged first
+    broken = Peer(server, 5005)
+    assert server.port.paused
+    [ping] = [fr for fr in joining.received() if fr.type == f.TYPE_PING]
+    joining.send(ping_frame(ping.length, flags=ACK))  # alive: the duplicate is refused
+    reactor.advance(0)
+    assert duplicate.session.closed and not server.port.paused
+    broken.send(b"GET / HTTP/1.1\r\n")
+    assert broken.session.closed and server._handshakes == 0
+
+
 @pytest.mark.parametrize("admitted", [True, False])
 def test_a_client_opening_a_second_stream_is_disconnected(tmp_path, log_events, admitted):
     _, server = fake_server(tmp_path)
@@ -427,8 +481,9 @@ def test_the_settings_reach_the_services(reactor):
 
     service = make_service(ServerSettings(
         max_clients=7, max_streams_per_client=8, max_proxy_calls=9, max_calls_per_client=3,
-        watch_queue_limit=11, shutdown_grace=4.0), reactor)
+        watch_queue_limit=11, shutdown_grace=4.0, max_handshakes=12), reactor)
     assert service.multiplexer.max_clients == 7
+    assert service.multiplexer.max_handshakes == 12
     assert service.multiplexer.shutdown_grace == 4.0
     assert service.proxy.watch_queue_limit == 11
     assert service.multiplexer.yamux_config.max_streams == 8

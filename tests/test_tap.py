@@ -58,6 +58,7 @@ SERVER_HELP = {
     "--handshake-timeout=": "[default: 10]",
     "--duplicate-ping-timeout=": "[default: 2]",
     "--max-clients=": "[default: 10000]",
+    "--max-handshakes=": "[default: 1000]",
     "--max-streams-per-client=": "[default: 1000]",
     "--max-proxy-calls=": "[default: 10000]",
     "--max-calls-per-client=": "[default: 1000]",
