@@ -266,6 +266,11 @@ class _ClientConnection:
         self._cancel_timeout()
         if self._draining is not None and self._draining.running:
             self._draining.stop()
+        transport = self.session.transport
+        if transport is not None and transport.connected:
+            # A polite close waits until the peer has read what is buffered; one
+            # that never reads would keep the connection (and its descriptor).
+            self._server.linger(self, self.session.config.connection_write_timeout)
         problem = tls.failure_reason(reason) if self.hello is None else None
         if problem is not None:
             self._log.warn(
@@ -373,6 +378,8 @@ class MultiplexerServer(Service):
         self._connections = set()
         self._admitted = set()  # counted against max_clients until their session closes
         self._by_id = {}  # the listed ones
+        self._lingering = {}  # closed connections whose transport is closing -> abort call
+        self._stopping = False
         self._claims = {}
         self._socket_counter = 0
         self._bridges_closing = set()  # stopListening Deferreds of departed bridges
@@ -420,6 +427,9 @@ class MultiplexerServer(Service):
 
     def stopService(self):
         super().stopService()
+        self._stopping = True  # what does not close now is left to the process's exit
+        for connection in list(self._lingering):
+            self._linger_over(connection)
         stopping = [self.stop_accepting()]
         for connection in list(self._connections):
             connection.session.close(GO_AWAY_NORMAL)
@@ -560,6 +570,26 @@ class MultiplexerServer(Service):
             f"client id {client_id!r} is already connected; pick another id "
             "or stop the other client",
         )
+
+    def linger(self, connection, seconds):
+        """Abort the transport of a closed connection unless it is gone in ``seconds``."""
+        if not self._stopping:
+            self._lingering[connection] = self.clock.callLater(
+                seconds, self._linger_over, connection)
+
+    def _linger_over(self, connection):
+        call = self._lingering.pop(connection)
+        if call.active():
+            call.cancel()
+        transport = connection.session.transport
+        if transport.connected:
+            self._log.warn(
+                "connection from {remote_address} still open {seconds:g} s after its "
+                "session closed (the peer reads nothing); aborting it",
+                remote_address=connection.remote_address,
+                seconds=connection.session.config.connection_write_timeout,
+            )
+            transport.abortConnection()
 
     def bridge_closing(self, stopped):
         """Track a departed bridge until its socket is removed (``stopped`` fires)."""

@@ -267,6 +267,22 @@ def test_a_client_that_sent_goaway_is_closed_after_the_grace_at_the_latest(
     welcomed(server, reactor, 5003, "newcomer")
 
 
+def test_a_closed_connection_whose_peer_reads_nothing_is_aborted(tmp_path, log_events):
+    # A StringTransport never completes a polite close: a peer that does not read.
+    config = YamuxConfig(connection_write_timeout=3.0)
+    reactor, server = fake_server(tmp_path, yamux_config=config)
+    peer = welcomed(server, reactor, 5001, "deaf")
+    peer.send(go_away_frame())  # no calls: the server closes the session ...
+    assert peer.session.closed and peer.transport.disconnecting
+    reactor.advance(2.9)
+    assert not peer.transport.disconnected  # ... and waits for its bytes to be taken
+    reactor.advance(0.1)
+    assert peer.transport.disconnected  # then it aborts
+    assert logged(log_events, "connection from 127.0.0.1:5001 still open 3 s after its "
+                              "session closed (the peer reads nothing); aborting it")
+    assert not server._lingering and not reactor.getDelayedCalls()
+
+
 def test_goaway_right_after_welcome_closes_the_session_at_once(tmp_path):
     # The attack: Welcome, GoAway, then only answering pings.  Each such
     # session used to stay open uncounted, letting more clients in than the limit.
