@@ -296,6 +296,16 @@ def test_goaway_right_after_welcome_closes_the_session_at_once(tmp_path):
     assert refused_for_the_limit(server, reactor, 5102, "c")
 
 
+def test_a_legacy_client_sending_goaway_on_its_nested_session_is_closed_too(tmp_path):
+    reactor, server = fake_server(tmp_path, max_clients=1)
+    legacy = Peer(server, 5001)
+    legacy.send(window_update(1, flags=SYN), data_frame(1, b"old\n"))
+    assert "old" in server.registry.snapshot
+    legacy.send(data_frame(1, go_away_frame()))  # on the nested session it runs
+    assert legacy.session.closed and not server.registry.snapshot
+    welcomed(server, reactor, 5002, "new")
+
+
 @implementer(IPushProducer)
 class ListeningPort:
     """Stands in for the listening port: records whether accepting is paused."""
