@@ -363,8 +363,8 @@ _LIMIT_OPTIONS = (
             "Most proxied calls in progress to one client; more fail with "
             "RESOURCE_EXHAUSTED."),
     _Option("watch-queue-limit", "int", _positive_int,
-            "Most Discovery events waiting for one Watch caller; one that falls "
-            "further behind is ended with RESOURCE_EXHAUSTED (watch again with replay)."),
+            "Discovery events kept for Watch callers: one that falls further behind "
+            "is ended with RESOURCE_EXHAUSTED (watch again with replay)."),
 )
 
 # Security of the multiplexer endpoint (README "Security").
@@ -527,7 +527,7 @@ class ServerSettings(_CommonSettings):
     max_streams_per_client: int = 1000
     max_proxy_calls: int = 10000
     max_calls_per_client: int = 1000
-    watch_queue_limit: int = 1000
+    watch_queue_limit: int = 10000
     # Proxy endpoint security: file paths (None: off).
     proxy_tls_cert: Optional[str] = None
     proxy_tls_key: Optional[str] = None

@@ -68,7 +68,7 @@ def test_server_defaults(dirs):
         "max_streams_per_client": 1000,
         "max_proxy_calls": 10000,
         "max_calls_per_client": 1000,
-        "watch_queue_limit": 1000,
+        "watch_queue_limit": 10000,
         "proxy_tls_cert": None,
         "proxy_tls_key": None,
         "proxy_tls_client_ca": None,

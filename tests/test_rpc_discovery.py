@@ -3,61 +3,35 @@
 import grpc
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2 as pb
 from grpcmux._proto.grpc.multiplexer.v1.discovery_pb2_grpc import DiscoveryServiceStub
-from grpcmux.registry import ClientRegistry
-from grpcmux.rpc.discovery import _END, _OVERFLOW, _Feed
+from grpcmux.rpc.discovery import _END, _OVERFLOW, _EventLog, _Reader
 from rpc_backend import ENGINES, Mux
 
 CONNECTED = pb.WatchGRPCServerResponse.EVENT_CONNECTED
 DISCONNECTED = pb.WatchGRPCServerResponse.EVENT_DISCONNECTED
 
 
-class CountingRegistry(ClientRegistry):
-    """Counts live subscriptions and tells when the count reaches a value."""
+async def until(reactor, predicate, what):
+    for _ in range(2000):
+        if predicate():
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"not reached: {what}")
 
-    def __init__(self, reactor):
-        super().__init__()
-        self._reactor = reactor
-        self.live = 0
-        self._waiting = []
 
-    def subscribe(self, observer):
-        unsubscribe = super().subscribe(observer)
-        self._count(+1)
-        done = []
-
-        def counted_unsubscribe():
-            if not done:
-                done.append(True)
-                self._count(-1)
-            unsubscribe()
-
-        return counted_unsubscribe
-
-    def _count(self, delta):
-        self.live += delta
-        for count, d in list(self._waiting):
-            if count == self.live:
-                self._waiting.remove((count, d))
-                d.callback(count)
-
-    def when_live(self, count, timeout=10.0):
-        """A Deferred firing once ``count`` subscriptions are live (now, or later)."""
-        if self.live == count:
-            return succeed(count)
-        d = Deferred()
-        self._waiting.append((count, d))
-        return d.addTimeout(timeout, self._reactor)
+def watching(mux, count):
+    """Wait until ``count`` Watch calls have joined the service's event log."""
+    discovery = mux.service._engine._discovery
+    return until(mux.reactor, lambda: discovery.watching() == count, f"{count} watching")
 
 
 @pytest_twisted.async_yield_fixture(params=sorted(ENGINES))
 async def mux(request, reactor, tmp_path):
-    m = Mux(reactor, tmp_path, **ENGINES[request.param], registry=CountingRegistry(reactor))
+    m = Mux(reactor, tmp_path, **ENGINES[request.param])
     m.stub = DiscoveryServiceStub(m.channel)
     yield m
     await m.stop()
@@ -116,7 +90,7 @@ async def test_watch_with_replay_then_live_events_in_order(reactor, mux):
 async def test_watch_without_replay_and_details(mux):
     mux.connect("old")
     responses = mux.stub.WatchGRPCServer(pb.WatchGRPCServerRequest(), timeout=20)
-    await mux.registry.when_live(2)  # the service's own observer + this watcher
+    await watching(mux, 1)
     mux.connect("new")
     [first] = await mux.in_thread(lambda: [next(responses)])
     responses.cancel()
@@ -127,50 +101,69 @@ async def test_watch_without_replay_and_details(mux):
 
 @pytest_twisted.ensureDeferred
 async def test_departed_watcher_leaves_nothing_behind(mux):
-    baseline = mux.registry.live
     responses = mux.stub.WatchGRPCServer(pb.WatchGRPCServerRequest(), timeout=20)
-    await mux.registry.when_live(baseline + 1)
+    await watching(mux, 1)
     responses.cancel()
-    await mux.registry.when_live(baseline)
+    await watching(mux, 0)
     mux.connect("after")  # nobody is left to feed
 
 
 @pytest_twisted.ensureDeferred
 async def test_stop_ends_open_watch_streams(mux):
     responses = mux.stub.WatchGRPCServer(pb.WatchGRPCServerRequest(), timeout=20)
-    await mux.registry.when_live(2)
+    await watching(mux, 1)
     await mux.service.stopService().addTimeout(10, mux.reactor)
     leftover = await mux.in_thread(list, responses)
     assert leftover == []
     assert responses.code() == grpc.StatusCode.OK
 
 
-def test_a_feed_holds_at_most_its_limit_then_ends_in_overflow():
+class Event:
+    kind = "connected"
+
+    def __init__(self, name):
+        self.info = name
+
+
+def names(batch):
+    return [info for _, info in batch]
+
+
+def test_the_event_log_keeps_the_last_limit_events_for_its_readers():
+    log = _EventLog(3)
+    log.append(Event("before"))  # nobody reads: not kept
     woken = []
-    feed = _Feed(3, lambda: woken.append(True))
-    assert feed.take() is None  # empty: the next put wakes the consumer, once
-    assert feed.put("a") and feed.put("b") and feed.put("c")
-    assert woken == [True] and len(feed) == 3
-    assert not feed.put("d")  # one beyond the limit: the waiting ones are dropped
-    assert feed.overflowed and len(feed) == 0
-    assert feed.take() is _OVERFLOW and feed.get() is _OVERFLOW
-    assert not feed.put(_END) and feed.take() is _OVERFLOW
+    slow, quick = _Reader(), _Reader(lambda: woken.append("quick"))
+    assert log.join(slow) and log.join(quick)
+    for name in "abc":
+        log.append(Event(name))
+    assert names(log.next_batch(quick, block=False)) == ["a", "b", "c"]
+    assert log.next_batch(quick, block=False) is None  # waiting: woken on the next one
+    log.append(Event("d"))  # "a" drops out: slow is more than 3 behind
+    log.append(Event("e"))
+    assert woken == ["quick"]  # once
+    assert names(log.next_batch(quick, block=True)) == ["d", "e"]
+    assert log.next_batch(slow, block=False) is _OVERFLOW
+    log.leave(slow)
+    assert log.next_batch(slow, block=True) is _END and log.readers == 1
 
 
-def test_a_feed_ends_after_its_events():
-    feed = _Feed(3)
-    feed.put("a")
-    feed.put(_END)
-    assert not feed.put("b")
-    assert [feed.get(), feed.get(), feed.take()] == ["a", _END, _END]
-
-
-async def _until(reactor, predicate, what):
-    for _ in range(2000):
-        if predicate():
-            return
-        await deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError(f"not reached: {what}")
+def test_readers_end_after_what_they_have_not_read_and_late_joiners_not_at_all():
+    log = _EventLog(3)
+    reader, gone = _Reader(), _Reader()
+    woken = []
+    reader.wake = lambda: woken.append(True)
+    log.join(reader)
+    log.append(Event("a"))
+    log.leave(gone)  # its call ended before it joined
+    assert not log.join(gone)
+    log.close()
+    log.append(Event("after"))
+    assert names(log.next_batch(reader, block=True)) == ["a"]
+    assert log.next_batch(reader, block=True) is _END and woken
+    assert not log.join(_Reader())
+    log.leave(reader)
+    assert log.readers == 0 and log._ring == [None] * 3  # nothing kept for nobody
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
@@ -178,8 +171,7 @@ async def _until(reactor, predicate, what):
 async def test_a_watcher_that_never_reads_is_ended_and_others_keep_watching(
         reactor, tmp_path, engine, log_events):
     limit = 20
-    registry = CountingRegistry(reactor)
-    mux = Mux(reactor, tmp_path, registry=registry, watch_queue_limit=limit, **ENGINES[engine])
+    mux = Mux(reactor, tmp_path, watch_queue_limit=limit, **ENGINES[engine])
     discovery = mux.service._engine._discovery
     # A connection of its own, whose window does not grow (BDP probing would let
     # grpc's client take in the stalled stream's messages, not the server hold them).
@@ -190,26 +182,24 @@ async def test_a_watcher_that_never_reads_is_ended_and_others_keep_watching(
             pb.WatchGRPCServerRequest(), timeout=60)
         reading = DiscoveryServiceStub(mux.channel).WatchGRPCServer(
             pb.WatchGRPCServerRequest(), timeout=60)
-        await registry.when_live(3)  # the service's own observer and two watchers
+        await watching(mux, 2)
         seen = []
         reader = mux.in_thread(lambda: seen.extend(r.server for r in reading), timeout=60)
         reader.addErrback(lambda f: f.trap(grpc.RpcError))
         sent = []
-        # Connects and disconnects, ten at a time, as fast as the reading watcher
-        # takes them; the stalled one's HTTP/2 window fills, then its queue.
-        while registry.live == 3:
-            assert len(sent) < 5000, "the stalled watcher was never cut off"
+        # 2,000 connects and disconnects, ten at a time, as fast as the reading
+        # watcher takes them; the stalled one's HTTP/2 window fills, then it falls
+        # behind.  The server keeps the last 20 events whatever the watchers do.
+        while len(sent) < 2000:
             for _ in range(5):
                 info = mux.connect(f"client-{len(sent)}-{'x' * 40}")
                 mux.registry.remove(info.client_id)
                 sent += [info.client_id] * 2
-            assert discovery.queued_events() <= limit + 10
-            await _until(reactor, lambda: len(seen) == len(sent), "the reader caught up")
-        assert registry.live == 2 and discovery.queued_events() == 0
-        assert logged(log_events, f"fell more than {limit} events behind; ending it with "
-                                  "RESOURCE_EXHAUSTED")
+            assert sum(e is not None for e in discovery._events._ring) <= limit
+            await until(reactor, lambda: len(seen) == len(sent), "the reader caught up")
         mux.connect("after")  # the reading watcher goes on
-        await _until(reactor, lambda: seen[-1:] == ["after"], "the reader saw 'after'")
+        await until(reactor, lambda: seen[-1:] == ["after"], "the reader saw 'after'")
+        assert discovery.watching() == 2  # the stalled one has not read since
 
         def drain():
             received = []
@@ -223,9 +213,14 @@ async def test_a_watcher_that_never_reads_is_ended_and_others_keep_watching(
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details == (f"this Watch fell more than {limit} events behind; watch again "
                            "(with replay) to catch up")
+        await until(reactor, lambda: logged(
+            log_events, f"fell more than {limit} events behind; ending it with "
+                        "RESOURCE_EXHAUSTED"), "the stalled watcher logged")
+        await watching(mux, 1)
         reading.cancel()
         await reader
-        await registry.when_live(1)
+        await watching(mux, 0)
+        assert discovery._events._ring == [None] * limit  # nothing kept once nobody watches
     finally:
         stalled_channel.close()
         await mux.stop()

@@ -1,14 +1,14 @@
 """The Discovery API (grpc.multiplexer.v1.DiscoveryService) on the client registry.
 
-List reads the registry's immutable snapshot. Watch subscribes on the reactor thread
-and takes the replay snapshot in the same reactor turn, so no event is lost or seen
-twice; the reactor then pushes events to the watching call (a thread-safe queue for
-the threaded server, the asyncio loop for grpc.aio). A watcher that leaves is
-unsubscribed on the reactor thread, in order with its subscription, so even one
-that leaves before its subscription happened leaves nothing behind.  At most
-``queue_limit`` events wait for one watcher: one that falls further behind is
-unsubscribed, its waiting events are dropped and its stream ends with
-RESOURCE_EXHAUSTED (it can watch again with replay to catch up).
+List reads the registry's immutable snapshot.  Watch reads a shared log of the
+registry's last ``limit`` changes (``--watch-queue-limit``), which the reactor
+appends to: each caller keeps only its place in it, so callers cost no memory per
+event however many there are and however slow they read.  A caller joins the log
+on the reactor thread in the same turn as it takes the replay snapshot, so no
+event is lost or seen twice; it leaves when its call ends, even if that happens
+before it joined.  One whose next event has dropped out of the log fell more than
+``limit`` events behind: its stream ends with RESOURCE_EXHAUSTED, and it can watch
+again with replay to catch up.
 
 With proxy tokens configured, List and Watch require a known token in the
 ``grpcmux-token`` metadata (else UNAUTHENTICATED) and show only the ids that token
@@ -18,7 +18,6 @@ than the clients themselves.
 
 import asyncio
 import threading
-from collections import deque
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -40,8 +39,10 @@ _END = object()
 _OVERFLOW = object()
 # How long a new watcher waits for the reactor to subscribe it.
 SUBSCRIBE_TIMEOUT = 5.0
-# Events that may wait for one watcher (--watch-queue-limit).
-WATCH_QUEUE_LIMIT = 1000
+# Registry changes kept for Watch callers (--watch-queue-limit): a reading caller
+# must not fall this far behind even when every client of a full server
+# (--max-clients) disconnects at once.
+WATCH_QUEUE_LIMIT = 10000
 
 
 def server_details(info: ClientInfo) -> discovery_pb2.GRPCServer:
@@ -90,144 +91,160 @@ def _overflow_details(limit):
             "(with replay) to catch up")
 
 
-class _Feed:
-    """One watcher's events waiting to be sent: at most ``limit``, any thread.
+class _Reader:
+    """One Watch caller's place in the event log; ``wake`` (any thread) tells an
+    asyncio caller waiting for events that something happened."""
 
-    The reactor puts events, the call takes them.  An event beyond the limit drops
-    the waiting ones and ends the feed with ``_OVERFLOW``; ``_END`` ends it after
-    them.  ``wake`` (called on the putting thread) tells a consumer that found the
-    feed empty (``take`` returned None) that something arrived.
+    __slots__ = ("position", "end_at", "wake")
+
+    def __init__(self, wake=None):
+        self.position = None  # the sequence number of its next event
+        self.end_at = None  # ending: its events before this one, then _END
+        self.wake = wake
+
+
+class _EventLog:
+    """The registry's last ``limit`` changes, shared by every Watch caller.
+
+    The reactor appends; callers read on from their own positions, in their
+    threads or on the asyncio loop, under one lock.  Events are kept only while
+    someone watches.
     """
 
-    def __init__(self, limit, wake=None):
+    def __init__(self, limit):
         self.limit = limit
-        self._wake = wake
-        self._ready = threading.Condition()
-        self._items = deque()
-        self._end = None
-        self._waiting = False
-
-    @property
-    def overflowed(self):
-        return self._end is _OVERFLOW
-
-    def put(self, item):
-        """Add an event or ``_END``; False once the feed has ended."""
-        with self._ready:
-            if self._end is not None:
-                return False
-            if item is _END:
-                self._end = _END
-            elif len(self._items) >= self.limit:
-                self._items.clear()
-                self._end = _OVERFLOW
-            else:
-                self._items.append(item)
-            self._ready.notify()
-            wake, self._waiting = self._waiting and self._wake, False
-        if wake:
-            wake()
-        return self._end is None
-
-    def get(self):
-        """The next event, or how the feed ended; blocks (for a thread)."""
-        with self._ready:
-            while not self._items and self._end is None:
-                self._ready.wait()
-            return self._items.popleft() if self._items else self._end
-
-    def take(self):
-        """Like ``get`` without blocking: None when nothing is there yet."""
-        with self._ready:
-            if self._items:
-                return self._items.popleft()
-            self._waiting = self._end is None
-            return self._end
-
-    def __len__(self):
-        return len(self._items)
-
-
-class _Subscription:
-    """One watcher's registry subscription. Both methods run on the reactor thread."""
-
-    _log = Logger()
-
-    def __init__(self, registry, feed, visible=_everyone, peer=None):
-        self._registry = registry
-        self._feed = feed
-        self._visible = visible
-        self._peer = peer
-        self._unsubscribe = None
-        self._ended = False
-
-    def start(self, replay):
-        """Subscribe; returns the entries to replay (sorted) when asked to."""
-        if self._ended:
-            return ()
-        self._unsubscribe = self._registry.subscribe(self._changed)
-        snapshot = self._registry.snapshot
-        return [snapshot[i] for i in sorted(snapshot) if self._visible(i)] if replay else ()
-
-    def _changed(self, event):
-        if self._visible(event.info.client_id) and not self._feed.put((event.kind, event.info)):
-            if self._feed.overflowed:
-                self._log.warn(
-                    "Discovery Watch from {peer} fell more than {limit} events behind; "
-                    "ending it with RESOURCE_EXHAUSTED", peer=self._peer,
-                    limit=self._feed.limit)
-            self.end()
-
-    def end(self):
-        self._ended = True
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-
-
-class _Watchers:
-    """The feeds of running Watch calls, so that close() can end them."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._feeds = set()
+        self._changed = threading.Condition()
+        self._ring = [None] * limit
+        self._next = 0  # the sequence number the next event gets
+        self._readers = set()
+        self._waiting = set()  # asyncio readers to wake on the next change
         self._closed = False
 
-    def add(self, feed):
-        """Track a watcher; False when closed already (the call should end)."""
-        with self._lock:
-            if not self._closed:
-                self._feeds.add(feed)
-            return not self._closed
+    def append(self, event):
+        """Registry observer (reactor thread)."""
+        with self._changed:
+            if self._readers:
+                self._ring[self._next % self.limit] = (event.kind, event.info)
+            self._next += 1
+            self._changed.notify_all()
+            waiting, self._waiting = self._waiting, set()
+        for reader in waiting:
+            reader.wake()
 
-    def discard(self, feed):
-        with self._lock:
-            self._feeds.discard(feed)
+    def join(self, reader):
+        """Place ``reader`` at the next event; False when it may not (closed, or
+        its call ended already).  On the reactor thread, with the replay snapshot."""
+        with self._changed:
+            if self._closed or reader.end_at is not None:
+                return False
+            reader.position = self._next
+            self._readers.add(reader)
+            return True
+
+    def leave(self, reader):
+        """The caller's call ended (any thread, once or more)."""
+        with self._changed:
+            reader.end_at = -1
+            self._readers.discard(reader)
+            self._waiting.discard(reader)
+            if not self._readers:
+                self._ring = [None] * self.limit  # nobody needs them: let them go
+            self._changed.notify_all()
+        if reader.wake is not None:
+            reader.wake()
 
     def close(self):
-        with self._lock:
+        """End every reader after the events it has not read yet, now and later."""
+        with self._changed:
             self._closed = True
-            feeds = list(self._feeds)
-        for feed in feeds:
-            feed.put(_END)
+            readers = list(self._readers)
+            for reader in readers:
+                if reader.end_at is None:
+                    reader.end_at = self._next
+            self._changed.notify_all()
+        for reader in readers:
+            if reader.wake is not None:
+                reader.wake()
 
-    def queued_events(self):
-        with self._lock:
-            return sum(map(len, self._feeds))
+    def next_batch(self, reader, block):
+        """The reader's next events, or ``_END``, or ``_OVERFLOW`` when they are gone.
+
+        Without ``block``, None when there is nothing yet (``reader.wake`` is then
+        called on the next change).
+        """
+        with self._changed:
+            while True:
+                end = self._next if reader.end_at is None else min(reader.end_at, self._next)
+                if reader.position is not None and reader.position < end:
+                    if reader.position < self._next - self.limit:
+                        return _OVERFLOW
+                    batch = [self._ring[n % self.limit] for n in range(reader.position, end)]
+                    reader.position = end
+                    return batch
+                if reader.end_at is not None:
+                    return _END
+                if not block:
+                    self._waiting.add(reader)
+                    return None
+                self._changed.wait()
+
+    @property
+    def readers(self):
+        return len(self._readers)
 
 
-class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
-    """For the threaded grpc server: each Watch holds a worker thread.
+class _Discovery(discovery_pb2_grpc.DiscoveryServiceServicer):
+    """What both servicers share: the registry, the event log, the token checks.
 
+    Made on the reactor thread (it subscribes to the registry there).
     ``tokens`` (ProxyTokens), if given, decides who sees which ids.
     """
+
+    _log = Logger()
 
     def __init__(self, reactor, registry, tokens=None, queue_limit=WATCH_QUEUE_LIMIT):
         self._reactor = reactor
         self._registry = registry
         self._tokens = tokens
-        self._queue_limit = queue_limit
-        self._watchers = _Watchers()
+        self._events = _EventLog(queue_limit)
+        self._unsubscribe = registry.subscribe(self._events.append)
+
+    def _join(self, reader, replay):
+        """Reactor thread: join the log; the entries to replay (sorted), None when
+        the call is to end now."""
+        if not self._events.join(reader):
+            return None
+        if not replay:
+            return ()
+        snapshot = self._registry.snapshot
+        return [snapshot[i] for i in sorted(snapshot)]
+
+    def _fell_behind(self, context):
+        self._reactor.callFromThread(
+            self._log.warn,
+            "Discovery Watch from {peer} fell more than {limit} events behind; "
+            "ending it with RESOURCE_EXHAUSTED",
+            peer=context.peer(),
+            limit=self._events.limit,
+        )
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, _overflow_details(self._events.limit)
+
+    @staticmethod
+    def _responses(batch, visible):
+        return [_watch_response(kind, info) for kind, info in batch if visible(info.client_id)]
+
+    def watching(self):
+        """Watch calls in progress (that have joined the event log)."""
+        return self._events.readers
+
+    def close(self):
+        """End every Watch stream (status OK), now and later: the server is stopping."""
+        self._events.close()
+        self._reactor.callFromThread(self._unsubscribe)
+
+
+class DiscoveryServicer(_Discovery):
+    """For the threaded grpc server: each Watch holds a worker thread."""
 
     def _visible(self, context):
         visible = visible_ids(self._tokens, context.invocation_metadata())
@@ -239,58 +256,33 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         return list_response(self._registry.snapshot, self._visible(context))
 
     def WatchGRPCServer(self, request, context):
-        feed = _Feed(self._queue_limit)
-        subscription = _Subscription(self._registry, feed, self._visible(context),
-                                     context.peer())
-
-        def departed():
-            feed.put(_END)
-            self._watchers.discard(feed)
-            self._reactor.callFromThread(subscription.end)
-
-        # Known before subscribing, so that close() always reaches this stream.
-        if not self._watchers.add(feed):
-            return
+        visible = self._visible(context)
+        reader = _Reader()
         try:
-            replay = call_in_reactor(self._reactor, subscription.start, request.replay,
+            replay = call_in_reactor(self._reactor, self._join, reader, request.replay,
                                      timeout=SUBSCRIBE_TIMEOUT)
         except (ReactorUnavailable, TimeoutError) as e:
-            departed()
+            self._events.leave(reader)
             context.abort(grpc.StatusCode.UNAVAILABLE, f"multiplexer is shutting down: {e}")
         # False when the call ended already.
-        if context.add_callback(departed) is False:
-            departed()
+        if context.add_callback(lambda: self._events.leave(reader)) is False:
+            self._events.leave(reader)
+        if replay is None:
+            return
         for info in replay:
-            yield _watch_response(CONNECTED, info)
+            if visible(info.client_id):
+                yield _watch_response(CONNECTED, info)
         while True:
-            item = feed.get()
-            if item is _END:
+            batch = self._events.next_batch(reader, block=True)
+            if batch is _END:
                 return
-            if item is _OVERFLOW:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _overflow_details(feed.limit))
-            yield _watch_response(*item)
-
-    def close(self):
-        """End every Watch stream (status OK), now and later: the server is stopping."""
-        self._watchers.close()
-
-    def queued_events(self):
-        """Events waiting for Watch callers, all of them together."""
-        return self._watchers.queued_events()
+            if batch is _OVERFLOW:
+                context.abort(*self._fell_behind(context))
+            yield from self._responses(batch, visible)
 
 
-class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
-    """For grpc.aio: runs on the server's asyncio loop; a Watch costs no thread.
-
-    ``tokens`` (ProxyTokens), if given, decides who sees which ids.
-    """
-
-    def __init__(self, reactor, registry, tokens=None, queue_limit=WATCH_QUEUE_LIMIT):
-        self._reactor = reactor
-        self._registry = registry
-        self._tokens = tokens
-        self._queue_limit = queue_limit
-        self._watchers = _Watchers()
+class AsyncDiscoveryServicer(_Discovery):
+    """For grpc.aio: runs on the server's asyncio loop; a Watch costs no thread."""
 
     async def _visible(self, context):
         visible = visible_ids(self._tokens, context.invocation_metadata())
@@ -312,39 +304,30 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
             except RuntimeError:
                 pass  # the loop is closed: the server is gone
 
-        feed = _Feed(self._queue_limit, wake)
-        subscription = _Subscription(self._registry, feed, visible, context.peer())
-        if not self._watchers.add(feed):
-            return
+        reader = _Reader(wake)
         try:
             try:
-                replay = await await_in_reactor(self._reactor, subscription.start,
+                replay = await await_in_reactor(self._reactor, self._join, reader,
                                                 request.replay, timeout=SUBSCRIBE_TIMEOUT)
             except (ReactorUnavailable, TimeoutError) as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     f"multiplexer is shutting down: {e}")
+            if replay is None:
+                return
             for info in replay:
-                await context.write(_watch_response(CONNECTED, info))
+                if visible(info.client_id):
+                    await context.write(_watch_response(CONNECTED, info))
             while True:
-                item = feed.take()
-                if item is None:
+                batch = self._events.next_batch(reader, block=False)
+                if batch is None:
                     await arrived.wait()
                     arrived.clear()
                     continue
-                if item is _END:
+                if batch is _END:
                     return
-                if item is _OVERFLOW:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        _overflow_details(feed.limit))
-                await context.write(_watch_response(*item))
+                if batch is _OVERFLOW:
+                    await context.abort(*self._fell_behind(context))
+                for response in self._responses(batch, visible):
+                    await context.write(response)
         finally:  # also when the caller cancels: the task is cancelled
-            self._watchers.discard(feed)
-            self._reactor.callFromThread(subscription.end)
-
-    def close(self):
-        """End every Watch stream (status OK), now and later: the server is stopping."""
-        self._watchers.close()
-
-    def queued_events(self):
-        """Events waiting for Watch callers, all of them together."""
-        return self._watchers.queued_events()
+            self._events.leave(reader)
