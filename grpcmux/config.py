@@ -55,7 +55,6 @@ def _address_check(check):
 
 
 _check_dial_address = _address_check(addresses.check_dial_address)
-_check_listen_address = _address_check(addresses.check_listen_address)
 _check_multiplexer_listener = _address_check(addresses.check_server_endpoint)
 
 
@@ -412,8 +411,9 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
     _Option("multiplexer-listener", "str", _check_multiplexer_listener,
             "Listener address used by multiplexer clients: HOST:PORT or a Twisted "
             "endpoint (tcp:..., unix:..., systemd:...)."),
-    _Option("proxy-listener", "str", _check_listen_address,
-            "Proxy listener address (HOST:PORT) for gRPC users."),
+    _Option("proxy-listener", "str", _check_multiplexer_listener,
+            "Listener address for gRPC users: HOST:PORT or a Twisted endpoint "
+            "(tcp:..., unix:..., systemd:...)."),
     _Option("authority-domain", "str", _check_domain,
             "Route calls without client-id metadata by :authority "
             "<client-id>.<domain>.", optional=True, shown_default="off"),
@@ -424,7 +424,7 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
             "Largest gRPC message in bytes the proxy passes.",
             optional=True, shown_default="unbounded"),
     _Option("runtime-dir", "str", _check_path,
-            "Directory for the per-client UNIX sockets.", optional=True,
+            "Directory (0700) of the private socket of the proxy's own services.", optional=True,
             shown_default="a private temporary directory"),
     _Option("handshake-timeout", "float", _number(True),
             "Seconds a new multiplexer client has to finish its handshake."),
@@ -432,9 +432,6 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
             "Seconds to wait for the old session's ping answer when a client id "
             "connects twice."),
     *_LIMIT_OPTIONS,
-    _Option("proxy-workers", "int", _non_negative_int,
-            "Processes serving the proxy endpoint; 0 serves it in the server "
-            "process (see Performance in README.rst)."),
     _SHUTDOWN_OPTION,
     _METRICS_OPTION,
     # Proxy endpoint security (files are read and checked by grpcmux.tls).
@@ -540,7 +537,6 @@ class ServerSettings(_CommonSettings):
     client_id_from_cert: bool = False
     auth_tokens: Optional[str] = None
     allow_legacy_clients: bool = False
-    proxy_workers: int = 0
 
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)

@@ -8,6 +8,7 @@ from twisted.logger import formatEvent
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2 as pb
 from grpcmux._proto.grpc.multiplexer.v1.discovery_pb2_grpc import DiscoveryServiceStub
+from grpcmux.registry import ClientInfo
 from grpcmux.rpc.discovery import _END, _OVERFLOW, _EventLog, _Reader
 from rpc_backend import ENGINES, Mux
 
@@ -25,7 +26,7 @@ async def until(reactor, predicate, what):
 
 def watching(mux, count):
     """Wait until ``count`` Watch calls have joined the service's event log."""
-    discovery = mux.service._engine._discovery
+    discovery = mux.service.local._discovery
     return until(mux.reactor, lambda: discovery.watching() == count, f"{count} watching")
 
 
@@ -133,35 +134,34 @@ def test_the_event_log_keeps_the_last_limit_events_for_its_readers():
     log = _EventLog(3)
     log.append(Event("before"))  # nobody reads: not kept
     woken = []
-    slow, quick = _Reader(), _Reader(lambda: woken.append("quick"))
+    slow, quick = _Reader(lambda: woken.append("slow")), _Reader(lambda: woken.append("quick"))
     assert log.join(slow) and log.join(quick)
     for name in "abc":
         log.append(Event(name))
-    assert names(log.next_batch(quick, block=False)) == ["a", "b", "c"]
-    assert log.next_batch(quick, block=False) is None  # waiting: woken on the next one
+    assert names(log.next_batch(quick)) == ["a", "b", "c"]
+    assert log.next_batch(quick) is None  # waiting: woken on the next one
     log.append(Event("d"))  # "a" drops out: slow is more than 3 behind
     log.append(Event("e"))
-    assert woken == ["quick"]  # once
-    assert names(log.next_batch(quick, block=True)) == ["d", "e"]
-    assert log.next_batch(slow, block=False) is _OVERFLOW
+    assert woken == ["quick"]  # once, and only the one waiting
+    assert names(log.next_batch(quick)) == ["d", "e"]
+    assert log.next_batch(slow) is _OVERFLOW
     log.leave(slow)
-    assert log.next_batch(slow, block=True) is _END and log.readers == 1
+    assert log.next_batch(slow) is _END and log.readers == 1 and woken[-1] == "slow"
 
 
 def test_readers_end_after_what_they_have_not_read_and_late_joiners_not_at_all():
     log = _EventLog(3)
-    reader, gone = _Reader(), _Reader()
     woken = []
-    reader.wake = lambda: woken.append(True)
+    reader, gone = _Reader(lambda: woken.append(True)), _Reader(lambda: None)
     log.join(reader)
     log.append(Event("a"))
     log.leave(gone)  # its call ended before it joined
     assert not log.join(gone)
     log.close()
     log.append(Event("after"))
-    assert names(log.next_batch(reader, block=True)) == ["a"]
-    assert log.next_batch(reader, block=True) is _END and woken
-    assert not log.join(_Reader())
+    assert names(log.next_batch(reader)) == ["a"]
+    assert log.next_batch(reader) is _END and woken
+    assert not log.join(_Reader(lambda: None))
     log.leave(reader)
     assert log.readers == 0 and log._ring == [None] * 3  # nothing kept for nobody
 
@@ -172,7 +172,7 @@ async def test_a_watcher_that_never_reads_is_ended_and_others_keep_watching(
         reactor, tmp_path, engine, log_events):
     limit = 20
     mux = Mux(reactor, tmp_path, watch_queue_limit=limit, **ENGINES[engine])
-    discovery = mux.service._engine._discovery
+    discovery = mux.service.local._discovery
     # A connection of its own, whose window does not grow (BDP probing would let
     # grpc's client take in the stalled stream's messages, not the server hold them).
     stalled_channel = grpc.insecure_channel(
@@ -187,12 +187,15 @@ async def test_a_watcher_that_never_reads_is_ended_and_others_keep_watching(
         reader = mux.in_thread(lambda: seen.extend(r.server for r in reading), timeout=60)
         reader.addErrback(lambda f: f.trap(grpc.RpcError))
         sent = []
-        # 2,000 connects and disconnects, ten at a time, as fast as the reading
-        # watcher takes them; the stalled one's HTTP/2 window fills, then it falls
-        # behind.  The server keeps the last 20 events whatever the watchers do.
+        # 2,000 connects and disconnects of 4 KiB each, ten at a time, as fast as
+        # the reading watcher takes them: the router's and grpc's windows for the
+        # stalled one fill (a few MiB), then it falls behind.  The server keeps the
+        # last 20 events whatever the watchers do.
+        labels = (("padding", "x" * 4096),)
         while len(sent) < 2000:
             for _ in range(5):
-                info = mux.connect(f"client-{len(sent)}-{'x' * 40}")
+                info = ClientInfo(f"client-{len(sent)}", 0.0, "192.0.2.7:4567", "native", labels)
+                mux.registry.add(info)
                 mux.registry.remove(info.client_id)
                 sent += [info.client_id] * 2
             assert sum(e is not None for e in discovery._events._ring) <= limit
@@ -208,7 +211,7 @@ async def test_a_watcher_that_never_reads_is_ended_and_others_keep_watching(
             except grpc.RpcError as error:
                 return received, error.code(), error.details()
 
-        received, code, details = await mux.in_thread(drain)
+        received, code, details = await mux.in_thread(drain, timeout=60)
         assert received == sent[:len(received)] and len(received) < len(sent)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details == (f"this Watch fell more than {limit} events behind; watch again "

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.registry import CONNECTED, DISCONNECTED, ClientInfo
 from grpcmux.rpc.security import UNAUTHENTICATED_DETAILS
-from grpcmux.rpc.threads import ReactorUnavailable, await_in_reactor, call_in_reactor
+from grpcmux.rpc.threads import ReactorUnavailable, await_in_reactor
 from grpcmux.tokens import ProxyTokens
 
 _EVENTS = {
@@ -92,12 +92,12 @@ def _overflow_details(limit):
 
 
 class _Reader:
-    """One Watch caller's place in the event log; ``wake`` (any thread) tells an
-    asyncio caller waiting for events that something happened."""
+    """One Watch caller's place in the event log; ``wake()`` (any thread) tells it,
+    when it waits, that something happened."""
 
     __slots__ = ("position", "end_at", "wake")
 
-    def __init__(self, wake=None):
+    def __init__(self, wake):
         self.position = None  # the sequence number of its next event
         self.end_at = None  # ending: its events before this one, then _END
         self.wake = wake
@@ -106,14 +106,13 @@ class _Reader:
 class _EventLog:
     """The registry's last ``limit`` changes, shared by every Watch caller.
 
-    The reactor appends; callers read on from their own positions, in their
-    threads or on the asyncio loop, under one lock.  Events are kept only while
-    someone watches.
+    The reactor appends; callers read on from their own positions on the asyncio
+    loop, under a lock.  Events are kept only while someone watches.
     """
 
     def __init__(self, limit):
         self.limit = limit
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._ring = [None] * limit
         self._next = 0  # the sequence number the next event gets
         self._readers = set()
@@ -122,11 +121,10 @@ class _EventLog:
 
     def append(self, event):
         """Registry observer (reactor thread)."""
-        with self._changed:
+        with self._lock:
             if self._readers:
                 self._ring[self._next % self.limit] = (event.kind, event.info)
             self._next += 1
-            self._changed.notify_all()
             waiting, self._waiting = self._waiting, set()
         for reader in waiting:
             reader.wake()
@@ -134,7 +132,7 @@ class _EventLog:
     def join(self, reader):
         """Place ``reader`` at the next event; False when it may not (closed, or
         its call ended already).  On the reactor thread, with the replay snapshot."""
-        with self._changed:
+        with self._lock:
             if self._closed or reader.end_at is not None:
                 return False
             reader.position = self._next
@@ -143,61 +141,51 @@ class _EventLog:
 
     def leave(self, reader):
         """The caller's call ended (any thread, once or more)."""
-        with self._changed:
+        with self._lock:
             reader.end_at = -1
             self._readers.discard(reader)
             self._waiting.discard(reader)
             if not self._readers:
                 self._ring = [None] * self.limit  # nobody needs them: let them go
-            self._changed.notify_all()
-        if reader.wake is not None:
-            reader.wake()
+        reader.wake()
 
     def close(self):
         """End every reader after the events it has not read yet, now and later."""
-        with self._changed:
+        with self._lock:
             self._closed = True
             readers = list(self._readers)
             for reader in readers:
                 if reader.end_at is None:
                     reader.end_at = self._next
-            self._changed.notify_all()
         for reader in readers:
-            if reader.wake is not None:
-                reader.wake()
+            reader.wake()
 
-    def next_batch(self, reader, block):
-        """The reader's next events, or ``_END``, or ``_OVERFLOW`` when they are gone.
-
-        Without ``block``, None when there is nothing yet (``reader.wake`` is then
-        called on the next change).
-        """
-        with self._changed:
-            while True:
-                end = self._next if reader.end_at is None else min(reader.end_at, self._next)
-                if reader.position is not None and reader.position < end:
-                    if reader.position < self._next - self.limit:
-                        return _OVERFLOW
-                    batch = [self._ring[n % self.limit] for n in range(reader.position, end)]
-                    reader.position = end
-                    return batch
-                if reader.end_at is not None:
-                    return _END
-                if not block:
-                    self._waiting.add(reader)
-                    return None
-                self._changed.wait()
+    def next_batch(self, reader):
+        """The reader's next events, ``_END``, or ``_OVERFLOW`` when they are gone;
+        None when there is nothing yet (``reader.wake`` is called on the next change)."""
+        with self._lock:
+            end = self._next if reader.end_at is None else min(reader.end_at, self._next)
+            if reader.position is not None and reader.position < end:
+                if reader.position < self._next - self.limit:
+                    return _OVERFLOW
+                batch = [self._ring[n % self.limit] for n in range(reader.position, end)]
+                reader.position = end
+                return batch
+            if reader.end_at is not None:
+                return _END
+            self._waiting.add(reader)
+            return None
 
     @property
     def readers(self):
         return len(self._readers)
 
 
-class _Discovery(discovery_pb2_grpc.DiscoveryServiceServicer):
-    """What both servicers share: the registry, the event log, the token checks.
+class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
+    """Discovery for grpc.aio: runs on the server's asyncio loop; a Watch costs no thread.
 
-    Made on the reactor thread (it subscribes to the registry there).
-    ``tokens`` (ProxyTokens), if given, decides who sees which ids.
+    ``tokens`` (ProxyTokens), if given, decides who sees which ids.  The event log
+    follows the registry from the first Watch on (subscribed on the reactor thread).
     """
 
     _log = Logger()
@@ -207,13 +195,15 @@ class _Discovery(discovery_pb2_grpc.DiscoveryServiceServicer):
         self._registry = registry
         self._tokens = tokens
         self._events = _EventLog(queue_limit)
-        self._unsubscribe = registry.subscribe(self._events.append)
+        self._unsubscribe = None  # reactor thread only
 
     def _join(self, reader, replay):
         """Reactor thread: join the log; the entries to replay (sorted), None when
         the call is to end now."""
         if not self._events.join(reader):
             return None
+        if self._unsubscribe is None:
+            self._unsubscribe = self._registry.subscribe(self._events.append)
         if not replay:
             return ()
         snapshot = self._registry.snapshot
@@ -240,49 +230,12 @@ class _Discovery(discovery_pb2_grpc.DiscoveryServiceServicer):
     def close(self):
         """End every Watch stream (status OK), now and later: the server is stopping."""
         self._events.close()
-        self._reactor.callFromThread(self._unsubscribe)
+        self._reactor.callFromThread(self._stop_following)
 
-
-class DiscoveryServicer(_Discovery):
-    """For the threaded grpc server: each Watch holds a worker thread."""
-
-    def _visible(self, context):
-        visible = visible_ids(self._tokens, context.invocation_metadata())
-        if visible is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
-        return visible
-
-    def ListGRPCServer(self, request, context):
-        return list_response(self._registry.snapshot, self._visible(context))
-
-    def WatchGRPCServer(self, request, context):
-        visible = self._visible(context)
-        reader = _Reader()
-        try:
-            replay = call_in_reactor(self._reactor, self._join, reader, request.replay,
-                                     timeout=SUBSCRIBE_TIMEOUT)
-        except (ReactorUnavailable, TimeoutError) as e:
-            self._events.leave(reader)
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"multiplexer is shutting down: {e}")
-        # False when the call ended already.
-        if context.add_callback(lambda: self._events.leave(reader)) is False:
-            self._events.leave(reader)
-        if replay is None:
-            return
-        for info in replay:
-            if visible(info.client_id):
-                yield _watch_response(CONNECTED, info)
-        while True:
-            batch = self._events.next_batch(reader, block=True)
-            if batch is _END:
-                return
-            if batch is _OVERFLOW:
-                context.abort(*self._fell_behind(context))
-            yield from self._responses(batch, visible)
-
-
-class AsyncDiscoveryServicer(_Discovery):
-    """For grpc.aio: runs on the server's asyncio loop; a Watch costs no thread."""
+    def _stop_following(self):
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
 
     async def _visible(self, context):
         visible = visible_ids(self._tokens, context.invocation_metadata())
@@ -318,7 +271,7 @@ class AsyncDiscoveryServicer(_Discovery):
                 if visible(info.client_id):
                     await context.write(_watch_response(CONNECTED, info))
             while True:
-                batch = self._events.next_batch(reader, block=False)
+                batch = self._events.next_batch(reader)
                 if batch is None:
                     await arrived.wait()
                     arrived.clear()
