@@ -33,11 +33,11 @@ _EVENTS = {
     CONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_CONNECTED,
     DISCONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_DISCONNECTED,
 }
-# Pushed to a watcher to end its stream.
+# Ends a watcher's stream: its call ended, or the server stops.
 _END = object()
 # Ends a watcher's stream in place of its events when it fell too far behind.
 _OVERFLOW = object()
-# How long a new watcher waits for the reactor to subscribe it.
+# How long a new watcher waits for the reactor to let it join the event log.
 SUBSCRIBE_TIMEOUT = 5.0
 # Registry changes kept for Watch callers (--watch-queue-limit): a reading caller
 # must not fall this far behind even when every client of a full server
