@@ -27,6 +27,8 @@ PROGRAMS = {
     "yamuxpeer": "yamuxpeer",
     "legacyclient": "legacy/legacyclient",
     "legacyserver": "legacy/legacyserver",
+    "interopserver": "grpcinterop/server",
+    "interopclient": "grpcinterop/client",
 }
 # Go import path -> the Debian package that ships it.
 REQUIRED_SOURCES = {
