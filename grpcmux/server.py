@@ -27,6 +27,7 @@ from grpcmux import __version__, tls
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.addresses import server_endpoint
 from grpcmux.admission import Admission
+from grpcmux.backend_health import ReportedHealth, record_health
 from grpcmux.bridge import Bridge
 from grpcmux.handshake import WIRE_NATIVE, HandshakeRejected, ServerHandshake
 from grpcmux.ids import client_id_problem
@@ -94,8 +95,11 @@ class _ClientConnection:
         self.admitted = False
         self._departed = False
         self._socket_removed = None
+        self.health_reports = ReportedHealth(
+            server.clock, lambda health, detail: server.health_reported(self, health, detail))
         self.handshake = ServerHandshake(
-            self._hello_received, self._handshake_failed, self._make_inner_session
+            self._hello_received, self._handshake_failed, self._make_inner_session,
+            on_message=self.health_reports.received,
         )
         session.stream_factory = _FirstStreamOnly(self)
         self._timeout = server.clock.callLater(
@@ -221,6 +225,7 @@ class _ClientConnection:
 
     def _session_closed(self, reason):
         self._cancel_timeout()
+        self.health_reports.stop()
         problem = tls.failure_reason(reason) if self.hello is None else None
         if problem is not None:
             self._log.warn(
@@ -495,6 +500,11 @@ class MultiplexerServer(Service):
             remote_address=connection.remote_address,
             wire_protocol=hello.wire_protocol,
         )
+
+    def health_reported(self, connection, health, detail):
+        """A client's report on its gRPC server; only its current registration counts."""
+        if self._by_id.get(connection.client_id) is connection:
+            record_health(self.registry, connection.client_id, health, detail)
 
     def retire(self, connection):
         """Unlist a leaving client (gracefully); a newcomer may take its id."""

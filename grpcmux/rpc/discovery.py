@@ -21,7 +21,15 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-from grpcmux.registry import CONNECTED, DISCONNECTED, ClientInfo
+from grpcmux.registry import (
+    CONNECTED,
+    DISCONNECTED,
+    NOT_SERVING,
+    SERVING,
+    UNKNOWN,
+    UPDATED,
+    ClientInfo,
+)
 from grpcmux.rpc.security import UNAUTHENTICATED_DETAILS
 from grpcmux.rpc.threads import ReactorUnavailable, await_in_reactor, call_in_reactor
 from grpcmux.tokens import ProxyTokens
@@ -29,6 +37,12 @@ from grpcmux.tokens import ProxyTokens
 _EVENTS = {
     CONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_CONNECTED,
     DISCONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_DISCONNECTED,
+    UPDATED: discovery_pb2.WatchGRPCServerResponse.EVENT_UPDATED,
+}
+_HEALTH = {
+    UNKNOWN: discovery_pb2.GRPCServer.HEALTH_UNKNOWN,
+    SERVING: discovery_pb2.GRPCServer.HEALTH_SERVING,
+    NOT_SERVING: discovery_pb2.GRPCServer.HEALTH_NOT_SERVING,
 }
 # Pushed to a watcher to end its stream.
 _END = object()
@@ -46,6 +60,7 @@ def server_details(info: ClientInfo) -> discovery_pb2.GRPCServer:
         remote_address=info.remote_address,
         wire_protocol=info.wire_protocol,
         labels=dict(info.labels),
+        health=_HEALTH[info.health],
     )
 
 
@@ -80,10 +95,11 @@ def _watch_response(kind, info):
 class _Subscription:
     """One watcher's registry subscription. Both methods run on the reactor thread."""
 
-    def __init__(self, registry, push, visible=_everyone):
+    def __init__(self, registry, push, visible=_everyone, updates=False):
         self._registry = registry
         self._push = push
         self._visible = visible
+        self._updates = updates
         self._unsubscribe = None
         self._ended = False
 
@@ -91,7 +107,10 @@ class _Subscription:
         """Subscribe; returns the entries to replay (sorted) when asked to."""
         if self._ended:
             return ()
-        self._unsubscribe = self._registry.subscribe(self._changed)
+        if self._updates:
+            self._unsubscribe = self._registry.subscribe(self._changed, updates=True)
+        else:
+            self._unsubscribe = self._registry.subscribe(self._changed)
         snapshot = self._registry.snapshot
         return [snapshot[i] for i in sorted(snapshot) if self._visible(i)] if replay else ()
 
@@ -156,7 +175,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
 
     def WatchGRPCServer(self, request, context):
         events = queue.Queue()
-        subscription = _Subscription(self._registry, events.put, self._visible(context))
+        subscription = _Subscription(self._registry, events.put, self._visible(context),
+                                     request.updates)
 
         def departed():
             events.put(_END)
@@ -220,7 +240,7 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
             except RuntimeError:
                 pass  # the loop is closed: the server is gone
 
-        subscription = _Subscription(self._registry, push, visible)
+        subscription = _Subscription(self._registry, push, visible, request.updates)
         if not self._watchers.add(push):
             return
         try:

@@ -37,7 +37,7 @@ import grpc
 from grpc._cython import cygrpc
 from twisted.logger import Logger
 
-from grpcmux.registry import ClientInfo
+from grpcmux.registry import NOT_SERVING, ClientInfo
 from grpcmux.rpc.security import UNAUTHENTICATED_DETAILS
 from grpcmux.tokens import PROXY_TOKEN_METADATA_KEY, ProxyTokens
 
@@ -183,6 +183,9 @@ class _Proxy(grpc.GenericRpcHandler):
         """The backend for a connected client; RoutingError if it is not connected."""
         info = self._registry.snapshot.get(client_id)
         if info is not None:
+            if info.health == NOT_SERVING:
+                raise RoutingError(grpc.StatusCode.UNAVAILABLE,
+                                   f"client '{client_id}' reports its gRPC server down")
             key = (info.client_id, info.socket_path)
             with self._lock:
                 backend = self._backends.get(key)
@@ -190,7 +193,9 @@ class _Proxy(grpc.GenericRpcHandler):
                     backend = self._backends[key] = self._new_backend(info)
             # The client may have left between the snapshot read and the insertion,
             # with client_gone() finding nothing; the snapshot changes before that call.
-            if self._registry.snapshot.get(info.client_id) == info:
+            # (Same connection, same socket; its health may have changed meanwhile.)
+            current = self._registry.snapshot.get(info.client_id)
+            if current is not None and current.socket_path == info.socket_path:
                 return backend
             self.client_gone(info)
         raise RoutingError(grpc.StatusCode.NOT_FOUND, f"client '{client_id}' is not connected")
