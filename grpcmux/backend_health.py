@@ -394,7 +394,7 @@ class BackendHealthChecker(Service):
         self._endpoint = endpoint
         self.address = address
         self.interval = interval
-        self.timeout = min(timeout, interval)
+        self.timeout = timeout
         self.health = UNKNOWN
         self.detail = ""
         self.is_proxy = False
