@@ -473,7 +473,9 @@ class BackendHealthChecker(Service):
     # the connection
 
     def _connect(self):
-        protocol = _HealthConnection(self, self.address)
+        # A UNIX socket has no host to name; grpcio clients say "localhost" there too.
+        authority = "localhost" if self.address.startswith("unix:") else self.address
+        protocol = _HealthConnection(self, authority)
         self._protocol = protocol
         self._ready = False
         self._arm(self._timed_out, protocol, "no HTTP/2 settings")
