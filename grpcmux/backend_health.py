@@ -453,9 +453,9 @@ class BackendHealthChecker(Service):
             self._loop.stop()
         self._cancel_timer()
         self._decide()
+        protocol, self._protocol = self._protocol, None  # first: what follows is ours
         if self._connecting is not None:
             self._connecting.cancel()
-        protocol, self._protocol = self._protocol, None
         if protocol is None or protocol.transport is None:
             return None
         closed = Deferred()

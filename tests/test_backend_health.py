@@ -115,6 +115,9 @@ class Conn:
         return frame(TYPE_HEADERS, flags, stream_id, self.encoder.encode(fields))
 
     def answer(self, stream_id, *statuses, end=True):
+        self.send(self.answer_bytes(stream_id, *statuses, end=end))
+
+    def answer_bytes(self, stream_id, *statuses, end=True):
         """Response headers, one HealthCheckResponse per status, then OK trailers."""
         out = [self.headers(stream_id, [(":status", "200"),
                                         ("content-type", "application/grpc")])]
@@ -123,7 +126,7 @@ class Conn:
             out.append(frame(TYPE_DATA, 0, stream_id, struct.pack(">BL", 0, len(body)) + body))
         if end:
             out.append(self.headers(stream_id, [("grpc-status", "0")], end_stream=True))
-        self.send(*out)
+        return b"".join(out)
 
     def status_only(self, stream_id, code, message=""):
         self.send(self.headers(stream_id, [(":status", "200"), ("grpc-status", str(code)),
@@ -317,6 +320,19 @@ def test_no_answer_to_check_is_down_and_drops_the_connection():
     checker.stopService()
 
 
+def test_stop_while_connecting_reports_nothing():
+    checker, clock, endpoint = make_checker()
+    endpoint.hold = True
+    control = Control()
+    checker.welcomed("welcome", control)
+    checker.startService()
+    checker.stopService()
+    assert endpoint.pending[0].called  # cancelled
+    endpoint.pending[0].addErrback(lambda _: None)
+    assert (checker.health, control.reports) == (UNKNOWN, [])
+    assert clock.getDelayedCalls() == []
+
+
 def test_no_settings_in_time_is_down():
     checker, clock, endpoint = make_checker()
     endpoint.hold = True
@@ -363,6 +379,17 @@ def test_not_http2_is_down():
     conn.lose()
     assert checker.health == NOT_SERVING
     assert checker.detail == "it does not answer as an HTTP/2 (gRPC) server"
+    checker.stopService()
+
+
+def test_an_answer_read_one_byte_at_a_time():
+    checker, clock, endpoint = make_checker()
+    checker.startService()
+    conn = endpoint.last
+    data = settings() + conn.answer_bytes(1, Status.Value("NOT_SERVING"))
+    for i in range(len(data)):
+        conn.send(data[i:i + 1])
+    assert (checker.health, checker.detail) == (NOT_SERVING, "health status NOT_SERVING")
     checker.stopService()
 
 
