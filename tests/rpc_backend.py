@@ -31,7 +31,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 
 from grpcmux.registry import ClientInfo, ClientRegistry
-from grpcmux.rpc.service import ProxyService
+from grpcmux.http2.targets import EndpointTarget
+from grpcmux.proxy import ProxyService
 from grpcmux.splice import SpliceProtocol, splice
 
 SERVICE = "test.Echo"
@@ -282,15 +283,20 @@ class Mux:
         self.registry = registry if registry is not None else ClientRegistry()
         self.backend = Backend(str(tmp_path / "backend.sock"))
         service_kwargs.setdefault("shutdown_grace", 1.0)
-        self.service = ProxyService(reactor, self.registry, "127.0.0.1:0", **service_kwargs)
+        self.targets = {}
+        self.service = ProxyService(reactor, self.registry, "127.0.0.1:0",
+                                    tunnels=self.targets.get,
+                                    runtime_dir=str(tmp_path / "run"), **service_kwargs)
         self.service.startService()
         self.address = f"127.0.0.1:{self.service.port}"
         self.channel = grpc.insecure_channel(self.address, options=UNLIMITED)
 
     def connect(self, client_id, socket_path=None) -> ClientInfo:
         """Register a client reached at socket_path (default: the backend)."""
-        info = ClientInfo(client_id, socket_path or self.backend.socket_path, time.time(),
-                          "192.0.2.7:4567", "native", (("zone", "a"),))
+        endpoint = UNIXClientEndpoint(self.reactor, socket_path or self.backend.socket_path)
+        self.targets[client_id] = EndpointTarget(endpoint, client_id,
+                                                 f"client '{client_id}' is unavailable")
+        info = ClientInfo(client_id, time.time(), "192.0.2.7:4567", "native", (("zone", "a"),))
         self.registry.add(info)
         return info
 

@@ -65,7 +65,6 @@ from grpcmux.registry import (
     ClientRegistry,
 )
 from grpcmux.rpc.discovery import _Subscription, server_details
-from grpcmux.rpc.proxy import RoutingError, ThreadedProxy
 
 ADDRESS = "127.0.0.1:50051"
 Status = health_pb2.HealthCheckResponse.ServingStatus
@@ -601,9 +600,8 @@ def test_an_unknown_status_counts_as_unknown():
 
 
 def info(client_id="edge", **fields):
-    return ClientInfo(client_id=client_id, socket_path=f"/run/{client_id}.sock",
-                      connected_at=0.0, remote_address="1.2.3.4:5", wire_protocol="native",
-                      **fields)
+    return ClientInfo(client_id=client_id, connected_at=0.0, remote_address="1.2.3.4:5",
+                      wire_protocol="native", **fields)
 
 
 def test_registry_update_tells_only_the_observers_of_updates():
@@ -677,22 +675,3 @@ def test_metrics_carry_health():
     text = generate_latest(client.registry).decode()
     assert 'grpcmux_client_backend_health{health="unknown"} 1.0' in text
     assert 'grpcmux_client_backend_health{health="serving"} 0.0' in text
-
-
-def test_proxy_fails_fast_while_down_and_keeps_its_channel_across_changes():
-    registry = ClientRegistry()
-    registry.add(info())
-    proxy = ThreadedProxy(registry)
-    try:
-        backend = proxy._backend("edge")
-        registry.update("edge", health=SERVING)
-        assert proxy._backend("edge") is backend and not backend.closed
-        registry.update("edge", health=NOT_SERVING)
-        with pytest.raises(RoutingError) as raised:
-            proxy._backend("edge")
-        assert raised.value.code == grpc.StatusCode.UNAVAILABLE
-        assert raised.value.message == "client 'edge' reports its gRPC server down"
-        registry.update("edge", health=UNKNOWN)
-        assert proxy._backend("edge") is backend
-    finally:
-        proxy.close()

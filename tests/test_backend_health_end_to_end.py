@@ -250,3 +250,16 @@ async def test_a_grpc_server_without_health_on_a_unix_socket_serves(stack):
     await health_is(stack, "edge", SERVING)
     assert "no health service" in service.tunnel.backend_health.detail
     assert (await call(stack)).responses == [b"ping"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_servers_own_proxy_as_grpc_server_is_refused(stack, log_events):
+    proxy = f"127.0.0.1:{stack.proxy.port}"
+    registered = stack.registered("edge")
+    health_client(stack, "edge", proxy)
+    await registered
+    await health_is(stack, "edge", NOT_SERVING)
+    lines = [e for e in log_events if e.get("log_format") == PROXY_ERROR]
+    assert len(lines) == 1 and lines[0]["address"] == proxy
+    failed = await call(stack)
+    assert (failed.code, failed.details) == (grpc.StatusCode.UNAVAILABLE, DOWN)

@@ -36,9 +36,9 @@ _CHILD = (
     "runpy.run_module('grpcmux', run_name='__main__')"
 )
 
-LAB = ClientInfo("lab", "/nonexistent/1.sock", 1700000000.5, "192.0.2.7:4567", "native",
+LAB = ClientInfo("lab", 1700000000.5, "192.0.2.7:4567", "native",
                  (("zone", "a"), ("rack", "r1")), health="serving")
-OLD = ClientInfo("old", "/nonexistent/2.sock", 1700000100.0, "[2001:db8::1]:50000", "legacy")
+OLD = ClientInfo("old", 1700000100.0, "[2001:db8::1]:50000", "legacy")
 LAB_JSON = {
     "client_id": "lab",
     "wire_protocol": "native",
