@@ -137,7 +137,7 @@ class Demo:
     async def run(self):
         from grpcmux.client import Tunnel, TunnelClientService
         from grpcmux.registry import ClientRegistry
-        from grpcmux.rpc.service import ProxyService
+        from grpcmux.proxy import ProxyService
         from grpcmux.server import MultiplexerServer
 
         args, reactor = self.args, self.reactor
@@ -151,7 +151,8 @@ class Demo:
         )
         multiplexer_address = dial_address(args.multiplexer_listener, server.port.getHost().port)
         proxy = self._start(
-            ProxyService(reactor, registry, args.proxy_listener, shutdown_grace=_STOP_GRACE),
+            ProxyService(reactor, registry, args.proxy_listener, tunnels=server.tunnel_for,
+                         shutdown_grace=_STOP_GRACE),
             "proxy endpoint",
         )
         proxy_address = dial_address(args.proxy_listener, proxy.port)

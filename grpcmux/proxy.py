@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from grpcmux.addresses import describe_address, listen_now, server_endpoint
 from grpcmux.http2.config import H2Config
+from grpcmux.http2.connection import Budget
 from grpcmux.http2.router import Router, RouterLimits
 from grpcmux.http2.status import CallRefused, NOT_FOUND
 from grpcmux.http2.targets import EndpointTarget
@@ -58,6 +59,7 @@ class ProxyService(Service):
         runtime_dir=None,
         caller_config=None,
         upstream_config=None,
+        buffer_budget=256 * 1024 * 1024,
     ):
         self._reactor = reactor
         self._registry = registry
@@ -67,13 +69,14 @@ class ProxyService(Service):
         self.tls = tls
         self.tokens = tokens
         self._runtime_dir = RuntimeDir(runtime_dir)
-        self._limits = RouterLimits(max_concurrent_calls, max_calls_per_client, max_message_size)
+        self.limits = RouterLimits(max_concurrent_calls, max_calls_per_client, max_message_size)
         self._routing = dict(authority_domain=authority_domain,
                              default_client_id=default_client_id)
         self._observer = observer
         self._caller_config = caller_config or H2Config()
         self._upstream_config = upstream_config or H2Config(
             idle_timeout=0, preface_timeout=0, control_burst=10**6, control_rate=10**5)
+        self.budget = Budget(buffer_budget)
         self.router = None
         self.local = None
         self.listening_port = None
@@ -91,14 +94,19 @@ class ProxyService(Service):
             local = EndpointTarget(UNIXClientEndpoint(self._reactor, self.local.socket_path))
             self.router = Router(
                 self._reactor, self._registry, self._tunnels, local,
-                self._caller_config, self._upstream_config, limits=self._limits,
-                tokens=self.tokens, observer=self._observer, instance=os.urandom(8).hex().encode(),
+                self._caller_config, self._upstream_config, limits=self.limits,
+                tokens=self.tokens, observer=self._observer, budget=self.budget,
+                instance=os.urandom(8).hex().encode(),
                 **self._routing)
             factory = self.router.factory
             if self.tls is not None:
                 factory = TLSMemoryBIOFactory(self.tls.options(), False, factory)
-            self.listening_port = listen_now(server_endpoint(self._reactor, self.listen_address),
-                                              factory)
+            try:
+                endpoint = server_endpoint(self._reactor, self.listen_address)
+            except ValueError as error:
+                raise OSError(f"proxy endpoint cannot listen on {self.listen_address!r}: "
+                              f"{error}") from None
+            self.listening_port = listen_now(endpoint, factory)
         except BaseException:
             self._runtime_dir.remove()
             raise
@@ -107,7 +115,7 @@ class ProxyService(Service):
         super().startService()
         self._log.info("proxy endpoint listening on {address} ({security}; local services "
                        "in {runtime_dir})", address=describe_address(self.listening_port.getHost()),
-                       security=self._describe_security(), runtime_dir=path)
+                       security=self._describe_security(), runtime_dir=path, port=self.port)
         if self.tokens is not None and self.tls is None:
             self._log.warn("proxy tokens are checked but travel in plaintext: "
                            "serve the proxy endpoint over TLS (--proxy-tls-cert)")
@@ -142,6 +150,7 @@ class ProxyService(Service):
         router, self.router = self.router, None
         port, self.listening_port = self.listening_port, None
         stopped = port.stopListening() if port is not None else succeed(None)
+        self.local.begin_shutdown()
         router.drain()
         drained = _all_closed(router.callers)
         timer = self._reactor.callLater(self.shutdown_grace, drained.cancel)

@@ -77,7 +77,6 @@ def test_server_defaults(dirs):
         "client_id_from_cert": False,
         "auth_tokens": None,
         "allow_legacy_clients": False,
-        "proxy_workers": 0,
         "shutdown_grace": 10.0,
         "metrics_listener": None,
         "keepalive_interval": 30.0,
@@ -221,7 +220,6 @@ def test_all_server_keys_from_file(dirs, tmp_path):
         "proxy-tls-key: /etc/grpcmux/proxy.key\n"
         "proxy-tls-client-ca: /etc/grpcmux/callers-ca.pem\n"
         "proxy-auth-tokens: /etc/grpcmux/proxy-tokens.yaml\n"
-        "proxy-workers: 2\n"
         "shutdown-grace: 0\n"
         "log-level: warning\n"
         "log-format: json\n"
@@ -239,7 +237,6 @@ def test_all_server_keys_from_file(dirs, tmp_path):
         proxy_tls_key="/etc/grpcmux/proxy.key",
         proxy_tls_client_ca="/etc/grpcmux/callers-ca.pem",
         proxy_auth_tokens="/etc/grpcmux/proxy-tokens.yaml",
-        proxy_workers=2,
         shutdown_grace=0.0,
         log_level="warning",
         log_format="json",
@@ -409,10 +406,6 @@ def test_bad_default_client_id_from_env(dirs):
          "--max-message-size: expected a positive whole number, got '0'"),
         ({"max_message_size": "4MB"},
          "--max-message-size: expected a positive whole number, got '4MB'"),
-        ({"proxy_workers": "-1"},
-         "--proxy-workers: expected a whole number, zero or more, got '-1'"),
-        ({"proxy_workers": "two"},
-         "--proxy-workers: expected a whole number, zero or more, got 'two'"),
         ({"authority_domain": "not a domain"},
          "--authority-domain: expected a DNS domain name such as grpcmux.example.com, "
          "got 'not a domain'"),
@@ -478,8 +471,6 @@ def write(tmp_path, text):
          "key 'max-message-size': expected a positive whole number, got a number"),
         ("max-message-size: -3\n",
          "key 'max-message-size': expected a positive whole number, got -3"),
-        ("proxy-workers: 1.5\n",
-         "key 'proxy-workers': expected a whole number, zero or more, got a number"),
         ("log-level: verbose\n",
          "key 'log-level': expected one of debug, info, warning, error, got 'verbose'"),
         ("proxy_listener: x:1\n",

@@ -20,10 +20,11 @@ class H2Config:
     #: a request over it is refused with RESOURCE_EXHAUSTED, the connection stays.
     max_header_list_size: int = 64 * 1024
     #: Largest header block as sent (HEADERS + CONTINUATION), and the most a block
-    #: may expand to when decoded: past either the connection is closed.
-    max_header_block: int = 1024 * 1024
-    #: CONTINUATION frames one header block may take.
-    max_continuations: int = 64
+    #: may expand to when decoded: past either the connection is closed. Blocks
+    #: up to it are decoded whole (the HPACK table must stay in step) and refused.
+    max_header_block: int = 4 * 1024 * 1024
+    #: CONTINUATION frames one header block may take (a 4 MiB block in 16 KiB frames).
+    max_continuations: int = 256
     #: Our HPACK dynamic table (SETTINGS_HEADER_TABLE_SIZE), and the most of the
     #: peer's table size we use when encoding for it.
     header_table_size: int = 4096

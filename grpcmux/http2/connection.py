@@ -124,6 +124,38 @@ class Stream:
         return f"<Stream {self.id} on {self.connection!r}>"
 
 
+class Budget:
+    """What the router holds in all, unsent, across every connection it runs.
+
+    Past ``limit`` bytes, stream credits are held back (not refused) until the
+    total falls below it again: senders wait, nothing is dropped, and no stream
+    can keep more than its window anyway.
+    """
+
+    __slots__ = ("limit", "held", "_deferred")
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.held = 0
+        self._deferred = deque()  # (connection, stream, count) credits held back
+
+    @property
+    def over(self):
+        return self.held > self.limit
+
+    def add(self, count):
+        self.held += count
+
+    def remove(self, count):
+        self.held -= count
+        while self._deferred and not self.over:
+            connection, stream, credit = self._deferred.popleft()
+            connection.credit(stream, credit)
+
+    def defer(self, connection, stream, count):
+        self._deferred.append((connection, stream, count))
+
+
 class _TokenBucket:
     """A rate with a burst: ``take()`` is False once the burst is spent."""
 
@@ -372,6 +404,9 @@ class H2Connection(Protocol):
     def credit(self, stream, count):
         """Let the peer send ``count`` more bytes on ``stream`` (they were forwarded)."""
         if stream.remote_closed or stream.reset or self.closed:
+            return
+        if self.budget is not None and self.budget.over:
+            self.budget.defer(self, stream, count)
             return
         stream._credit += count
         if stream._credit * 2 >= self.config.initial_window:

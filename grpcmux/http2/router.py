@@ -42,10 +42,11 @@ from .upstream import UpstreamPool
 
 CLIENT_ID_KEY = b"client-id"
 TOKEN_KEY = PROXY_TOKEN_METADATA_KEY.encode("ascii")
-#: Added to every request the router forwards: a request that comes back to the
-#: same router (a client whose gRPC server is this proxy) is refused, not looped.
-VIA_KEY = b"grpcmux-via"
-MAX_HOPS = 4
+#: Every forwarded request carries this router's pseudonym in ``via`` (RFC 9110
+#: section 7.6.3, as HTTP proxies do): a request that comes back to the same router
+#: (a client whose gRPC server is this proxy) is refused instead of looping.
+VIA_KEY = b"via"
+MAX_HOPS = 8
 UNAUTHENTICATED_DETAILS = (
     f"a valid proxy token is required in the metadata '{PROXY_TOKEN_METADATA_KEY}'")
 
@@ -274,7 +275,7 @@ class Router:
 
     def __init__(self, clock, registry, tunnels, local, caller_config, upstream_config,
                  limits=None, tokens=None, authority_domain=None, default_client_id=None,
-                 budget=None, observer=None, instance=b""):
+                 budget=None, observer=None, instance=b"proxy"):
         self._clock = clock
         self._registry = registry
         self._tunnels = tunnels
@@ -288,7 +289,7 @@ class Router:
         self._default_client_id = default_client_id
         self._budget = budget
         self._observer = observer
-        self._instance = instance
+        self._via = b"2 grpcmux-" + instance
         self._local_pool = UpstreamPool(local, upstream_config, clock, budget)
         self._pools = {}  # client id -> pool of its current tunnel
         self.callers = set()
@@ -324,10 +325,10 @@ class Router:
             self._count("", "INTERNAL", 0.0)
             return None
         try:
-            if _header_list_size(headers) > self._caller_config.max_header_list_size:
-                raise CallRefused(RESOURCE_EXHAUSTED,
-                                  "request metadata larger than "
-                                  f"{self._caller_config.max_header_list_size} bytes")
+            size, limit = _header_list_size(headers), self._caller_config.max_header_list_size
+            if size > limit:
+                raise CallRefused(RESOURCE_EXHAUSTED, f"request metadata of {size} bytes is "
+                                  f"larger than the limit of {limit}")
             pool, label, forwarded = self._route(request)
         except CallRefused as refusal:
             connection.send_headers(stream, trailers_only(refusal.code, refusal.message), True)
@@ -344,8 +345,8 @@ class Router:
     def _route(self, request):
         """(pool, label, headers to forward) for a request; CallRefused if none."""
         path = request.path
-        hops = request.values(VIA_KEY)
-        if self._instance in hops or len(hops) >= MAX_HOPS:
+        hops = [hop.strip() for value in request.values(VIA_KEY) for hop in value.split(b",")]
+        if self._via in hops or len(hops) >= MAX_HOPS:
             raise CallRefused(FAILED_PRECONDITION,
                               "call loop: this call already passed through this grpcmux "
                               "proxy (is a client's --grpc-server-address this proxy?)")
@@ -420,12 +421,17 @@ class Router:
                    (b":path", request.path)]
         if request.authority is not None:
             headers.append((b":authority", request.authority))
+        via = []
         for field in request.fields:
             name = field[0]
             if name == CLIENT_ID_KEY or name == b"host" or (name == TOKEN_KEY and not keep_token):
                 continue
+            if name == VIA_KEY:
+                via.append(field[1])
+                continue
             headers.append(field)
-        headers.append((VIA_KEY, self._instance))
+        via.append(self._via)
+        headers.append((VIA_KEY, b", ".join(via)))
         return headers
 
     def _pool_for(self, client_id, target):
@@ -447,7 +453,7 @@ class Router:
         if graceful:
             pool.retire()
         else:
-            pool.close()
+            pool.close(abort=True)
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -475,6 +481,10 @@ class Router:
 
     def calls_to(self, client_id):
         return self._per_client.get(client_id, 0)
+
+    def upstream_clients(self):
+        """The ids of the clients the router has upstream pools for."""
+        return set(self._pools)
 
     def upstream_connections(self):
         pools = [self._local_pool, *tuple(self._pools.values())]

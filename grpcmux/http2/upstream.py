@@ -22,6 +22,8 @@ from collections import deque
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from grpcmux.yamux.session import tune_transport
+
 from .connection import H2Connection
 
 
@@ -54,7 +56,11 @@ class UpstreamPool:
         self._factory = _ConnectionFactory(self)
 
     def __repr__(self):
-        return f"<UpstreamPool {self.target.label!r}>"
+        return f"<UpstreamPool {self.describe()}>"
+
+    def describe(self):
+        label = self.target.label
+        return f"client {label}" if label else "the local services"
 
     def request(self, call):
         """Give ``call`` a stream now (``call.upstream_opened(connection)``) or soon."""
@@ -94,10 +100,15 @@ class UpstreamPool:
 
     def new_connection(self):
         connection = H2Connection(self._config, self._clock, is_client=True, budget=self._budget)
+        connection.on_made = self._made
         connection.on_capacity = self._serve_waiting
         connection.on_settings = self._serve_waiting
         connection.on_closed = lambda reason: self._lost(connection, reason)
         return connection
+
+    @staticmethod
+    def _made(connection):
+        tune_transport(connection.transport)
 
     def _connected(self, connection):
         self._connecting -= 1
@@ -111,8 +122,8 @@ class UpstreamPool:
 
     def _connect_failed(self, failure):
         self._connecting -= 1
-        self._log.info("cannot connect to upstream {target}: {reason}",
-                       target=self.target.label or "local services", reason=failure.value)
+        self._log.info("cannot open a connection to {upstream}: {reason}",
+                       upstream=self.describe(), reason=failure.value)
         code, message = self.target.failure(None, failure.value)
         self._fail_waiting(code, message)
 
@@ -150,12 +161,16 @@ class UpstreamPool:
             for connection in self.connections:
                 connection.go_away()
 
-    def close(self):
-        """Fail waiting calls and drain every connection."""
+    def close(self, abort=False):
+        """Fail waiting calls and drain every connection (``abort``: cut them, and
+        the calls on them fail as the target says)."""
         if self.closed:
             return
         self.closed = True
         self._fail_waiting(*self.target.failure(None, None))
         for connection in list(self.connections):
-            connection.drain()
+            if abort:
+                connection.abort()
+            else:
+                connection.drain()
 

@@ -56,11 +56,17 @@ class LocalServices:
             raise
 
     def _run_loop(self):
-        asyncio.set_event_loop(self._loop)
+        loop = self._loop
+        asyncio.set_event_loop(loop)
         try:
-            self._loop.run_forever()
+            loop.run_forever()
         finally:
-            self._loop.close()
+            # grpc's own tasks end with the loop, not destroyed while pending.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
 
     async def _start(self):
         self._discovery = AsyncDiscoveryServicer(self._reactor, self._registry, self._tokens)
@@ -77,6 +83,18 @@ class LocalServices:
         for name in ("", DISCOVERY_SERVICE):
             await self._health.set(name, _SERVING)
         self._server = server
+
+    def begin_shutdown(self):
+        """Health says NOT_SERVING and Watch streams end (status OK): they never
+        end by themselves, and calls must end for the proxy to drain."""
+        if self._server is None:
+            return
+
+        async def begin():
+            await self._health.enter_graceful_shutdown()
+            self._discovery.close()
+
+        asyncio.run_coroutine_threadsafe(begin(), self._loop)
 
     def set_serving(self, service, serving):
         """Set a health status (e.g. ``grpcmux.cluster``) from the reactor."""
