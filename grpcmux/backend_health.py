@@ -615,10 +615,12 @@ class BackendHealthChecker(Service):
         elif health == SERVING:
             self._log.info("gRPC server {address} is serving ({detail})",
                            address=self.address, detail=detail)
+        elif health == NOT_SERVING:
+            self._log.warn("gRPC server {address} is down: {detail}",
+                           address=self.address, detail=detail)
         else:
-            self._log.warn("gRPC server {address} is {health}: {detail}",
-                           address=self.address, health=health.replace("_", " "),
-                           detail=detail)
+            self._log.info("gRPC server {address} reports its health as unknown",
+                           address=self.address)
         if self._control is not None:
             self._control.report_backend_health(_TO_REPORT[health], detail)
 

@@ -65,6 +65,7 @@ from grpcmux.registry import (
     ClientRegistry,
 )
 from grpcmux.rpc.discovery import _Subscription, server_details
+from grpcmux.server import MultiplexerServer
 
 ADDRESS = "127.0.0.1:50051"
 Status = health_pb2.HealthCheckResponse.ServingStatus
@@ -635,6 +636,22 @@ def test_record_health_logs_changes_only(log_events):
     lines = [e for e in log_events if e.get("log_namespace") == "grpcmux.backend_health"]
     assert [e["log_format"] for e in lines] == [
         "client {client_id} reports its gRPC server down: {detail!r}"]
+
+
+def test_only_the_current_connection_of_an_id_reports():
+    registry = ClientRegistry()
+    registry.add(info())
+    server = MultiplexerServer(Clock(), registry, "tcp:0")
+
+    class Connection:
+        client_id = "edge"
+
+    current, replaced = Connection(), Connection()
+    server._by_id["edge"] = current
+    server.health_reported(replaced, NOT_SERVING, "a late word from a replaced session")
+    assert registry.get("edge").health == UNKNOWN
+    server.health_reported(current, NOT_SERVING, "refused")
+    assert registry.get("edge").health == NOT_SERVING
 
 
 def test_discovery_shows_health_and_watchers_of_updates_see_changes():
