@@ -20,11 +20,12 @@ import struct
 import time
 from collections import deque
 
-from hpack import Decoder, Encoder, HPACKError, OversizedHeaderListError
+from hpack import HPACKError, OversizedHeaderListError
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+from .hpack_cache import CachingDecoder, CachingEncoder
 from .frames import (
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_WINDOW,
@@ -70,6 +71,9 @@ from .frames import (
 _U32 = struct.Struct(">L")
 _SETTING = struct.Struct(">HL")
 _GOAWAY = struct.Struct(">LL")
+# Control frames a peer earns with each HEADERS or DATA it sends and each DATA we
+# send it: window updates, and grpc's BDP pings, come with traffic; a flood does not.
+_EARNED_CONTROLS = 4
 # Stream ids run out at 2^31 - 1; an upstream connection stops taking new streams
 # this many ids before, so a fresh connection is ready in time.
 _LAST_USABLE_STREAM_ID = 2**31 - 1 - 2 * 1000
@@ -157,7 +161,8 @@ class Budget:
 
 
 class _TokenBucket:
-    """A rate with a burst: ``take()`` is False once the burst is spent."""
+    """A rate with a burst: ``take()`` is False once the burst is spent; ``give()``
+    adds tokens up to the burst (traffic that earns its control frames)."""
 
     __slots__ = ("_rate", "_burst", "_tokens", "_stamp", "_now")
 
@@ -177,6 +182,9 @@ class _TokenBucket:
             return False
         self._tokens = tokens - 1
         return True
+
+    def give(self, count):
+        self._tokens = min(self._burst, self._tokens + count)
 
 
 class H2Connection(Protocol):
@@ -205,9 +213,8 @@ class H2Connection(Protocol):
         self.peer_max_header_list = None
         self.send_window = DEFAULT_WINDOW
         self._recv_unacked = 0
-        self._decoder = Decoder(max_header_list_size=config.max_header_block)
-        self._decoder.max_allowed_table_size = config.header_table_size
-        self._encoder = Encoder()
+        self._decoder = CachingDecoder(config.max_header_block, config.header_table_size)
+        self._encoder = CachingEncoder()
         self._next_stream_id = 1 if is_client else 2
         self.last_peer_stream_id = 0
         self._buffer = b""
@@ -371,7 +378,7 @@ class H2Connection(Protocol):
             self._local_end(stream)
 
     def _write_headers(self, stream, headers, end_stream):
-        block = self._encoder.encode(headers, huffman=False)
+        block = self._encoder.encode(headers)
         limit = self.peer_max_frame_size
         flags = FLAG_END_STREAM if end_stream else 0
         if len(block) <= limit:
@@ -448,6 +455,7 @@ class H2Connection(Protocol):
             end = not pending and stream._end_pending and stream._trailers_pending is None
             frames.append(frame_header(size, TYPE_DATA, FLAG_END_STREAM if end else 0, stream.id))
             frames.append(piece)
+            self._controls.give(_EARNED_CONTROLS)  # the peer answers DATA with WINDOW_UPDATE
         if not pending:
             if stream._blocked:
                 stream._blocked = False
@@ -605,7 +613,9 @@ class H2Connection(Protocol):
             self._recv_unacked = 0
         data = _unpad(flags, payload) if flags & FLAG_PADDED else payload
         end_stream = bool(flags & FLAG_END_STREAM)
-        if not data and not end_stream:
+        if data:
+            self._controls.give(_EARNED_CONTROLS)
+        elif not end_stream:
             self._control()
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
@@ -681,7 +691,7 @@ class H2Connection(Protocol):
 
     def _decode(self, block):
         try:
-            headers = self._decoder.decode(block, raw=True)
+            headers = self._decoder.decode(block)
         except OversizedHeaderListError:
             raise H2ConnectionError(ERROR_ENHANCE_YOUR_CALM, "header list too large") from None
         except (HPACKError, IndexError, ValueError) as error:
@@ -690,6 +700,7 @@ class H2Connection(Protocol):
 
     def _header_block_done(self, stream_id, flags, block):
         headers = self._decode(block)  # always, to keep the HPACK table in step
+        self._controls.give(_EARNED_CONTROLS)
         end_stream = bool(flags & FLAG_END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is None:

@@ -59,6 +59,9 @@ class UpstreamPool:
         return f"<UpstreamPool {self.describe()}>"
 
     def describe(self):
+        name = getattr(self.target, "name", None)
+        if name is not None:
+            return f"grpcmux node {name}"
         label = self.target.label
         return f"client {label}" if label else "the local services"
 
