@@ -551,5 +551,6 @@ def make_service(settings, reactor):
     metrics.track_proxy(proxy)
     metrics_service = None
     if settings.metrics_listener:
-        metrics_service = MetricsService(reactor, settings.metrics_listener, metrics.registry)
+        metrics_service = MetricsService(reactor, settings.metrics_listener, metrics.registry,
+                                         status=metrics)
     return ServerService(multiplexer, proxy, metrics_service)

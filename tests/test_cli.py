@@ -22,7 +22,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from grpcmux import __version__, cli
+from grpcmux import __version__, cli, listing
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.registry import ClientInfo
 from mux_stack import TIMEOUT
@@ -166,14 +166,14 @@ async def test_python_m_grpcmux_list(reactor, mux):
 
 def test_servers_of_a_go_server_listing_ids_only():
     response = discovery_pb2.ListGRPCServerResponse(servers=["a", "b"])
-    servers = cli.servers_of(response)
+    servers = listing.servers_of(response)
     assert [s.as_json() for s in servers] == [
         {"client_id": i, "wire_protocol": "", "remote_address": "", "connected_since": None,
          "labels": {}, "health": "unknown"}
         for i in ("a", "b")
     ]
     out = io.StringIO()
-    cli.write_table(out, servers)
+    listing.write_table(out, servers)
     rows = [line.split() for line in out.getvalue().splitlines()[1:]]
     assert rows == [["a", "-", "unknown", "-", "-", "-"], ["b", "-", "unknown", "-", "-", "-"]]
 
