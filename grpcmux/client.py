@@ -40,6 +40,7 @@ from grpcmux.metrics import (
     MetricsService,
     reject_reason,
 )
+from grpcmux.preface import PrefaceGuard, judge_multiplexer_server
 from grpcmux.splice import SpliceProtocol, splice
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.session import YamuxSession, tune_transport
@@ -204,9 +205,9 @@ class Tunnel(Factory):
         self._last_problem = None
 
     def buildProtocol(self, addr):
-        return _TunnelSession(
+        return PrefaceGuard(_TunnelSession(
             self, is_client=True, config=self.yamux_config, clock=self._reactor
-        )
+        ), judge_multiplexer_server)  # an HTTP/2 or TLS answer: told so (grpcmux.preface)
 
     def when_admitted(self):
         """A Deferred firing with the next session the server admits."""

@@ -11,6 +11,7 @@ option and what was expected, so ``twistd`` can print it as a usage error.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from dataclasses import dataclass
@@ -595,10 +596,13 @@ def _check_server_security(settings: ServerSettings) -> None:
         if settings.tls_cert:
             tls_options = server_options(
                 settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except TLSConfigError as error:
+        raise ConfigError(str(error))
+    try:
         if settings.auth_tokens:
             tokens = ClientTokens.load(settings.auth_tokens)
-    except (TLSConfigError, TokenFileError) as error:
-        raise ConfigError(str(error))
+    except TokenFileError as error:
+        raise ConfigError(f"--auth-tokens {error}")
     object.__setattr__(settings, "tls_options", tls_options)
     object.__setattr__(settings, "client_tokens", tokens)
 
@@ -816,6 +820,37 @@ def load_client_settings(
                  home, etc_dir)
 
 
+# GRPCMUX_* variables the ``grpcmux`` command reads (beyond the options' own).
+COMMAND_ENVIRONMENT = ("GRPCMUX_PROXY_ADDRESS", "GRPCMUX_TOKEN")
+
+
+def nearest(name: str, candidates: Sequence[str]) -> Optional[str]:
+    """The candidate a misspelled *name* most likely meant (or one it abbreviates)."""
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.7)
+    return (close or sorted(c for c in candidates if c.startswith(name))[:1] or [None])[0]
+
+
+def environment_warnings(environ: Optional[Mapping[str, str]] = None) -> list:
+    """One line per GRPCMUX_* variable that no grpcmux program reads.
+
+    A misspelled variable would otherwise be ignored without a word; the line
+    names the nearest known variable.  Server and client variables are known to
+    both (one environment file often serves both units).
+    """
+    environ = os.environ if environ is None else environ
+    known = {o.env for o in SERVER_OPTIONS + CLIENT_OPTIONS}.union(COMMAND_ENVIRONMENT)
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        # Compared without the prefix, which every candidate shares.
+        close = nearest(name[len(ENV_PREFIX):], [k[len(ENV_PREFIX):] for k in known])
+        hint = f"; did you mean {ENV_PREFIX}{close}?" if close else ""
+        warnings.append(f"environment variable {name} is not a grpcmux setting and is "
+                        f"ignored{hint}")
+    return warnings
+
+
 def default_of(settings_class: type, option: _Option) -> Any:
     """The default value of the settings field an option fills."""
     for field in dataclasses.fields(settings_class):
@@ -832,6 +867,8 @@ __all__ = [
     "ServerSettings",
     "config_search_path",
     "default_of",
+    "environment_warnings",
+    "nearest",
     "load_client_settings",
     "load_server_settings",
     "read_config_file",

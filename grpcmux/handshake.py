@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
+from grpcmux.preface import WrongEndpoint
 
 MAGIC = b"\x00GRPCMUX\x01"
 WIRE_NATIVE = "native"
@@ -372,9 +373,20 @@ class NativeClientHandshake(Protocol):
             self.result.errback(error)
 
     def connectionLost(self, reason=None):
-        self._finish(
-            HandshakeFailed(f"the server closed the control stream without a Welcome; {LEGACY_HINT}")
-        )
+        why = _wrong_endpoint(self.transport)
+        self._finish(HandshakeFailed(
+            why or f"the server closed the control stream without a Welcome; {LEGACY_HINT}"))
+
+
+def _wrong_endpoint(stream):
+    """What :class:`grpcmux.preface.PrefaceGuard` found, if it closed *stream*'s session."""
+    session = getattr(stream, "session", None)
+    if session is None or not session.closed:
+        return None
+    reason = []
+    session.when_closed().addBoth(reason.append)  # fired already: the session is closed
+    value = getattr(reason[0], "value", reason[0]) if reason else None
+    return str(value) if isinstance(value, WrongEndpoint) else None
 
 
 class LegacyClientHandshake(_Preamble):

@@ -19,12 +19,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from grpcmux import __version__, tls
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
-from grpcmux.addresses import describe_address, listen_now, server_endpoint
+from grpcmux.addresses import describe_address
 from grpcmux.admission import Admission
 from grpcmux.backend_health import ReportedHealth, record_health
 from grpcmux.handshake import WIRE_NATIVE, HandshakeRejected, ServerHandshake
 from grpcmux.http2.targets import TunnelTarget
 from grpcmux.ids import client_id_problem
+from grpcmux.listening import StartupError, listen
+from grpcmux.preface import PrefaceGuard, judge_multiplexer_client
 from grpcmux.metrics import (
     ACCEPTED,
     FAILED,
@@ -221,22 +223,57 @@ class _ClientConnection:
                 "client {client_id} disconnected ({reason})",
                 client_id=self.client_id,
                 remote_address=self.remote_address,
-                reason=reason or "closed",
+                reason=_reason_text(reason),
             )
 
 
+def _reason_text(reason):
+    """Why a session ended, as a log line's parenthesis: "connection was closed
+    cleanly", not Twisted's "Connection was closed cleanly."."""
+    text = str(getattr(reason, "value", reason) or "closed").strip().rstrip(".")
+    return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
+
+
 class _SessionFactory(Factory):
+    """A yamux session per connection, behind a check of the first bytes (a gRPC
+    caller or a TLS mismatch is told which endpoint or setting to use)."""
+
     noisy = False
 
     def __init__(self, server):
         self._server = server
+        tls_port = server.tls_options is not None
+        self._judge = lambda data: judge_multiplexer_client(data, tls_port, inside_tls=tls_port)
 
     def buildProtocol(self, addr):
         session = YamuxSession(
             is_client=False, config=self._server.yamux_config, clock=self._server.clock
         )
         self._server.connection_accepted(session, addr)
-        return session
+        return PrefaceGuard(session, self._judge, describe_address)
+
+
+class _PlaintextCheck(Factory):
+    """In front of a TLS endpoint's factory: a client without --tls is told so."""
+
+    noisy = False
+
+    def __init__(self, tls_factory):
+        self._tls_factory = tls_factory
+
+    def doStart(self):
+        self._tls_factory.doStart()
+
+    def doStop(self):
+        self._tls_factory.doStop()
+
+    def buildProtocol(self, addr):
+        protocol = self._tls_factory.buildProtocol(addr)
+        if protocol is None:
+            return None
+        return PrefaceGuard(
+            protocol, lambda data: judge_multiplexer_client(data, tls_port=True),
+            describe_address)
 
 
 class MultiplexerServer(Service):
@@ -277,12 +314,13 @@ class MultiplexerServer(Service):
     # service lifecycle
 
     def startService(self):
-        super().startService()
-        endpoint = server_endpoint(self.reactor, self._listener)
         factory = _SessionFactory(self)
         if self.tls_options is not None:
             factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
-        self.port = listen_now(endpoint, factory)
+            factory.noisy = False
+            factory = _PlaintextCheck(factory)
+        self.port = listen(self.reactor, self._listener, factory, "multiplexer-listener")
+        super().startService()
         self._log.info(
             "multiplexer endpoint listening on {address} ({transport}; {security})",
             address=describe_address(self.port.getHost()),
@@ -455,13 +493,32 @@ class ServerService(MultiService):
         self.multiplexer = multiplexer
         self.proxy = proxy
         self.metrics_service = metrics_service
+        # Started in this order: metrics needs nothing, and the proxy, which makes a
+        # runtime directory, comes last, so a listener that cannot be had stops
+        # start-up before anything is left behind.
+        if metrics_service is not None:
+            metrics_service.setName("metrics")
+            metrics_service.setServiceParent(self)
         multiplexer.setName("multiplexer")
         multiplexer.setServiceParent(self)
         proxy.setName("proxy")
         proxy.setServiceParent(self)
-        if metrics_service is not None:
-            metrics_service.setName("metrics")
-            metrics_service.setServiceParent(self)
+
+    def startService(self):
+        try:
+            super().startService()
+        except BaseException:
+            self._abandon_start()
+            raise
+
+    def _abandon_start(self):
+        """A listener could not be had: stop what did start (nothing waits for it)."""
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            if service.running:
+                stopped = service.stopService()
+                if stopped is not None:
+                    stopped.addErrback(lambda _: None)  # twistd exits meanwhile
 
     def stopService(self):
         Service.stopService(self)

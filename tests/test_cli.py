@@ -250,6 +250,54 @@ def test_usage_errors_exit_2_with_one_line(argv, start):
     assert_one_line(err, start)
 
 
+@pytest.mark.parametrize("argv, line", [
+    (("list", "--proxy", "h:1"), "grpcmux list: unrecognized arguments: --proxy h:1; did you "
+                                 "mean --proxy-address? (see 'grpcmux list --help')"),
+    (("watch", "--no-rep"), "grpcmux watch: unrecognized arguments: --no-rep; did you mean "
+                            "--no-replay? (see 'grpcmux watch --help')"),
+    (("demo", "--keep"), "grpcmux demo: unrecognized arguments: --keep; did you mean "
+                         "--keep-running? (see 'grpcmux demo --help')"),
+])
+def test_option_names_are_never_abbreviated(argv, line):
+    assert run_now(*argv) == (2, "", line + "\n")
+
+
+def test_a_bad_proxy_address_variable_is_named():
+    err = io.StringIO()
+    status = cli.run(["list"], io.StringIO(), err, environ={"GRPCMUX_PROXY_ADDRESS": "nohost"})
+    assert status == 2
+    assert_one_line(err.getvalue(), "grpcmux list: environment variable GRPCMUX_PROXY_ADDRESS: "
+                                    "expected HOST:PORT")
+
+
+def run_with_environ(reactor, environ, *argv):
+    from twisted.internet.threads import deferToThread
+
+    def run():
+        out, err = io.StringIO(), io.StringIO()
+        return cli.run(list(argv), out, err, environ=environ), out.getvalue(), err.getvalue()
+
+    return deferToThread(run).addTimeout(TIMEOUT, reactor)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("command", ["list", "watch"])
+async def test_list_and_watch_read_the_proxy_address_variable(reactor, command):
+    address = f"127.0.0.1:{closed_port()}"
+    environ = {"GRPCMUX_PROXY_ADDRESS": address, "GRPCMUX_PROXY_ADRESS": "typo"}
+    status, out, err = await run_with_environ(reactor, environ, command)
+    assert (status, out) == (1, "")
+    warning, failure = err.splitlines()
+    assert warning == ("grpcmux: warning: environment variable GRPCMUX_PROXY_ADRESS is not a "
+                       "grpcmux setting and is ignored; did you mean GRPCMUX_PROXY_ADDRESS?")
+    assert failure.startswith(f"grpcmux {command}: cannot reach the grpcmux proxy at {address}")
+    # the option still wins over the variable
+    other = f"127.0.0.1:{closed_port()}"
+    status, out, err = await run_with_environ(
+        reactor, {"GRPCMUX_PROXY_ADDRESS": address}, command, "--proxy-address", other)
+    assert_one_line(err, f"grpcmux {command}: cannot reach the grpcmux proxy at {other}")
+
+
 def test_help_and_version_exit_0(capsys):
     assert cli.run(["--version"], io.StringIO(), io.StringIO()) == 0
     assert capsys.readouterr().out == f"grpcmux {__version__}\n"

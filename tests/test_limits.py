@@ -9,9 +9,11 @@ import grpc
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.handshake import MAGIC, MessageReader, encode_message
@@ -95,13 +97,14 @@ class Peer:
 
     def __init__(self, server, port):
         address = IPv4Address("TCP", "127.0.0.1", port)
-        self.session = _SessionFactory(server).buildProtocol(address)
+        self.connection = _SessionFactory(server).buildProtocol(address)
+        self.session = self.connection.protocol  # behind the first bytes' check
         self.transport = StringTransport(peerAddress=address)
-        self.session.makeConnection(self.transport)
+        self.connection.makeConnection(self.transport)
         self.frames = []
 
     def send(self, *frames):
-        self.session.dataReceived(b"".join(frames))
+        self.connection.dataReceived(b"".join(frames))
 
     def received(self):
         self.frames += read_frames(self.transport)
@@ -169,6 +172,16 @@ def test_beyond_max_clients_native_gets_resource_exhausted_legacy_is_dropped(tmp
     again.send(hello("second"))
     assert again.answers()[0].WhichOneof("kind") == "welcome"
     assert set(server.registry.snapshot) == {"second"}
+
+
+def test_a_departure_is_one_plain_line(tmp_path, log_events):
+    _, server = fake_server(tmp_path)
+    peer = Peer(server, 5006)
+    peer.send(hello("leaver"))
+    assert peer.answers()[0].WhichOneof("kind") == "welcome"
+    peer.connection.connectionLost(Failure(ConnectionDone()))
+    assert logged(log_events, "client leaver disconnected") == [
+        "client leaver disconnected (connection was closed cleanly)"]
 
 
 @pytest.mark.parametrize("admitted", [True, False])

@@ -9,11 +9,13 @@ from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent
 from twisted.web.client import Agent, readBody
 
 from grpcmux import client as client_module
 from grpcmux import server as server_module
 from grpcmux.config import ClientSettings, ConfigError, ServerSettings
+from grpcmux.listening import StartupError
 from grpcmux.metrics import ClientMetrics, MetricsService, ServerMetrics, reject_reason
 from grpcmux.registry import ClientRegistry
 from mux_stack import TIMEOUT
@@ -201,8 +203,20 @@ async def test_unknown_paths_are_not_found(reactor):
 
 
 def test_metrics_service_fails_at_start_on_a_bad_listener(reactor):
-    with pytest.raises(Exception):
+    with pytest.raises(StartupError, match="^--metrics-listener tcp:notaport: cannot listen"):
         MetricsService(reactor, "tcp:notaport", CollectorRegistry()).startService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scrape_logs_nothing(reactor, log_events):
+    http = serve(reactor, ServerMetrics())
+    try:
+        del log_events[:]
+        await scrape(reactor, http)
+        await scrape(reactor, http)
+    finally:
+        await http.stopService()
+    assert [formatEvent(e) for e in log_events if "metrics" in formatEvent(e)] == []
 
 
 # -- units: the server's handshake outcomes and byte counts on a fake clock ----------
@@ -212,10 +226,11 @@ def session_on_fake_clock(metrics):
     clock = task.Clock()
     server = server_module.MultiplexerServer(
         clock, ClientRegistry(), LOOPBACK, handshake_timeout=5.0, metrics=metrics)
-    session = server_module._SessionFactory(server).buildProtocol(
+    connection = server_module._SessionFactory(server).buildProtocol(
         IPv4Address("TCP", "127.0.0.1", 5555))
+    session = connection.protocol  # behind the first bytes' check
     transport = StringTransport()
-    session.makeConnection(transport)
+    connection.makeConnection(transport)
     return clock, server, session, transport
 
 

@@ -37,7 +37,13 @@ class H2Config:
     #: HEADERS or DATA frame either way earns it (window updates come with traffic).
     control_rate: float = 1000.0
     control_burst: int = 10000
-    #: Streams a peer may reset per second on average, and in one burst: more is
-    #: a rapid-reset attack (CVE-2023-44487) and closes the connection.
+    #: Streams a peer may reset (or make us reset with a stream error) per second on
+    #: average, and in one burst: more is a rapid-reset attack (CVE-2023-44487,
+    #: CVE-2025-8671) and closes the connection.
     reset_rate: float = 200.0
     reset_burst: int = 1000
+    #: SETTINGS frames a peer may send per second on average, and in one burst.
+    #: Traffic earns none (a peer sends a handful per connection), and each may
+    #: touch every open stream.
+    settings_rate: float = 10.0
+    settings_burst: int = 100

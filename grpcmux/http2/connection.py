@@ -22,8 +22,10 @@ from collections import deque
 
 from hpack import HPACKError, OversizedHeaderListError
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .hpack_cache import CachingDecoder, CachingEncoder
 from .frames import (
@@ -187,6 +189,7 @@ class _TokenBucket:
         self._tokens = min(self._burst, self._tokens + count)
 
 
+@implementer(IPushProducer)
 class H2Connection(Protocol):
     """The framing and state of one HTTP/2 connection, either role.
 
@@ -222,6 +225,7 @@ class H2Connection(Protocol):
         self.settings_received = False
         self._header_block = None  # (stream id, flags, fragments, size, count)
         self._blocked = deque()  # streams with DATA waiting for the connection window
+        self._paused = False  # our transport's buffer is full: DATA waits in its streams
         self.go_away_sent = False
         self.go_away_received = None  # last stream id the peer will process
         self.closed = False
@@ -229,6 +233,7 @@ class H2Connection(Protocol):
         self._preface_timer = None
         self._idle_timer = None
         self._controls = _TokenBucket(config.control_rate, config.control_burst, now)
+        self._settings = _TokenBucket(config.settings_rate, config.settings_burst, now)
         self._resets = _TokenBucket(config.reset_rate, config.reset_burst, now)
         self.on_made = None  # called with the connection once it has its transport
         self.on_settings = None  # called once the peer's first SETTINGS arrived
@@ -242,6 +247,10 @@ class H2Connection(Protocol):
     # -- lifecycle ------------------------------------------------------------
 
     def connectionMade(self):
+        # DATA goes out only while the transport takes it, so what a peer that stops
+        # reading costs us stays in its streams (within its windows, in the budget)
+        # and their senders are not credited for bytes stuck in a socket buffer.
+        self.transport.registerProducer(self, True)
         if self.on_made is not None:
             self.on_made(self)
         settings = [
@@ -432,8 +441,24 @@ class H2Connection(Protocol):
 
     # -- sending ------------------------------------------------------------
 
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        for stream in list(self.streams.values()):
+            if self._paused:
+                break
+            if stream._pending or stream._end_pending:
+                self._flush_stream(stream)
+
+    def stopProducing(self):
+        pass  # connectionLost follows
+
     def _flush_stream(self, stream):
         """Send what the windows allow of ``stream``'s pending DATA (then trailers)."""
+        if self._paused:
+            return
         sent = 0
         pending = stream._pending
         frames = []
@@ -618,8 +643,14 @@ class H2Connection(Protocol):
         elif not end_stream:
             self._control()
         stream = self.streams.get(stream_id)
-        if stream is None or stream.remote_closed:
-            self._unknown_stream(stream_id, "DATA")
+        if stream is None:
+            # Closed: DATA the peer sent before it saw our RST_STREAM or END_STREAM
+            # is ignored (RFC 9113 section 5.1); idle is an error.
+            if self._is_idle(stream_id):
+                raise H2ConnectionError(ERROR_PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
+            return
+        if stream.remote_closed:  # half-closed (remote): a stream error
+            self._stream_error(stream, ERROR_STREAM_CLOSED)
             return
         stream.recv_window -= length
         if stream.recv_window < 0:
@@ -648,7 +679,14 @@ class H2Connection(Protocol):
             return stream_id >= self._next_stream_id
         return stream_id > self.last_peer_stream_id
 
+    def peer_caused_reset(self):
+        """Count a reset the peer provoked (a stream error) as one it sent: past the
+        reset rate it is a rapid reset too ("MadeYouReset", CVE-2025-8671)."""
+        if not self.is_client and not self._resets.take():
+            raise H2ConnectionError(ERROR_ENHANCE_YOUR_CALM, "too many stream errors")
+
     def _stream_error(self, stream, code):
+        self.peer_caused_reset()
         handler = stream.handler
         self.reset_stream(stream, code)
         handler.stream_reset(stream, code)
@@ -766,8 +804,15 @@ class H2Connection(Protocol):
             return
         if len(payload) % 6:
             raise H2ConnectionError(ERROR_FRAME_SIZE_ERROR, "SETTINGS of bad size")
+        if not self._settings.take():
+            raise H2ConnectionError(ERROR_ENHANCE_YOUR_CALM, "too many SETTINGS frames")
+        # The last value of each setting counts: a frame that repeats one (2,730 fit in
+        # 16 KiB) must not cost a pass over every stream per repeat.
+        values = {}
         for offset in range(0, len(payload), 6):
             identifier, value = _SETTING.unpack_from(payload, offset)
+            values[identifier] = value
+        for identifier, value in values.items():
             self._setting(identifier, value)
         self.transport.write(frame_header(0, TYPE_SETTINGS, FLAG_ACK, 0))
         first = not self.settings_received
@@ -822,10 +867,13 @@ class H2Connection(Protocol):
             self.send_window += increment
             if self.send_window > MAX_WINDOW:
                 raise H2ConnectionError(ERROR_FLOW_CONTROL_ERROR, "connection window overflow")
-            blocked, self._blocked = self._blocked, deque()
-            for stream in blocked:
+            # Blocked streams take the window in turn (one still short goes to the
+            # back) and only while there is some: a 1-byte update is one send, not a
+            # pass over every blocked stream with the first one served each time.
+            blocked = self._blocked
+            while blocked and self.send_window > 0 and not self._paused:
+                stream = blocked.popleft()
                 stream._blocked = False
-            for stream in blocked:
                 if stream.id in self.streams:
                     self._flush_stream(stream)
             return

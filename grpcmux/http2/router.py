@@ -108,7 +108,10 @@ class Call:
         connection.send_headers(stream, self._headers, self._request_ended and not queued)
         self._headers = None
         for data, end in queued:
-            connection.send_data(stream, data, end)
+            if end is None:  # request trailers
+                connection.send_headers(stream, data, True)
+            else:
+                connection.send_data(stream, data, end)
 
     def upstream_failed(self, code, message):
         self.fail(code, message)
@@ -133,8 +136,7 @@ class Call:
         if self.upstream is not None:
             self.upstream.connection.send_headers(self.upstream, headers, True)
         elif self._queued is not None:
-            # Request trailers before the upstream opened: rare enough to keep simple.
-            self._queued.append((b"", True))
+            self._queued.append((headers, None))
 
     def _response_headers(self, headers, end_stream):
         first = not self.response_started
@@ -145,10 +147,11 @@ class Call:
                     self.caller.connection.send_headers(self.caller, headers, False)
                     return
             else:
+                if not end_stream:
+                    raise HeaderError("response trailers without END_STREAM")
                 check_trailers(headers)
         except HeaderError as error:
-            self._router.upstream_misbehaved(self, error)
-            self.fail(UNAVAILABLE, f"{self._router.describe(self)} sent a malformed response")
+            self._malformed_response(error)
             return
         self.response_started = True
         self.caller.connection.send_headers(self.caller, headers, end_stream)
@@ -172,6 +175,9 @@ class Call:
             elif self._queued is not None:
                 self._queued.append((data, end_stream))
         else:
+            if not self.response_started:
+                self._malformed_response(HeaderError("response DATA before its HEADERS"))
+                return
             self.bytes_out += len(data)
             if self._response_limit is not None and data:
                 try:
@@ -182,6 +188,10 @@ class Call:
             self.caller.connection.send_data(self.caller, data, end_stream)
             if end_stream:
                 self._finished("UNKNOWN")  # a response without trailers
+
+    def _malformed_response(self, error):
+        self._router.upstream_misbehaved(self, error)
+        self.fail(UNAVAILABLE, f"{self._router.describe(self)} sent a malformed response")
 
     def stream_drained(self, stream, count):
         if stream is self.upstream:
@@ -225,6 +235,7 @@ class Call:
         self._finished(code_name(code))
 
     def _protocol_error(self):
+        self.caller.connection.peer_caused_reset()
         self.caller.connection.reset_stream(self.caller, ERROR_PROTOCOL_ERROR)
         if self.upstream is not None:
             self.upstream.connection.reset_stream(self.upstream, ERROR_CANCEL)
@@ -369,7 +380,11 @@ class Router:
                               "the most allowed; retry later")
         if self._node_token is not None:
             return self._route_from_node(request)
-        named = self._named_client(request)
+        try:
+            named = self._named_client(request)
+        except CallRefused:
+            self._token_patterns(request)  # without a valid token: UNAUTHENTICATED first
+            raise
         if path.startswith(DISCOVERY_PREFIX) or (
                 named is None and path.startswith(UNROUTED_LOCAL_PREFIXES)):
             return self._local_pool, "", self._forwarded(request, keep_token=True)
