@@ -23,6 +23,7 @@ from grpcmux import __version__, tls
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.addresses import describe_address
 from grpcmux.admission import Admission
+from grpcmux.backend_health import ReportedHealth, record_health
 from grpcmux.handshake import WIRE_NATIVE, HandshakeRejected, ServerHandshake
 from grpcmux.http2.targets import TunnelTarget
 from grpcmux.ids import client_id_problem
@@ -96,8 +97,11 @@ class _ClientConnection:
         self.handshaking = True  # counted against max_handshakes
         self._departed = False
         self._draining = None  # LoopingCall once the client sent GoAway
+        self.health_reports = ReportedHealth(
+            server.clock, lambda health, detail: server.health_reported(self, health, detail))
         self.handshake = ServerHandshake(
-            self._hello_received, self._handshake_failed, self._make_inner_session
+            self._hello_received, self._handshake_failed, self._make_inner_session,
+            on_message=self.health_reports.received,
         )
         session.stream_factory = _FirstStreamOnly(self)
         self._timeout = server.clock.callLater(
@@ -248,6 +252,7 @@ class _ClientConnection:
             # A polite close waits until the peer has read what is buffered; one
             # that never reads would keep the connection (and its descriptor).
             self._server.linger(self, self.session.config.connection_write_timeout)
+        self.health_reports.stop()
         problem = tls.failure_reason(reason) if self.hello is None else None
         if problem is not None:
             self._log.warn(
@@ -587,6 +592,11 @@ class MultiplexerServer(Service):
             remote_address=connection.remote_address,
             wire_protocol=hello.wire_protocol,
         )
+
+    def health_reported(self, connection, health, detail):
+        """A client's report on its gRPC server; only its current registration counts."""
+        if self._by_id.get(connection.client_id) is connection:
+            record_health(self.registry, connection.client_id, health, detail)
 
     def retire(self, connection):
         """Unlist a leaving client (gracefully); a newcomer may take its id."""

@@ -24,7 +24,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from twisted.logger import Logger
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-from grpcmux.registry import CONNECTED, DISCONNECTED, ClientInfo
+from grpcmux.registry import (
+    CONNECTED,
+    DISCONNECTED,
+    NOT_SERVING,
+    SERVING,
+    UNKNOWN,
+    UPDATED,
+    ClientInfo,
+)
 from grpcmux.rpc.security import UNAUTHENTICATED_DETAILS
 from grpcmux.rpc.threads import ReactorUnavailable, await_in_reactor
 from grpcmux.tokens import ProxyTokens
@@ -32,6 +40,12 @@ from grpcmux.tokens import ProxyTokens
 _EVENTS = {
     CONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_CONNECTED,
     DISCONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_DISCONNECTED,
+    UPDATED: discovery_pb2.WatchGRPCServerResponse.EVENT_UPDATED,
+}
+_HEALTH = {
+    UNKNOWN: discovery_pb2.GRPCServer.HEALTH_UNKNOWN,
+    SERVING: discovery_pb2.GRPCServer.HEALTH_SERVING,
+    NOT_SERVING: discovery_pb2.GRPCServer.HEALTH_NOT_SERVING,
 }
 # Ends a watcher's stream: its call ended, or the server stops.
 _END = object()
@@ -55,6 +69,7 @@ def server_details(info: ClientInfo) -> discovery_pb2.GRPCServer:
         remote_address=info.remote_address,
         wire_protocol=info.wire_protocol,
         labels=dict(info.labels),
+        health=_HEALTH[info.health],
     )
 
 
@@ -95,12 +110,13 @@ class _Reader:
     """One Watch caller's place in the event log; ``wake()`` (any thread) tells it,
     when it waits, that something happened."""
 
-    __slots__ = ("position", "end_at", "wake")
+    __slots__ = ("position", "end_at", "wake", "updates")
 
-    def __init__(self, wake):
+    def __init__(self, wake, updates=False):
         self.position = None  # the sequence number of its next event
         self.end_at = None  # ending: its events before this one, then _END
         self.wake = wake
+        self.updates = updates  # it asked for UPDATED events (health changes)
 
 
 class _EventLog:
@@ -203,7 +219,7 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         if not self._events.join(reader):
             return None
         if self._unsubscribe is None:
-            self._unsubscribe = self._registry.subscribe(self._events.append)
+            self._unsubscribe = self._registry.subscribe(self._events.append, updates=True)
         if not replay:
             return ()
         snapshot = self._registry.snapshot
@@ -220,8 +236,9 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, _overflow_details(self._events.limit)
 
     @staticmethod
-    def _responses(batch, visible):
-        return [_watch_response(kind, info) for kind, info in batch if visible(info.client_id)]
+    def _responses(batch, visible, updates):
+        return [_watch_response(kind, info) for kind, info in batch
+                if visible(info.client_id) and (updates or kind != UPDATED)]
 
     def watching(self):
         """Watch calls in progress (that have joined the event log)."""
@@ -257,7 +274,7 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
             except RuntimeError:
                 pass  # the loop is closed: the server is gone
 
-        reader = _Reader(wake)
+        reader = _Reader(wake, updates=request.updates)
         try:
             try:
                 replay = await await_in_reactor(self._reactor, self._join, reader,
@@ -280,7 +297,7 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                     return
                 if batch is _OVERFLOW:
                     await context.abort(*self._fell_behind(context))
-                for response in self._responses(batch, visible):
+                for response in self._responses(batch, visible, reader.updates):
                     await context.write(response)
         finally:  # also when the caller cancels: the task is cancelled
             self._events.leave(reader)
