@@ -204,9 +204,9 @@ def make_parser() -> argparse.ArgumentParser:
     listing.set_defaults(run=_run_list)
 
     watch = commands.add_parser(
-        "watch", help="follow gRPC servers connecting and disconnecting",
-        description="Print one line per connect and disconnect (Discovery "
-                    "WatchGRPCServer) until Ctrl-C.")
+        "watch", help="follow gRPC servers connecting, disconnecting and changing health",
+        description="Print one line per connect, disconnect and health change "
+                    "(Discovery WatchGRPCServer) until Ctrl-C.")
     _discovery_options(watch)
     watch.add_argument("--no-replay", dest="replay", action="store_false",
                        help="do not start with the servers connected already")

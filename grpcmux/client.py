@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from grpcmux import __version__, tls
 from grpcmux.addresses import client_endpoint
+from grpcmux.backend_health import BackendHealthChecker
 from grpcmux.dialer import MultiplexerDialer
 from grpcmux.handshake import (
     WIRE_LEGACY,
@@ -201,6 +202,7 @@ class Tunnel(Factory):
         retry_policy=None,
         metrics=None,
         token=None,
+        backend_health=None,
     ):
         self._reactor = reactor
         self._token = token or ""
@@ -217,6 +219,9 @@ class Tunnel(Factory):
         self.backend = _Backend(
             reactor, grpc_server_address, client_id, self._close_if_drained, self.metrics
         )
+        self.backend_health = backend_health  # a BackendHealthChecker, or None
+        if backend_health is not None:  # no stream to a grpcmux proxy: a call would loop
+            self.backend._endpoint = backend_health.guard(self.backend._endpoint)
         self.retry_policy = retry_policy or default_retry_policy()
         self.session = None  # the admitted session, while there is one
         self.stopping = False
@@ -281,6 +286,8 @@ class Tunnel(Factory):
             self.handshake_timeout, control.timed_out, self.handshake_timeout
         )
         control.result.addBoth(_cancelling(timer))
+        if self.backend_health is not None:
+            control.result.addCallback(self.backend_health.welcomed, control)
         control.result.addCallbacks(
             lambda welcome: self._admitted(session, session, result),
             lambda failure: self._refused(failure, session, result, timed_out=timer.called))
@@ -481,6 +488,9 @@ def make_service(settings, reactor):
     if not client_id:
         client_id = random_client_id()
         Tunnel._log.info("no --client-id given; using {client_id}", client_id=client_id)
+    backend_health = BackendHealthChecker(
+        reactor, client_endpoint(reactor, settings.grpc_server_address),
+        settings.grpc_server_address)
     tunnel = Tunnel(
         reactor,
         client_id,
@@ -494,6 +504,7 @@ def make_service(settings, reactor):
             connection_write_timeout=settings.keepalive_timeout,
             max_stream_window_size=settings.stream_window,
         ),
+        backend_health=backend_health,
     )
     if settings.token and not settings.tls:
         Tunnel._log.warn("a token without --tls crosses the network in clear")
@@ -501,6 +512,7 @@ def make_service(settings, reactor):
         reactor, tunnel, shutdown_grace=settings.shutdown_grace,
         tls_creator_for=settings.tls_creator_for if settings.tls else None,
     )
+    backend_health.setServiceParent(service)
     if settings.metrics_listener:
         metrics = MetricsService(reactor, settings.metrics_listener, tunnel.metrics.registry)
         metrics.setName("metrics")

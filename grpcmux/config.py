@@ -374,6 +374,9 @@ _LIMIT_OPTIONS = (
     _Option("max-clients", "int", _positive_int,
             "Most multiplexer clients connected at once; more are refused "
             "(RESOURCE_EXHAUSTED)."),
+    _Option("max-handshakes", "int", _positive_int,
+            "Most multiplexer connections still in their handshake; further ones "
+            "wait in the listen backlog until one finishes."),
     _Option("max-streams-per-client", "int", _positive_int,
             "Most yamux streams open at once in one client's session; more are "
             "reset or fail."),
@@ -383,6 +386,9 @@ _LIMIT_OPTIONS = (
     _Option("max-calls-per-client", "int", _positive_int,
             "Most proxied calls in progress to one client; more fail with "
             "RESOURCE_EXHAUSTED."),
+    _Option("watch-queue-limit", "int", _positive_int,
+            "Discovery events kept for Watch callers: one that falls further behind "
+            "is ended with RESOURCE_EXHAUSTED (watch again with replay)."),
 )
 
 # Security of the multiplexer endpoint (README "Security").
@@ -541,9 +547,11 @@ class ServerSettings(_CommonSettings):
     handshake_timeout: float = 10.0
     duplicate_ping_timeout: float = 2.0
     max_clients: int = 10000
+    max_handshakes: int = 1000
     max_streams_per_client: int = 1000
     max_proxy_calls: int = 10000
     max_calls_per_client: int = 1000
+    watch_queue_limit: int = 10000
     # Proxy endpoint security: file paths (None: off).
     proxy_tls_cert: Optional[str] = None
     proxy_tls_key: Optional[str] = None

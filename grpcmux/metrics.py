@@ -28,7 +28,7 @@ from twisted.web.server import Site
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.listening import listen
-from grpcmux.registry import DISCONNECTED
+from grpcmux.registry import DISCONNECTED, HEALTH_VALUES
 
 # Handshake outcomes (the ``outcome`` label); ``reason`` is set for rejections only.
 ACCEPTED = "accepted"
@@ -290,6 +290,16 @@ class _ServerCollector:
         for protocol, count in sorted(by_protocol.items()):
             clients.add_metric([protocol], count)
         yield clients
+        health = GaugeMetricFamily(
+            "grpcmux_server_client_backend_health",
+            "Admitted clients by the health they report of their gRPC server "
+            "(unknown, serving, not_serving).", labels=["health"])
+        by_health = dict.fromkeys(HEALTH_VALUES, 0)
+        for info in snapshot.values():
+            by_health[info.health] += 1
+        for value, count in by_health.items():
+            health.add_metric([value], count)
+        yield health
         yield GaugeMetricFamily(
             "grpcmux_server_sessions", "Open yamux sessions with clients (admitted or not).",
             value=len(connections))
@@ -354,3 +364,12 @@ class _ClientCollector:
         yield GaugeMetricFamily(
             "grpcmux_client_connected", "1 while the server has admitted this client.",
             value=int(connected))
+        checker = getattr(self.tunnel, "backend_health", None)
+        if checker is not None:
+            health = GaugeMetricFamily(
+                "grpcmux_client_backend_health",
+                "1 for the health of the gRPC server as this client last checked it.",
+                labels=["health"])
+            for value in HEALTH_VALUES:
+                health.add_metric([value], int(checker.health == value))
+            yield health

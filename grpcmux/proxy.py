@@ -37,7 +37,8 @@ class ProxyService(Service):
     bounds the calls in progress, ``max_calls_per_client`` those to one client
     (None: no bound); beyond either, RESOURCE_EXHAUSTED. ``observer``, if given, is
     told of every call that ends (see :class:`Router`). ``tls`` (ServerTLS) and
-    ``tokens`` (ProxyTokens) secure the endpoint; None: off.
+    ``tokens`` (ProxyTokens) secure the endpoint; None: off. ``watch_queue_limit``:
+    registry changes kept for Discovery Watch callers (None: Discovery's default).
     """
 
     _log = Logger()
@@ -65,6 +66,7 @@ class ProxyService(Service):
         cluster_listener=None,
         node_token=None,
         cluster_tls=None,
+        watch_queue_limit=None,
     ):
         self._reactor = reactor
         self._registry = registry
@@ -91,6 +93,7 @@ class ProxyService(Service):
             idle_timeout=0, control_burst=10**6, control_rate=10**5)
         self.budget = Budget(buffer_budget)
         self._instance = os.urandom(8).hex().encode()  # this router's pseudonym in via
+        self.watch_queue_limit = watch_queue_limit
         self.router = None
         self.local = None
         self.listening_port = None
@@ -102,8 +105,10 @@ class ProxyService(Service):
 
         path = self._runtime_dir.create()
         try:
+            limit = {} if self.watch_queue_limit is None else {
+                "watch_queue_limit": self.watch_queue_limit}
             self.local = LocalServices(self._reactor, self._registry,
-                                       self._runtime_dir.socket_path(), self.tokens)
+                                       self._runtime_dir.socket_path(), self.tokens, **limit)
             self.local.start()
             local = EndpointTarget(UNIXClientEndpoint(self._reactor, self.local.socket_path))
             self.router = Router(

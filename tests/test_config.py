@@ -64,9 +64,11 @@ def test_server_defaults(dirs):
         "handshake_timeout": 10.0,
         "duplicate_ping_timeout": 2.0,
         "max_clients": 10000,
+        "max_handshakes": 1000,
         "max_streams_per_client": 1000,
         "max_proxy_calls": 10000,
         "max_calls_per_client": 1000,
+        "watch_queue_limit": 10000,
         "proxy_tls_cert": None,
         "proxy_tls_key": None,
         "proxy_tls_client_ca": None,
@@ -600,7 +602,8 @@ def test_client_id_rule(text):
 
 # -- limits ------------------------------------------------------------------------------
 
-LIMITS = ("max_clients", "max_streams_per_client", "max_proxy_calls", "max_calls_per_client")
+LIMITS = ("max_clients", "max_handshakes", "max_streams_per_client", "max_proxy_calls",
+          "max_calls_per_client", "watch_queue_limit")
 
 
 @pytest.mark.parametrize("attr", LIMITS)
