@@ -253,6 +253,7 @@ class _ClientConnection:
             # that never reads would keep the connection (and its descriptor).
             self._server.linger(transport, self.remote_address,
                                 self.session.config.connection_write_timeout)
+            self.session.on_transport_lost = lambda: self._server.closed(transport)
         self.health_reports.stop()
         problem = tls.failure_reason(reason) if self.hello is None else None
         if problem is not None:
@@ -305,6 +306,18 @@ class _HandshakeGate(Factory):
         return self._factory.buildProtocol(addr)
 
 
+class _ServerSession(YamuxSession):
+    """A client's session; ``on_transport_lost`` hears when its connection is gone
+    (after a polite close, later than the session's own end)."""
+
+    on_transport_lost = None
+
+    def connectionLost(self, reason=None):
+        super().connectionLost(reason)
+        if self.on_transport_lost is not None:
+            self.on_transport_lost()
+
+
 class _SessionFactory(Factory):
     """A yamux session per connection, behind a check of the first bytes (a gRPC
     caller or a TLS mismatch is told which endpoint or setting to use)."""
@@ -317,7 +330,7 @@ class _SessionFactory(Factory):
         self._judge = lambda data: judge_multiplexer_client(data, tls_port, inside_tls=tls_port)
 
     def buildProtocol(self, addr):
-        session = YamuxSession(
+        session = _ServerSession(
             is_client=False, config=self._server.yamux_config, clock=self._server.clock,
             tune_transport=tune_transport,
         )
@@ -554,6 +567,12 @@ class MultiplexerServer(Service):
         if not self._stopping:
             self._lingering[transport] = self.clock.callLater(
                 seconds, self._linger_over, transport, remote_address, seconds)
+
+    def closed(self, transport):
+        """A lingering transport is gone by itself: forget it."""
+        call = self._lingering.pop(transport, None)
+        if call is not None and call.active():
+            call.cancel()
 
     def _linger_over(self, transport, remote_address=None, seconds=None):
         call = self._lingering.pop(transport)
