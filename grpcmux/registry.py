@@ -29,6 +29,8 @@ class ClientInfo:
     # "legacy" (grpc-multiplexer handshake) or "native" (grpcmux handshake).
     wire_protocol: str
     labels: Tuple[Tuple[str, str], ...] = ()
+    # Cluster mode: the node holding the client's session ("": no cluster).
+    node: str = ""
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ class _ClientConnection:
         self.bridge = None
         self.inner_session = None
         self.admitted = False
+        self.cluster_claimed = False  # claimed in the cluster registry, not yet admitted
         self._departed = False
         self._socket_removed = None
         self.handshake = ServerHandshake(
@@ -285,8 +286,11 @@ class MultiplexerServer(Service):
         max_clients=10000,
         tls_options=None,
         admission=None,
+        claims=None,
     ):
         self.reactor = reactor
+        # Cluster mode (grpcmux.cluster): claim(id) -> Deferred, release(id).
+        self.claims = claims
         self.tls_options = tls_options  # None: plain TCP/UNIX listener
         self.admission = admission or Admission()
         self.clock = reactor
@@ -419,9 +423,22 @@ class MultiplexerServer(Service):
                 "try again later or another server",
             ))
         self._claims[client_id] = connection
-        if existing is None:
-            return succeed(None)
-        return self._challenge(existing, connection)
+        decided = succeed(None) if existing is None else self._challenge(existing, connection)
+        if self.claims is not None:
+            decided.addCallback(lambda _: self._cluster_claim(connection))
+        return decided
+
+    def _cluster_claim(self, connection):
+        """Claim the id cluster-wide too (a live holder on another node keeps it)."""
+        connection.cluster_claimed = True
+        d = self.claims.claim(connection.client_id)
+        d.addErrback(self._cluster_refused, connection)
+        return d
+
+    def _cluster_refused(self, failure, connection):
+        connection.cluster_claimed = False
+        self._release_claim(connection)
+        return failure
 
     def _challenge(self, existing, newcomer):
         """Ping the current holder of an id: a live one keeps it, a dead one is replaced."""
@@ -507,9 +524,19 @@ class MultiplexerServer(Service):
         if connection.client_id is None:
             return
         self._release_claim(connection)
+        if connection.cluster_claimed and not connection.admitted:
+            connection.cluster_claimed = False
+            self.claims.release(connection.client_id)
         if connection.admitted and self._by_id.get(connection.client_id) is connection:
             del self._by_id[connection.client_id]
             self.registry.remove(connection.client_id)
+
+    def disconnect(self, client_id, reason):
+        """Close the session of ``client_id`` (cluster: another node owns the id)."""
+        connection = self._by_id.get(client_id)
+        if connection is not None:
+            connection.session.close(GO_AWAY_NORMAL)
+            connection.depart(reason)
 
     @property
     def connected_clients(self):

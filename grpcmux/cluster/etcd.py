@@ -1,0 +1,450 @@
+"""etcd's v3 gRPC API, for the reactor: each call returns a Deferred.
+
+The stubs are generated from etcd 3.4's own .proto files (``grpcmux._proto.etcd``).
+All grpc objects live on one asyncio loop in a thread of its own (the
+``grpc.aio`` model of :mod:`grpcmux.rpc.service`); the reactor hands coroutines
+over with ``run_coroutine_threadsafe`` and gets results back with
+``callFromThread``, so no etcd call ever blocks the reactor.
+
+Several endpoints are one client: a call that fails with UNAVAILABLE or a
+deadline moves the client on to the next endpoint, so the next call (or the
+resumed watch) goes to another member.
+"""
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Optional, Tuple
+from urllib.parse import urlsplit
+
+import grpc
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from grpcmux._proto.etcd.etcdserver.etcdserverpb import rpc_pb2 as pb
+from grpcmux._proto.etcd.etcdserver.etcdserverpb import rpc_pb2_grpc as rpc
+from grpcmux._proto.etcd.mvcc.mvccpb import kv_pb2
+
+PUT = "put"
+DELETE = "delete"
+# Seconds one unary call may take before it fails (and the next endpoint is tried).
+CALL_TIMEOUT = 3.0
+# A member cut off from its leader ends our streams instead of serving stale data.
+_REQUIRE_LEADER = (("hasleader", "true"),)
+_ROTATE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_AUTH_RETRY = ("invalid auth token", "user name is empty")
+
+
+class StoreUnavailable(Exception):
+    """etcd could not be reached or refused the call; the message says which and why."""
+
+
+class Compacted(StoreUnavailable):
+    """The revision asked for was compacted away; read the prefix again."""
+
+    def __init__(self, revision):
+        super().__init__(f"revision {revision} is compacted")
+        self.revision = revision
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # PUT or DELETE
+    kv: KeyValue  # for DELETE: the key and its mod_revision (the deletion's)
+
+
+@dataclass(frozen=True)
+class WatchBatch:
+    """One watch response: ``revision`` is the store's revision when it was sent
+    (every change up to it has been delivered, events included)."""
+
+    revision: int
+    events: Tuple[Event, ...] = ()
+    created: bool = False
+    compact_revision: int = 0  # > 0: canceled, history before it is gone
+
+
+@dataclass(frozen=True)
+class Created:
+    """The outcome of a create-if-absent transaction."""
+
+    created: bool
+    revision: int  # the store's revision after the transaction
+    holder: Optional[KeyValue] = None  # the key as it is, when not created
+
+
+def parse_endpoints(text):
+    """``http(s)://host:port[,...]`` -> ([host:port, ...], uses TLS); ValueError if bad."""
+    targets, schemes = [], set()
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        url = urlsplit(part if "://" in part else "http://" + part)
+        if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+            raise ValueError(f"{part!r} is not an etcd URL such as http://127.0.0.1:2379")
+        try:
+            port = url.port or 2379
+        except ValueError:
+            raise ValueError(f"{part!r} has a bad port") from None
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        targets.append(f"{host}:{port}")
+        schemes.add(url.scheme)
+    if not targets:
+        raise ValueError("no etcd URL given")
+    if len(schemes) > 1:
+        raise ValueError("etcd URLs mix http:// and https://")
+    return targets, schemes == {"https"}
+
+
+def _kv(message):
+    return KeyValue(message.key.decode("utf-8", "replace"), bytes(message.value),
+                    message.create_revision, message.mod_revision, message.lease)
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range_end that makes a range cover every key starting with ``prefix``."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+class EtcdClient:
+    """The etcd calls grpcmux needs, on a loop thread; start() before use, stop() after.
+
+    ``credentials``: grpc channel credentials (TLS) or None; ``user``/``password``:
+    etcd authentication, or None.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, targets, credentials=None, user=None, password=None,
+                 call_timeout=CALL_TIMEOUT):
+        self._reactor = reactor
+        self.targets = list(targets)
+        self._credentials = credentials
+        self._user = user
+        self._password = password
+        self.call_timeout = call_timeout
+        self._loop = None
+        self._thread = None
+        # Loop-thread state:
+        self._index = 0
+        self._channel = None
+        self._token = None
+        self._keepalive = None  # (call, requests queue) of the open LeaseKeepAlive stream
+        self._keepalive_lock = None
+
+    @property
+    def target(self):
+        return self.targets[self._index]
+
+    def start(self):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="grpcmux-etcd", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        asyncio.set_event_loop(self._loop)
+        self._keepalive_lock = asyncio.Lock()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    def stop(self):
+        """Close the channel and end the loop thread; a Deferred."""
+        async def close():
+            self._drop_keepalive()
+            if self._channel is not None:
+                await self._channel.close(None)
+                self._channel = None
+
+        def ended(result):
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            return result
+
+        return self._deferred(close()).addBoth(ended)
+
+    # -- reactor-facing calls ------------------------------------------------------
+
+    def grant(self, ttl):
+        """A new lease of ``ttl`` seconds; its id."""
+        return self._deferred(self._grant(ttl))
+
+    def keep_alive(self, lease):
+        """Refresh ``lease``; its remaining TTL in seconds (0: the lease is gone)."""
+        return self._deferred(self._keep_alive(lease))
+
+    def revoke(self, lease):
+        return self._deferred(self._unary(
+            "Lease", "LeaseRevoke", pb.LeaseRevokeRequest(ID=lease)))
+
+    def time_to_live(self, lease):
+        """The lease's remaining seconds; -1 if it expired or never existed."""
+        d = self._deferred(self._unary(
+            "Lease", "LeaseTimeToLive", pb.LeaseTimeToLiveRequest(ID=lease)))
+        return d.addCallback(lambda response: response.TTL)
+
+    def create(self, key, value, lease):
+        """Put ``key`` only if absent (a transaction on its create revision)."""
+        request = pb.TxnRequest(
+            compare=[pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE,
+                                key=key.encode(), create_revision=0)],
+            success=[pb.RequestOp(request_put=pb.PutRequest(
+                key=key.encode(), value=value, lease=lease))],
+            failure=[pb.RequestOp(request_range=pb.RangeRequest(key=key.encode()))],
+        )
+
+        def outcome(response):
+            holder = None
+            if not response.succeeded:
+                kvs = response.responses[0].response_range.kvs
+                holder = _kv(kvs[0]) if kvs else None
+            return Created(response.succeeded, response.header.revision, holder)
+
+        return self._deferred(self._unary("KV", "Txn", request)).addCallback(outcome)
+
+    def replace(self, key, value, lease, mod_revision):
+        """Put ``key`` only if it was last changed at ``mod_revision``; the new
+        mod revision, or None if the key changed (or went) meanwhile."""
+        request = pb.TxnRequest(
+            compare=[pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.MOD,
+                                key=key.encode(), mod_revision=mod_revision)],
+            success=[pb.RequestOp(request_put=pb.PutRequest(
+                key=key.encode(), value=value, lease=lease))],
+        )
+        d = self._deferred(self._unary("KV", "Txn", request))
+        return d.addCallback(lambda r: r.header.revision if r.succeeded else None)
+
+    def delete(self, key, mod_revision):
+        """Delete ``key`` only if it was last changed at ``mod_revision``; True if deleted."""
+        request = pb.TxnRequest(
+            compare=[pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.MOD,
+                                key=key.encode(), mod_revision=mod_revision)],
+            success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(
+                key=key.encode()))],
+        )
+        return self._deferred(self._unary("KV", "Txn", request)).addCallback(
+            lambda r: r.succeeded)
+
+    def read_prefix(self, prefix, revision=0):
+        """(revision, [KeyValue]) of every key under ``prefix`` at ``revision``
+        (0: the latest); fails with Compacted if that revision is gone."""
+        raw = prefix.encode()
+        request = pb.RangeRequest(key=raw, range_end=prefix_end(raw), revision=revision)
+
+        def outcome(response):
+            return response.header.revision, [_kv(kv) for kv in response.kvs]
+
+        return self._deferred(self._unary("KV", "Range", request)).addCallback(outcome)
+
+    def watch(self, prefix, start_revision, on_batch, on_end):
+        """Watch every key under ``prefix`` from ``start_revision``, with progress
+        notifications. ``on_batch(WatchBatch)`` and, once, ``on_end(failure or None)``
+        run on the reactor. Returns a handle: ``progress()`` asks etcd for a progress
+        notification now, ``cancel()`` ends the watch (on_end is not called then)."""
+        handle = _WatchHandle(self, prefix, start_revision, on_batch, on_end)
+        self._loop.call_soon_threadsafe(handle.begin)
+        return handle
+
+    # -- loop thread -----------------------------------------------------------------
+
+    def _deferred(self, coroutine):
+        d = Deferred()
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+        def fire(f):
+            error = f.exception() if not f.cancelled() else StoreUnavailable("cancelled")
+            if error is None:
+                d.callback(f.result())
+            else:
+                d.errback(error)
+
+        future.add_done_callback(lambda f: self._reactor.callFromThread(fire, f))
+        return d
+
+    def channel(self):
+        if self._channel is None:
+            target = self.target
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(target)
+            else:
+                self._channel = grpc.aio.secure_channel(target, self._credentials)
+        return self._channel
+
+    def failed(self, error):
+        """A StoreUnavailable for a grpc error; moves to the next endpoint if it is
+        one that another member might not give."""
+        if isinstance(error, StoreUnavailable):
+            return error
+        target = self.target
+        if isinstance(error, grpc.aio.AioRpcError):
+            code = error.code()
+            details = error.details() or code.name
+            if "required revision has been compacted" in details:
+                return Compacted(0)
+            if code in _ROTATE:
+                self._next_endpoint()
+            return StoreUnavailable(f"etcd {target}: {code.name}: {details}")
+        return StoreUnavailable(f"etcd {target}: {error!r}")
+
+    def _next_endpoint(self):
+        channel, self._channel = self._channel, None
+        self._token = None
+        self._drop_keepalive()
+        self._index = (self._index + 1) % len(self.targets)
+        if channel is not None:
+            asyncio.ensure_future(channel.close(None))
+
+    async def metadata(self, extra=()):
+        if self._user is None:
+            return tuple(extra) or None
+        if self._token is None:
+            stub = rpc.AuthStub(self.channel())
+            response = await stub.Authenticate(
+                pb.AuthenticateRequest(name=self._user, password=self._password),
+                timeout=self.call_timeout)
+            self._token = response.token
+        return (("token", self._token), *extra)
+
+    async def _unary(self, service, method, request):
+        for attempt in (1, 2):
+            try:
+                stub = getattr(rpc, f"{service}Stub")(self.channel())
+                return await getattr(stub, method)(
+                    request, timeout=self.call_timeout, metadata=await self.metadata())
+            except grpc.aio.AioRpcError as error:
+                if attempt == 1 and any(s in (error.details() or "") for s in _AUTH_RETRY):
+                    self._token = None  # expired simple token: authenticate again
+                    continue
+                raise self.failed(error) from None
+
+    async def _grant(self, ttl):
+        response = await self._unary("Lease", "LeaseGrant", pb.LeaseGrantRequest(TTL=ttl))
+        if response.error:
+            raise StoreUnavailable(f"etcd {self.target}: lease grant: {response.error}")
+        return response.ID
+
+    async def _keep_alive(self, lease):
+        async with self._keepalive_lock:
+            try:
+                if self._keepalive is None:
+                    requests = asyncio.Queue()
+                    call = rpc.LeaseStub(self.channel()).LeaseKeepAlive(
+                        _drain(requests), metadata=await self.metadata(_REQUIRE_LEADER))
+                    self._keepalive = (call, requests)
+                call, requests = self._keepalive
+                requests.put_nowait(pb.LeaseKeepAliveRequest(ID=lease))
+                response = await asyncio.wait_for(call.read(), self.call_timeout)
+                if response is grpc.aio.EOF:
+                    raise StoreUnavailable(f"etcd {self.target}: keep-alive stream ended")
+                return response.TTL
+            except asyncio.TimeoutError:
+                self._drop_keepalive()
+                self._next_endpoint()
+                raise StoreUnavailable(
+                    f"etcd {self.target}: no keep-alive answer in {self.call_timeout} s"
+                ) from None
+            except BaseException as error:
+                self._drop_keepalive()
+                if isinstance(error, grpc.aio.AioRpcError):
+                    raise self.failed(error) from None
+                raise
+
+    def _drop_keepalive(self):
+        if self._keepalive is not None:
+            self._keepalive[0].cancel()
+            self._keepalive = None
+
+
+async def _drain(requests):
+    while True:
+        yield await requests.get()
+
+
+class _WatchHandle:
+    """One watch stream; created on the reactor, run on the loop thread."""
+
+    def __init__(self, client, prefix, start_revision, on_batch, on_end):
+        self._client = client
+        self._reactor = client._reactor
+        raw = prefix.encode()
+        self._create = pb.WatchRequest(create_request=pb.WatchCreateRequest(
+            key=raw, range_end=prefix_end(raw), start_revision=start_revision,
+            progress_notify=True))
+        self._on_batch = on_batch
+        self._on_end = on_end
+        self._requests = None
+        self._task = None
+        self._cancelled = False  # read on both threads; set once
+
+    def begin(self):  # loop thread
+        if self._cancelled:
+            return
+        self._requests = asyncio.Queue()
+        self._requests.put_nowait(self._create)
+        self._task = asyncio.ensure_future(self._read())
+
+    async def _read(self):
+        client = self._client
+        try:
+            call = rpc.WatchStub(client.channel()).Watch(
+                _drain(self._requests), metadata=await client.metadata(_REQUIRE_LEADER))
+            async for response in call:
+                if response.canceled:
+                    if response.compact_revision:
+                        raise Compacted(response.compact_revision)
+                    raise StoreUnavailable(f"etcd {client.target}: watch canceled: "
+                                           f"{response.cancel_reason or 'no reason given'}")
+                batch = WatchBatch(
+                    response.header.revision,
+                    tuple(Event(PUT if e.type == kv_pb2.Event.PUT else DELETE, _kv(e.kv))
+                          for e in response.events),
+                    response.created,
+                )
+                self._reactor.callFromThread(self._deliver, batch)
+            raise StoreUnavailable(f"etcd {client.target}: watch stream ended")
+        except asyncio.CancelledError:
+            return
+        except Exception as error:
+            failure = client.failed(error) if isinstance(error, grpc.aio.AioRpcError) else error
+            self._reactor.callFromThread(self._ended, failure)
+
+    def _deliver(self, batch):  # reactor
+        if not self._cancelled:
+            self._on_batch(batch)
+
+    def _ended(self, error):  # reactor
+        if not self._cancelled:
+            self._cancelled = True
+            self._on_end(error)
+
+    def progress(self):
+        """Ask for a progress notification (etcd answers with the current revision)."""
+        request = pb.WatchRequest(progress_request=pb.WatchProgressRequest())
+        self._on_loop(self._put, request)
+
+    def _put(self, request):
+        if self._requests is not None:
+            self._requests.put_nowait(request)
+
+    def cancel(self):
+        self._cancelled = True
+        self._on_loop(self._stop)
+
+    def _on_loop(self, fn, *args):
+        try:
+            self._client._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop is closed: the client stopped, the stream with it
+
+    def _stop(self):
+        if self._task is not None:
+            self._task.cancel()
