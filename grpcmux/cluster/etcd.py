@@ -138,8 +138,9 @@ class EtcdClient:
         self._index = 0
         self._channel = None
         self._token = None
-        self._keepalive = None  # (call, requests queue) of the open LeaseKeepAlive stream
+        self._keepalive = None  # the open LeaseKeepAlive stream (a grpc.aio call)
         self._keepalive_lock = None
+        self._streams = set()  # watch tasks
 
     @property
     def target(self):
@@ -153,15 +154,18 @@ class EtcdClient:
     def _run(self):
         asyncio.set_event_loop(self._loop)
         self._keepalive_lock = asyncio.Lock()
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
+        # Not closed when stopped: grpc's completion poller may still hand it a
+        # callback, which a closed loop would refuse with an error.
+        self._loop.run_forever()
 
     def stop(self):
-        """Close the channel and end the loop thread; a Deferred."""
+        """End the streams, close the channel, end the loop thread; a Deferred."""
         async def close():
             self._drop_keepalive()
+            tasks = [t for t in self._streams if not t.done()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self._channel is not None:
                 await self._channel.close(None)
                 self._channel = None
@@ -336,12 +340,13 @@ class EtcdClient:
         async with self._keepalive_lock:
             try:
                 if self._keepalive is None:
-                    requests = asyncio.Queue()
-                    call = rpc.LeaseStub(self.channel()).LeaseKeepAlive(
-                        _drain(requests), metadata=await self.metadata(_REQUIRE_LEADER))
-                    self._keepalive = (call, requests)
-                call, requests = self._keepalive
-                requests.put_nowait(pb.LeaseKeepAliveRequest(ID=lease))
+                    # Written to, not fed by an iterator: a request iterator leaves
+                    # grpc a task waiting on it after the stream fails.
+                    self._keepalive = rpc.LeaseStub(self.channel()).LeaseKeepAlive(
+                        metadata=await self.metadata(_REQUIRE_LEADER))
+                call = self._keepalive
+                await asyncio.wait_for(call.write(pb.LeaseKeepAliveRequest(ID=lease)),
+                                       self.call_timeout)
                 response = await asyncio.wait_for(call.read(), self.call_timeout)
                 if response is grpc.aio.EOF:
                     raise StoreUnavailable(f"etcd {self.target}: keep-alive stream ended")
@@ -360,13 +365,8 @@ class EtcdClient:
 
     def _drop_keepalive(self):
         if self._keepalive is not None:
-            self._keepalive[0].cancel()
+            self._keepalive.cancel()
             self._keepalive = None
-
-
-async def _drain(requests):
-    while True:
-        yield await requests.get()
 
 
 class _WatchHandle:
@@ -379,24 +379,30 @@ class _WatchHandle:
         self._create = pb.WatchRequest(create_request=pb.WatchCreateRequest(
             key=raw, range_end=prefix_end(raw), start_revision=start_revision,
             progress_notify=True))
+        self._progress = pb.WatchRequest(progress_request=pb.WatchProgressRequest())
         self._on_batch = on_batch
         self._on_end = on_end
-        self._requests = None
+        self._call = None
+        self._progress_wanted = False
         self._task = None
         self._cancelled = False  # read on both threads; set once
 
     def begin(self):  # loop thread
         if self._cancelled:
             return
-        self._requests = asyncio.Queue()
-        self._requests.put_nowait(self._create)
         self._task = asyncio.ensure_future(self._read())
+        self._client._streams.add(self._task)
+        self._task.add_done_callback(self._client._streams.discard)
 
     async def _read(self):
         client = self._client
         try:
             call = rpc.WatchStub(client.channel()).Watch(
-                _drain(self._requests), metadata=await client.metadata(_REQUIRE_LEADER))
+                metadata=await client.metadata(_REQUIRE_LEADER))
+            await call.write(self._create)
+            self._call = call
+            if self._progress_wanted:
+                self._write_progress()
             async for response in call:
                 if response.canceled:
                     if response.compact_revision:
@@ -428,12 +434,18 @@ class _WatchHandle:
 
     def progress(self):
         """Ask for a progress notification (etcd answers with the current revision)."""
-        request = pb.WatchRequest(progress_request=pb.WatchProgressRequest())
-        self._on_loop(self._put, request)
+        self._on_loop(self._request_progress)
 
-    def _put(self, request):
-        if self._requests is not None:
-            self._requests.put_nowait(request)
+    def _request_progress(self):
+        if self._call is None:
+            self._progress_wanted = True  # asked before the stream was open
+        else:
+            self._write_progress()
+
+    def _write_progress(self):
+        self._progress_wanted = False
+        write = asyncio.ensure_future(self._call.write(self._progress))
+        write.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
 
     def cancel(self):
         self._cancelled = True
@@ -446,5 +458,7 @@ class _WatchHandle:
             pass  # the loop is closed: the client stopped, the stream with it
 
     def _stop(self):
+        if self._call is not None:
+            self._call.cancel()
         if self._task is not None:
             self._task.cancel()

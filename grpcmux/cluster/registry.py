@@ -140,6 +140,7 @@ class ClusterRegistry(Service):
         self._keeper = None
         self._registering = None
         self._retry_call = None
+        self._calls = set()  # delayed calls of settle retries
         self._backoff = Backoff(cap=self.ttl)
         self._health_observers = []
         self._watch = PrefixWatch(clock, client, prefix, self._events, self._compacted,
@@ -216,9 +217,11 @@ class ClusterRegistry(Service):
 
     def add_health_observer(self, observer):
         """``observer(serving)`` now and on every change: True while registered in
-        etcd (health of ``grpcmux.cluster`` SERVING), False without etcd."""
+        etcd (health of ``grpcmux.cluster`` SERVING), False without etcd. Returns
+        the callable that removes the observer."""
         self._health_observers.append(observer)
         observer(self.serving)
+        return lambda: self._health_observers.remove(observer)
 
     def _set_serving(self, serving):
         if serving == self.serving:
@@ -243,10 +246,11 @@ class ClusterRegistry(Service):
         """Revoke the lease (every key of this node goes at once), then close."""
         super().stopService()
         self._watch.stop()
-        for call in (self._retry_call,):
+        for call in (self._retry_call, *self._calls):
             if call is not None and call.active():
                 call.cancel()
         self._retry_call = None
+        self._calls.clear()
         if self._keeper is not None:
             self._keeper.stop()
         lease, self._lease = self._lease, None
@@ -357,8 +361,9 @@ class ClusterRegistry(Service):
             self._set_remote(client_id, kv)
         self.nodes = MappingProxyType(nodes)
         self.revision = revision
-        self._watch.start(revision)
-        self._watching = True
+        if self.running:  # an observer may have stopped the service just now
+            self._watch.start(revision)
+            self._watching = True
 
     def _compacted(self):
         def failed(failure):
@@ -502,9 +507,11 @@ class ClusterRegistry(Service):
         waiter = self._claim_waiters.pop(client_id, None)
         if waiter is not None:
             waiter.callback(client_id)  # provisional: admitted, claimed on a retry
-        self._clock.callLater(self._backoff.next(), self._settle_later, client_id)
+        call = self._clock.callLater(self._backoff.next(), self._settle_later, client_id)
+        self._calls.add(call)
 
     def _settle_later(self, client_id):
+        self._calls = {c for c in self._calls if c.active()}
         if self.running:
             self._settle(client_id)
 
