@@ -9,6 +9,7 @@ the race for a port is retried with new ports.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 # Logged by embed/serve.go once the member has joined (after ReadyNotify).
 READY = "serving client traffic"
 _IN_USE = "address already in use"
+_LEADER = re.compile(r"became leader at term (\d+)")
 START_TIMEOUT = 30.0
 _ATTEMPTS = 5
 
@@ -140,6 +142,20 @@ class EtcdCluster:
         for name, (client, peer) in zip(names, ports):
             data_dir = self.base_dir / f"etcd-{name}-{attempt}"
             self.members.append(_Member(name, data_dir, client, peer, initial, token))
+
+    def leader(self):
+        """Index of the running member that became leader last (from the logs)."""
+        best = None
+        for index, member in enumerate(self.members):
+            if member.process is None or member.process.poll() is not None:
+                continue
+            for line in member.lines:
+                match = _LEADER.search(line)
+                if match and (best is None or int(match.group(1)) > best[0]):
+                    best = (int(match.group(1)), index)
+        if best is None:
+            raise EtcdStartError("no member says it is the leader")
+        return best[1]
 
     def kill(self, index):
         """kill -9 one member."""

@@ -253,3 +253,77 @@ async def test_three_members_lose_one_and_the_registry_keeps_working(reactor, et
     finally:
         await a.stop()
         await b.stop()
+
+
+def _watch_events(responses, count):
+    return [(r.server, r.event, r.details.remote_address) for _, r in zip(range(count),
+                                                                         responses)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_discovery_on_any_node_shows_the_cluster_across_a_leader_change(
+        reactor, etcd3, tmp_path):
+    from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2 as pb
+    from grpcmux._proto.grpc.multiplexer.v1.discovery_pb2_grpc import DiscoveryServiceStub
+    from rpc_backend import Mux
+
+    a = Node(reactor, etcd3, "a")
+    b = Node(reactor, etcd3, "b", _members_endpoints(etcd3, (etcd3.leader(), 0, 1, 2)))
+    mux = Mux(reactor, tmp_path, registry=b.registry)
+    stub = DiscoveryServiceStub(mux.channel)
+    connected = pb.WatchGRPCServerResponse.EVENT_CONNECTED
+    disconnected = pb.WatchGRPCServerResponse.EVENT_DISCONNECTED
+    try:
+        await a.serving()
+        await b.serving()
+        await a.claim_and_add("one")
+        await b.claim_and_add("two")
+        await b.lists("one", "two")
+        listed = await mux.in_thread(stub.ListGRPCServer, pb.ListGRPCServerRequest(),
+                                     timeout=10)
+        assert list(listed.servers) == ["one", "two"]
+        responses = stub.WatchGRPCServer(pb.WatchGRPCServerRequest(replay=True), timeout=60)
+        replayed = await mux.in_thread(_watch_events, responses, 2)
+        assert [r[:2] for r in replayed] == [("one", connected), ("two", connected)]
+        etcd3.kill(etcd3.leader())  # b's watch was on the leader: it moves on
+        a.registry.remove("one")
+        await b.lists("two", timeout=20)
+        await a.claim_and_add("three")
+        await b.lists("two", "three", timeout=20)
+        # Exactly the changes, once each: a further event proves nothing else is queued.
+        await b.claim_and_add("four")
+        live = await mux.in_thread(_watch_events, responses, 3)
+        assert [r[:2] for r in live] == [("one", disconnected), ("three", connected),
+                                         ("four", connected)]
+        assert live[1][2] == "192.0.2.7:4567"
+        responses.cancel()
+    finally:
+        await mux.stop()
+        await a.stop()
+        await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_cut_off_from_etcd_closes_its_stale_session_on_return(reactor, etcd3):
+    # a reaches only member 0; b reaches the other two, which keep quorum.
+    a = Node(reactor, etcd3, "a", etcd3.members[0].url)
+    b = Node(reactor, etcd3, "b", _members_endpoints(etcd3, (1, 2)))
+    try:
+        await a.serving()
+        await b.serving()
+        await a.claim_and_add("one")
+        await b.lists("one")
+        etcd3.kill(0)
+        await a.until(lambda: not a.registry.serving, timeout=TTL + 5)
+        await b.lists(timeout=TTL + 5)  # a's lease expired: its client is gone
+        await b.claim_and_add("one")  # the client reconnected to b
+        assert a.registry.get("one").node == "a"  # a still serves its old session
+        etcd3.restart(0)
+        await a.until(lambda: a.evicted == ["one"], timeout=30)
+        await a.serving()
+        assert a.registry.get("one").node == "b"
+        assert a.events == [(CONNECTED, "one", "a"), (DISCONNECTED, "one", "a"),
+                            (CONNECTED, "one", "b")]
+    finally:
+        await a.stop()
+        await b.stop()
