@@ -639,8 +639,13 @@ def make_service(settings, reactor):
     from grpcmux.rpc.workers import ProxyWorkerPool
 
     raise_open_file_limit()
-    registry = ClientRegistry()
     metrics = ServerMetrics()
+    cluster = None
+    registry = ClientRegistry()
+    if settings.cluster_etcd:
+        from grpcmux.cluster.node import cluster_registry
+
+        registry = cluster = cluster_registry(settings, reactor, metrics.registry)
     multiplexer = MultiplexerServer(
         reactor,
         registry,
@@ -656,8 +661,11 @@ def make_service(settings, reactor):
         ),
         metrics=metrics,
         max_clients=settings.max_clients,
+        claims=cluster,
         **security_options(settings),
     )
+    if cluster is not None:
+        cluster.evict = multiplexer.disconnect
     proxy_options = dict(
         authority_domain=settings.authority_domain,
         default_client_id=settings.default_client_id,
@@ -700,4 +708,9 @@ def make_service(settings, reactor):
     metrics_service = None
     if settings.metrics_listener:
         metrics_service = MetricsService(reactor, settings.metrics_listener, metrics.registry)
-    return ServerService(multiplexer, proxy, metrics_service)
+    service = ServerService(multiplexer, proxy, metrics_service)
+    if cluster is not None:
+        from grpcmux.cluster.node import ClusterNode
+
+        return ClusterNode(cluster, service)
+    return service

@@ -118,17 +118,19 @@ def prefix_end(prefix: bytes) -> bytes:
 class EtcdClient:
     """The etcd calls grpcmux needs, on a loop thread; start() before use, stop() after.
 
-    ``credentials``: grpc channel credentials (TLS) or None; ``user``/``password``:
-    etcd authentication, or None.
+    ``tls``: None (plaintext) or (CA, key, certificate chain) as PEM bytes, each
+    None when not given (system trust store, no client certificate);
+    ``user``/``password``: etcd authentication, or None.
     """
 
     _log = Logger()
 
-    def __init__(self, reactor, targets, credentials=None, user=None, password=None,
+    def __init__(self, reactor, targets, tls=None, user=None, password=None,
                  call_timeout=CALL_TIMEOUT):
         self._reactor = reactor
         self.targets = list(targets)
-        self._credentials = credentials
+        self._tls = tls
+        self._credentials = None
         self._user = user
         self._password = password
         self.call_timeout = call_timeout
@@ -147,6 +149,10 @@ class EtcdClient:
         return self.targets[self._index]
 
     def start(self):
+        """Start the loop thread (after twistd forked: grpc objects are made now)."""
+        if self._tls is not None:
+            ca, key, chain = self._tls
+            self._credentials = grpc.ssl_channel_credentials(ca, key, chain)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="grpcmux-etcd", daemon=True)
         self._thread.start()

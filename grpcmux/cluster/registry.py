@@ -140,6 +140,7 @@ class ClusterRegistry(Service):
         self._keeper = None
         self._registering = None
         self._retry_call = None
+        self._register_failing = False
         self._calls = set()  # delayed calls of settle retries
         self._backoff = Backoff(cap=self.ttl)
         self._health_observers = []
@@ -284,6 +285,7 @@ class ClusterRegistry(Service):
                                    self._lease_lost)
         self._keeper.start()
         self._backoff.reset()
+        self._register_failing = False
         self._owned.clear()  # keys of an older lease are taken over by _settle
         self._log.info("cluster node {node} registered in etcd (lease {lease:x}, "
                        "{count} client(s) here)", node=self.node_name, lease=lease,
@@ -318,9 +320,12 @@ class ClusterRegistry(Service):
         if not self.running:
             return
         delay = self._backoff.next()
-        self._log.warn("cluster node {node} cannot register in etcd ({error}); "
-                       "serving this node's clients only; retrying in {delay:g} s",
-                       node=self.node_name, error=failure.value, delay=delay)
+        # Once per outage at warning level; the retries after it at debug level.
+        log = self._log.debug if self._register_failing else self._log.warn
+        self._register_failing = True
+        log("cluster node {node} cannot register in etcd ({error}); serving this "
+            "node's clients only; retrying in {delay:g} s",
+            node=self.node_name, error=failure.value, delay=delay)
         self._retry_call = self._clock.callLater(delay, self._register)
 
     def _lease_lost(self, reason):

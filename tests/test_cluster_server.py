@@ -1,0 +1,97 @@
+"""Cluster mode through make_service: two whole servers on one real etcd."""
+
+import pytest
+import pytest_twisted
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import Deferred, DeferredList
+
+from etcd_cluster import EtcdCluster
+from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
+from grpcmux.cluster.node import ClusterNode
+from grpcmux.cluster.registry import ClusterRegistry
+from grpcmux.config import load_server_settings
+from grpcmux.registry import ClientRegistry
+from grpcmux.server import ServerService, make_service
+from mux_stack import first_report
+
+TIMEOUT = 20.0
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    cluster = EtcdCluster(tmp_path, members=1).start()
+    yield cluster
+    cluster.stop()
+
+
+def settings(tmp_path, name, etcd=None):
+    flags = {"multiplexer_listener": "tcp:0:interface=127.0.0.1",
+             "proxy_listener": "127.0.0.1:0", "runtime_dir": str(tmp_path / f"run-{name}"),
+             "shutdown_grace": "1"}
+    if etcd is not None:
+        token = tmp_path / "cluster.token"
+        token.write_text("shared-secret\n")
+        flags.update(cluster_etcd=etcd.endpoints, node_name=name,
+                     cluster_listener=f"127.0.0.1:{7612 if name == 'a' else 7613}",
+                     cluster_token_file=str(token))
+    return load_server_settings(flags, environ={}, home=str(tmp_path))
+
+
+def test_without_cluster_etcd_nothing_changes(reactor, tmp_path):
+    service = make_service(settings(tmp_path, "solo"), reactor)
+    assert isinstance(service, ServerService)
+    assert type(service.multiplexer.registry) is ClientRegistry
+    assert service.multiplexer.claims is None
+
+
+def until(reactor, registry, predicate):
+    d = Deferred()
+    if predicate():
+        d.callback(None)
+        return d
+
+    def check(_):
+        if not d.called and predicate():
+            unsubscribe()
+            d.callback(None)
+
+    unsubscribe = registry.subscribe(check)
+    return d.addTimeout(TIMEOUT, reactor)
+
+
+def client(reactor, node, client_id):
+    port = node.server.multiplexer.port.getHost().port
+    tunnel = Tunnel(reactor, client_id, "127.0.0.1:1", f"127.0.0.1:{port}",
+                    retry_policy=_RetryPolicy(backoffPolicy(initialDelay=0.05, maxDelay=0.5)))
+    service = TunnelClientService(reactor, tunnel)
+    service.startService()
+    return service
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_servers_share_their_clients_and_their_ids(reactor, tmp_path, etcd):
+    a = make_service(settings(tmp_path, "a", etcd), reactor)
+    b = make_service(settings(tmp_path, "b", etcd), reactor)
+    assert isinstance(a, ClusterNode) and isinstance(a.registry, ClusterRegistry)
+    assert a.registry.advertise == "127.0.0.1:7612"
+    clients = []
+    try:
+        a.startService()
+        b.startService()
+        clients.append(client(reactor, a, "alpha"))
+        await clients[0].tunnel.when_admitted().addTimeout(TIMEOUT, reactor)
+        await until(reactor, b.registry, lambda: "alpha" in b.registry.snapshot)
+        assert b.registry.get("alpha").node == "a"
+        assert b.registry.node_address("a") == "127.0.0.1:7612"
+        # The same id on the other server: the live holder keeps it.
+        clients.append(client(reactor, b, "alpha"))
+        problem = await first_report(clients[1])
+        assert "already connected (to node a)" in problem
+        assert b.server.multiplexer.connected_clients == {}
+        await clients.pop().stopService()
+        await clients.pop().stopService()
+        await until(reactor, b.registry, lambda: "alpha" not in b.registry.snapshot)
+    finally:
+        await DeferredList([c.stopService() for c in clients])
+        stopping = [n.stopService() for n in (a, b) if n.running]
+        await DeferredList(stopping).addTimeout(TIMEOUT, reactor)
