@@ -38,7 +38,9 @@ def free_port():
 class _Member:
     """One etcd process; its log lines are read by a thread and kept."""
 
-    def __init__(self, name, data_dir, client_port, peer_port, initial_cluster, token):
+    def __init__(self, name, data_dir, client_port, peer_port, initial_cluster, token,
+                 tls=None):
+        self.tls = tls
         self.name = name
         self.data_dir = data_dir
         self.client_port = client_port
@@ -52,7 +54,8 @@ class _Member:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     def args(self, state):
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -65,7 +68,10 @@ class _Member:
             "--heartbeat-interval", "50", "--election-timeout", "500",
             "--experimental-watch-progress-notify-interval", "1s",
             "--logger", "zap", "--log-level", "info",
-        ]
+        ] + ([] if self.tls is None else [
+            "--cert-file", self.tls[0], "--key-file", self.tls[1],
+            "--trusted-ca-file", self.tls[2], "--client-cert-auth",
+        ])
 
     def launch(self, state="new"):
         self._ready.clear()
@@ -102,9 +108,14 @@ class _Member:
 
 
 class EtcdCluster:
-    """``members`` etcd processes forming one cluster under ``base_dir``."""
+    """``members`` etcd processes forming one cluster under ``base_dir``.
 
-    def __init__(self, base_dir, members=1):
+    ``tls``: (certificate, key, CA) paths: clients must speak TLS and present a
+    certificate that CA signed (the certificate must name 127.0.0.1).
+    """
+
+    def __init__(self, base_dir, members=1, tls=None):
+        self.tls = tls
         self.base_dir = base_dir
         self.size = members
         self.members = []
@@ -141,7 +152,8 @@ class EtcdCluster:
         self.members = []
         for name, (client, peer) in zip(names, ports):
             data_dir = self.base_dir / f"etcd-{name}-{attempt}"
-            self.members.append(_Member(name, data_dir, client, peer, initial, token))
+            self.members.append(_Member(name, data_dir, client, peer, initial, token,
+                                        self.tls))
 
     def leader(self):
         """Index of the running member that became leader last (from the logs)."""

@@ -43,10 +43,10 @@ def info(client_id):
 class Node:
     """A ClusterRegistry with its observed events and health."""
 
-    def __init__(self, reactor, cluster, name, endpoints=None):
+    def __init__(self, reactor, cluster, name, endpoints=None, **client_options):
         self.reactor = reactor
         targets, _ = parse_endpoints(endpoints or cluster.endpoints)
-        self.client = EtcdClient(reactor, targets, call_timeout=1.0)
+        self.client = EtcdClient(reactor, targets, call_timeout=1.0, **client_options)
         self.registry = ClusterRegistry(reactor, self.client, name, f"{name}.test:7612",
                                         ttl=TTL, check_interval=1.0)
         self.events = []
@@ -327,3 +327,59 @@ async def test_node_cut_off_from_etcd_closes_its_stale_session_on_return(reactor
     finally:
         await a.stop()
         await b.stop()
+
+
+def _enable_auth(cluster, credentials, user, password):
+    """Users root and ``user`` (read-write on /grpcmux/ only), then auth on."""
+    import grpc
+
+    from grpcmux._proto.etcd.auth.authpb import auth_pb2
+    from grpcmux._proto.etcd.etcdserver.etcdserverpb import rpc_pb2 as pb
+    from grpcmux._proto.etcd.etcdserver.etcdserverpb import rpc_pb2_grpc as rpc
+
+    with grpc.secure_channel(f"127.0.0.1:{cluster.members[0].client_port}",
+                             credentials) as channel:
+        auth = rpc.AuthStub(channel)
+        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="root-pw"), timeout=10)
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"), timeout=10)
+        auth.UserAdd(pb.AuthUserAddRequest(name=user, password=password), timeout=10)
+        auth.RoleAdd(pb.AuthRoleAddRequest(name="grpcmux"), timeout=10)
+        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
+            name="grpcmux", perm=auth_pb2.Permission(
+                permType=auth_pb2.Permission.READWRITE, key=b"/grpcmux/",
+                range_end=b"/grpcmux0")), timeout=10)
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user=user, role="grpcmux"), timeout=10)
+        auth.AuthEnable(pb.AuthEnableRequest(), timeout=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_etcd_over_mutual_tls_with_a_user(reactor, tmp_path, pki):
+    import grpc
+
+    cluster = EtcdCluster(tmp_path, tls=(pki.server.cert, pki.server.key, pki.ca)).start()
+    try:
+        pem = [open(path, "rb").read() for path in (pki.ca, pki.client.key, pki.client.cert)]
+        _enable_auth(cluster, grpc.ssl_channel_credentials(*pem), "grpcmux", "pw")
+        targets, https = parse_endpoints(cluster.endpoints)
+        assert https
+        a, b = [Node(reactor, cluster, name, tls=tuple(pem), user="grpcmux", password="pw")
+                for name in ("a", "b")]
+        try:
+            await a.serving()
+            await b.serving()
+            await a.claim_and_add("one")
+            await b.lists("one")
+            assert b.registry.get("one").node == "a"
+        finally:
+            await a.stop()
+            await b.stop()
+        # Without the user, etcd refuses: the registry never registers.
+        stranger = EtcdClient(reactor, targets, tls=tuple(pem))
+        stranger.start()
+        try:
+            with pytest.raises(Exception, match="user name is empty|permission denied"):
+                await stranger.read_prefix("/grpcmux/").addTimeout(10, reactor)
+        finally:
+            await stranger.stop().addTimeout(10, reactor)
+    finally:
+        cluster.stop()
