@@ -10,6 +10,7 @@ import ipaddress
 import re
 
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, serverFromString
+from twisted.python.failure import Failure
 
 HOST_PORT_EXPECTED = "HOST:PORT (IPv6 hosts in brackets, e.g. [::1]:7602)"
 
@@ -156,3 +157,27 @@ def client_endpoint(reactor, address, timeout=10):
         return UNIXClientEndpoint(reactor, address[len("unix:"):], timeout=timeout)
     host, port = parse_host_port(address)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+def listen_now(endpoint, factory):
+    """Listen and return the port, raising at once if that fails.
+
+    Every endpoint we accept listens synchronously; raising from ``startService``
+    makes twistd report the problem and exit instead of running without a port.
+    """
+    outcome = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome:
+        raise RuntimeError(f"endpoint {endpoint!r} did not start listening synchronously")
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def describe_address(address):
+    """``HOST:PORT`` (``[v6]:PORT``) of a listening or peer address; else its str()."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

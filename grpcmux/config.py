@@ -475,7 +475,7 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
             "Largest gRPC message in bytes the proxy passes.",
             optional=True, shown_default="unbounded"),
     _Option("runtime-dir", "str", _check_path,
-            "Directory for the per-client UNIX sockets.", optional=True,
+            "Directory (0700) of the private socket of the proxy's own services.", optional=True,
             shown_default="a private temporary directory"),
     _Option("handshake-timeout", "float", _number(True),
             "Seconds a new multiplexer client has to finish its handshake."),
@@ -483,9 +483,6 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
             "Seconds to wait for the old session's ping answer when a client id "
             "connects twice."),
     *_LIMIT_OPTIONS,
-    _Option("proxy-workers", "int", _non_negative_int,
-            "Processes serving the proxy endpoint; 0 serves it in the server "
-            "process (see Performance in README.rst)."),
     _SHUTDOWN_OPTION,
     _METRICS_OPTION,
     # Proxy endpoint security (files are read and checked by grpcmux.tls).
@@ -590,7 +587,6 @@ class ServerSettings(_CommonSettings):
     client_id_from_cert: bool = False
     auth_tokens: Optional[str] = None
     allow_legacy_clients: bool = False
-    proxy_workers: int = 0
     # Cluster mode (None: off); files are read by _check_cluster.
     cluster_etcd: Optional[str] = None
     cluster_etcd_ca: Optional[str] = None

@@ -137,7 +137,7 @@ class Demo:
     async def run(self):
         from grpcmux.client import Tunnel, TunnelClientService
         from grpcmux.registry import ClientRegistry
-        from grpcmux.rpc.service import ProxyService
+        from grpcmux.proxy import ProxyService
         from grpcmux.server import MultiplexerServer
 
         args, reactor = self.args, self.reactor

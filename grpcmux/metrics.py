@@ -7,10 +7,9 @@ are counted with one increment where they happen.
 
 ``MetricsResource`` renders on the reactor's thread pool, so the collectors only
 take atomic reads of reactor-owned state: the registry's immutable snapshot, a
-``tuple()`` copy of a set, plain integers.
+``tuple()`` copy of a set, ``len()`` of a set, plain integers.
 """
 
-import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -103,11 +102,18 @@ class ServerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.handshakes = _handshakes("grpcmux_server", self.registry)
         self.calls = Counter(
-            "grpcmux_proxy_calls", "Proxied calls by the gRPC status code answered.",
-            ["code"], registry=self.registry)
+            "grpcmux_proxy_calls",
+            "Calls through the proxy endpoint by gRPC status code and client id "
+            "(client \"\": answered by the proxy itself).",
+            ["code", "client"], registry=self.registry)
         self.call_seconds = Histogram(
             "grpcmux_proxy_call_duration_seconds", "Proxied call latency in seconds.",
             registry=self.registry)
+        self.call_bytes = Counter(
+            "grpcmux_proxy_call_bytes",
+            "DATA bytes of calls through the proxy endpoint, by direction "
+            "(received from callers, sent to callers).",
+            ["direction"], registry=self.registry)
         self._live = _ServerCollector()
         self.registry.register(self._live)
 
@@ -123,15 +129,18 @@ class ServerMetrics:
         self._live.closed_in += session.bytes_received
         self._live.closed_out += session.bytes_sent
 
-    def call_started(self):
-        """Returns ``finished(code_name)``, which records the call; for any thread."""
-        started = time.monotonic()
+    def track_proxy(self, proxy):
+        """Report the open streams and upstream connections of ``proxy`` from now on."""
+        self._live.proxy = proxy
 
-        def finished(code_name):
-            self.call_seconds.observe(time.monotonic() - started)
-            self.calls.labels(code=code_name).inc()
-
-        return finished
+    def call_finished(self, client, code_name, seconds, bytes_in, bytes_out):
+        """Record one call through the proxy endpoint (the router calls it once per call)."""
+        self.calls.labels(code=code_name, client=client).inc()
+        self.call_seconds.observe(seconds)
+        if bytes_in:
+            self.call_bytes.labels(direction="received").inc(bytes_in)
+        if bytes_out:
+            self.call_bytes.labels(direction="sent").inc(bytes_out)
 
 
 class _ServerCollector:
@@ -139,6 +148,7 @@ class _ServerCollector:
 
     def __init__(self):
         self.server = None
+        self.proxy = None
         self.closed_in = 0
         self.closed_out = 0
 
@@ -171,6 +181,17 @@ class _ServerCollector:
         yield CounterMetricFamily(
             "grpcmux_server_sent_bytes", "Bytes sent to clients.",
             value=self.closed_out + sum(s.bytes_sent for s in sessions))
+        router = self.proxy.router if self.proxy is not None else None
+        yield GaugeMetricFamily(
+            "grpcmux_proxy_open_calls", "Calls in progress through the proxy endpoint.",
+            value=len(router.calls) if router is not None else 0)
+        yield GaugeMetricFamily(
+            "grpcmux_proxy_caller_connections", "HTTP/2 connections of callers.",
+            value=len(router.callers) if router is not None else 0)
+        yield GaugeMetricFamily(
+            "grpcmux_proxy_upstream_connections",
+            "HTTP/2 connections from the proxy to clients and its own services.",
+            value=router.upstream_connections() if router is not None else 0)
 
 
 class ClientMetrics:

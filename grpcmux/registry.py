@@ -21,8 +21,6 @@ class ClientInfo:
     """What the multiplexer knows about one connected client."""
 
     client_id: str
-    # UNIX socket on which the bridge accepts connections that reach this client.
-    socket_path: str
     # POSIX timestamp of the moment the client was registered.
     connected_at: float
     remote_address: str

@@ -1,34 +1,28 @@
-"""The multiplexer server: accepts clients, admits them, and bridges the proxy to them.
+"""The multiplexer server: accepts clients, admits them, and lists them for the proxy.
 
 Per accepted connection (``_ClientConnection``): a yamux server session; the
 client's first stream carries the handshake (native or legacy, told apart by its
-first byte); once admitted, the client gets a private UNIX socket (``Bridge``) and an
-entry in the ``ClientRegistry`` that the proxy and Discovery read.  The connection
-is forgotten, socket and entry included, the moment its session ends.
+first byte); once admitted, the client gets an entry in the ``ClientRegistry`` that
+the proxy and Discovery read, and an upstream target (``tunnel_for``) through which
+the proxy's router opens streams to it.  The connection is forgotten the moment its
+session ends.
 """
 
-import os
-import re
 import resource
-import shutil
-import stat
-import tempfile
 import time
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredList, fail, succeed
-from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.failure import Failure
 
 from grpcmux import __version__, tls
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
-from grpcmux.addresses import server_endpoint
+from grpcmux.addresses import describe_address, listen_now, server_endpoint
 from grpcmux.admission import Admission
-from grpcmux.bridge import Bridge
 from grpcmux.handshake import WIRE_NATIVE, HandshakeRejected, ServerHandshake
+from grpcmux.http2.targets import TunnelTarget
 from grpcmux.ids import client_id_problem
 from grpcmux.metrics import (
     ACCEPTED,
@@ -45,8 +39,6 @@ from grpcmux.yamux.frame import GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR
 from grpcmux.yamux.session import YamuxSession
 
 Reject = tunnel_pb2.Reject
-# The bridge sockets this server names in its runtime directory.
-_SOCKET_NAME = re.compile(r"[0-9]+\.sock")
 
 
 class _FirstStreamOnly(Factory):
@@ -89,12 +81,11 @@ class _ClientConnection:
         self.session = session
         self.remote_address = remote_address
         self.hello = None
-        self.bridge = None
+        self.tunnel = None
         self.inner_session = None
         self.admitted = False
         self.cluster_claimed = False  # claimed in the cluster registry, not yet admitted
         self._departed = False
-        self._socket_removed = None
         self.handshake = ServerHandshake(
             self._hello_received, self._handshake_failed, self._make_inner_session
         )
@@ -132,30 +123,13 @@ class _ClientConnection:
             server_version=__version__,
             keepalive_interval_ms=int(self.session.config.keepalive_interval * 1000),
         )
-        try:
-            if self.handshake.wire_protocol == WIRE_NATIVE:
-                # The bridge listens before the Welcome: a client told it is admitted
-                # can be reached.
-                stream_session = self.session
-                self.bridge = self._server.bridge_for(self, stream_session)
-                self.handshake.accept(welcome)
-            else:
-                # A legacy client is told nothing; its streams run on the inner session.
-                stream_session = self.handshake.accept(welcome)
-                self.bridge = self._server.bridge_for(self, stream_session)
-        except CannotListenError as error:
-            self._log.error(
-                "cannot serve client {client_id} from {remote_address}: its bridge "
-                "socket cannot listen: {error}",
-                client_id=self.client_id,
-                remote_address=self.remote_address,
-                error=error.socketError,
-            )
-            self._reject(HandshakeRejected(
-                tunnel_pb2.Reject.CODE_RESOURCE_EXHAUSTED,
-                "the server cannot open a socket for this client now; try again later",
-            ))
-            return
+        if self.handshake.wire_protocol == WIRE_NATIVE:
+            stream_session = self.session
+            self.handshake.accept(welcome)
+        else:
+            # A legacy client is told nothing; its streams run on the inner session.
+            stream_session = self.handshake.accept(welcome)
+        self.tunnel = TunnelTarget(self.client_id, stream_session)
         self.admitted = True
         self._server.register(self)
         stream_session.when_go_away().addCallback(self._leaving)
@@ -164,8 +138,8 @@ class _ClientConnection:
     def _leaving(self, _):
         """The client sent GoAway (it is stopping): route nothing new to it.
 
-        Its calls in flight go on; the proxy closes its channel once they are done,
-        which lets the client finish draining and close the session.
+        Its calls in flight go on; the proxy closes its connections to it once they
+        are done, which lets the client finish draining and close the session.
         """
         self._log.info(
             "client {client_id} is leaving; its calls in flight may finish",
@@ -232,18 +206,12 @@ class _ClientConnection:
         self.depart(reason)
 
     def depart(self, reason=None):
-        """Remove this client from the registry and its socket from disk, once.
-
-        Returns a Deferred firing once the socket file is gone.
-        """
+        """Remove this client from the registry, once."""
         if self._departed:
-            return self._socket_removed
+            return
         self._departed = True
-        self._socket_removed = succeed(None)
         self._server.forget(self)
         self._server.metrics.session_closed(self.session)
-        if self.bridge is not None:
-            self._socket_removed = self._server.bridge_closing(self.bridge.stop())
         if self.admitted:
             self._log.info(
                 "client {client_id} disconnected ({reason})",
@@ -251,7 +219,6 @@ class _ClientConnection:
                 remote_address=self.remote_address,
                 reason=reason or "closed",
             )
-        return self._socket_removed
 
 
 class _SessionFactory(Factory):
@@ -278,7 +245,6 @@ class MultiplexerServer(Service):
         reactor,
         registry,
         listener,
-        runtime_dir=None,
         handshake_timeout=10.0,
         duplicate_ping_timeout=2.0,
         yamux_config=None,
@@ -296,8 +262,6 @@ class MultiplexerServer(Service):
         self.clock = reactor
         self.registry = registry
         self._listener = listener
-        self._runtime_dir_option = runtime_dir
-        self.runtime_dir = None
         self.handshake_timeout = handshake_timeout
         self.duplicate_ping_timeout = duplicate_ping_timeout
         self.yamux_config = yamux_config or YamuxConfig()
@@ -306,8 +270,6 @@ class MultiplexerServer(Service):
         self._connections = set()
         self._by_id = {}
         self._claims = {}
-        self._socket_counter = 0
-        self._bridges_closing = set()  # stopListening Deferreds of departed bridges
         self.metrics = metrics or ServerMetrics()
         self.metrics.track(self)
 
@@ -315,15 +277,14 @@ class MultiplexerServer(Service):
 
     def startService(self):
         super().startService()
-        self.runtime_dir = self._make_runtime_dir()
         endpoint = server_endpoint(self.reactor, self._listener)
         factory = _SessionFactory(self)
         if self.tls_options is not None:
             factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
-        self.port = _listen_now(endpoint, factory)
+        self.port = listen_now(endpoint, factory)
         self._log.info(
             "multiplexer endpoint listening on {address} ({transport}; {security})",
-            address=_describe(self.port.getHost()),
+            address=describe_address(self.port.getHost()),
             transport="TLS" if self.tls_options is not None else "no TLS",
             security=self.admission.describe(),
         )
@@ -356,46 +317,13 @@ class MultiplexerServer(Service):
         for connection in list(self._connections):
             connection.session.close(GO_AWAY_NORMAL)
             stopping.append(connection.session.when_closed())
-            stopping.append(connection.depart("server stopping"))
-        done = DeferredList(stopping)
-        # Stopped means the bridge sockets are gone too: a server started next in
-        # the same runtime directory reuses their names.
-        done.addCallback(lambda _: DeferredList(list(self._bridges_closing)))
-        done.addCallback(lambda _: self._remove_runtime_dir())
-        return done
-
-    def _make_runtime_dir(self):
-        """The bridge sockets' directory: ours, 0700, without a crashed run's sockets."""
-        path = self._runtime_dir_option
-        if not path:
-            return tempfile.mkdtemp(prefix="grpcmux-")  # 0700 whatever the umask
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        except FileExistsError:
-            pass  # not a directory: refused below
-        except OSError as error:
-            raise OSError(f"cannot create runtime directory {path}: {error.strerror}") from None
-        info = os.lstat(path)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            raise OSError(
-                f"runtime directory {path} must be a directory (not a link) owned by "
-                f"the user running grpcmux (uid {os.getuid()})"
-            )
-        os.chmod(path, 0o700)
-        for name in os.listdir(path):
-            socket_path = os.path.join(path, name)
-            if _SOCKET_NAME.fullmatch(name) and stat.S_ISSOCK(os.lstat(socket_path).st_mode):
-                os.unlink(socket_path)
-        return path
-
-    def _remove_runtime_dir(self):
-        if self.runtime_dir and not self._runtime_dir_option:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            connection.depart("server stopping")
+        return DeferredList(stopping)
 
     # connections
 
     def connection_accepted(self, session, addr):
-        connection = _ClientConnection(self, session, _describe(addr))
+        connection = _ClientConnection(self, session, describe_address(addr))
         self._connections.add(connection)
 
     def admit(self, connection):
@@ -474,22 +402,10 @@ class MultiplexerServer(Service):
             "or stop the other client",
         )
 
-    def bridge_closing(self, stopped):
-        """Track a departed bridge until its socket is removed (``stopped`` fires)."""
-        self._bridges_closing.add(stopped)
-        stopped.addBoth(self._bridge_closed, stopped)
-        return stopped
-
-    def _bridge_closed(self, result, stopped):
-        self._bridges_closing.discard(stopped)
-        return result
-
-    def bridge_for(self, connection, stream_session):
-        self._socket_counter += 1
-        path = os.path.join(self.runtime_dir, f"{self._socket_counter}.sock")
-        bridge = Bridge(self.reactor, path, stream_session, connection.client_id)
-        bridge.start()
-        return bridge
+    def tunnel_for(self, client_id):
+        """The upstream target of the admitted client ``client_id``, or None."""
+        connection = self._by_id.get(client_id)
+        return connection.tunnel if connection is not None else None
 
     def register(self, connection):
         client_id = connection.client_id
@@ -499,7 +415,6 @@ class MultiplexerServer(Service):
         self.registry.add(
             ClientInfo(
                 client_id=client_id,
-                socket_path=connection.bridge.socket_path,
                 connected_at=time.time(),
                 remote_address=connection.remote_address,
                 wire_protocol=hello.wire_protocol,
@@ -541,29 +456,6 @@ class MultiplexerServer(Service):
     @property
     def connected_clients(self):
         return dict(self._by_id)
-
-
-def _listen_now(endpoint, factory):
-    """Listen and return the port, raising at once if that fails.
-
-    Every endpoint we accept listens synchronously; raising from ``startService``
-    makes twistd report the problem and exit instead of running without a port.
-    """
-    outcome = []
-    endpoint.listen(factory).addBoth(outcome.append)
-    if not outcome:
-        raise RuntimeError(f"endpoint {endpoint!r} did not start listening synchronously")
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return outcome[0]
-
-
-def _describe(address):
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ServerService(MultiService):
@@ -613,9 +505,9 @@ def security_options(settings):
 def raise_open_file_limit():
     """Raise the soft limit on open files to the hard limit, as Go programs do at start.
 
-    Each connected client holds two descriptors here (its connection and its bridge
-    socket), so the usual soft limit of 1,024 would turn clients away past about 500
-    while the hard limit (often 524,288 under systemd) allows far more.
+    Each connected client holds a descriptor here, each caller another, so the usual
+    soft limit of 1,024 would turn clients away early while the hard limit (often
+    524,288 under systemd) allows far more.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft >= hard:
@@ -627,16 +519,15 @@ def raise_open_file_limit():
         log.warn("cannot raise the open-file limit from {soft} to {hard}: {error}",
                  soft=soft, hard=hard, error=error)
         return soft
-    log.info("open-file limit raised from {soft} to {hard} (two per connected client)",
+    log.info("open-file limit raised from {soft} to {hard} (one per client and per caller)",
              soft=soft, hard=hard)
     return hard
 
 
 def make_service(settings, reactor):
     """The whole server for twistd: multiplexer endpoint plus proxy endpoint."""
+    from grpcmux.proxy import ProxyService
     from grpcmux.rpc.security import load_proxy_security
-    from grpcmux.rpc.service import ProxyService
-    from grpcmux.rpc.workers import ProxyWorkerPool
 
     raise_open_file_limit()
     metrics = ServerMetrics()
@@ -650,7 +541,6 @@ def make_service(settings, reactor):
         reactor,
         registry,
         settings.multiplexer_listener,
-        runtime_dir=settings.runtime_dir,
         handshake_timeout=settings.handshake_timeout,
         duplicate_ping_timeout=settings.duplicate_ping_timeout,
         yamux_config=YamuxConfig(
@@ -666,45 +556,24 @@ def make_service(settings, reactor):
     )
     if cluster is not None:
         cluster.evict = multiplexer.disconnect
-    proxy_options = dict(
+    proxy_security = load_proxy_security(settings)
+    proxy = ProxyService(
+        reactor,
+        registry,
+        settings.proxy_listener,
+        tunnels=multiplexer.tunnel_for,
         authority_domain=settings.authority_domain,
         default_client_id=settings.default_client_id,
         max_message_size=settings.max_message_size,
+        shutdown_grace=settings.shutdown_grace,
+        observer=metrics.call_finished,
+        max_concurrent_calls=settings.max_proxy_calls,
+        max_calls_per_client=settings.max_calls_per_client,
+        tls=proxy_security.tls,
+        tokens=proxy_security.tokens,
+        runtime_dir=settings.runtime_dir,
     )
-    if settings.proxy_workers:
-        # Each worker enforces its share of the call limits and reads the same TLS
-        # and token files, so N workers secure and bound the port as one would.
-        share = settings.proxy_workers
-        proxy = ProxyWorkerPool(
-            reactor,
-            registry,
-            settings.proxy_listener,
-            settings.proxy_workers,
-            lambda: multiplexer.runtime_dir,
-            shutdown_grace=settings.shutdown_grace,
-            log_level=settings.log_level,
-            max_concurrent_calls=-(-settings.max_proxy_calls // share),
-            max_calls_per_client=-(-settings.max_calls_per_client // share),
-            proxy_tls_cert=settings.proxy_tls_cert,
-            proxy_tls_key=settings.proxy_tls_key,
-            proxy_tls_client_ca=settings.proxy_tls_client_ca,
-            proxy_auth_tokens=settings.proxy_auth_tokens,
-            **proxy_options,
-        )
-    else:
-        proxy_security = load_proxy_security(settings)
-        proxy = ProxyService(
-            reactor,
-            registry,
-            settings.proxy_listener,
-            shutdown_grace=settings.shutdown_grace,
-            call_observer=metrics.call_started,
-            max_concurrent_calls=settings.max_proxy_calls,
-            max_calls_per_client=settings.max_calls_per_client,
-            tls=proxy_security.tls,
-            tokens=proxy_security.tokens,
-            **proxy_options,
-        )
+    metrics.track_proxy(proxy)
     metrics_service = None
     if settings.metrics_listener:
         metrics_service = MetricsService(reactor, settings.metrics_listener, metrics.registry)

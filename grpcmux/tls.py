@@ -3,7 +3,7 @@
 Every PEM certificate or key file, for either endpoint, is read and checked here with
 ``cryptography`` (:func:`read_certificates`, :func:`read_key_pair`): a problem is a
 ``TLSConfigError`` whose text is one line naming the option and the file.  The proxy
-endpoint (:mod:`grpcmux.rpc.security`) hands the checked PEM bytes to grpcio.
+endpoint (:mod:`grpcmux.rpc.security`) uses the same options, offering ALPN ``h2``.
 
 The multiplexer server wraps whatever listener it has (``tcp:``, ``unix:``,
 ``systemd:``) in ``TLSMemoryBIOFactory`` with :func:`server_options`; the client wraps
@@ -86,6 +86,11 @@ def _public(key_or_certificate):
 
 def _trust_root(path, label):
     _, certificates = read_certificates(path, label)
+    return trust_root(certificates)
+
+
+def trust_root(certificates):
+    """A Twisted trust root of these (cryptography) CA certificates."""
     return ssl.trustRootFromCertificates(
         [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
 
@@ -100,12 +105,19 @@ def server_options(cert_file, key_file, client_ca_file=None):
     trust = None
     if client_ca_file:
         trust = _trust_root(client_ca_file, "--tls-client-ca")
+    return options_for(pair, trust)
+
+
+def options_for(pair, trust=None, protocols=None):
+    """Server TLS options for a checked :class:`KeyPair`; ``trust``: require client
+    certificates it signed; ``protocols``: the ALPN protocols offered (e.g. ``[b"h2"]``)."""
     return ssl.CertificateOptions(
         privateKey=pair.key,
         certificate=pair.certificates[0],
         extraCertChain=pair.certificates[1:],
         trustRoot=trust,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableProtocols=protocols,
     )
 
 

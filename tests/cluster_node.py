@@ -23,8 +23,7 @@ def main(urls, node, prefix, ttl, *client_ids):
     def health(serving):
         if serving and not registry.snapshot:
             for client_id in client_ids:
-                registry.add(ClientInfo(client_id=client_id, socket_path="",
-                                        connected_at=time.time(),
+                registry.add(ClientInfo(client_id=client_id, connected_at=time.time(),
                                         remote_address="192.0.2.1:1",
                                         wire_protocol="native"))
 

@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThread
 
 from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
 from grpcmux.registry import ClientRegistry
-from grpcmux.rpc.service import ProxyService
+from grpcmux.proxy import ProxyService
 from grpcmux.server import MultiplexerServer
 from rpc_backend import UNLIMITED, Backend, in_thread, invoke
 
@@ -34,10 +34,12 @@ class Stack:
         self.registry = ClientRegistry()
         self.backend = Backend(str(tmp_path / "backend.sock"), tcp=True)
         self.backend_address = f"unix:{self.backend.socket_path}"
-        self._server_kwargs = dict(runtime_dir=str(tmp_path / "run"), **server_kwargs)
+        self._server_kwargs = server_kwargs
         self.server = self._start_server("tcp:0:interface=127.0.0.1")
         self.multiplexer_address = f"127.0.0.1:{self.server.port.getHost().port}"
         self.proxy = ProxyService(reactor, self.registry, "127.0.0.1:0",
+                                  tunnels=lambda client_id: self.server.tunnel_for(client_id),
+                                  runtime_dir=str(tmp_path / "run"),
                                   **{"shutdown_grace": 1.0, **(proxy_kwargs or {})})
         self.proxy.startService()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.proxy.port}", options=UNLIMITED)

@@ -31,7 +31,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 
 from grpcmux.registry import ClientInfo, ClientRegistry
-from grpcmux.rpc.service import ProxyService
+from grpcmux.http2.status import UNAVAILABLE
+from grpcmux.proxy import ProxyService
 from grpcmux.splice import SpliceProtocol, splice
 
 SERVICE = "test.Echo"
@@ -43,9 +44,10 @@ WAIT_LIMIT = 20.0
 class CallRecord:
     """What the backend saw of one call."""
 
-    def __init__(self, method, metadata, time_remaining):
+    def __init__(self, method, metadata, time_remaining, via=None):
         self.method = method
         self.metadata = metadata
+        self.via = via  # what the proxy added to ``via``, kept out of ``metadata``
         self.time_remaining = time_remaining
         self.ended = threading.Event()  # set when the call ended, however
         # Under x-wait: "cancelled" (by the caller), "deadline", or None (never ended).
@@ -90,10 +92,12 @@ class Backend(grpc.GenericRpcHandler):
         return kinds[name](lambda request, context: self._run(behavior, idle, request, context))
 
     def _run(self, behavior, idle, request, context):
-        metadata = tuple((k, v) for k, v in context.invocation_metadata() if k != "user-agent")
+        seen = context.invocation_metadata()
+        metadata = tuple((k, v) for k, v in seen if k not in ("user-agent", "via"))
         remaining = context.time_remaining()
         record = CallRecord(context._rpc_event.call_details.method.decode(), metadata,
-                            remaining if remaining < 1e9 else None)
+                            remaining if remaining < 1e9 else None,
+                            via=dict(seen).get("via"))
         context.add_callback(record.ended.set)
         self.calls.put(record)
         md = dict(metadata)
@@ -262,8 +266,8 @@ def invoke(channel, kind, request, metadata=(), timeout=10.0, **kwargs) -> Resul
     return start_call(channel, kind, request, metadata, timeout, **kwargs).finish()
 
 
-# ProxyService arguments selecting each engine (authority routing needs the threaded one).
-ENGINES = {"aio": {}, "threaded": {"authority_domain": "mux.invalid"}}
+# ProxyService arguments of the configurations tests run against.
+ENGINES = {"router": {}}
 
 
 def in_thread(reactor, fn, *args, wait=30.0, **kwargs):
@@ -271,6 +275,24 @@ def in_thread(reactor, fn, *args, wait=30.0, **kwargs):
     code must not run on the reactor. A Deferred that fails after ``wait`` seconds."""
     d = deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
     return d.addTimeout(wait, reactor)
+
+
+class SocketClient:
+    """A router target standing in for a client's tunnel: a UNIX socket per connection."""
+
+    def __init__(self, registry, info, endpoint):
+        self.label = info.client_id
+        self._registry = registry
+        self._info = info
+        self._endpoint = endpoint
+
+    def connect(self, factory):
+        return self._endpoint.connect(factory)
+
+    def failure(self, connection, reason):
+        gone = self._registry.get(self.label) is not self._info
+        why = "it disconnected" if gone or reason is None else reason
+        return UNAVAILABLE, f"client '{self.label}' is unavailable: {why}"
 
 
 class Mux:
@@ -282,15 +304,19 @@ class Mux:
         self.registry = registry if registry is not None else ClientRegistry()
         self.backend = Backend(str(tmp_path / "backend.sock"))
         service_kwargs.setdefault("shutdown_grace", 1.0)
-        self.service = ProxyService(reactor, self.registry, "127.0.0.1:0", **service_kwargs)
+        self.targets = {}
+        self.service = ProxyService(reactor, self.registry, "127.0.0.1:0",
+                                    tunnels=self.targets.get,
+                                    runtime_dir=str(tmp_path / "run"), **service_kwargs)
         self.service.startService()
         self.address = f"127.0.0.1:{self.service.port}"
         self.channel = grpc.insecure_channel(self.address, options=UNLIMITED)
 
     def connect(self, client_id, socket_path=None) -> ClientInfo:
         """Register a client reached at socket_path (default: the backend)."""
-        info = ClientInfo(client_id, socket_path or self.backend.socket_path, time.time(),
-                          "192.0.2.7:4567", "native", (("zone", "a"),))
+        endpoint = UNIXClientEndpoint(self.reactor, socket_path or self.backend.socket_path)
+        info = ClientInfo(client_id, time.time(), "192.0.2.7:4567", "native", (("zone", "a"),))
+        self.targets[client_id] = SocketClient(self.registry, info, endpoint)
         self.registry.add(info)
         return info
 

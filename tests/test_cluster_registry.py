@@ -17,7 +17,7 @@ TTL = 3
 
 
 def info(client_id, address="127.0.0.1:1"):
-    return ClientInfo(client_id=client_id, socket_path="/x.sock", connected_at=1.5,
+    return ClientInfo(client_id=client_id, connected_at=1.5,
                       remote_address=address, wire_protocol="native", labels=(("k", "v"),))
 
 

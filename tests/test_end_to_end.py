@@ -327,11 +327,11 @@ async def test_tcp_legs_are_tuned(stack):
     assert result.code == OK
     [connection] = stack.server._connections
     assert _tuned(connection.session.transport)
-    bridged = [end.transport for end in connection.bridge._connections]
-    assert bridged and all(t.bufferSize == t.SEND_LIMIT == IO_SIZE for t in bridged)
+    callers = [caller.transport for caller in stack.proxy.router.callers]
+    assert callers and all(_tuned(t) for t in callers)
     session = service.tunnel.session
     assert _tuned(session.transport)
-    # The proxy's channel keeps its connection, hence its stream and backend leg, open.
+    # The router keeps its upstream connection, hence its stream and backend leg, open.
     backend_legs = [s.protocol.peer.transport for s in session.streams.values()
                     if getattr(s.protocol, "peer", None) is not None]
     assert backend_legs and all(_tuned(t) for t in backend_legs)

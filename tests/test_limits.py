@@ -4,13 +4,11 @@ Units run on a StringTransport and a fake clock; the stream and call limits are 
 checked through a real proxy.
 """
 
-import errno
 
 import grpc
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent
@@ -123,38 +121,7 @@ def hello(client_id):
 def fake_server(tmp_path, reactor=None, **kwargs):
     reactor = reactor if reactor is not None else MemoryReactorClock()
     server = MultiplexerServer(reactor, ClientRegistry(), LOOPBACK, **kwargs)
-    server.runtime_dir = str(tmp_path)  # bridges "listen" on the fake reactor
     return reactor, server
-
-
-class _NoUnixListening(MemoryReactorClock):
-    """A reactor on which no UNIX socket can listen (say, the runtime directory was
-    deleted under the running server)."""
-
-    def listenUNIX(self, address, factory, **kwargs):
-        raise CannotListenError(None, address, OSError(errno.ENOENT, "No such file or directory"))
-
-
-def test_a_client_whose_bridge_cannot_listen_is_refused_not_welcomed(tmp_path, log_events):
-    reactor, server = fake_server(tmp_path, reactor=_NoUnixListening())
-    native = Peer(server, 5001)
-    native.send(hello("edge"))
-    reactor.advance(0)
-    reactor.advance(0)
-    (answer,) = native.answers()  # no Welcome first: it could not be called
-    assert answer.reject.code == tunnel_pb2.Reject.CODE_RESOURCE_EXHAUSTED
-    assert answer.reject.message == (
-        "the server cannot open a socket for this client now; try again later")
-    assert native.session.closed
-    assert logged(log_events, "cannot serve client edge from 127.0.0.1:5001: its bridge socket "
-                              "cannot listen: [Errno 2] No such file or directory")
-
-    legacy = Peer(server, 5002)
-    legacy.send(window_update(1, flags=SYN), data_frame(1, b"old\n"))
-    reactor.advance(0)
-    assert legacy.session.closed
-    assert logged(log_events, "cannot serve client old from 127.0.0.1:5002")
-    assert not server.registry.snapshot and not server.connected_clients
 
 
 @pytest.mark.parametrize("preamble", [b"slow-client-id-" * 2, MAGIC + b"\x00\x00\x00\x30"])
@@ -222,15 +189,15 @@ def test_a_client_opening_a_second_stream_is_disconnected(tmp_path, log_events, 
 
 @pytest_twisted.ensureDeferred
 async def test_a_stream_beyond_the_session_limit_fails_the_call_cleanly(reactor, tmp_path, log_events):
-    # The control stream takes the only place: the bridge cannot open a data stream.
+    # The control stream takes the only place: the router cannot open a data stream.
     stack = Stack(reactor, tmp_path, yamux_config=YamuxConfig(max_streams=1))
     try:
         await stack.connected_client("full")
         result = await stack.invoke("Unary", b"x", route("full"))
         assert result.code == grpc.StatusCode.UNAVAILABLE
         assert result.details.startswith("client 'full' is unavailable"), result.details
-        assert logged(log_events, "cannot open a stream to client full: 1 streams are open, "
-                            "the session's limit (max_streams)")
+        assert logged(log_events, "cannot open a connection to client full: 1 streams are "
+                            "open, the session's limit (max_streams)")
         assert "full" in stack.registry.snapshot  # the client itself stays connected
     finally:
         await stack.stop()
@@ -287,27 +254,10 @@ async def test_calls_to_one_client_beyond_the_limit_are_refused(reactor, tmp_pat
             "client 'busy' already has 2 calls in progress, the most allowed; retry later")
         assert (await mux.invoke("Unary", b"y", route("other"))).responses == [b"y"]
         await release(mux, pending)
-        backends = mux.service._engine._proxy._backends
-        await until(reactor, lambda: all(b.active == 0 for b in backends.values()))
+        await until(reactor, lambda: mux.service.router.calls_to("busy") == 0)
         assert (await mux.invoke("Unary", b"z", route("busy"))).responses == [b"z"]
     finally:
         await mux.stop()
-
-
-class _FailingChannel:
-    """A backend channel whose next call cannot even be created (closed under us)."""
-
-    def __init__(self, channel):
-        self._channel = channel
-
-    def stream_stream(self, method):
-        def refuse(*args, **kwargs):
-            raise RuntimeError("channel closed while the call was being made")
-
-        return refuse
-
-    def __getattr__(self, name):
-        return getattr(self._channel, name)
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
@@ -315,15 +265,11 @@ class _FailingChannel:
 async def test_a_call_that_cannot_be_made_gives_its_slot_back(reactor, tmp_path, engine):
     mux = Mux(reactor, tmp_path, max_calls_per_client=1, **ENGINES[engine])
     try:
-        mux.connect("edge")
-        assert (await mux.invoke("Unary", b"a", route("edge"))).responses == [b"a"]
-        [backend] = mux.service._engine._proxy._backends.values()
-        channel, backend.channel = backend.channel, _FailingChannel(backend.channel)
-        failed = await mux.invoke("Unary", b"b", route("edge"))
-        assert failed.code == grpc.StatusCode.UNKNOWN
-        backend.channel = channel
-        assert backend.active == 0
-        assert (await mux.invoke("Unary", b"c", route("edge"))).responses == [b"c"]
+        mux.connect("edge", str(tmp_path / "no-backend-here.sock"))
+        for _ in range(2):  # with its slot kept, the second would be RESOURCE_EXHAUSTED
+            failed = await mux.invoke("Unary", b"b", route("edge"))
+            assert failed.code == grpc.StatusCode.UNAVAILABLE
+            assert mux.service.router.calls_to("edge") == 0
     finally:
         await mux.stop()
 
@@ -336,7 +282,7 @@ async def test_calls_beyond_the_proxy_limit_are_refused(reactor, tmp_path, engin
         mux.connect("a")
         mux.connect("b")
         pending, details = await call_beyond_two_held(mux, "a", "b")
-        assert details == "Concurrent RPC limit exceeded!"
+        assert details == "the proxy has 2 calls in progress, the most allowed; retry later"
         await release(mux, pending)
         for _ in range(int(TIMEOUT / 0.01)):  # grpc frees the places as the calls end
             result = await mux.invoke("Unary", b"y", route("b"))
@@ -357,4 +303,4 @@ def test_the_settings_reach_the_services(reactor):
         reactor)
     assert service.multiplexer.max_clients == 7
     assert service.multiplexer.yamux_config.max_streams == 8
-    assert (service.proxy.max_concurrent_calls, service.proxy.max_calls_per_client) == (9, 3)
+    assert (service.proxy.limits.max_calls, service.proxy.limits.max_calls_per_client) == (9, 3)

@@ -16,7 +16,6 @@ from grpcmux import server as server_module
 from grpcmux.config import ClientSettings, ConfigError, ServerSettings
 from grpcmux.metrics import ClientMetrics, MetricsService, ServerMetrics, reject_reason
 from grpcmux.registry import ClientRegistry
-from grpcmux.rpc.service import ProxyService
 from mux_stack import TIMEOUT
 from rpc_backend import route
 
@@ -51,14 +50,9 @@ async def metered(reactor, tmp_path):
     from mux_stack import Stack
 
     metrics = ServerMetrics()
-    stack = Stack(reactor, tmp_path, metrics=metrics)
-    # The stack's proxy again, now reporting its calls.
-    await stack.proxy.stopService().addTimeout(TIMEOUT, reactor)
-    stack.channel.close()
-    stack.proxy = ProxyService(reactor, stack.registry, "127.0.0.1:0", shutdown_grace=1.0,
-                               call_observer=metrics.call_started)
-    stack.proxy.startService()
-    stack.channel = grpc.insecure_channel(f"127.0.0.1:{stack.proxy.port}")
+    stack = Stack(reactor, tmp_path, proxy_kwargs={"observer": metrics.call_finished},
+                  metrics=metrics)
+    metrics.track_proxy(stack.proxy)
     stack.http = serve(reactor, metrics)
     stack.server_metrics = metrics
     stack.services = [stack.http]
@@ -82,7 +76,8 @@ SESSIONS = ("grpcmux_server_sessions",)
 STREAMS = ("grpcmux_server_streams",)
 BYTES_IN = ("grpcmux_server_received_bytes_total",)
 BYTES_OUT = ("grpcmux_server_sent_bytes_total",)
-CALLS_OK = ("grpcmux_proxy_calls_total", ("code", "OK"))
+CALLS_OK = ("grpcmux_proxy_calls_total", ("client", "lab"), ("code", "OK"))
+UPSTREAMS = ("grpcmux_proxy_upstream_connections",)
 
 
 def handshakes(role, outcome, reason=""):
@@ -108,6 +103,10 @@ async def test_server_metrics_follow_clients_and_their_traffic(metered):
     assert during[handshakes("server", "accepted")] == 2
     assert during[BYTES_IN] > 100_000 and during[BYTES_OUT] > 100_000
     assert during[CALLS_OK] == 1
+    assert during[("grpcmux_proxy_call_bytes_total", ("direction", "received"))] > 100_000
+    assert during[("grpcmux_proxy_call_bytes_total", ("direction", "sent"))] > 100_000
+    assert during[UPSTREAMS] == 1  # the router keeps its connection to the client
+    assert during[("grpcmux_proxy_open_calls",)] == 0
 
     for client in metered.clients:
         client.shutdown_grace = 0.1
@@ -130,8 +129,10 @@ async def test_proxied_calls_by_status_code_and_latency(metered):
     assert unrouted.code == grpc.StatusCode.NOT_FOUND  # no such client
     samples = await scrape(metered.reactor, metered.http)
     assert samples[CALLS_OK] == 1
-    assert samples[("grpcmux_proxy_calls_total", ("code", "PERMISSION_DENIED"))] == 1
-    assert samples[("grpcmux_proxy_calls_total", ("code", "NOT_FOUND"))] == 1
+    assert samples[("grpcmux_proxy_calls_total", ("client", "lab"),
+                    ("code", "PERMISSION_DENIED"))] == 1
+    # Refused before any client was chosen: no per-client label for made-up ids.
+    assert samples[("grpcmux_proxy_calls_total", ("client", ""), ("code", "NOT_FOUND"))] == 1
     assert samples[("grpcmux_proxy_call_duration_seconds_count",)] == 3
     assert samples[("grpcmux_proxy_call_duration_seconds_sum",)] > 0
 
@@ -253,11 +254,13 @@ def test_garbage_fails_the_handshake_and_its_bytes_are_counted():
 
 def test_call_observer_records_code_and_latency():
     metrics = ServerMetrics()
-    metrics.call_started()("OK")
-    metrics.call_started()("NOT_FOUND")
-    assert value(metrics, "grpcmux_proxy_calls_total", code="OK") == 1
-    assert value(metrics, "grpcmux_proxy_calls_total", code="NOT_FOUND") == 1
+    metrics.call_finished("lab", "OK", 0.002, 10, 20)
+    metrics.call_finished("", "NOT_FOUND", 0.0, 0, 0)
+    assert value(metrics, "grpcmux_proxy_calls_total", code="OK", client="lab") == 1
+    assert value(metrics, "grpcmux_proxy_calls_total", code="NOT_FOUND", client="") == 1
     assert value(metrics, "grpcmux_proxy_call_duration_seconds_count") == 2
+    assert value(metrics, "grpcmux_proxy_call_bytes_total", direction="received") == 10
+    assert value(metrics, "grpcmux_proxy_call_bytes_total", direction="sent") == 20
 
 
 def test_registries_are_per_service_graph():

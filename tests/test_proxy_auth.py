@@ -140,7 +140,7 @@ async def test_default_client_is_authorized_too(reactor, tmp_path, tokens, engin
 
 @pytest_twisted.ensureDeferred
 async def test_authority_routing_is_authorized(reactor, tmp_path, tokens):
-    mux = Mux(reactor, tmp_path, **ENGINES["threaded"], tokens=tokens)
+    mux = Mux(reactor, tmp_path, authority_domain="mux.invalid", tokens=tokens)
     channel = grpc.insecure_channel(mux.address, options=UNLIMITED + [
         ("grpc.default_authority", "beta.mux.invalid")])
     try:
@@ -161,10 +161,10 @@ async def test_refused_calls_reach_the_call_observer_with_their_code(reactor, tm
                                                                      tokens, engine):
     codes = []
 
-    def observer():
-        return codes.append
+    def observer(client, code, seconds, bytes_in, bytes_out):
+        codes.append(code)
 
-    mux = Mux(reactor, tmp_path, **engine, tokens=tokens, call_observer=observer)
+    mux = Mux(reactor, tmp_path, **engine, tokens=tokens, observer=observer)
     try:
         mux.connect("alpha")
         await mux.invoke("Unary", b"r", to("alpha"))

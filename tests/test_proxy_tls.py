@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twisted.python import usage
 
@@ -61,9 +63,11 @@ def error_of(call, *args):
 
 def test_good_files_load(pki):
     tls = server_tls(pki, mutual=True)
-    assert tls.certificate_chain == Path(pki.server.cert).read_bytes()
-    assert tls.private_key == Path(pki.server.key).read_bytes()
-    assert tls.client_ca == Path(pki.ca).read_bytes()
+    assert tls.pair.chain_pem == Path(pki.server.cert).read_bytes()
+    assert tls.pair.key_pem == Path(pki.server.key).read_bytes()
+    assert [c.public_bytes(serialization.Encoding.PEM) for c in tls.client_ca] == [
+        c.public_bytes(serialization.Encoding.PEM)
+        for c in x509.load_pem_x509_certificates(Path(pki.ca).read_bytes())]
     assert tls.requires_client_certificates
     assert not server_tls(pki).requires_client_certificates
 
@@ -143,7 +147,9 @@ def test_load_proxy_security(pki, tmp_path):
     assert load_proxy_security(ServerSettings()).tls is None
     settings = ServerSettings(proxy_tls_cert=pki.server.cert,
                               proxy_tls_key=pki.server.key)
-    assert load_proxy_security(settings).tls == server_tls(pki)
+    loaded = load_proxy_security(settings).tls
+    assert (loaded.pair.chain_pem, loaded.pair.key_pem, loaded.client_ca) == (
+        Path(pki.server.cert).read_bytes(), Path(pki.server.key).read_bytes(), None)
     bad = write(tmp_path, "bad.pem", b"x")
     with pytest.raises(ConfigError, match=f"^--proxy-tls-cert {bad}: expected one"):
         load_proxy_security(ServerSettings(proxy_tls_cert=str(bad),

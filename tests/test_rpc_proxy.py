@@ -1,4 +1,6 @@
-"""Tests for grpcmux.rpc.proxy through a running ProxyService and a real backend."""
+"""Tests for the router (grpcmux.http2) through a running ProxyService and a real backend."""
+
+import re
 
 import grpc
 import pytest
@@ -48,9 +50,12 @@ async def test_metadata_headers_and_trailers_pass_through(mux):
     )
     result = await mux.invoke("Bidi", [b"m"], ROUTE + sent)
     assert result.code == OK
-    seen = mux.backend.next_call().metadata
+    record = mux.backend.next_call()
+    seen = record.metadata
     assert "client-id" not in dict(seen)
     assert list(seen) == list(sent)
+    # The router names itself in via, as HTTP proxies do (that is how it sees loops).
+    assert re.fullmatch(r"2 grpcmux-[0-9a-f]{16}", record.via)
     assert list(result.headers) == list(sent)
     assert list(result.trailers) == [("t-bin", b"\x01\x02"), ("plain", "end")]
 

@@ -8,7 +8,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from twisted.internet.task import deferLater
 
 from grpcmux.registry import ClientRegistry
-from grpcmux.rpc.service import ProxyService
+from grpcmux.proxy import ProxyService
 from rpc_backend import ENGINES, Mux, start_call
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -135,7 +135,7 @@ async def test_backend_down_then_up_and_when_client_ready(mux):
 
 @pytest_twisted.ensureDeferred
 async def test_when_client_ready_fails_for_unknown_client(mux):
-    from grpcmux.rpc.proxy import RoutingError
+    from grpcmux.http2.status import CallRefused
 
-    with pytest.raises(RoutingError, match="client 'nobody' is not connected"):
+    with pytest.raises(CallRefused, match="client 'nobody' is not connected"):
         await mux.service.when_client_ready("nobody").addTimeout(15, mux.reactor)

@@ -42,7 +42,6 @@ HEALTH_SERVICE = "grpcmux.cluster"
 DEFAULT_PREFIX = "/grpcmux/"
 DEFAULT_TTL = 5
 _LEASE_GONE = "requested lease not found"
-_INFO_FIELDS = {f.name for f in dataclasses.fields(ClientInfo)}
 
 
 @dataclass(frozen=True)
@@ -91,8 +90,6 @@ def _decode(client_id, value):
         )
     except (ValueError, KeyError, TypeError):
         return None, None
-    if "socket_path" in _INFO_FIELDS:  # until the router replaces the bridges
-        values["socket_path"] = ""
     return node, ClientInfo(**values)
 
 
@@ -542,9 +539,9 @@ class ClusterRegistry(Service):
                        "its stale session on this node", client_id=client_id, owner=node)
         if self._evicted is not None:
             self._evicted.inc()
-        self._update(client_id)
         if self.evict is not None:
             self.evict(client_id, f"client id owned by node {node}")
+        self._update(client_id)
 
     # -- the view -----------------------------------------------------------------------
 

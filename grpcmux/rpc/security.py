@@ -1,17 +1,23 @@
 """What secures the proxy endpoint: TLS material and end-user tokens, read at startup.
 
-PEM files are checked by :mod:`grpcmux.tls` before grpcio sees them: grpcio aborts the
-whole process on a malformed certificate or key, and its complaint names no file.
-There every problem is one line naming the option and the file. Only bytes are kept;
-grpc credential objects are made when a server or channel is built (after twistd
-forked), and grpc itself is imported only then.
+PEM files are checked by :mod:`grpcmux.tls`: every problem is one line naming the
+option and the file. The proxy endpoint serves TLS through Twisted (ALPN ``h2``);
+callers' grpc channel credentials (``grpcmux list`` and friends) are made only when a
+channel is built, and grpc itself is imported only then.
 """
 
 from dataclasses import dataclass
 from typing import Optional
 
 from grpcmux.config import ConfigError
-from grpcmux.tls import TLSConfigError, read_certificates, read_key_pair
+from grpcmux.tls import (
+    KeyPair,
+    TLSConfigError,
+    options_for,
+    read_certificates,
+    read_key_pair,
+    trust_root,
+)
 from grpcmux.tokens import PROXY_TOKEN_METADATA_KEY, ProxyTokens, TokenFileError
 
 #: The status details of a call refused for want of a known proxy token.
@@ -21,11 +27,10 @@ UNAUTHENTICATED_DETAILS = (
 
 @dataclass(frozen=True)
 class ServerTLS:
-    """The proxy endpoint's certificate chain and key; with ``client_ca``, mTLS."""
+    """The proxy endpoint's key pair; with ``client_ca``, mTLS."""
 
-    certificate_chain: bytes
-    private_key: bytes
-    client_ca: Optional[bytes] = None
+    pair: KeyPair
+    client_ca: Optional[tuple] = None  # cryptography CA certificates
 
     @classmethod
     def load(cls, cert_path, key_path, client_ca_path=None):
@@ -33,22 +38,17 @@ class ServerTLS:
         pair = read_key_pair(cert_path, key_path, "--proxy-tls-cert", "--proxy-tls-key")
         client_ca = None
         if client_ca_path is not None:
-            client_ca, _ = read_certificates(client_ca_path, "--proxy-tls-client-ca")
-        return cls(pair.chain_pem, pair.key_pem, client_ca)
+            client_ca = tuple(read_certificates(client_ca_path, "--proxy-tls-client-ca")[1])
+        return cls(pair, client_ca)
 
     @property
     def requires_client_certificates(self):
         return self.client_ca is not None
 
-    def server_credentials(self):
-        """grpc server credentials; client certificates are required with a client CA."""
-        import grpc
-
-        return grpc.ssl_server_credentials(
-            [(self.private_key, self.certificate_chain)],
-            root_certificates=self.client_ca,
-            require_client_auth=self.client_ca is not None,
-        )
+    def options(self):
+        """Twisted TLS options offering ALPN h2; client certificates required with a CA."""
+        trust = trust_root(self.client_ca) if self.client_ca is not None else None
+        return options_for(self.pair, trust, protocols=[b"h2"])
 
 
 def channel_credentials(ca_path=None, cert_path=None, key_path=None, labels=None):

@@ -1,0 +1,175 @@
+"""ProxyService: the proxy endpoint, an HTTP/2 router in the reactor.
+
+The listener (any endpoint string; TLS through Twisted with ALPN ``h2``) hands each
+caller connection to the :class:`~grpcmux.http2.router.Router`, which forwards calls
+to connected clients' tunnels, and Discovery, health and reflection to the
+:class:`~grpcmux.rpc.service.LocalServices` (grpcio in its own thread, on a private
+UNIX socket in the runtime directory).
+
+Stopping is graceful: the listener closes, every caller gets GOAWAY, calls in flight
+get ``shutdown_grace`` seconds, then what remains is failed with UNAVAILABLE.
+"""
+
+import os
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from grpcmux.addresses import describe_address, listen_now, server_endpoint
+from grpcmux.http2.config import H2Config
+from grpcmux.http2.router import Router, RouterLimits
+from grpcmux.http2.status import CallRefused, NOT_FOUND
+from grpcmux.http2.targets import EndpointTarget
+from grpcmux.registry import DISCONNECTED
+from grpcmux.runtime_dir import RuntimeDir
+
+
+class ProxyService(Service):
+    """The proxy endpoint: routes calls to clients, answers Discovery, health, reflection.
+
+    ``tunnels(client_id)`` returns the upstream target of a connected client, or
+    None (the multiplexer server's :meth:`tunnel_for`). ``max_concurrent_calls``
+    bounds the calls in progress, ``max_calls_per_client`` those to one client
+    (None: no bound); beyond either, RESOURCE_EXHAUSTED. ``observer``, if given, is
+    told of every call that ends (see :class:`Router`). ``tls`` (ServerTLS) and
+    ``tokens`` (ProxyTokens) secure the endpoint; None: off.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        registry,
+        listen_address,
+        tunnels=None,
+        authority_domain=None,
+        default_client_id=None,
+        max_message_size=None,
+        max_concurrent_calls=10000,
+        max_calls_per_client=1000,
+        shutdown_grace=10.0,
+        observer=None,
+        tls=None,
+        tokens=None,
+        runtime_dir=None,
+        caller_config=None,
+        upstream_config=None,
+    ):
+        self._reactor = reactor
+        self._registry = registry
+        self.listen_address = listen_address
+        self._tunnels = tunnels or (lambda client_id: None)
+        self.shutdown_grace = shutdown_grace
+        self.tls = tls
+        self.tokens = tokens
+        self._runtime_dir = RuntimeDir(runtime_dir)
+        self.limits = RouterLimits(max_concurrent_calls, max_calls_per_client, max_message_size)
+        self._routing = dict(authority_domain=authority_domain,
+                             default_client_id=default_client_id)
+        self._observer = observer
+        self._caller_config = caller_config or H2Config()
+        self._upstream_config = upstream_config or H2Config(
+            idle_timeout=0, preface_timeout=0, control_burst=10**6, control_rate=10**5)
+        self.router = None
+        self.local = None
+        self.listening_port = None
+        self.port = None
+        self._unsubscribe = None
+
+    def startService(self):
+        from grpcmux.rpc.service import LocalServices  # grpc after twistd forked
+
+        path = self._runtime_dir.create()
+        try:
+            self.local = LocalServices(self._reactor, self._registry,
+                                       self._runtime_dir.socket_path(), self.tokens)
+            self.local.start()
+            local = EndpointTarget(UNIXClientEndpoint(self._reactor, self.local.socket_path))
+            self.router = Router(
+                self._reactor, self._registry, self._tunnels, local,
+                self._caller_config, self._upstream_config, limits=self.limits,
+                tokens=self.tokens, observer=self._observer, instance=os.urandom(8).hex().encode(),
+                **self._routing)
+            factory = self.router.factory
+            if self.tls is not None:
+                factory = TLSMemoryBIOFactory(self.tls.options(), False, factory)
+            try:
+                endpoint = server_endpoint(self._reactor, self.listen_address)
+            except ValueError as error:
+                raise OSError(f"proxy endpoint cannot listen on {self.listen_address!r}: "
+                              f"{error}") from None
+            self.listening_port = listen_now(endpoint, factory)
+        except BaseException:
+            self._runtime_dir.remove()
+            raise
+        self.port = getattr(self.listening_port.getHost(), "port", None)
+        self._unsubscribe = self._registry.subscribe(self._registry_changed)
+        super().startService()
+        self._log.info("proxy endpoint listening on {address} ({security}; local services "
+                       "in {runtime_dir})", address=describe_address(self.listening_port.getHost()),
+                       security=self._describe_security(), runtime_dir=path)
+        if self.tokens is not None and self.tls is None:
+            self._log.warn("proxy tokens are checked but travel in plaintext: "
+                           "serve the proxy endpoint over TLS (--proxy-tls-cert)")
+
+    def _describe_security(self):
+        transport = "plaintext"
+        if self.tls is not None:
+            transport = "mTLS" if self.tls.requires_client_certificates else "TLS"
+        if self.tokens is None:
+            return f"{transport}, no end-user tokens"
+        return f"{transport}, {len(self.tokens)} end-user token(s)"
+
+    def _registry_changed(self, event):
+        if event.kind == DISCONNECTED:
+            self.router.client_left(event.info.client_id, event.graceful)
+
+    def when_client_ready(self, client_id, timeout=10.0):
+        """A Deferred firing once calls can be routed to ``client_id``.
+
+        The router opens a client's upstream on the first call, so this is a
+        check: it fails with CallRefused(NOT_FOUND) when the client is not connected.
+        """
+        if self._registry.get(client_id) is None or self._tunnels(client_id) is None:
+            return fail(CallRefused(NOT_FOUND, f"client '{client_id}' is not connected"))
+        return succeed(None)
+
+    def stopService(self):
+        super().stopService()
+        if self.router is None:
+            return None
+        self._unsubscribe()
+        router, self.router = self.router, None
+        port, self.listening_port = self.listening_port, None
+        stopped = port.stopListening() if port is not None else succeed(None)
+        self.local.begin_shutdown()
+        router.drain()
+        drained = _all_closed(router.callers)
+        timer = self._reactor.callLater(self.shutdown_grace, drained.cancel)
+
+        def finish(_):
+            if timer.active():
+                timer.cancel()
+            router.cancel_all()
+            return self.local.stop(min(self.shutdown_grace, 1.0))
+
+        d = DeferredList([stopped, drained], consumeErrors=True)
+        d.addCallback(finish)
+        d.addBoth(lambda result: self._runtime_dir.remove())
+        d.addCallback(lambda _: self._log.info("proxy endpoint stopped"))
+        return d
+
+
+def _all_closed(connections):
+    """A Deferred firing once every connection has closed (cancel to stop waiting)."""
+    pending = [c.when_closed() for c in list(connections)]
+    if not pending:
+        return succeed(None)
+    d = Deferred(lambda _: [p.cancel() for p in pending])
+    DeferredList(pending, consumeErrors=True).addCallback(
+        lambda _: d.called or d.callback(None))
+    return d
