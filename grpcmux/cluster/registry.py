@@ -138,7 +138,7 @@ class ClusterRegistry(Service):
         self._registering = None
         self._retry_call = None
         self._register_failing = False
-        self._calls = set()  # delayed calls of settle retries
+        self._retries = {}  # client id -> delayed call of its next settle
         self._backoff = Backoff(cap=self.ttl)
         self._health_observers = []
         self._watch = PrefixWatch(clock, client, prefix, self._events, self._compacted,
@@ -244,11 +244,11 @@ class ClusterRegistry(Service):
         """Revoke the lease (every key of this node goes at once), then close."""
         super().stopService()
         self._watch.stop()
-        for call in (self._retry_call, *self._calls):
+        for call in (self._retry_call, *self._retries.values()):
             if call is not None and call.active():
                 call.cancel()
         self._retry_call = None
-        self._calls.clear()
+        self._retries.clear()
         if self._keeper is not None:
             self._keeper.stop()
         lease, self._lease = self._lease, None
@@ -509,11 +509,12 @@ class ClusterRegistry(Service):
         waiter = self._claim_waiters.pop(client_id, None)
         if waiter is not None:
             waiter.callback(client_id)  # provisional: admitted, claimed on a retry
-        call = self._clock.callLater(self._backoff.next(), self._settle_later, client_id)
-        self._calls.add(call)
+        if client_id not in self._retries:
+            self._retries[client_id] = self._clock.callLater(
+                self._backoff.next(), self._settle_later, client_id)
 
     def _settle_later(self, client_id):
-        self._calls = {c for c in self._calls if c.active()}
+        del self._retries[client_id]
         if self.running:
             self._settle(client_id)
 
