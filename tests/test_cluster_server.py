@@ -89,6 +89,16 @@ async def test_two_servers_share_their_clients_and_their_ids(reactor, tmp_path, 
         assert "already connected (to node a)" in problem
         assert b.server.multiplexer.connected_clients == {}
         await clients.pop().stopService()
+        # The registry's evict hook closes this node's session of an id.
+        events = []
+        a.registry.subscribe(lambda e: events.append((e.kind, e.info.client_id)))
+        a.registry.evict("alpha", "client id owned by node b")
+        assert "alpha" not in a.server.multiplexer.connected_clients
+        assert events[0] == ("disconnected", "alpha")
+        # The client reconnects, and is claimed and listed again.
+        await until(reactor, a.registry,
+                    lambda: "alpha" in a.server.multiplexer.connected_clients)
+        await until(reactor, b.registry, lambda: "alpha" in b.registry.snapshot)
         await clients.pop().stopService()
         await until(reactor, b.registry, lambda: "alpha" not in b.registry.snapshot)
     finally:
