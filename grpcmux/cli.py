@@ -1,252 +1,65 @@
-"""The ``grpcmux`` command: list and watch connected clients, run a demo, make a token.
+"""The ``grpcmux`` command line: parses it and runs the subcommand asked for.
 
-``list`` and ``watch`` are plain blocking grpc clients of the proxy endpoint's
-Discovery API; no reactor runs for them.  ``demo`` lives in :mod:`grpcmux.demo` and
-is imported only when asked for, as is grpc for the other commands, so ``--help``
-and usage errors stay fast.
+``list`` and ``watch`` (:mod:`grpcmux.listing`) and ``call`` (:mod:`grpcmux.call`) are
+plain blocking grpc clients of the proxy endpoint; ``demo`` and ``example-server``
+(:mod:`grpcmux.demo`, :mod:`grpcmux.example`) run servers.  Each is imported only
+when asked for, as is grpc, so ``--help`` and usage errors stay fast.
 
 ``--tls`` (implied by the other ``--tls-*`` options) reaches a proxy endpoint served
 over TLS or mTLS; ``--token`` (or ``$GRPCMUX_TOKEN``) is the end-user token a proxy
 with ``--proxy-auth-tokens`` wants in the ``grpcmux-token`` metadata.
+``--proxy-address`` defaults to ``$GRPCMUX_PROXY_ADDRESS``, then localhost:7592.
 
 Every problem ends in one line on stderr: exit status 2 for a usage error (including
-an unusable certificate or key file), 1 for a failure at run time (unreachable
-proxy, timeout, refused call).
+an unusable certificate or key file, or a request that is not valid JSON), 1 for a
+failure at run time (unreachable proxy, timeout, refused call).
 """
 
 import argparse
-import json
 import os
 import sys
-from typing import Dict, List, NamedTuple, Optional
 
 from grpcmux import __version__
 from grpcmux.addresses import AddressError, check_listen_address, parse_host_port
+from grpcmux.commands import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandFailed,
+    UsageError,
+)
 from grpcmux.ids import client_id_problem
+from grpcmux.listing import TOKEN_ENV
 
 DEFAULT_PROXY_ADDRESS = "localhost:7592"
+# Where --proxy-address is read from when not given (as the server reads GRPCMUX_*).
+PROXY_ADDRESS_ENV = "GRPCMUX_PROXY_ADDRESS"
 DEFAULT_TIMEOUT = 10.0
-# Where --token is read from when not given: a command line is visible to `ps`.
-TOKEN_ENV = "GRPCMUX_TOKEN"
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-# What a shell reports for a process ended by Ctrl-C (128 + SIGINT).
-EXIT_INTERRUPTED = 130
-
-TABLE_COLUMNS = ("CLIENT ID", "PROTOCOL", "REMOTE ADDRESS", "CONNECTED SINCE", "LABELS")
-# Watch lines cannot be sized to their contents in advance: minimum widths instead.
-_WATCH_WIDTHS = (12, 16, 8, 21, 20, 0)
-
-
-class UsageError(Exception):
-    """The command line is wrong; the message says how."""
-
-
-class CommandFailed(Exception):
-    """The command could not do its job; the message is the one line to show."""
-
-
-class Server(NamedTuple):
-    """A connected gRPC server as Discovery describes it."""
-
-    client_id: str
-    wire_protocol: str
-    remote_address: str
-    # RFC 3339 UTC with fractions ("...Z"), or None when the server did not say.
-    connected_since: Optional[str]
-    labels: Dict[str, str]
-
-    def as_json(self) -> dict:
-        return self._asdict()
-
-    def cells(self) -> List[str]:
-        """Table cells: one token each ("-" when empty), whole seconds."""
-        since = self.connected_since
-        if since is not None:
-            since = since.partition(".")[0].rstrip("Z") + "Z"
-        labels = ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
-        values = (self.client_id, self.wire_protocol, self.remote_address, since, labels)
-        return [value or "-" for value in values]
-
-
-# Discovery messages -> Server
-
-
-def _server(details, fallback_id: str) -> Server:
-    since = None
-    if details.HasField("connected_since"):
-        since = details.connected_since.ToJsonString()
-    return Server(
-        client_id=details.client_id or fallback_id,
-        wire_protocol=details.wire_protocol,
-        remote_address=details.remote_address,
-        connected_since=since,
-        labels=dict(details.labels),
-    )
-
-
-def servers_of(response) -> List[Server]:
-    """The servers of a ListGRPCServerResponse.
-
-    A Go grpc-multiplexer server sends ids only (no ``details``); they are shown
-    with empty fields rather than refused.
-    """
-    from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2
-
-    if len(response.details) == len(response.servers):
-        return [_server(d, i) for i, d in zip(response.servers, response.details)]
-    empty = discovery_pb2.GRPCServer()
-    return [_server(empty, i) for i in response.servers]
-
-
-def _event_name(response) -> str:
-    from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2
-
-    enum = discovery_pb2.WatchGRPCServerResponse.Event
-    name = enum.Name(response.event) if response.event in enum.values() else "EVENT_UNKNOWN"
-    return name[len("EVENT_"):].lower()
-
-
-# Output
-
-
-def write_table(out, servers: List[Server]) -> None:
-    """A table with columns sized to their contents."""
-    rows = [list(TABLE_COLUMNS)] + [s.cells() for s in servers]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    for row in rows:
-        out.write(_line(row, widths))
-
-
-def _line(cells, widths) -> str:
-    padded = [cell.ljust(width) for cell, width in zip(cells, widths)]
-    return "  ".join(padded).rstrip() + "\n"
-
-
-def _write_watch_event(out, event: str, server: Server, as_json: bool) -> None:
-    if as_json:
-        out.write(json.dumps({"event": event, **server.as_json()}, sort_keys=True) + "\n")
-    else:
-        out.write(_line([event.upper()] + server.cells(), _WATCH_WIDTHS))
-    out.flush()  # one event, one line, now: watch output is often piped
-
-
-# grpc
-
-
-def _channel(args):
-    """A channel to ``--proxy-address``: plaintext, or TLS as the ``--tls*`` options say."""
-    import grpc
-
-    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
-        return grpc.insecure_channel(args.proxy_address)
-    from grpcmux.rpc.security import channel_credentials
-    from grpcmux.tls import TLSConfigError
-
-    try:
-        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-    except TLSConfigError as error:
-        raise UsageError(f"grpcmux {args.command}: {error}") from None
-    options = []
-    if args.tls_server_name:
-        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
-    return grpc.secure_channel(args.proxy_address, credentials, options=options)
-
-
-def _metadata(args):
-    from grpcmux.tokens import PROXY_TOKEN_METADATA_KEY
-
-    return ((PROXY_TOKEN_METADATA_KEY, args.token),) if args.token else ()
-
-
-def _rpc_problem(error, address: str, timeout: float) -> str:
-    """One line saying why a Discovery call failed."""
-    import grpc
-
-    code = error.code()
-    details = " ".join((error.details() or "").split())
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return f"cannot reach the grpcmux proxy at {address}: {details}"
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"no answer from the grpcmux proxy at {address} within {timeout:g} s"
-    if code == grpc.StatusCode.UNIMPLEMENTED:
-        return f"{address} does not serve the grpcmux Discovery API (is it a proxy endpoint?)"
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return (f"the grpcmux proxy at {address} refused the call: {details} "
-                f"(pass a valid --token or set {TOKEN_ENV})")
-    return f"Discovery call to {address} failed: {code.name}: {details}"
-
-
-def fetch_servers(channel, address: str, timeout: float, metadata=()) -> List[Server]:
-    """Call ListGRPCServer (blocking, within ``timeout``); CommandFailed on error."""
-    import grpc
-
-    from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-
-    stub = discovery_pb2_grpc.DiscoveryServiceStub(channel)
-    try:
-        response = stub.ListGRPCServer(discovery_pb2.ListGRPCServerRequest(), timeout=timeout,
-                                       metadata=metadata)
-    except grpc.RpcError as error:
-        raise CommandFailed(_rpc_problem(error, address, timeout)) from None
-    return servers_of(response)
-
-
-def list_servers(address: str, timeout: float) -> List[Server]:
-    """The servers connected to the plaintext proxy at ``address`` (blocking)."""
-    import grpc
-
-    with grpc.insecure_channel(address) as channel:
-        return fetch_servers(channel, address, timeout)
-
-
-# Commands
 
 
 def _run_list(args, out, err) -> int:
-    with _channel(args) as channel:
-        servers = fetch_servers(channel, args.proxy_address, args.timeout, _metadata(args))
-    if args.json:
-        out.write(json.dumps([s.as_json() for s in servers], indent=2, sort_keys=True) + "\n")
-    else:
-        write_table(out, servers)
-        if not servers:
-            err.write("no clients connected\n")
-    return EXIT_OK
+    from grpcmux import listing
+
+    return listing.run_list(args, out, err)
 
 
 def _run_watch(args, out, err) -> int:
-    """Stream Discovery events until Ctrl-C (exit 0) or the stream ends (exit 1).
+    from grpcmux import listing
 
-    A List call first checks, within ``--timeout``, that the address is a reachable
-    grpcmux proxy; the watch itself has no deadline.
-    """
-    import grpc
+    return listing.run_watch(args, out, err)
 
-    from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 
-    address = args.proxy_address
-    metadata = _metadata(args)
-    with _channel(args) as channel:
-        fetch_servers(channel, address, args.timeout, metadata)
-        stub = discovery_pb2_grpc.DiscoveryServiceStub(channel)
-        call = stub.WatchGRPCServer(discovery_pb2.WatchGRPCServerRequest(replay=args.replay),
-                                    metadata=metadata)
-        if not args.json:
-            out.write(_line(["EVENT", *TABLE_COLUMNS], _WATCH_WIDTHS))
-            out.flush()
-        try:
-            for response in call:
-                # A Go grpc-multiplexer server names the server only.
-                details = (response.details if response.HasField("details")
-                           else discovery_pb2.GRPCServer())
-                server = _server(details, response.server)
-                _write_watch_event(out, _event_name(response), server, args.json)
-        except grpc.RpcError as error:
-            raise CommandFailed(f"watch ended: {_rpc_problem(error, address, args.timeout)}")
-    raise CommandFailed(f"watch ended: the proxy at {address} closed the stream "
-                        "(is the multiplexer shutting down?)")
+def _run_call(args, out, err) -> int:
+    from grpcmux import call
+
+    return call.run(args, out, err)
+
+
+def _run_example_server(args, out, err) -> int:
+    from grpcmux import example
+
+    return example.run(args, out, err)
 
 
 def _run_token(args, out, err) -> int:
@@ -319,13 +132,36 @@ def _token(value: str) -> str:
     return value
 
 
-def _discovery_options(parser) -> None:
+def _header(value: str):
+    """``-H key=value``: one metadata entry, key lowercased as HTTP/2 sends it."""
+    key, equals, text = value.partition("=")
+    key = key.strip().lower()
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    if key == "client-id":
+        raise argparse.ArgumentTypeError("route with --client-id, not -H client-id=...")
+    if key.startswith(("grpc-", ":")) or not all(c in _HEADER_KEY_CHARS for c in key):
+        raise argparse.ArgumentTypeError(
+            f"{key!r} is not a metadata key a caller may send (lowercase letters, digits, "
+            "'-', '_', '.'; not 'grpc-...')")
+    if not all(" " <= c <= "~" for c in text):
+        raise argparse.ArgumentTypeError(f"the value of {key!r} must be printable ASCII")
+    return key, text
+
+
+_HEADER_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def _discovery_options(parser, json=True) -> None:
+    """How a command reaches the proxy endpoint: address, TLS, token (and --json)."""
+    default = os.environ.get(PROXY_ADDRESS_ENV) or DEFAULT_PROXY_ADDRESS
     parser.add_argument(
-        "--proxy-address", type=_proxy_address, default=DEFAULT_PROXY_ADDRESS,
-        metavar="HOST:PORT",
-        help=f"the multiplexer server's proxy endpoint (default: {DEFAULT_PROXY_ADDRESS})")
-    parser.add_argument("--json", action="store_true",
-                        help="print JSON instead of a table")
+        "--proxy-address", type=_proxy_address, default=default, metavar="HOST:PORT",
+        help=f"the multiplexer server's proxy endpoint (default: ${PROXY_ADDRESS_ENV}, "
+             f"else {DEFAULT_PROXY_ADDRESS})")
+    if json:
+        parser.add_argument("--json", action="store_true",
+                            help="print JSON instead of a table")
     security = parser.add_argument_group("TLS and authorization")
     security.add_argument("--tls", action="store_true",
                           help="connect over TLS (implied by the other --tls-* options)")
@@ -373,6 +209,44 @@ def make_parser() -> argparse.ArgumentParser:
                        help="give up if the proxy does not answer within S seconds "
                             f"(default: {DEFAULT_TIMEOUT:g}); the watch itself runs on")
     watch.set_defaults(run=_run_watch)
+
+    call = commands.add_parser(
+        "call", help="call a method of a connected gRPC server, in JSON",
+        description="Call SERVICE/METHOD of the gRPC server behind client --client-id, "
+                    "through the proxy; its types come from the server's reflection "
+                    "service. Replies are printed as JSON, one object per line. Client "
+                    "and bidirectional streaming methods take a JSON array or several "
+                    "JSON objects.")
+    call.add_argument("method", nargs="?", metavar="SERVICE/METHOD",
+                      help="the method to call, e.g. grpcmux.v1.DemoService/Hello")
+    call.add_argument("--client-id", type=_client_id,
+                      help="the client whose gRPC server to call (default: the proxy's "
+                           "own routing: --default-client-id or :authority)")
+    call.add_argument("-d", "--data", metavar="JSON",
+                      help="the request in JSON (default: {}); @FILE reads a file, "
+                           "- reads standard input")
+    call.add_argument("-H", "--header", dest="headers", type=_header, action="append",
+                      default=[], metavar="KEY=VALUE", help="metadata to send (repeatable)")
+    call.add_argument("--list", action="store_true",
+                      help="list the services the gRPC server offers, then exit")
+    call.add_argument("--describe", metavar="NAME",
+                      help="describe a service (or message type) of the gRPC server")
+    call.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="S",
+                      help=f"give up after S seconds, reflection included "
+                           f"(default: {DEFAULT_TIMEOUT:g})")
+    _discovery_options(call, json=False)
+    call.set_defaults(run=_run_call)
+
+    example = commands.add_parser(
+        "example-server", help="serve the example gRPC service (health, reflection on)",
+        description="Serve grpcmux.v1.DemoService, with grpc.health.v1 and server "
+                    "reflection, on --listen until Ctrl-C or SIGTERM: a gRPC server to "
+                    "put behind 'twistd grpcmux-client' and call with 'grpcmux call'.")
+    example.add_argument("--listen", type=_listen_address, default="127.0.0.1:50051",
+                         metavar="HOST:PORT", help="where to listen (default: 127.0.0.1:50051)")
+    example.add_argument("--name", default="example",
+                         help="the server name its replies carry (default: example)")
+    example.set_defaults(run=_run_example_server)
 
     demo = commands.add_parser(
         "demo", help="run server, proxy, client and an example gRPC server; call it",

@@ -55,7 +55,6 @@ def _address_check(check):
 
 
 _check_dial_address = _address_check(addresses.check_dial_address)
-_check_listen_address = _address_check(addresses.check_listen_address)
 _check_multiplexer_listener = _address_check(addresses.check_server_endpoint)
 
 
@@ -463,8 +462,9 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
     _Option("multiplexer-listener", "str", _check_multiplexer_listener,
             "Listener address used by multiplexer clients: HOST:PORT or a Twisted "
             "endpoint (tcp:..., unix:..., systemd:...)."),
-    _Option("proxy-listener", "str", _check_listen_address,
-            "Proxy listener address (HOST:PORT) for gRPC users."),
+    _Option("proxy-listener", "str", _check_multiplexer_listener,
+            "Listener address for gRPC users: HOST:PORT or a Twisted endpoint "
+            "(tcp:..., unix:..., systemd:...)."),
     _Option("authority-domain", "str", _check_domain,
             "Route calls without client-id metadata by :authority "
             "<client-id>.<domain>.", optional=True, shown_default="off"),

@@ -1,7 +1,7 @@
 """``grpcmux demo``: a whole grpcmux in one process, and one call through it.
 
-On loopback, in this order: an example gRPC server (``grpcmux.v1.DemoService``,
-with reflection so grpcurl can find it), a multiplexer server with its proxy
+On loopback, in this order: the example gRPC server (:mod:`grpcmux.example`,
+with reflection so ``grpcmux call`` can find its types), a multiplexer server with its proxy
 endpoint, and a multiplexer client (native wire protocol) in front of the example.
 Then a user's call goes through the proxy with ``client-id`` metadata, and the
 Discovery listing is shown.  The network parts run on the reactor; the blocking
@@ -10,7 +10,6 @@ grpc client calls run in threads; every wait has a timeout.
 
 import json
 import shlex
-from concurrent import futures
 
 import grpc
 from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred, maybeDeferred
@@ -18,48 +17,13 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent, globalLogBeginner
 
-from grpcmux.addresses import parse_host_port
 from grpcmux._proto.grpcmux.v1 import demo_pb2, demo_pb2_grpc
-from grpcmux.cli import (
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    CommandFailed,
-    list_servers,
-    write_table,
-)
+from grpcmux.addresses import parse_host_port
+from grpcmux.commands import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, CommandFailed, one_line
+from grpcmux.example import SERVICE_NAME, STOP_GRACE, start_example_server
+from grpcmux.listing import list_servers, write_table
 
-SERVICE_NAME = demo_pb2.DESCRIPTOR.services_by_name["DemoService"].full_name
 LABELS = (("example", "demo"),)
-# How long the example server's running calls get when it stops.
-_STOP_GRACE = 1.0
-
-
-class DemoServicer(demo_pb2_grpc.DemoServiceServicer):
-    """The example service: greets, and says which server answered."""
-
-    def __init__(self, server_name):
-        self.server_name = server_name
-
-    def Hello(self, request, context):
-        return demo_pb2.HelloReply(
-            message=f"Hello, {request.name or 'world'}!", server=self.server_name
-        )
-
-
-def start_example_server(server_name, address="127.0.0.1:0"):
-    """A started grpc server serving DemoService and reflection; ``(server, port)``."""
-    from grpc_reflection.v1alpha import reflection
-
-    server = grpc.server(futures.ThreadPoolExecutor(4, "grpcmux-demo"))
-    demo_pb2_grpc.add_DemoServiceServicer_to_server(DemoServicer(server_name), server)
-    reflection.enable_server_reflection([SERVICE_NAME, reflection.SERVICE_NAME], server)
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:  # grpcio's only word on a failed bind
-        raise CommandFailed(f"the example gRPC server cannot listen on {address}") from None
-    server.start()
-    return server, port
 
 
 def call_hello(proxy_address, client_id, name, timeout):
@@ -73,7 +37,7 @@ def call_hello(proxy_address, client_id, name, timeout):
                 timeout=timeout,
             )
         except grpc.RpcError as error:
-            details = " ".join((error.details() or "").split())
+            details = one_line(error.details() or "")
             raise CommandFailed(
                 f"the call through the proxy failed: {error.code().name}: {details}"
             ) from None
@@ -97,7 +61,7 @@ class _LastWarning:
 
     def __call__(self, event):
         if event.get("log_level", LogLevel.info) >= LogLevel.warn:
-            self.text = " ".join(formatEvent(event).split())
+            self.text = one_line(formatEvent(event))
 
 
 class Demo:
@@ -151,7 +115,8 @@ class Demo:
         )
         multiplexer_address = dial_address(args.multiplexer_listener, server.port.getHost().port)
         proxy = self._start(
-            ProxyService(reactor, registry, args.proxy_listener, shutdown_grace=_STOP_GRACE),
+            ProxyService(reactor, registry, args.proxy_listener, tunnels=server.tunnel_for,
+                         shutdown_grace=STOP_GRACE),
             "proxy endpoint",
         )
         proxy_address = dial_address(args.proxy_listener, proxy.port)
@@ -190,11 +155,12 @@ class Demo:
             "grpcmux demo: started in this process, on loopback:",
             f"  multiplexer server   {multiplexer_address}  (multiplexer clients dial in here)",
             f"  proxy endpoint       {proxy_address}  (users call here; Discovery API too)",
-            f"  example gRPC server  {example_address}  ({SERVICE_NAME}, reflection on)",
+            f"  example gRPC server  {example_address}  ({SERVICE_NAME}, health, reflection)",
             f"  multiplexer client   id {args.client_id!r}, native wire protocol, "
             f"labels {','.join(labels)}, in front of the example server",
             "",
             "The same as separate commands:",
+            "  " + shlex.join(["grpcmux", "example-server", "--listen", example_address]),
             "  " + shlex.join([
                 "twistd", "-n", "--pidfile=", "grpcmux-server",
                 "--multiplexer-listener", multiplexer_address,
@@ -208,9 +174,9 @@ class Demo:
                 *(part for label in labels for part in ("--label", label)),
             ]),
             "  " + shlex.join([
-                "grpcurl", "-plaintext", "-H", f"client-id: {args.client_id}",
+                "grpcmux", "call", "--proxy-address", proxy_address,
+                "--client-id", args.client_id, f"{SERVICE_NAME}/Hello",
                 "-d", json.dumps({"name": args.name}),
-                proxy_address, f"{SERVICE_NAME}/Hello",
             ]),
             "  " + shlex.join(["grpcmux", "list", "--proxy-address", proxy_address]),
             "",
@@ -233,7 +199,7 @@ class Demo:
         self.services = []
         if self.example is not None:
             example, self.example = self.example, None
-            stopping = deferToThread(lambda: example.stop(_STOP_GRACE).wait(self.args.timeout))
+            stopping = deferToThread(lambda: example.stop(STOP_GRACE).wait(self.args.timeout))
             try:
                 await self._within(stopping, "stopping the example gRPC server")
             except Exception as error:
@@ -248,7 +214,7 @@ def _one_line(error):
         type(error).__module__ == "twisted.internet.error"
     )
     text = str(error) if speaks_for_itself and str(error) else f"{type(error).__name__}: {error}"
-    return " ".join(text.split())
+    return one_line(text)
 
 
 def run(args, out, err):

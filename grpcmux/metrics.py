@@ -8,8 +8,15 @@ are counted with one increment where they happen.
 ``MetricsResource`` renders on the reactor's thread pool, so the collectors only
 take atomic reads of reactor-owned state: the registry's immutable snapshot, a
 ``tuple()`` copy of a set, ``len()`` of a set, plain integers.
+
+The server's listener also serves the status page (:mod:`grpcmux.status`) at ``/``;
+its per-client rows come from :meth:`ServerMetrics.clients`.
 """
 
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,6 +29,7 @@ from twisted.web.server import Site
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.addresses import server_endpoint
+from grpcmux.registry import DISCONNECTED
 
 # Handshake outcomes (the ``outcome`` label); ``reason`` is set for rejections only.
 ACCEPTED = "accepted"
@@ -46,10 +54,12 @@ class MetricsService(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, listener, registry):
+    def __init__(self, reactor, listener, registry, status=None):
         self._reactor = reactor
         self.listener = listener
         self.registry = registry
+        # What the status page at / shows (a ServerMetrics); None: no status page.
+        self.status = status
         self.port = None
 
     def startService(self):
@@ -58,6 +68,10 @@ class MetricsService(Service):
 
         root = _Root()
         root.putChild(b"metrics", MetricsResource(registry=self.registry))
+        if self.status is not None:
+            from grpcmux.status import add_status_page
+
+            add_status_page(root, self.status)
         site = Site(root)
         site.noisy = False
         outcome = []
@@ -79,7 +93,7 @@ class MetricsService(Service):
 
 
 class _Root(Resource):
-    """Only /metrics exists; anything else is a plain 404."""
+    """Only /metrics (and the status page's paths) exist; anything else is a plain 404."""
 
     def getChild(self, path, request):
         return notFound()
@@ -95,11 +109,67 @@ def _handshakes(prefix, registry):
     )
 
 
+# How far back a client's calls/s looks, in seconds.
+RATE_WINDOW = 10
+
+
+class ClientStats:
+    """One connected client's calls, as the proxy counts them (reactor thread only)."""
+
+    def __init__(self, clock):
+        self._clock = clock
+        self.calls = 0  # finished calls
+        self.errors = 0  # finished with a status other than OK
+        self._recent = deque()  # [whole second, calls finished in it], oldest first
+
+    def finished(self, code_name):
+        self.calls += 1
+        if code_name != "OK":
+            self.errors += 1
+        second = int(self._clock())
+        if self._recent and self._recent[-1][0] == second:
+            self._recent[-1][1] += 1
+        else:
+            self._recent.append([second, 1])
+        self._forget_old(second)
+
+    def _forget_old(self, now):
+        while self._recent and self._recent[0][0] <= now - RATE_WINDOW:
+            self._recent.popleft()
+
+    def calls_per_second(self):
+        """Calls finished per second over the last RATE_WINDOW seconds."""
+        self._forget_old(int(self._clock()))
+        return sum(count for _, count in self._recent) / RATE_WINDOW
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    """One row of the status page: a connected client and its traffic."""
+
+    client_id: str
+    labels: Tuple[Tuple[str, str], ...]
+    wire_protocol: str
+    remote_address: str
+    connected_at: float  # POSIX seconds
+    # None where not known: health where the registry has none, node outside a
+    # cluster (issue 13), bytes of a client whose session is on another node.
+    health: Optional[str] = None
+    node: Optional[str] = None
+    calls_per_second: Optional[float] = None
+    calls: Optional[int] = None
+    errors: Optional[int] = None
+    bytes_received: Optional[int] = None
+    bytes_sent: Optional[int] = None
+
+
 class ServerMetrics:
     """The multiplexer server's metrics; ``track(server)`` makes its live state visible."""
 
-    def __init__(self, registry=None):
+    def __init__(self, registry=None, clock=time.monotonic):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._clock = clock
+        self._client_stats = {}  # client id -> ClientStats, while connected
         self.handshakes = _handshakes("grpcmux_server", self.registry)
         self.calls = Counter(
             "grpcmux_proxy_calls",
@@ -120,6 +190,49 @@ class ServerMetrics:
     def track(self, server):
         """Report the connections of ``server`` (a MultiplexerServer) from now on."""
         self._live.server = server
+        server.registry.subscribe(self._registry_changed)
+
+    def _registry_changed(self, event):
+        if event.kind == DISCONNECTED:
+            self._client_stats.pop(event.info.client_id, None)
+
+    def client_stats(self, client_id):
+        """The ClientStats of a connected client, made on first use; else None.
+
+        Only connected ids get one, so calls naming made-up ids cost no memory.
+        """
+        stats = self._client_stats.get(client_id)
+        server = self._live.server
+        if stats is None and server is not None and client_id in server.registry.snapshot:
+            stats = self._client_stats[client_id] = ClientStats(self._clock)
+        return stats
+
+    def clients(self):
+        """A ClientStatus per connected client, by id (reactor thread)."""
+        server = self._live.server
+        if server is None:
+            return []
+        connections = server.connected_clients
+        rows = []
+        for client_id, info in sorted(server.registry.snapshot.items()):
+            connection = connections.get(client_id)
+            session = connection.session if connection is not None else None
+            stats = self._client_stats.get(client_id)
+            rows.append(ClientStatus(
+                client_id=client_id,
+                labels=tuple(info.labels),
+                wire_protocol=info.wire_protocol,
+                remote_address=info.remote_address,
+                connected_at=info.connected_at,
+                health=getattr(info, "health", None),
+                node=getattr(info, "node", None),
+                bytes_received=session.bytes_received if session is not None else None,
+                bytes_sent=session.bytes_sent if session is not None else None,
+                calls_per_second=stats.calls_per_second() if stats else 0.0,
+                calls=stats.calls if stats else 0,
+                errors=stats.errors if stats else 0,
+            ))
+        return rows
 
     def handshake(self, outcome, reason=""):
         self.handshakes.labels(outcome=outcome, reason=reason).inc()
@@ -134,8 +247,15 @@ class ServerMetrics:
         self._live.proxy = proxy
 
     def call_finished(self, client, code_name, seconds, bytes_in, bytes_out):
-        """Record one call through the proxy endpoint (the router calls it once per call)."""
+        """Record one call through the proxy endpoint (the router calls it once per call).
+
+        ``client``: the client id the call was routed to ("" for the proxy's own
+        services); a connected client's call also counts on the status page.
+        """
         self.calls.labels(code=code_name, client=client).inc()
+        stats = self.client_stats(client) if client else None
+        if stats is not None:
+            stats.finished(code_name)
         self.call_seconds.observe(seconds)
         if bytes_in:
             self.call_bytes.labels(direction="received").inc(bytes_in)

@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from grpcmux.addresses import describe_address, listen_now, server_endpoint
 from grpcmux.http2.config import H2Config
+from grpcmux.http2.connection import Budget
 from grpcmux.http2.router import Router, RouterLimits
 from grpcmux.http2.status import CallRefused, NOT_FOUND
 from grpcmux.http2.targets import EndpointTarget
@@ -58,6 +59,11 @@ class ProxyService(Service):
         runtime_dir=None,
         caller_config=None,
         upstream_config=None,
+        buffer_budget=256 * 1024 * 1024,
+        remote=None,
+        cluster_listener=None,
+        node_token=None,
+        cluster_tls=None,
     ):
         self._reactor = reactor
         self._registry = registry
@@ -71,9 +77,17 @@ class ProxyService(Service):
         self._routing = dict(authority_domain=authority_domain,
                              default_client_id=default_client_id)
         self._observer = observer
+        self._remote = remote
+        self._cluster_listener = cluster_listener
+        self._node_token = node_token
+        self._cluster_tls = cluster_tls  # Twisted TLS options of the cluster listener
+        self.cluster_router = None
+        self.cluster_port = None
         self._caller_config = caller_config or H2Config()
         self._upstream_config = upstream_config or H2Config(
             idle_timeout=0, preface_timeout=0, control_burst=10**6, control_rate=10**5)
+        self.budget = Budget(buffer_budget)
+        self._instance = os.urandom(8).hex().encode()  # this router's pseudonym in via
         self.router = None
         self.local = None
         self.listening_port = None
@@ -92,8 +106,8 @@ class ProxyService(Service):
             self.router = Router(
                 self._reactor, self._registry, self._tunnels, local,
                 self._caller_config, self._upstream_config, limits=self.limits,
-                tokens=self.tokens, observer=self._observer, instance=os.urandom(8).hex().encode(),
-                **self._routing)
+                tokens=self.tokens, observer=self._observer, budget=self.budget,
+                instance=self._instance, remote=self._remote, **self._routing)
             factory = self.router.factory
             if self.tls is not None:
                 factory = TLSMemoryBIOFactory(self.tls.options(), False, factory)
@@ -103,7 +117,13 @@ class ProxyService(Service):
                 raise OSError(f"proxy endpoint cannot listen on {self.listen_address!r}: "
                               f"{error}") from None
             self.listening_port = listen_now(endpoint, factory)
+            if self._cluster_listener is not None:
+                self._listen_for_nodes()
         except BaseException:
+            if self.listening_port is not None:
+                self.listening_port.stopListening()
+                self.listening_port = None
+            self.local.stop(0)
             self._runtime_dir.remove()
             raise
         self.port = getattr(self.listening_port.getHost(), "port", None)
@@ -111,10 +131,24 @@ class ProxyService(Service):
         super().startService()
         self._log.info("proxy endpoint listening on {address} ({security}; local services "
                        "in {runtime_dir})", address=describe_address(self.listening_port.getHost()),
-                       security=self._describe_security(), runtime_dir=path)
+                       security=self._describe_security(), runtime_dir=path, port=self.port)
         if self.tokens is not None and self.tls is None:
             self._log.warn("proxy tokens are checked but travel in plaintext: "
                            "serve the proxy endpoint over TLS (--proxy-tls-cert)")
+
+    def _listen_for_nodes(self):
+        """The cluster listener: calls other nodes forward to this node's clients."""
+        self.cluster_router = Router(
+            self._reactor, self._registry, self._tunnels, None, self._caller_config,
+            self._upstream_config, limits=self.limits, observer=self._observer,
+            budget=self.budget, instance=self._instance, node_token=self._node_token)
+        factory = self.cluster_router.factory
+        if self._cluster_tls is not None:
+            factory = TLSMemoryBIOFactory(self._cluster_tls, False, factory)
+        self.cluster_port = listen_now(
+            server_endpoint(self._reactor, self._cluster_listener), factory)
+        self._log.info("cluster listener on {address}",
+                       address=describe_address(self.cluster_port.getHost()))
 
     def _describe_security(self):
         transport = "plaintext"
@@ -126,7 +160,9 @@ class ProxyService(Service):
 
     def _registry_changed(self, event):
         if event.kind == DISCONNECTED:
-            self.router.client_left(event.info.client_id, event.graceful)
+            for router in (self.router, self.cluster_router):
+                if router is not None:
+                    router.client_left(event.info.client_id, event.graceful)
 
     def when_client_ready(self, client_id, timeout=10.0):
         """A Deferred firing once calls can be routed to ``client_id``.
@@ -143,21 +179,24 @@ class ProxyService(Service):
         if self.router is None:
             return None
         self._unsubscribe()
-        router, self.router = self.router, None
-        port, self.listening_port = self.listening_port, None
-        stopped = port.stopListening() if port is not None else succeed(None)
+        routers = [r for r in (self.router, self.cluster_router) if r is not None]
+        ports = [p for p in (self.listening_port, self.cluster_port) if p is not None]
+        self.router = self.cluster_router = self.listening_port = self.cluster_port = None
+        stopped = [port.stopListening() for port in ports]
         self.local.begin_shutdown()
-        router.drain()
-        drained = _all_closed(router.callers)
+        for router in routers:
+            router.drain()
+        drained = _all_closed([c for router in routers for c in router.callers])
         timer = self._reactor.callLater(self.shutdown_grace, drained.cancel)
 
         def finish(_):
             if timer.active():
                 timer.cancel()
-            router.cancel_all()
+            for router in routers:
+                router.cancel_all()
             return self.local.stop(min(self.shutdown_grace, 1.0))
 
-        d = DeferredList([stopped, drained], consumeErrors=True)
+        d = DeferredList([*stopped, drained], consumeErrors=True)
         d.addCallback(finish)
         d.addBoth(lambda result: self._runtime_dir.remove())
         d.addCallback(lambda _: self._log.info("proxy endpoint stopped"))

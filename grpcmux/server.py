@@ -576,7 +576,8 @@ def make_service(settings, reactor):
     metrics.track_proxy(proxy)
     metrics_service = None
     if settings.metrics_listener:
-        metrics_service = MetricsService(reactor, settings.metrics_listener, metrics.registry)
+        metrics_service = MetricsService(reactor, settings.metrics_listener, metrics.registry,
+                                         status=metrics)
     service = ServerService(multiplexer, proxy, metrics_service)
     if cluster is not None:
         from grpcmux.cluster.node import ClusterNode

@@ -22,7 +22,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from grpcmux import __version__, cli
+from grpcmux import __version__, cli, listing
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.registry import ClientInfo
 from mux_stack import TIMEOUT
@@ -36,9 +36,9 @@ _CHILD = (
     "runpy.run_module('grpcmux', run_name='__main__')"
 )
 
-LAB = ClientInfo("lab", "/nonexistent/1.sock", 1700000000.5, "192.0.2.7:4567", "native",
+LAB = ClientInfo("lab", 1700000000.5, "192.0.2.7:4567", "native",
                  (("zone", "a"), ("rack", "r1")))
-OLD = ClientInfo("old", "/nonexistent/2.sock", 1700000100.0, "[2001:db8::1]:50000", "legacy")
+OLD = ClientInfo("old", 1700000100.0, "[2001:db8::1]:50000", "legacy")
 LAB_JSON = {
     "client_id": "lab",
     "wire_protocol": "native",
@@ -164,14 +164,14 @@ async def test_python_m_grpcmux_list(reactor, mux):
 
 def test_servers_of_a_go_server_listing_ids_only():
     response = discovery_pb2.ListGRPCServerResponse(servers=["a", "b"])
-    servers = cli.servers_of(response)
+    servers = listing.servers_of(response)
     assert [s.as_json() for s in servers] == [
         {"client_id": i, "wire_protocol": "", "remote_address": "", "connected_since": None,
          "labels": {}}
         for i in ("a", "b")
     ]
     out = io.StringIO()
-    cli.write_table(out, servers)
+    listing.write_table(out, servers)
     rows = [line.split() for line in out.getvalue().splitlines()[1:]]
     assert rows == [["a", "-", "-", "-", "-"], ["b", "-", "-", "-", "-"]]
 

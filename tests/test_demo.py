@@ -17,7 +17,8 @@ import grpc
 import pytest
 
 from grpcmux._proto.grpcmux.v1 import demo_pb2, demo_pb2_grpc
-from grpcmux.demo import DemoServicer, dial_address, start_example_server
+from grpcmux.demo import dial_address
+from grpcmux.example import DemoServicer, start_example_server
 from grpcmux.tap import client as client_tap
 from grpcmux.tap import server as server_tap
 
@@ -61,17 +62,18 @@ def test_demo_calls_the_example_through_the_proxy_and_exits_0():
                                   "CONNECTED", "SINCE", "LABELS"]
     row = listing[1].split()
     assert (len(listing), row[0], row[1], row[4]) == (2, "demo", "native", "example=demo")
-    grpcurl = command_after(out, "grpcurl")
-    assert grpcurl[:6] == ["grpcurl", "-plaintext", "-H", "client-id: demo", "-d",
-                           '{"name": "world"}']
-    assert grpcurl[7] == "grpcmux.v1.DemoService/Hello"
+    call = command_after(out, "grpcmux call")
+    assert call[:3] + call[4:] == ["grpcmux", "call", "--proxy-address", "--client-id", "demo",
+                                   "grpcmux.v1.DemoService/Hello", "-d", '{"name": "world"}']
+    example = command_after(out, "grpcmux example-server")
+    assert example[:3] == ["grpcmux", "example-server", "--listen"]
 
 
 def test_demo_with_another_id_and_name():
     result = grpcmux("demo", "--client-id", "lab-7", "--name", "Ada")
     assert_succeeded(result)
     assert "Reply from server 'lab-7': Hello, Ada!\n" in result.stdout
-    assert ["-H", "client-id: lab-7"] == command_after(result.stdout, "grpcurl")[2:4]
+    assert ["--client-id", "lab-7"] == command_after(result.stdout, "grpcmux call")[4:6]
 
 
 def test_printed_twistd_commands_are_valid_options(tmp_path):
@@ -88,7 +90,7 @@ def test_printed_twistd_commands_are_valid_options(tmp_path):
     settings = client_options.settings
     assert (settings.client_id, settings.labels) == ("demo", (("example", "demo"),))
     assert settings.multiplexer_address == server_options.settings.multiplexer_listener
-    proxy = command_after(out, "grpcurl")[6]
+    proxy = command_after(out, "grpcmux call")[3]
     assert server_options.settings.proxy_listener == proxy
     assert command_after(out, "grpcmux list") == ["grpcmux", "list", "--proxy-address", proxy]
 
@@ -113,6 +115,9 @@ def test_keep_running_serves_until_ctrl_c():
                 demo_pb2.HelloRequest(name="again"), metadata=(("client-id", "demo"),),
                 timeout=TIMEOUT)
         assert (reply.message, reply.server) == ("Hello, again!", "demo")
+        called = grpcmux(*command_after(out, "grpcmux call")[1:])  # as printed
+        assert_succeeded(called)
+        assert json.loads(called.stdout) == {"message": "Hello, world!", "server": "demo"}
         listed = grpcmux("list", "--json", "--proxy-address", proxy)
         assert_succeeded(listed)
         assert [s["client_id"] for s in json.loads(listed.stdout)] == ["demo"]
@@ -170,6 +175,31 @@ def test_example_server_greets_and_names_itself():
 def test_servicer_uses_the_given_name():
     reply = DemoServicer("x").Hello(demo_pb2.HelloRequest(name="Bo"), context=None)
     assert (reply.message, reply.server) == ("Hello, Bo!", "x")
+
+
+def test_servicer_streams_each_kind():
+    servicer = DemoServicer("x")
+    many = servicer.HelloMany(demo_pb2.HelloManyRequest(name="Bo", count=2), context=None)
+    assert [r.message for r in many] == ["Hello, Bo!"] * 2
+    names = [demo_pb2.HelloRequest(name=n) for n in ("a", "")]
+    assert servicer.HelloAll(iter(names), context=None).message == "Hello, a, world!"
+    assert servicer.HelloAll(iter(()), context=None).message == "Hello, nobody!"
+    assert [r.message for r in servicer.HelloEach(iter(names), context=None)] == [
+        "Hello, a!", "Hello, world!"]
+
+
+def test_example_server_serves_health():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server, port = start_example_server("lab")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            replies = [stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=TIMEOUT)
+                       for name in ("", "grpcmux.v1.DemoService")]
+    finally:
+        server.stop(None).wait(TIMEOUT)
+    assert {r.status for r in replies} == {health_pb2.HealthCheckResponse.SERVING}
 
 
 @pytest.mark.parametrize(

@@ -298,10 +298,12 @@ def test_make_service_adds_the_metrics_endpoint_only_when_asked(reactor):
         ServerSettings(metrics_listener="127.0.0.1:9102"), reactor)
     http = with_metrics.getServiceNamed("metrics")
     assert http.registry is with_metrics.multiplexer.metrics.registry
+    assert http.status is with_metrics.multiplexer.metrics  # the status page at /
 
     settings = ClientSettings(client_id="c", metrics_listener="tcp:9103")
     client = client_module.make_service(settings, reactor)
     assert client.getServiceNamed("metrics").registry is client.tunnel.metrics.registry
+    assert client.getServiceNamed("metrics").status is None
     with pytest.raises(KeyError):
         client_module.make_service(ClientSettings(client_id="c"), reactor).getServiceNamed(
             "metrics")

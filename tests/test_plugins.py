@@ -92,6 +92,7 @@ def test_wheel_ships_the_plugin_and_twistd_finds_it(tmp_path):
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert "grpcmux/tap/server.py" in names and "grpcmux/config.py" in names
+    assert "grpcmux/static/status.js" in names and "grpcmux/static/status.css" in names
 
     # Installed (unpacked) on its own, away from the work tree, twistd lists both.
     site = tmp_path / "site"

@@ -5,8 +5,8 @@ import pytest
 from grpcmux.registry import CONNECTED, DISCONNECTED, ClientInfo, ClientRegistry
 
 
-def _info(client_id, path="/tmp/x.sock"):
-    return ClientInfo(client_id, path, 1.5, "127.0.0.1:1", "native", (("k", "v"),))
+def _info(client_id, remote_address="127.0.0.1:1"):
+    return ClientInfo(client_id, 1.5, remote_address, "native", (("k", "v"),))
 
 
 def test_add_get_remove():
@@ -21,10 +21,10 @@ def test_add_get_remove():
 
 def test_duplicate_id_raises_and_keeps_first():
     registry = ClientRegistry()
-    first = _info("a", "/one")
+    first = _info("a", "127.0.0.1:1")
     registry.add(first)
     with pytest.raises(KeyError):
-        registry.add(_info("a", "/two"))
+        registry.add(_info("a", "127.0.0.1:2"))
     assert registry.get("a") is first
 
 

@@ -83,14 +83,13 @@ async def test_duplicate_id_takes_over_an_undetected_dead_session(reactor, tmp_p
 
 
 @pytest_twisted.ensureDeferred
-async def test_stale_bridge_sockets_of_a_killed_server_do_not_block_clients(reactor, tmp_path):
-    """Regression: a server killed with a fixed --runtime-dir left ``1.sock``...;
-    the restarted server sent Welcome, then failed to bridge, and never listed
-    the client."""
+async def test_a_stale_socket_of_a_killed_server_does_not_block_a_restart(reactor, tmp_path):
+    """A server killed with a fixed --runtime-dir leaves its local services' socket;
+    the next one removes it, binds its own and serves."""
     run = tmp_path / "run"
     run.mkdir()
-    with socket.socket(socket.AF_UNIX) as left:  # a killed server leaves its socket files
-        left.bind(str(run / "1.sock"))
+    with socket.socket(socket.AF_UNIX) as left:  # a killed server leaves its socket file
+        left.bind(str(run / "local.sock"))
     s = Stack(reactor, tmp_path)
     try:
         await s.connected_client("after-crash")

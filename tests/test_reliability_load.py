@@ -67,7 +67,7 @@ async def test_connect_disconnect_churn_leaves_the_server_at_baseline(reactor, t
     figures = await scenarios.churn_connections(reactor, tmp_path, cycles=5000)
     assert (figures["failed"], figures["errors"]) == (0, [])
     assert_near_baseline(figures["baseline"], figures["after"])
-    assert figures["after"]["bridge_sockets"] == figures["baseline"]["bridge_sockets"] == 0
+    assert figures["after"]["runtime_sockets"] == figures["baseline"]["runtime_sockets"] == 1
 
 
 @pytest.mark.timeout(900)
@@ -76,5 +76,5 @@ async def test_proxied_calls_churn_leaves_server_and_client_at_baseline(reactor,
     figures = await scenarios.churn_calls(reactor, tmp_path, calls=CHURN_CALLS)
     assert (figures["calls_ok"], figures["calls_failed"]) == (CHURN_CALLS, 0)
     assert_near_baseline(figures["baseline"], figures["after"])
-    assert figures["after"]["bridge_sockets"] == figures["baseline"]["bridge_sockets"] == 1
+    assert figures["after"]["runtime_sockets"] == figures["baseline"]["runtime_sockets"] == 1
     assert_near_baseline(figures["client_baseline"], figures["client_after"])

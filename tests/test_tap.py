@@ -65,7 +65,6 @@ SERVER_HELP = {
     "--proxy-tls-key=": "[default: none]",
     "--proxy-tls-client-ca=": "[default: off]",
     "--proxy-auth-tokens=": "[default: off: every caller may call every client]",
-    "--proxy-workers=": "[default: 0]",
     "--shutdown-grace=": "[default: 10]",
     "--metrics-listener=": "[default: off]",
     "--tls-cert=": "[default: no TLS]",
@@ -152,14 +151,14 @@ def test_server_flags(dirs):
          "--authority-domain", "mux.example", "--default-client-id", "x",
          "--max-message-size", "1024", "--runtime-dir", "/run/g",
          "--handshake-timeout", "1", "--duplicate-ping-timeout", "0.5",
-         "--proxy-workers", "3", "--shutdown-grace", "0", "--log-level", "debug", "--log-format", "json"],
+         "--shutdown-grace", "0", "--log-level", "debug", "--log-format", "json"],
         dirs,
     )
     assert options.settings == ServerSettings(
         multiplexer_listener="tcp:7000", proxy_listener="[::1]:7001",
         authority_domain="mux.example", default_client_id="x", max_message_size=1024,
         runtime_dir="/run/g", handshake_timeout=1.0, duplicate_ping_timeout=0.5,
-        proxy_workers=3, shutdown_grace=0.0, log_level="debug", log_format="json",
+        shutdown_grace=0.0, log_level="debug", log_format="json",
     )
 
 

@@ -141,7 +141,6 @@ async def test_tls_over_a_unix_listener(reactor, tmp_path, pki):
     registry = ClientRegistry()
     path = tmp_path / "mux.sock"
     server = MultiplexerServer(reactor, registry, f"unix:{path}",
-                               runtime_dir=str(tmp_path / "run"),
                                tls_options=server_tls(pki))
     server.startService()
     tunnel = Tunnel(reactor, "local", "127.0.0.1:1", f"unix:{path}")

@@ -33,10 +33,12 @@ class H2Config:
     #: Seconds a connection may stay without streams before it is closed (0: never).
     idle_timeout: float = 300.0
     #: Control frames (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, empty DATA) a peer
-    #: may send per second on average, and in one burst.
+    #: may send per second on average, and in one burst, beyond the few that each
+    #: HEADERS or DATA frame either way earns it (window updates come with traffic).
     control_rate: float = 1000.0
     control_burst: int = 10000
-    #: Streams a peer may reset per second on average, and in one burst: more is
-    #: a rapid-reset attack (CVE-2023-44487) and closes the connection.
+    #: Streams a peer may reset (or make us reset with a stream error) per second on
+    #: average, and in one burst: more is a rapid-reset attack (CVE-2023-44487,
+    #: CVE-2025-8671) and closes the connection.
     reset_rate: float = 200.0
     reset_burst: int = 1000

@@ -20,11 +20,14 @@ import struct
 import time
 from collections import deque
 
-from hpack import Decoder, Encoder, HPACKError, OversizedHeaderListError
+from hpack import HPACKError, OversizedHeaderListError
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from .hpack_cache import CachingDecoder, CachingEncoder
 from .frames import (
     DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_WINDOW,
@@ -70,6 +73,9 @@ from .frames import (
 _U32 = struct.Struct(">L")
 _SETTING = struct.Struct(">HL")
 _GOAWAY = struct.Struct(">LL")
+# Control frames a peer earns with each HEADERS or DATA it sends and each DATA we
+# send it: window updates, and grpc's BDP pings, come with traffic; a flood does not.
+_EARNED_CONTROLS = 4
 # Stream ids run out at 2^31 - 1; an upstream connection stops taking new streams
 # this many ids before, so a fresh connection is ready in time.
 _LAST_USABLE_STREAM_ID = 2**31 - 1 - 2 * 1000
@@ -124,8 +130,41 @@ class Stream:
         return f"<Stream {self.id} on {self.connection!r}>"
 
 
+class Budget:
+    """What the router holds in all, unsent, across every connection it runs.
+
+    Past ``limit`` bytes, stream credits are held back (not refused) until the
+    total falls below it again: senders wait, nothing is dropped, and no stream
+    can keep more than its window anyway.
+    """
+
+    __slots__ = ("limit", "held", "_deferred")
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.held = 0
+        self._deferred = deque()  # (connection, stream, count) credits held back
+
+    @property
+    def over(self):
+        return self.held > self.limit
+
+    def add(self, count):
+        self.held += count
+
+    def remove(self, count):
+        self.held -= count
+        while self._deferred and not self.over:
+            connection, stream, credit = self._deferred.popleft()
+            connection.credit(stream, credit)
+
+    def defer(self, connection, stream, count):
+        self._deferred.append((connection, stream, count))
+
+
 class _TokenBucket:
-    """A rate with a burst: ``take()`` is False once the burst is spent."""
+    """A rate with a burst: ``take()`` is False once the burst is spent; ``give()``
+    adds tokens up to the burst (traffic that earns its control frames)."""
 
     __slots__ = ("_rate", "_burst", "_tokens", "_stamp", "_now")
 
@@ -146,7 +185,11 @@ class _TokenBucket:
         self._tokens = tokens - 1
         return True
 
+    def give(self, count):
+        self._tokens = min(self._burst, self._tokens + count)
 
+
+@implementer(IPushProducer)
 class H2Connection(Protocol):
     """The framing and state of one HTTP/2 connection, either role.
 
@@ -173,9 +216,8 @@ class H2Connection(Protocol):
         self.peer_max_header_list = None
         self.send_window = DEFAULT_WINDOW
         self._recv_unacked = 0
-        self._decoder = Decoder(max_header_list_size=config.max_header_block)
-        self._decoder.max_allowed_table_size = config.header_table_size
-        self._encoder = Encoder()
+        self._decoder = CachingDecoder(config.max_header_block, config.header_table_size)
+        self._encoder = CachingEncoder()
         self._next_stream_id = 1 if is_client else 2
         self.last_peer_stream_id = 0
         self._buffer = b""
@@ -183,6 +225,7 @@ class H2Connection(Protocol):
         self.settings_received = False
         self._header_block = None  # (stream id, flags, fragments, size, count)
         self._blocked = deque()  # streams with DATA waiting for the connection window
+        self._paused = False  # our transport's buffer is full: DATA waits in its streams
         self.go_away_sent = False
         self.go_away_received = None  # last stream id the peer will process
         self.closed = False
@@ -203,6 +246,10 @@ class H2Connection(Protocol):
     # -- lifecycle ------------------------------------------------------------
 
     def connectionMade(self):
+        # DATA goes out only while the transport takes it, so what a peer that stops
+        # reading costs us stays in its streams (within its windows, in the budget)
+        # and their senders are not credited for bytes stuck in a socket buffer.
+        self.transport.registerProducer(self, True)
         if self.on_made is not None:
             self.on_made(self)
         settings = [
@@ -339,7 +386,7 @@ class H2Connection(Protocol):
             self._local_end(stream)
 
     def _write_headers(self, stream, headers, end_stream):
-        block = self._encoder.encode(headers, huffman=False)
+        block = self._encoder.encode(headers)
         limit = self.peer_max_frame_size
         flags = FLAG_END_STREAM if end_stream else 0
         if len(block) <= limit:
@@ -373,6 +420,9 @@ class H2Connection(Protocol):
         """Let the peer send ``count`` more bytes on ``stream`` (they were forwarded)."""
         if stream.remote_closed or stream.reset or self.closed:
             return
+        if self.budget is not None and self.budget.over:
+            self.budget.defer(self, stream, count)
+            return
         stream._credit += count
         if stream._credit * 2 >= self.config.initial_window:
             increment, stream._credit = stream._credit, 0
@@ -390,8 +440,24 @@ class H2Connection(Protocol):
 
     # -- sending ------------------------------------------------------------
 
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        for stream in list(self.streams.values()):
+            if self._paused:
+                break
+            if stream._pending or stream._end_pending:
+                self._flush_stream(stream)
+
+    def stopProducing(self):
+        pass  # connectionLost follows
+
     def _flush_stream(self, stream):
         """Send what the windows allow of ``stream``'s pending DATA (then trailers)."""
+        if self._paused:
+            return
         sent = 0
         pending = stream._pending
         frames = []
@@ -413,6 +479,7 @@ class H2Connection(Protocol):
             end = not pending and stream._end_pending and stream._trailers_pending is None
             frames.append(frame_header(size, TYPE_DATA, FLAG_END_STREAM if end else 0, stream.id))
             frames.append(piece)
+            self._controls.give(_EARNED_CONTROLS)  # the peer answers DATA with WINDOW_UPDATE
         if not pending:
             if stream._blocked:
                 stream._blocked = False
@@ -570,11 +637,19 @@ class H2Connection(Protocol):
             self._recv_unacked = 0
         data = _unpad(flags, payload) if flags & FLAG_PADDED else payload
         end_stream = bool(flags & FLAG_END_STREAM)
-        if not data and not end_stream:
+        if data:
+            self._controls.give(_EARNED_CONTROLS)
+        elif not end_stream:
             self._control()
         stream = self.streams.get(stream_id)
-        if stream is None or stream.remote_closed:
-            self._unknown_stream(stream_id, "DATA")
+        if stream is None:
+            # Closed: DATA the peer sent before it saw our RST_STREAM or END_STREAM
+            # is ignored (RFC 9113 section 5.1); idle is an error.
+            if self._is_idle(stream_id):
+                raise H2ConnectionError(ERROR_PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
+            return
+        if stream.remote_closed:  # half-closed (remote): a stream error
+            self._stream_error(stream, ERROR_STREAM_CLOSED)
             return
         stream.recv_window -= length
         if stream.recv_window < 0:
@@ -603,7 +678,14 @@ class H2Connection(Protocol):
             return stream_id >= self._next_stream_id
         return stream_id > self.last_peer_stream_id
 
+    def peer_caused_reset(self):
+        """Count a reset the peer provoked (a stream error) as one it sent: past the
+        reset rate it is a rapid reset too ("MadeYouReset", CVE-2025-8671)."""
+        if not self.is_client and not self._resets.take():
+            raise H2ConnectionError(ERROR_ENHANCE_YOUR_CALM, "too many stream errors")
+
     def _stream_error(self, stream, code):
+        self.peer_caused_reset()
         handler = stream.handler
         self.reset_stream(stream, code)
         handler.stream_reset(stream, code)
@@ -646,7 +728,7 @@ class H2Connection(Protocol):
 
     def _decode(self, block):
         try:
-            headers = self._decoder.decode(block, raw=True)
+            headers = self._decoder.decode(block)
         except OversizedHeaderListError:
             raise H2ConnectionError(ERROR_ENHANCE_YOUR_CALM, "header list too large") from None
         except (HPACKError, IndexError, ValueError) as error:
@@ -655,6 +737,7 @@ class H2Connection(Protocol):
 
     def _header_block_done(self, stream_id, flags, block):
         headers = self._decode(block)  # always, to keep the HPACK table in step
+        self._controls.give(_EARNED_CONTROLS)
         end_stream = bool(flags & FLAG_END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is None:
@@ -720,8 +803,13 @@ class H2Connection(Protocol):
             return
         if len(payload) % 6:
             raise H2ConnectionError(ERROR_FRAME_SIZE_ERROR, "SETTINGS of bad size")
+        # The last value of each setting counts: a frame that repeats one (2,730 fit in
+        # 16 KiB) must not cost a pass over every stream per repeat.
+        values = {}
         for offset in range(0, len(payload), 6):
             identifier, value = _SETTING.unpack_from(payload, offset)
+            values[identifier] = value
+        for identifier, value in values.items():
             self._setting(identifier, value)
         self.transport.write(frame_header(0, TYPE_SETTINGS, FLAG_ACK, 0))
         first = not self.settings_received
@@ -776,10 +864,13 @@ class H2Connection(Protocol):
             self.send_window += increment
             if self.send_window > MAX_WINDOW:
                 raise H2ConnectionError(ERROR_FLOW_CONTROL_ERROR, "connection window overflow")
-            blocked, self._blocked = self._blocked, deque()
-            for stream in blocked:
+            # Blocked streams take the window in turn (one still short goes to the
+            # back) and only while there is some: a 1-byte update is one send, not a
+            # pass over every blocked stream with the first one served each time.
+            blocked = self._blocked
+            while blocked and self.send_window > 0 and not self._paused:
+                stream = blocked.popleft()
                 stream._blocked = False
-            for stream in blocked:
                 if stream.id in self.streams:
                     self._flush_stream(stream)
             return

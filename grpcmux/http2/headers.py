@@ -80,6 +80,8 @@ def parse_request(headers):
     scheme, path = pseudo.get(b":scheme"), pseudo.get(b":path")
     if not scheme or not path:
         raise HeaderError("missing :scheme or :path")
+    if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
+        raise HeaderError(":path is not absolute")  # section 8.3.1
     authority = pseudo.get(b":authority")
     host = [v for n, v in fields if n == b"host"]
     if authority is None and host:

@@ -13,6 +13,7 @@ written to the upstream within the upstream's windows, and the other way round,
 so a slow caller holds back only its own call.
 """
 
+import hmac
 import time
 
 from twisted.internet.protocol import Factory
@@ -42,6 +43,8 @@ from .upstream import UpstreamPool
 
 CLIENT_ID_KEY = b"client-id"
 TOKEN_KEY = PROXY_TOKEN_METADATA_KEY.encode("ascii")
+#: What one node of a cluster presents to another's cluster listener on every call.
+NODE_TOKEN_KEY = b"grpcmux-node-token"
 #: Every forwarded request carries this router's pseudonym in ``via`` (RFC 9110
 #: section 7.6.3, as HTTP proxies do): a request that comes back to the same router
 #: (a client whose gRPC server is this proxy) is refused instead of looping.
@@ -105,7 +108,10 @@ class Call:
         connection.send_headers(stream, self._headers, self._request_ended and not queued)
         self._headers = None
         for data, end in queued:
-            connection.send_data(stream, data, end)
+            if end is None:  # request trailers
+                connection.send_headers(stream, data, True)
+            else:
+                connection.send_data(stream, data, end)
 
     def upstream_failed(self, code, message):
         self.fail(code, message)
@@ -130,8 +136,7 @@ class Call:
         if self.upstream is not None:
             self.upstream.connection.send_headers(self.upstream, headers, True)
         elif self._queued is not None:
-            # Request trailers before the upstream opened: rare enough to keep simple.
-            self._queued.append((b"", True))
+            self._queued.append((headers, None))
 
     def _response_headers(self, headers, end_stream):
         first = not self.response_started
@@ -142,10 +147,11 @@ class Call:
                     self.caller.connection.send_headers(self.caller, headers, False)
                     return
             else:
+                if not end_stream:
+                    raise HeaderError("response trailers without END_STREAM")
                 check_trailers(headers)
         except HeaderError as error:
-            self._router.upstream_misbehaved(self, error)
-            self.fail(UNAVAILABLE, f"{self._router.describe(self)} sent a malformed response")
+            self._malformed_response(error)
             return
         self.response_started = True
         self.caller.connection.send_headers(self.caller, headers, end_stream)
@@ -169,6 +175,9 @@ class Call:
             elif self._queued is not None:
                 self._queued.append((data, end_stream))
         else:
+            if not self.response_started:
+                self._malformed_response(HeaderError("response DATA before its HEADERS"))
+                return
             self.bytes_out += len(data)
             if self._response_limit is not None and data:
                 try:
@@ -179,6 +188,10 @@ class Call:
             self.caller.connection.send_data(self.caller, data, end_stream)
             if end_stream:
                 self._finished("UNKNOWN")  # a response without trailers
+
+    def _malformed_response(self, error):
+        self._router.upstream_misbehaved(self, error)
+        self.fail(UNAVAILABLE, f"{self._router.describe(self)} sent a malformed response")
 
     def stream_drained(self, stream, count):
         if stream is self.upstream:
@@ -222,6 +235,7 @@ class Call:
         self._finished(code_name(code))
 
     def _protocol_error(self):
+        self.caller.connection.peer_caused_reset()
         self.caller.connection.reset_stream(self.caller, ERROR_PROTOCOL_ERROR)
         if self.upstream is not None:
             self.upstream.connection.reset_stream(self.upstream, ERROR_CANCEL)
@@ -266,16 +280,23 @@ class Router:
     """Routes the streams of caller connections to upstream pools.
 
     ``registry`` is read for who is connected; ``tunnels(client_id)`` returns the
-    upstream target of a connected client (or None); ``local`` is the target of
-    the local grpcio services. ``observer``, if given, is told of every call that
-    ends: ``observer(label, code_name, seconds, bytes_in, bytes_out)``.
+    upstream target of a client connected here (or None); ``remote(info)``, in a
+    cluster, the target of the node that holds a client connected elsewhere; ``local``
+    is the target of the local grpcio services. ``observer``, if given, is told of
+    every call that ends: ``observer(label, code_name, seconds, bytes_in, bytes_out)``.
+
+    With ``node_token`` the router serves a cluster listener: every call must carry
+    that token in ``grpcmux-node-token`` (the caller's own token was checked on the
+    node it entered), routes by ``client-id`` to clients connected here only, and
+    answers nothing itself.
     """
 
     _log = Logger()
 
     def __init__(self, clock, registry, tunnels, local, caller_config, upstream_config,
                  limits=None, tokens=None, authority_domain=None, default_client_id=None,
-                 budget=None, observer=None, instance=b"proxy"):
+                 budget=None, observer=None, instance=b"proxy", remote=None,
+                 node_token=None):
         self._clock = clock
         self._registry = registry
         self._tunnels = tunnels
@@ -289,9 +310,12 @@ class Router:
         self._default_client_id = default_client_id
         self._budget = budget
         self._observer = observer
+        self._remote = remote
+        self._node_token = node_token
         self._via = b"2 grpcmux-" + instance
-        self._local_pool = UpstreamPool(local, upstream_config, clock, budget)
-        self._pools = {}  # client id -> pool of its current tunnel
+        self._local_pool = (UpstreamPool(local, upstream_config, clock, budget)
+                            if local is not None else None)
+        self._pools = {}  # client id (or node label) -> pool of its current target
         self.callers = set()
         self.calls = set()
         self._per_client = {}
@@ -354,7 +378,13 @@ class Router:
             raise CallRefused(RESOURCE_EXHAUSTED,
                               f"the proxy has {self._limits.max_calls} calls in progress, "
                               "the most allowed; retry later")
-        named = self._named_client(request)
+        if self._node_token is not None:
+            return self._route_from_node(request)
+        try:
+            named = self._named_client(request)
+        except CallRefused:
+            self._token_patterns(request)  # without a valid token: UNAUTHENTICATED first
+            raise
         if path.startswith(DISCOVERY_PREFIX) or (
                 named is None and path.startswith(UNROUTED_LOCAL_PREFIXES)):
             return self._local_pool, "", self._forwarded(request, keep_token=True)
@@ -369,10 +399,20 @@ class Router:
                               f"this proxy token may not call client '{client_id}'")
         info = self._registry.get(client_id)
         target = self._tunnels(client_id) if info is not None else None
+        if target is None and info is not None and self._remote is not None:
+            target = self._remote(info)
+            if target is not None:
+                self._admit(client_id)
+                return (self._pool_for(("node", target.name), target), client_id,
+                        self._forwarded(request, node=target))
         if target is None:
             raise CallRefused(NOT_FOUND, f"client '{client_id}' is not connected")
         if getattr(info, "health", None) == "not_serving":
             raise CallRefused(UNAVAILABLE, f"client '{client_id}' reports its gRPC server down")
+        self._admit(client_id)
+        return self._pool_for(client_id, target), client_id, self._forwarded(request)
+
+    def _admit(self, client_id):
         limit = self._limits.max_calls_per_client
         if limit is not None and self._per_client.get(client_id, 0) >= limit:
             refusal = CallRefused(
@@ -381,6 +421,19 @@ class Router:
                 "allowed; retry later")
             refusal.label = client_id
             raise refusal
+
+    def _route_from_node(self, request):
+        """A call another node forwarded: its token, then a client connected here."""
+        tokens = request.values(NODE_TOKEN_KEY)
+        if len(tokens) != 1 or not hmac.compare_digest(tokens[0], self._node_token):
+            raise CallRefused(UNAUTHENTICATED, "this is a cluster listener: calls need "
+                                               "the cluster's node token")
+        values = request.values(CLIENT_ID_KEY)
+        client_id = values[0].decode("utf-8", "replace") if len(values) == 1 else None
+        target = self._tunnels(client_id) if client_id else None
+        if target is None:
+            raise CallRefused(NOT_FOUND, f"client '{client_id}' is not connected to this node")
+        self._admit(client_id)
         return self._pool_for(client_id, target), client_id, self._forwarded(request)
 
     def _named_client(self, request):
@@ -395,6 +448,10 @@ class Router:
         if self._authority_suffix is not None and request.authority:
             return self._id_from_authority(request.authority)
         return None
+
+    def _named_or_default(self, request):
+        named = self._named_client(request) or self._default_client_id
+        return named.encode("utf-8")
 
     def _id_from_authority(self, authority):
         host = authority
@@ -416,15 +473,22 @@ class Router:
             raise CallRefused(UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
         return patterns
 
-    def _forwarded(self, request, keep_token=False):
+    def _forwarded(self, request, keep_token=False, node=None):
+        """The request's headers for the upstream: ``client-id``, ``grpcmux-token`` and
+        ``grpcmux-node-token`` removed (``client-id`` kept for a ``node``, which routes
+        by it, with the node's own headers added), ``via`` extended."""
         headers = [(b":method", request.method), (b":scheme", request.scheme),
                    (b":path", request.path)]
         if request.authority is not None:
             headers.append((b":authority", request.authority))
+        if node is not None:
+            headers.append((CLIENT_ID_KEY, self._named_or_default(request)))
+            headers.extend(node.headers)
         via = []
         for field in request.fields:
             name = field[0]
-            if name == CLIENT_ID_KEY or name == b"host" or (name == TOKEN_KEY and not keep_token):
+            if (name == CLIENT_ID_KEY or name == b"host" or name == NODE_TOKEN_KEY
+                    or (name == TOKEN_KEY and not keep_token)):
                 continue
             if name == VIA_KEY:
                 via.append(field[1])
@@ -484,10 +548,10 @@ class Router:
 
     def upstream_clients(self):
         """The ids of the clients the router has upstream pools for."""
-        return set(self._pools)
+        return {key for key in self._pools if isinstance(key, str)}
 
     def upstream_connections(self):
-        pools = [self._local_pool, *tuple(self._pools.values())]
+        pools = [p for p in (self._local_pool, *tuple(self._pools.values())) if p is not None]
         return sum(len(pool.connections) for pool in pools)
 
     # -- stopping ------------------------------------------------------------------
@@ -505,5 +569,6 @@ class Router:
         for connection in list(self.callers):
             connection.close(ERROR_NO_ERROR, "shutting down")
         for pool in [self._local_pool, *self._pools.values()]:
-            pool.close()
+            if pool is not None:
+                pool.close()
         self._pools.clear()

@@ -7,6 +7,7 @@ one of a legacy client), which the client splices to its gRPC server.
 services' private socket (and, in a cluster, another node).
 """
 
+from hpack import NeverIndexedHeaderTuple
 from twisted.internet.defer import fail
 
 from grpcmux.yamux.endpoints import YamuxStreamClientEndpoint
@@ -38,6 +39,23 @@ class TunnelTarget:
             # The client reset the stream instead of splicing it: no gRPC server.
             return UNAVAILABLE, f"{name} cannot reach its gRPC server"
         return UNAVAILABLE, f"{name} lost its connection to its gRPC server"
+
+
+class NodeTarget:
+    """Another node of a cluster, holding the clients it lists, behind its cluster
+    listener; every call presents the cluster's node token."""
+
+    def __init__(self, name, endpoint, token):
+        self.label = f"node:{name}"
+        self.name = name
+        self._endpoint = endpoint
+        self.headers = [NeverIndexedHeaderTuple(b"grpcmux-node-token", token)]
+
+    def connect(self, factory):
+        return self._endpoint.connect(factory)
+
+    def failure(self, connection, reason):
+        return UNAVAILABLE, f"grpcmux node '{self.name}' is unavailable"
 
 
 class EndpointTarget:

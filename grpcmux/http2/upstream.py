@@ -22,6 +22,8 @@ from collections import deque
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from grpcmux.yamux.session import tune_transport
+
 from .connection import H2Connection
 
 
@@ -57,6 +59,9 @@ class UpstreamPool:
         return f"<UpstreamPool {self.describe()}>"
 
     def describe(self):
+        name = getattr(self.target, "name", None)
+        if name is not None:
+            return f"grpcmux node {name}"
         label = self.target.label
         return f"client {label}" if label else "the local services"
 
@@ -98,10 +103,15 @@ class UpstreamPool:
 
     def new_connection(self):
         connection = H2Connection(self._config, self._clock, is_client=True, budget=self._budget)
+        connection.on_made = self._made
         connection.on_capacity = self._serve_waiting
         connection.on_settings = self._serve_waiting
         connection.on_closed = lambda reason: self._lost(connection, reason)
         return connection
+
+    @staticmethod
+    def _made(connection):
+        tune_transport(connection.transport)
 
     def _connected(self, connection):
         self._connecting -= 1

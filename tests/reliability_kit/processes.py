@@ -208,12 +208,13 @@ class MuxServer:
     def proxy_address(self):
         return f"127.0.0.1:{self.proxy_port}"
 
-    def bridge_sockets(self):
+    def runtime_sockets(self):
+        """Sockets in the runtime directory: the local services' one, whatever the load."""
         return len(list(self.runtime_dir.glob("*.sock"))) if self.runtime_dir.exists() else 0
 
     def resources(self):
         figures = self.child.resources()
-        figures["bridge_sockets"] = self.bridge_sockets()
+        figures["runtime_sockets"] = self.runtime_sockets()
         return figures
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15grpcmux/v1/demo.proto\x12\ngrpcmux.v1\"\x1c\n\x0cHelloRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"-\n\nHelloReply\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0e\n\x06server\x18\x02 \x01(\t2H\n\x0b\x44\x65moService\x12\x39\n\x05Hello\x12\x18.grpcmux.v1.HelloRequest\x1a\x16.grpcmux.v1.HelloReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15grpcmux/v1/demo.proto\x12\ngrpcmux.v1\"\x1c\n\x0cHelloRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x10HelloManyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"-\n\nHelloReply\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0e\n\x06server\x18\x02 \x01(\t2\x90\x02\n\x0b\x44\x65moService\x12\x39\n\x05Hello\x12\x18.grpcmux.v1.HelloRequest\x1a\x16.grpcmux.v1.HelloReply\x12\x43\n\tHelloMany\x12\x1c.grpcmux.v1.HelloManyRequest\x1a\x16.grpcmux.v1.HelloReply0\x01\x12>\n\x08HelloAll\x12\x18.grpcmux.v1.HelloRequest\x1a\x16.grpcmux.v1.HelloReply(\x01\x12\x41\n\tHelloEach\x12\x18.grpcmux.v1.HelloRequest\x1a\x16.grpcmux.v1.HelloReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLOREQUEST']._serialized_start=37
   _globals['_HELLOREQUEST']._serialized_end=65
-  _globals['_HELLOREPLY']._serialized_start=67
-  _globals['_HELLOREPLY']._serialized_end=112
-  _globals['_DEMOSERVICE']._serialized_start=114
-  _globals['_DEMOSERVICE']._serialized_end=186
+  _globals['_HELLOMANYREQUEST']._serialized_start=67
+  _globals['_HELLOMANYREQUEST']._serialized_end=114
+  _globals['_HELLOREPLY']._serialized_start=116
+  _globals['_HELLOREPLY']._serialized_end=161
+  _globals['_DEMOSERVICE']._serialized_start=164
+  _globals['_DEMOSERVICE']._serialized_end=436
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,14 @@ class HelloRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class HelloManyRequest(_message.Message):
+    __slots__ = ("name", "count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    count: int
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
 class HelloReply(_message.Message):
     __slots__ = ("message", "server")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]

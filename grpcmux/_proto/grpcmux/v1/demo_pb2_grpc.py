@@ -39,6 +39,21 @@ class DemoServiceStub:
                 request_serializer=grpcmux_dot_v1_dot_demo__pb2.HelloRequest.SerializeToString,
                 response_deserializer=grpcmux_dot_v1_dot_demo__pb2.HelloReply.FromString,
                 _registered_method=True)
+        self.HelloMany = channel.unary_stream(
+                '/grpcmux.v1.DemoService/HelloMany',
+                request_serializer=grpcmux_dot_v1_dot_demo__pb2.HelloManyRequest.SerializeToString,
+                response_deserializer=grpcmux_dot_v1_dot_demo__pb2.HelloReply.FromString,
+                _registered_method=True)
+        self.HelloAll = channel.stream_unary(
+                '/grpcmux.v1.DemoService/HelloAll',
+                request_serializer=grpcmux_dot_v1_dot_demo__pb2.HelloRequest.SerializeToString,
+                response_deserializer=grpcmux_dot_v1_dot_demo__pb2.HelloReply.FromString,
+                _registered_method=True)
+        self.HelloEach = channel.stream_stream(
+                '/grpcmux.v1.DemoService/HelloEach',
+                request_serializer=grpcmux_dot_v1_dot_demo__pb2.HelloRequest.SerializeToString,
+                response_deserializer=grpcmux_dot_v1_dot_demo__pb2.HelloReply.FromString,
+                _registered_method=True)
 
 
 class DemoServiceServicer:
@@ -51,11 +66,47 @@ class DemoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HelloMany(self, request, context):
+        """Greets the caller `count` times (server streaming).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HelloAll(self, request_iterator, context):
+        """Greets everyone sent, in one reply (client streaming).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HelloEach(self, request_iterator, context):
+        """Greets each one sent as it arrives (bidirectional streaming).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DemoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Hello': grpc.unary_unary_rpc_method_handler(
                     servicer.Hello,
+                    request_deserializer=grpcmux_dot_v1_dot_demo__pb2.HelloRequest.FromString,
+                    response_serializer=grpcmux_dot_v1_dot_demo__pb2.HelloReply.SerializeToString,
+            ),
+            'HelloMany': grpc.unary_stream_rpc_method_handler(
+                    servicer.HelloMany,
+                    request_deserializer=grpcmux_dot_v1_dot_demo__pb2.HelloManyRequest.FromString,
+                    response_serializer=grpcmux_dot_v1_dot_demo__pb2.HelloReply.SerializeToString,
+            ),
+            'HelloAll': grpc.stream_unary_rpc_method_handler(
+                    servicer.HelloAll,
+                    request_deserializer=grpcmux_dot_v1_dot_demo__pb2.HelloRequest.FromString,
+                    response_serializer=grpcmux_dot_v1_dot_demo__pb2.HelloReply.SerializeToString,
+            ),
+            'HelloEach': grpc.stream_stream_rpc_method_handler(
+                    servicer.HelloEach,
                     request_deserializer=grpcmux_dot_v1_dot_demo__pb2.HelloRequest.FromString,
                     response_serializer=grpcmux_dot_v1_dot_demo__pb2.HelloReply.SerializeToString,
             ),
@@ -85,6 +136,87 @@ class DemoService:
             request,
             target,
             '/grpcmux.v1.DemoService/Hello',
+            grpcmux_dot_v1_dot_demo__pb2.HelloRequest.SerializeToString,
+            grpcmux_dot_v1_dot_demo__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HelloMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/grpcmux.v1.DemoService/HelloMany',
+            grpcmux_dot_v1_dot_demo__pb2.HelloManyRequest.SerializeToString,
+            grpcmux_dot_v1_dot_demo__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HelloAll(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/grpcmux.v1.DemoService/HelloAll',
+            grpcmux_dot_v1_dot_demo__pb2.HelloRequest.SerializeToString,
+            grpcmux_dot_v1_dot_demo__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HelloEach(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/grpcmux.v1.DemoService/HelloEach',
             grpcmux_dot_v1_dot_demo__pb2.HelloRequest.SerializeToString,
             grpcmux_dot_v1_dot_demo__pb2.HelloReply.FromString,
             options,
