@@ -557,11 +557,17 @@ def make_service(settings, reactor):
     if cluster is not None:
         cluster.evict = multiplexer.disconnect
     proxy_security = load_proxy_security(settings)
+    cluster_options = {}
+    if cluster is not None:
+        from grpcmux.cluster.node import proxy_options
+
+        cluster_options = proxy_options(settings, reactor, cluster)
     proxy = ProxyService(
         reactor,
         registry,
         settings.proxy_listener,
         tunnels=multiplexer.tunnel_for,
+        **cluster_options,
         authority_domain=settings.authority_domain,
         default_client_id=settings.default_client_id,
         max_message_size=settings.max_message_size,

@@ -5,7 +5,7 @@ import pytest_twisted
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredList
 
-from etcd_cluster import EtcdCluster
+from etcd_cluster import EtcdCluster, free_port
 from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
 from grpcmux.cluster.node import ClusterNode
 from grpcmux.cluster.registry import ClusterRegistry
@@ -24,7 +24,7 @@ def etcd(tmp_path):
     cluster.stop()
 
 
-def settings(tmp_path, name, etcd=None):
+def settings(tmp_path, name, etcd=None, **extra):
     flags = {"multiplexer_listener": "tcp:0:interface=127.0.0.1",
              "proxy_listener": "127.0.0.1:0", "runtime_dir": str(tmp_path / f"run-{name}"),
              "shutdown_grace": "1"}
@@ -32,8 +32,9 @@ def settings(tmp_path, name, etcd=None):
         token = tmp_path / "cluster.token"
         token.write_text("shared-secret\n")
         flags.update(cluster_etcd=etcd.endpoints, node_name=name,
-                     cluster_listener=f"127.0.0.1:{7612 if name == 'a' else 7613}",
+                     cluster_listener=f"127.0.0.1:{free_port()}",
                      cluster_token_file=str(token))
+    flags.update(extra)
     return load_server_settings(flags, environ={}, home=str(tmp_path))
 
 
@@ -59,9 +60,9 @@ def until(reactor, registry, predicate):
     return d.addTimeout(TIMEOUT, reactor)
 
 
-def client(reactor, node, client_id):
+def client(reactor, node, client_id, backend="127.0.0.1:1"):
     port = node.server.multiplexer.port.getHost().port
-    tunnel = Tunnel(reactor, client_id, "127.0.0.1:1", f"127.0.0.1:{port}",
+    tunnel = Tunnel(reactor, client_id, backend, f"127.0.0.1:{port}",
                     retry_policy=_RetryPolicy(backoffPolicy(initialDelay=0.05, maxDelay=0.5)))
     service = TunnelClientService(reactor, tunnel)
     service.startService()
@@ -73,7 +74,7 @@ async def test_two_servers_share_their_clients_and_their_ids(reactor, tmp_path, 
     a = make_service(settings(tmp_path, "a", etcd), reactor)
     b = make_service(settings(tmp_path, "b", etcd), reactor)
     assert isinstance(a, ClusterNode) and isinstance(a.registry, ClusterRegistry)
-    assert a.registry.advertise == "127.0.0.1:7612"
+    assert a.registry.advertise.startswith("127.0.0.1:")
     clients = []
     try:
         a.startService()
@@ -82,7 +83,7 @@ async def test_two_servers_share_their_clients_and_their_ids(reactor, tmp_path, 
         await clients[0].tunnel.when_admitted().addTimeout(TIMEOUT, reactor)
         await until(reactor, b.registry, lambda: "alpha" in b.registry.snapshot)
         assert b.registry.get("alpha").node == "a"
-        assert b.registry.node_address("a") == "127.0.0.1:7612"
+        assert b.registry.node_address("a") == a.registry.advertise
         # The same id on the other server: the live holder keeps it.
         clients.append(client(reactor, b, "alpha"))
         problem = await first_report(clients[1])
@@ -105,3 +106,40 @@ async def test_two_servers_share_their_clients_and_their_ids(reactor, tmp_path, 
         await DeferredList([c.stopService() for c in clients])
         stopping = [n.stopService() for n in (a, b) if n.running]
         await DeferredList(stopping).addTimeout(TIMEOUT, reactor)
+
+
+@pytest.mark.parametrize("mutual_tls", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_call_entering_another_node_reaches_the_client(reactor, tmp_path, etcd, pki,
+                                                              mutual_tls):
+    import grpc
+
+    from rpc_backend import UNLIMITED, Backend, in_thread, invoke, route
+
+    mtls = {}
+    if mutual_tls:
+        mtls = dict(cluster_tls_cert=pki.node.cert, cluster_tls_key=pki.node.key,
+                    cluster_tls_ca=pki.ca)
+    a = make_service(settings(tmp_path, "a", etcd, **mtls), reactor)
+    b = make_service(settings(tmp_path, "b", etcd, **mtls), reactor)
+    backend = Backend(str(tmp_path / "backend.sock"), tcp=True)
+    clients, channel = [], None
+    try:
+        a.startService()
+        b.startService()
+        clients.append(client(reactor, a, "lab", backend=backend.tcp_address))
+        await clients[0].tunnel.when_admitted().addTimeout(TIMEOUT, reactor)
+        await until(reactor, b.registry, lambda: "lab" in b.registry.snapshot)
+        channel = grpc.insecure_channel(f"127.0.0.1:{b.server.proxy.port}", options=UNLIMITED)
+        result = await in_thread(reactor, invoke, channel, "Unary", b"through b",
+                                 route("lab"), 10)
+        assert (result.code, result.responses) == (grpc.StatusCode.OK, [b"through b"]), \
+            result.details
+        assert "grpcmux-node-token" not in dict(backend.next_call().metadata)
+    finally:
+        if channel is not None:
+            channel.close()
+        await DeferredList([c.stopService() for c in clients])
+        stopping = [n.stopService() for n in (a, b) if n.running]
+        await DeferredList(stopping).addTimeout(TIMEOUT, reactor)
+        await in_thread(reactor, backend.stop)
