@@ -27,8 +27,8 @@ class ClientInfo:
     # "legacy" (grpc-multiplexer handshake) or "native" (grpcmux handshake).
     wire_protocol: str
     labels: Tuple[Tuple[str, str], ...] = ()
-    # Cluster mode: the node holding the client's session ("": no cluster).
-    node: str = ""
+    # Cluster mode: the node holding the client's session (None: no cluster).
+    node: Optional[str] = None
 
 
 @dataclass(frozen=True)
