@@ -51,7 +51,7 @@ class Child(Peer):
         self.process.stdin.flush()
 
     def stop(self, timeout=15.0):
-        """Close stdin (the loadgen's and backend's signal to end), then terminate."""
+        """Close stdin (the backend's and the crowd's signal to end), then terminate."""
         stdin = self.process.stdin
         if self.process.poll() is None and stdin is not None and not stdin.closed:
             try:
@@ -74,15 +74,6 @@ def cpu_seconds(pid):
         fields = f.read().rpartition(")")[2].split()
     # Fields 14 and 15 (utime, stime), counted from after the command name.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def children(pid):
-    """The ids of a process's child processes (grpcmux-server's proxy workers)."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found.extend(int(child) for child in f.read().split())
-    return found
 
 
 def rss_kib(pid):

@@ -43,9 +43,8 @@ class Crowd:
         tunnel = Tunnel(reactor, f"{self.args.prefix}{index}", self.args.backend,
                         self.args.multiplexer, metrics=self.metrics)
         self.tunnels.append(tunnel)
-        admitted = tunnel.when_admitted()
         endpoint = TCP4ClientEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
-        endpoint.connect(tunnel).addErrback(admitted.errback)
+        admitted = endpoint.connect(tunnel).addCallback(tunnel.admit)
         return admitted.addTimeout(CONNECT_TIMEOUT, reactor)
 
     def grow(self, target):

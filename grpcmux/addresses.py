@@ -10,7 +10,6 @@ import ipaddress
 import re
 
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, serverFromString
-from twisted.python.failure import Failure
 
 HOST_PORT_EXPECTED = "HOST:PORT (IPv6 hosts in brackets, e.g. [::1]:7602)"
 
@@ -157,21 +156,6 @@ def client_endpoint(reactor, address, timeout=10):
         return UNIXClientEndpoint(reactor, address[len("unix:"):], timeout=timeout)
     host, port = parse_host_port(address)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
-
-
-def listen_now(endpoint, factory):
-    """Listen and return the port, raising at once if that fails.
-
-    Every endpoint we accept listens synchronously; raising from ``startService``
-    makes twistd report the problem and exit instead of running without a port.
-    """
-    outcome = []
-    endpoint.listen(factory).addBoth(outcome.append)
-    if not outcome:
-        raise RuntimeError(f"endpoint {endpoint!r} did not start listening synchronously")
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return outcome[0]
 
 
 def describe_address(address):

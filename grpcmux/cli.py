@@ -83,7 +83,12 @@ def _run_demo(args, out, err) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Reports usage errors as UsageError instead of printing and exiting."""
+    """Reports usage errors as UsageError instead of printing and exiting, and
+    takes whole option names only (``--proxy`` is not ``--proxy-address``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
@@ -154,9 +159,8 @@ _HEADER_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 def _discovery_options(parser, json=True) -> None:
     """How a command reaches the proxy endpoint: address, TLS, token (and --json)."""
-    default = os.environ.get(PROXY_ADDRESS_ENV) or DEFAULT_PROXY_ADDRESS
     parser.add_argument(
-        "--proxy-address", type=_proxy_address, default=default, metavar="HOST:PORT",
+        "--proxy-address", type=_proxy_address, metavar="HOST:PORT",
         help=f"the multiplexer server's proxy endpoint (default: ${PROXY_ADDRESS_ENV}, "
              f"else {DEFAULT_PROXY_ADDRESS})")
     if json:
@@ -188,6 +192,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"grpcmux {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.commands = commands  # for the errors that name a subcommand's options
 
     listing = commands.add_parser(
         "list", help="list the connected gRPC servers",
@@ -199,9 +204,9 @@ def make_parser() -> argparse.ArgumentParser:
     listing.set_defaults(run=_run_list)
 
     watch = commands.add_parser(
-        "watch", help="follow gRPC servers connecting and disconnecting",
-        description="Print one line per connect and disconnect (Discovery "
-                    "WatchGRPCServer) until Ctrl-C.")
+        "watch", help="follow gRPC servers connecting, disconnecting and changing health",
+        description="Print one line per connect, disconnect and health change "
+                    "(Discovery WatchGRPCServer) until Ctrl-C.")
     _discovery_options(watch)
     watch.add_argument("--no-replay", dest="replay", action="store_false",
                        help="do not start with the servers connected already")
@@ -279,18 +284,56 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv, out, err) -> int:
-    """Run the command line ``argv`` (without the program name); the exit status."""
+def _proxy_address_from(environ, command: str) -> str:
+    """--proxy-address when not given: $GRPCMUX_PROXY_ADDRESS, else the default."""
+    value = environ.get(PROXY_ADDRESS_ENV)
+    if not value:
+        return DEFAULT_PROXY_ADDRESS
     try:
-        args, extra = make_parser().parse_known_args(argv)
-        if extra:  # named after the subcommand, which argparse itself does not do
-            raise UsageError(f"grpcmux {args.command}: unrecognized arguments: "
-                             f"{' '.join(extra)} (see 'grpcmux {args.command} --help')")
+        parse_host_port(value)
+    except AddressError as error:
+        raise UsageError(f"grpcmux {command}: environment variable {PROXY_ADDRESS_ENV}: "
+                         f"expected {error}, got {value!r}") from None
+    return value
+
+
+def _unrecognized(parser, args, extra) -> UsageError:
+    """The error for arguments argparse left over, named after the subcommand (which
+    argparse does not do), with the nearest option of that subcommand."""
+    from grpcmux.config import nearest
+
+    command = parser.commands.choices[args.command]
+    names = [o for action in command._actions for o in action.option_strings]
+    first = extra[0].partition("=")[0]
+    close = nearest(first, names) if first.startswith("--") else None
+    hint = f"; did you mean {close}?" if close else ""
+    return UsageError(f"grpcmux {args.command}: unrecognized arguments: {' '.join(extra)}"
+                      f"{hint} (see 'grpcmux {args.command} --help')")
+
+
+def run(argv, out, err, environ=None) -> int:
+    """Run the command line ``argv`` (without the program name); the exit status.
+
+    *environ* (default ``os.environ``) supplies ``$GRPCMUX_PROXY_ADDRESS``; every
+    GRPCMUX_* variable no grpcmux program reads is warned about on *err*.
+    """
+    from grpcmux.config import environment_warnings
+
+    environ = os.environ if environ is None else environ
+    try:
+        parser = make_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise _unrecognized(parser, args, extra)
+        if getattr(args, "proxy_address", "") is None:
+            args.proxy_address = _proxy_address_from(environ, args.command)
     except UsageError as error:
         err.write(f"{error}\n")
         return EXIT_USAGE
     except SystemExit as done:  # --help, --version
         return done.code or EXIT_OK
+    for warning in environment_warnings(environ):
+        err.write(f"grpcmux: warning: {warning}\n")
     try:
         return args.run(args, out, err)
     except UsageError as error:  # found once the command runs (a bad certificate file)

@@ -2,24 +2,26 @@
 
 Each stream the server opens is spliced to a new TCP connection to the local gRPC
 server, so HTTP/2 bytes pass untouched and no grpcio runs on this side.  The
-connection is kept by Twisted's ``ClientService``: whatever ends a session (the
-server restarting, a GoAway, a network fault, a refusal) leads to a new attempt
-after a jittered exponential backoff.
+connection is kept by Twisted's ``ClientService``; the handshake is its
+``prepareConnection``, so a refusal or a handshake that fails or times out is a
+failed attempt like a refused connect.  Whatever ends a session (the server
+restarting, a GoAway, a network fault, a refusal) leads to a new attempt after a
+jittered exponential backoff, at the next of the multiplexer addresses.
 """
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import connectProtocol, wrapClientTLS
-from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.python.failure import Failure
 
 from grpcmux import __version__, tls
 from grpcmux.addresses import client_endpoint
+from grpcmux.backend_health import BackendHealthChecker
+from grpcmux.dialer import MultiplexerDialer
 from grpcmux.handshake import (
     WIRE_LEGACY,
     WIRE_NATIVE,
@@ -39,9 +41,13 @@ from grpcmux.metrics import (
     MetricsService,
     reject_reason,
 )
+from grpcmux.http2.frames import PREFACE
+from grpcmux.preface import Wrong, WrongEndpoint, judge_multiplexer_server
 from grpcmux.splice import SpliceProtocol, splice
 from grpcmux.yamux.config import YamuxConfig
-from grpcmux.yamux.session import YamuxSession, tune_transport
+from grpcmux.yamux.errors import PingTimeout
+from grpcmux.tuning import tune_transport
+from grpcmux.yamux.session import YamuxSession
 
 
 class _StreamEnd(SpliceProtocol):
@@ -123,41 +129,61 @@ class _Backend(Factory):
             )
 
 
+
+
+
 class _TunnelSession(YamuxSession):
-    """The outer yamux session; tells the tunnel when it is up so it can introduce itself."""
+    """The outer yamux session of one connection attempt.
 
-    def __init__(self, tunnel, **kwargs):
+    ``address`` is the multiplexer address it was dialled at; ``admitted``
+    turns true when the server welcomed it (the handshake succeeded).
+    """
+
+    def __init__(self, address, **kwargs):
         super().__init__(**kwargs)
-        self._tunnel = tunnel
+        self.address = address
+        self.admitted = False
         self.tls_problem = None  # why TLS failed, when it did
+        self._first_bytes = b""  # the server's, until judged (None: judged)
 
-    def connectionMade(self):
-        super().connectionMade()
-        self._tunnel.session_started(self)
+    @property
+    def unwrapped(self):
+        """This session, also when reached through ClientService's protocol proxy."""
+        return self
+
+    def dataReceived(self, data):
+        if self._first_bytes is not None:
+            # An HTTP/2 or TLS answer where yamux belongs is told so (grpcmux.preface).
+            data = self._first_bytes + data
+            verdict = judge_multiplexer_server(data)
+            if verdict is None and len(data) < len(PREFACE):
+                self._first_bytes = data
+                return
+            self._first_bytes = None
+            if isinstance(verdict, Wrong):
+                self._shutdown(WrongEndpoint(verdict.message), lose_transport=True)
+                return
+        super().dataReceived(data)
 
     def connectionLost(self, reason=None):
-        self.tls_problem = tls.failure_reason(reason)
+        if not self.closed:
+            self.tls_problem = tls.failure_reason(reason)
         super().connectionLost(reason)
 
 
-class _RetryPolicy:
-    """Backoff over failed attempts, counting sessions that ended before admission.
-
-    ``ClientService`` counts only failed TCP connects and resets after any
-    connection, so a server that keeps refusing would be dialled in a tight loop;
-    a session that ends without a Welcome counts as a failure here.
-    """
-
-    def __init__(self, policy=None):
-        self._policy = policy or backoffPolicy(initialDelay=0.5, maxDelay=30.0)
-        self.unadmitted = 0
-
-    def __call__(self, attempt):
-        return self._policy(attempt + self.unadmitted)
+def default_retry_policy():
+    """Backoff between attempts: 0.5 s growing 1.5x to 30 s, plus up to 1 s of jitter."""
+    return backoffPolicy(initialDelay=0.5, maxDelay=30.0)
 
 
 class Tunnel(Factory):
-    """Builds sessions for ``ClientService`` and runs the handshake on each."""
+    """Builds sessions for ``ClientService``; ``admit`` (its prepareConnection) runs
+    the handshake on each, and the tunnel then serves the server's streams.
+
+    ``retry_policy`` maps the number of failed attempts in a row to the seconds
+    to wait (``ClientService``'s retryPolicy).  ``add_problem_observer`` lets a
+    caller see each problem the tunnel reports (the line it logs).
+    """
 
     noisy = False
 
@@ -176,6 +202,7 @@ class Tunnel(Factory):
         retry_policy=None,
         metrics=None,
         token=None,
+        backend_health=None,
     ):
         self._reactor = reactor
         self._token = token or ""
@@ -183,7 +210,8 @@ class Tunnel(Factory):
         self.metrics.track(self)
         self._sessions_started = 0
         self.client_id = client_id
-        self.multiplexer_address = multiplexer_address
+        self.multiplexer_addresses = _address_list(multiplexer_address)
+        self.multiplexer_address = ",".join(self.multiplexer_addresses)
         self.wire_protocol = wire_protocol
         self.labels = tuple(labels)
         self.handshake_timeout = handshake_timeout
@@ -191,44 +219,60 @@ class Tunnel(Factory):
         self.backend = _Backend(
             reactor, grpc_server_address, client_id, self._close_if_drained, self.metrics
         )
-        self.retry_policy = retry_policy or _RetryPolicy()
-        self.session = None
+        self.backend_health = backend_health  # a BackendHealthChecker, or None
+        if backend_health is not None:  # no stream to a grpcmux proxy: a call would loop
+            self.backend._endpoint = backend_health.guard(self.backend._endpoint)
+        self.retry_policy = retry_policy or default_retry_policy()
+        self.session = None  # the admitted session, while there is one
+        self.stopping = False
         self._accepting = None  # the session the server opens data streams on
         self._draining = None
-        self._waiters = []
         self._last_problem = None
+        self._problem_observers = []
+        self.dialling = self.multiplexer_address  # set by the dialer for each attempt
 
     def buildProtocol(self, addr):
         return _TunnelSession(
-            self, is_client=True, config=self.yamux_config, clock=self._reactor
+            self.dialling, is_client=True, config=self.yamux_config, clock=self._reactor,
+            tune_transport=tune_transport,
         )
 
-    def when_admitted(self):
-        """A Deferred firing with the next session the server admits."""
-        waiter = Deferred()
-        self._waiters.append(waiter)
-        return waiter
+    # -- the handshake: ClientService's prepareConnection --------------------
 
-    def session_started(self, session):
+    def admit(self, protocol):
+        """Introduce the client on a new connection; a Deferred firing once admitted.
+
+        It fails (a failed attempt for ClientService, which backs off) when the
+        server refuses, the handshake fails or times out, or TLS fails; the
+        session is closed then.  Cancelling it (the service stopping) closes it too.
+        """
+        session = protocol.unwrapped
         if self._sessions_started:
             self.metrics.reconnects.inc()
         self._sessions_started += 1
-        session.when_closed().addCallback(self._session_ended, session)
-        session.when_go_away().addCallback(self._server_going_away, session)
+        result = Deferred(lambda _: session.close())
         if self.wire_protocol == WIRE_LEGACY:
-            inner = YamuxSession(
-                is_client=False,
-                stream_factory=self.backend,
-                config=self.yamux_config,
-                clock=self._reactor,
-            )
+            # A legacy server answers nothing: the session counts as admitted once it
+            # answers a ping (TLS and yamux work, the server did not hang up).
+            inner = YamuxSession(is_client=False, stream_factory=self.backend,
+                                 config=self.yamux_config, clock=self._reactor)
             inner.when_closed().addCallback(lambda _: session.close())
-            self._accepting = inner
             session.open_stream(LegacyClientHandshake(self.client_id, inner))
-            self._admitted(session)
-            return
+            seconds = self.handshake_timeout
+            timer = self._reactor.callLater(seconds, lambda: self._refused(
+                Failure(HandshakeFailed(f"no answer to a ping within {seconds:g} s")),
+                session, result, timed_out=True))
+            answered = session.ping()
+            answered.addBoth(_cancelling(timer))
+            answered.addCallbacks(
+                lambda _: self._admitted(session, inner, result),
+                lambda failure: self._refused(
+                    Failure(HandshakeFailed(
+                        f"no answer to a ping within {seconds:g} s"
+                        if failure.check(PingTimeout) else "the server closed the session")),
+                    session, result))
+            return result
         session.stream_factory = self.backend
-        self._accepting = session
         hello = ClientHello(
             client_id=self.client_id,
             wire_protocol=WIRE_NATIVE,
@@ -242,52 +286,67 @@ class Tunnel(Factory):
             self.handshake_timeout, control.timed_out, self.handshake_timeout
         )
         control.result.addBoth(_cancelling(timer))
+        if self.backend_health is not None:
+            control.result.addCallback(self.backend_health.welcomed, control)
         control.result.addCallbacks(
-            lambda welcome: self._admitted(session), self._refused, errbackArgs=(session, timer)
-        )
+            lambda welcome: self._admitted(session, session, result),
+            lambda failure: self._refused(failure, session, result, timed_out=timer.called))
+        return result
 
-    def _admitted(self, session):
+    def _admitted(self, session, accepting, result):
+        if result.called:  # cancelled: the service is stopping
+            return
+        session.admitted = True
         self.session = session
-        self.retry_policy.unadmitted = 0
+        self._accepting = accepting
         self._last_problem = None
         self.metrics.handshake(ACCEPTED)
+        session.when_closed().addCallback(self._session_ended, session)
+        session.when_go_away().addCallback(self._server_going_away, session)
         self._log.info(
             "client {client_id} connected to multiplexer {address} ({wire_protocol})",
             client_id=self.client_id,
-            address=self.multiplexer_address,
+            address=session.address,
             wire_protocol=self.wire_protocol,
         )
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(session)
+        result.callback(session)
 
-    def _refused(self, failure, session, timer):
+    def _refused(self, failure, session, result, timed_out=False):
+        if result.called:  # cancelled (the service is stopping), or timed out already
+            return
         failure.trap(HandshakeRejected, HandshakeFailed)
-        if failure.check(HandshakeRejected):
+        stopping = self.stopping  # then the stop itself closed the session: not counted
+        if stopping:
+            pass
+        elif failure.check(HandshakeRejected):
             self.metrics.handshake(REJECTED, reject_reason(failure.value.code))
         else:
-            self.metrics.handshake(TIMED_OUT if timer.called else FAILED)
-        self.retry_policy.unadmitted += 1
-        if session.tls_problem is not None:
-            self._tls_failed(session.tls_problem)
-        else:
-            self._report(f"multiplexer {self.multiplexer_address} refused client "
-                         f"{self.client_id}: {failure.value}")
+            self.metrics.handshake(TIMED_OUT if timed_out else FAILED)
+        # ClientService counts a failed attempt and backs off.  First: what follows
+        # (observers of the report, the close) may end the handshake once more.
+        result.errback(failure)
+        if not stopping:
+            if session.tls_problem is not None:
+                self._tls_failed(session.address, session.tls_problem)
+            else:
+                self._report(f"multiplexer {session.address} refused client "
+                             f"{self.client_id}: {failure.value}")
         session.close()
 
-    def _tls_failed(self, problem):
+    def _tls_failed(self, address, problem):
         hint = ""
         if "certificate verify failed" in problem:
             hint = " (is the server's certificate signed by the CA of --tls-ca?)"
-        self._report(f"TLS with multiplexer {self.multiplexer_address} failed: "
-                     f"{problem}{hint}; retrying")
+        self._report(f"TLS with multiplexer {address} failed: {problem}{hint}; retrying")
+
+    # -- an admitted session -------------------------------------------------
 
     def _server_going_away(self, _, session):
         """The server takes no new streams: leave once the calls in flight are done."""
         self._log.info(
             "multiplexer {address} is going away; client {client_id} reconnects once "
             "its {active} stream(s) in flight are done",
-            address=self.multiplexer_address,
+            address=session.address,
             client_id=self.client_id,
             active=self.backend.active,
         )
@@ -300,6 +359,7 @@ class Tunnel(Factory):
         For a graceful stop: fires once the session has closed, at the latest
         after ``grace`` seconds, when whatever still runs is cut.
         """
+        self.stopping = True
         session = self.session
         if session is None or session.closed:
             return succeed(None)
@@ -318,25 +378,36 @@ class Tunnel(Factory):
     def _session_ended(self, reason, session):
         if self._draining is session:
             self._draining = None
-        if self.session is session and session.tls_problem is not None:
-            self.session = None  # a legacy session: admitted before TLS was through
-            self.retry_policy.unadmitted += 1
-            self._tls_failed(session.tls_problem)
-        elif self.session is session:
-            self.session = None
+        if self.session is not session:
+            return
+        self.session = None
+        if self.stopping:
+            return
+        if session.tls_problem is not None:
+            self._tls_failed(session.address, session.tls_problem)  # legacy: TLS broke later
+        else:
             self._report(
                 f"client {self.client_id} lost its session with multiplexer "
-                f"{self.multiplexer_address} ({reason or 'closed'}); reconnecting"
+                f"{session.address} ({reason or 'closed'}); reconnecting"
             )
 
-    def connect_failed(self, failure):
-        self._report(
-            f"client {self.client_id} cannot connect to multiplexer "
-            f"{self.multiplexer_address}: {failure.getErrorMessage()}; retrying"
-        )
+    # -- problems ------------------------------------------------------------
+
+    def connect_failed(self, problem):
+        """No multiplexer address could be dialled in this attempt (``problem`` says why)."""
+        if not self.stopping:
+            self._report(f"client {self.client_id} cannot connect to multiplexer "
+                         f"{problem}; retrying")
+
+    def add_problem_observer(self, observer):
+        """Call ``observer(line)`` with each problem reported; returns a remover."""
+        self._problem_observers.append(observer)
+        return lambda: self._problem_observers.remove(observer)
 
     def _report(self, problem):
         """Log a reason for reconnecting once, not at every retry."""
+        for observer in list(self._problem_observers):
+            observer(problem)
         if problem != self._last_problem:
             self._last_problem = problem
             self._log.warn("{problem}", problem=problem)
@@ -351,51 +422,64 @@ def _cancelling(timer):
     return cancel
 
 
-@implementer(IStreamClientEndpoint)
-class _ReportingEndpoint:
-    """Wraps the multiplexer's endpoint to log why a connection attempt failed."""
+def _address_list(addresses):
+    """``HOST:PORT[,HOST:PORT...]`` (or a sequence of them) as a tuple of addresses."""
+    if isinstance(addresses, str):
+        addresses = addresses.split(",")
+    found = tuple(address.strip() for address in addresses if address.strip())
+    if not found:
+        raise ValueError("no multiplexer address")
+    return found
 
-    def __init__(self, endpoint, tunnel):
-        self._endpoint = endpoint
-        self._tunnel = tunnel
 
-    def connect(self, factory):
-        return self._endpoint.connect(factory).addErrback(self._failed)
-
-    def _failed(self, failure):
-        if not failure.check(CancelledError, ConnectingCancelledError):
-            self._tunnel.connect_failed(failure)
-        return failure
+def _readable(policy):
+    """``policy`` with its delays rounded: ClientService logs them as they are."""
+    return lambda attempt: round(policy(attempt), 2)
 
 
 class TunnelClientService(MultiService):
     """The client for twistd: a ``ClientService`` keeping one tunnel up.
 
     Stopping drains first: the server may open no new streams, and those in
-    flight get up to ``shutdown_grace`` seconds to finish.
+    flight get up to ``shutdown_grace`` seconds to finish; the connector stops
+    before the session's end reaches it, so nothing is reported or retried.
     """
 
-    def __init__(self, reactor, tunnel, shutdown_grace=10.0, tls_creator=None):
+    def __init__(self, reactor, tunnel, shutdown_grace=10.0, tls_creator=None,
+                 tls_creator_for=None, resolver=None, rng=None):
         super().__init__()
         self.tunnel = tunnel
         self.shutdown_grace = shutdown_grace
         self._reactor = reactor
-        endpoint = client_endpoint(reactor, tunnel.multiplexer_address)
-        if tls_creator is not None:
-            endpoint = wrapClientTLS(tls_creator, endpoint)
+        if tls_creator_for is None and tls_creator is not None:
+            tls_creator_for = lambda address: tls_creator  # noqa: E731
+        self.dialer = MultiplexerDialer(reactor, tunnel, tls_creator_for, resolver, rng)
         self.connector = ClientService(
-            _ReportingEndpoint(endpoint, tunnel),
+            self.dialer,
             tunnel,
-            retryPolicy=tunnel.retry_policy,
+            retryPolicy=_readable(tunnel.retry_policy),
             clock=reactor,
+            prepareConnection=tunnel.admit,
         )
         self.connector.setServiceParent(self)
 
+    def when_connected(self, fail_after_failures=None):
+        """A Deferred firing with the admitted session (the current or the next one).
+
+        It fires in a later reactor turn than ClientService's ``whenConnected``,
+        which fires from inside its state machine: stopping the service from
+        there would re-enter the machine, which automat refuses.
+        """
+        connected = self.connector.whenConnected(failAfterFailures=fail_after_failures)
+        return connected.addCallback(lambda session: deferLater(self._reactor, 0, lambda: session))
+
+    def startService(self):
+        self.tunnel.stopping = False
+        super().startService()
+
     def stopService(self):
         drained = self.tunnel.drain(self.shutdown_grace)
-        # The session may end inside ClientService's own bookkeeping of that very
-        # disconnect; stopping it from there would re-enter its state machine.
-        drained.addCallback(lambda _: deferLater(self._reactor, 0, MultiService.stopService, self))
+        drained.addCallback(lambda _: MultiService.stopService(self))
         return drained
 
 
@@ -404,11 +488,14 @@ def make_service(settings, reactor):
     if not client_id:
         client_id = random_client_id()
         Tunnel._log.info("no --client-id given; using {client_id}", client_id=client_id)
+    backend_health = BackendHealthChecker(
+        reactor, client_endpoint(reactor, settings.grpc_server_address),
+        settings.grpc_server_address)
     tunnel = Tunnel(
         reactor,
         client_id,
         settings.grpc_server_address,
-        settings.multiplexer_address,
+        settings.multiplexer_addresses,
         wire_protocol=settings.wire_protocol,
         labels=settings.labels,
         token=settings.token,
@@ -417,13 +504,15 @@ def make_service(settings, reactor):
             connection_write_timeout=settings.keepalive_timeout,
             max_stream_window_size=settings.stream_window,
         ),
+        backend_health=backend_health,
     )
     if settings.token and not settings.tls:
         Tunnel._log.warn("a token without --tls crosses the network in clear")
     service = TunnelClientService(
         reactor, tunnel, shutdown_grace=settings.shutdown_grace,
-        tls_creator=settings.tls_creator,
+        tls_creator_for=settings.tls_creator_for if settings.tls else None,
     )
+    backend_health.setServiceParent(service)
     if settings.metrics_listener:
         metrics = MetricsService(reactor, settings.metrics_listener, tunnel.metrics.registry)
         metrics.setName("metrics")

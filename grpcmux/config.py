@@ -11,6 +11,7 @@ option and what was expected, so ``twistd`` can print it as a usage error.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from dataclasses import dataclass
@@ -55,6 +56,26 @@ def _address_check(check):
 
 
 _check_dial_address = _address_check(addresses.check_dial_address)
+
+
+def _check_dial_addresses(value: str) -> str:
+    """One address to dial or several, comma-separated; normalised to ``a,b``."""
+    parts = [part.strip() for part in value.split(",")]
+    if not all(parts):
+        raise _Invalid("one HOST:PORT (or unix:PATH) or several, separated by commas, "
+                       "none empty")
+    if len(set(parts)) != len(parts):
+        raise _Invalid("addresses that are all different")
+    for part in parts:
+        try:
+            _check_dial_address(part)
+        except _Invalid as error:
+            if len(parts) == 1:
+                raise
+            raise _Invalid(f"{error}, for each address ({part!r} is not)") from None
+    return ",".join(parts)
+
+
 _check_multiplexer_listener = _address_check(addresses.check_server_endpoint)
 
 
@@ -226,7 +247,7 @@ class _Option:
     """One option: its flag name, the value kind, the checker, the help text."""
 
     flag: str
-    kind: str  # "str", "int", "float", "bool", "labels"
+    kind: str  # "str", "int", "float", "bool", "labels", "addresses" (comma list or YAML list)
     check: Callable[[Any], Any]
     help: str
     optional: bool = False  # None is a valid value (the default)
@@ -317,6 +338,10 @@ def _from_yaml(option: _Option, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Invalid(f"a number of seconds, got {_yaml_type_name(value)} {value!r}")
         return option.check(value)
+    if option.kind == "addresses" and isinstance(value, list):
+        if not value or not all(isinstance(item, str) for item in value):
+            raise _Invalid(f"a list of addresses as strings, got {value!r}")
+        return option.check(",".join(value))
     if not isinstance(value, str) and option.secret:
         raise _Invalid(f"a string, got {_yaml_type_name(value)}")
     if not isinstance(value, str):
@@ -368,6 +393,9 @@ _LIMIT_OPTIONS = (
     _Option("max-clients", "int", _positive_int,
             "Most multiplexer clients connected at once; more are refused "
             "(RESOURCE_EXHAUSTED)."),
+    _Option("max-handshakes", "int", _positive_int,
+            "Most multiplexer connections still in their handshake; further ones "
+            "wait in the listen backlog until one finishes."),
     _Option("max-streams-per-client", "int", _positive_int,
             "Most yamux streams open at once in one client's session; more are "
             "reset or fail."),
@@ -377,6 +405,9 @@ _LIMIT_OPTIONS = (
     _Option("max-calls-per-client", "int", _positive_int,
             "Most proxied calls in progress to one client; more fail with "
             "RESOURCE_EXHAUSTED."),
+    _Option("watch-queue-limit", "int", _positive_int,
+            "Discovery events kept for Watch callers: one that falls further behind "
+            "is ended with RESOURCE_EXHAUSTED (watch again with replay)."),
 )
 
 # Security of the multiplexer endpoint (README "Security").
@@ -505,8 +536,10 @@ CLIENT_OPTIONS: Tuple[_Option, ...] = (
     _Option("client-id", "str", _check_client_id,
             "ID of the client. If no value specified, will generate one "
             "automatically.", optional=True, shown_default="a random pet name"),
-    _Option("multiplexer-address", "str", _check_dial_address,
-            "Multiplexer server address (HOST:PORT)."),
+    _Option("multiplexer-address", "addresses", _check_dial_addresses,
+            "Multiplexer server address (HOST:PORT), or several separated by commas "
+            "(a list in YAML): tried in turn from a random one; a host name stands "
+            "for all its addresses."),
     _Option("grpc-server-address", "str", _check_dial_address,
             "gRPC server address that will be proxied (HOST:PORT or unix:PATH)."),
     _Option("label", "labels", _check_labels,
@@ -534,7 +567,7 @@ def _validate_fields(settings: Any, options: Sequence[_Option]) -> None:
                     raise _Invalid("a number")
                 if option.kind == "int" and not isinstance(value, int):
                     raise _Invalid("a whole number")
-            elif option.kind == "str" and not isinstance(value, str):
+            elif option.kind in ("str", "addresses") and not isinstance(value, str):
                 raise _Invalid("a string")
             elif option.kind == "bool" and not isinstance(value, bool):
                 raise _Invalid("True or False")
@@ -572,9 +605,11 @@ class ServerSettings(_CommonSettings):
     handshake_timeout: float = 10.0
     duplicate_ping_timeout: float = 2.0
     max_clients: int = 10000
+    max_handshakes: int = 1000
     max_streams_per_client: int = 1000
     max_proxy_calls: int = 10000
     max_calls_per_client: int = 1000
+    watch_queue_limit: int = 10000
     # Proxy endpoint security: file paths (None: off).
     proxy_tls_cert: Optional[str] = None
     proxy_tls_key: Optional[str] = None
@@ -647,11 +682,24 @@ class ClientSettings(_CommonSettings):
         _check_client_security(self)
 
     @property
+    def multiplexer_addresses(self) -> Tuple[str, ...]:
+        """The multiplexer addresses, in the order given."""
+        return tuple(self.multiplexer_address.split(","))
+
+    @property
     def server_name(self) -> Optional[str]:
-        """The name the server's certificate is checked against."""
-        if self.tls_server_name or self.multiplexer_address.startswith("unix:"):
+        """The name the first server's certificate is checked against."""
+        return self.server_name_for(self.multiplexer_addresses[0])
+
+    def server_name_for(self, address: str) -> Optional[str]:
+        """The name the certificate of the server at ``address`` is checked against."""
+        if self.tls_server_name or address.startswith("unix:"):
             return self.tls_server_name
-        return addresses.parse_host_port(self.multiplexer_address)[0]
+        return addresses.parse_host_port(address)[0]
+
+    def tls_creator_for(self, address: str) -> Any:
+        """The TLS options for dialling ``address`` (None without --tls)."""
+        return self.tls_creators.get(self.server_name_for(address))
 
 
 def _check_server_security(settings: ServerSettings) -> None:
@@ -668,10 +716,13 @@ def _check_server_security(settings: ServerSettings) -> None:
         if settings.tls_cert:
             tls_options = server_options(
                 settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except TLSConfigError as error:
+        raise ConfigError(str(error))
+    try:
         if settings.auth_tokens:
             tokens = ClientTokens.load(settings.auth_tokens)
-    except (TLSConfigError, TokenFileError) as error:
-        raise ConfigError(str(error))
+    except TokenFileError as error:
+        raise ConfigError(f"--auth-tokens {error}")
     object.__setattr__(settings, "tls_options", tls_options)
     object.__setattr__(settings, "client_tokens", tokens)
 
@@ -771,14 +822,16 @@ def _read_secret_file(path: str, flag: str, expected: str) -> str:
 
 def _check_client_security(settings: ClientSettings) -> None:
     """TLS options need --tls; reads --token-file into ``token`` and the TLS files
-    into ``tls_creator`` (not a field: derived from the paths; None without --tls)."""
+    into ``tls_creators`` (server name -> options; ``tls_creator`` for the first
+    address; not fields: derived from the paths; empty / None without --tls)."""
     from grpcmux.tls import TLSConfigError, client_creator
 
     for flag in ("tls-ca", "tls-server-name", "tls-cert", "tls-key"):
         if getattr(settings, flag.replace("-", "_")) and not settings.tls:
             raise ConfigError(f"--{flag}: expected --tls as well")
     _check_key_pair(settings, "tls_cert", "tls_key")
-    if settings.tls and settings.server_name is None:
+    if settings.tls and any(settings.server_name_for(address) is None
+                            for address in settings.multiplexer_addresses):
         raise ConfigError(
             "--tls-server-name: expected a name to verify the server with, as "
             "--multiplexer-address is a unix: path"
@@ -787,14 +840,18 @@ def _check_client_security(settings: ClientSettings) -> None:
         raise ConfigError("--token and --token-file: expected one of them, not both")
     if settings.token_file:
         object.__setattr__(settings, "token", _read_token_file(settings.token_file))
-    tls_creator = None
+    creators = {}
     if settings.tls:
         try:
-            tls_creator = client_creator(settings.server_name, settings.tls_ca,
-                                         settings.tls_cert, settings.tls_key)
+            for address in settings.multiplexer_addresses:
+                name = settings.server_name_for(address)
+                if name not in creators:
+                    creators[name] = client_creator(name, settings.tls_ca,
+                                                    settings.tls_cert, settings.tls_key)
         except TLSConfigError as error:
             raise ConfigError(str(error))
-    object.__setattr__(settings, "tls_creator", tls_creator)
+    object.__setattr__(settings, "tls_creators", creators)
+    object.__setattr__(settings, "tls_creator", creators.get(settings.server_name))
 
 
 def _read_token_file(path: str) -> str:
@@ -982,6 +1039,37 @@ def load_client_settings(
                  home, etc_dir)
 
 
+# GRPCMUX_* variables the ``grpcmux`` command reads (beyond the options' own).
+COMMAND_ENVIRONMENT = ("GRPCMUX_PROXY_ADDRESS", "GRPCMUX_TOKEN")
+
+
+def nearest(name: str, candidates: Sequence[str]) -> Optional[str]:
+    """The candidate a misspelled *name* most likely meant (or one it abbreviates)."""
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.7)
+    return (close or sorted(c for c in candidates if c.startswith(name))[:1] or [None])[0]
+
+
+def environment_warnings(environ: Optional[Mapping[str, str]] = None) -> list:
+    """One line per GRPCMUX_* variable that no grpcmux program reads.
+
+    A misspelled variable would otherwise be ignored without a word; the line
+    names the nearest known variable.  Server and client variables are known to
+    both (one environment file often serves both units).
+    """
+    environ = os.environ if environ is None else environ
+    known = {o.env for o in SERVER_OPTIONS + CLIENT_OPTIONS}.union(COMMAND_ENVIRONMENT)
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        # Compared without the prefix, which every candidate shares.
+        close = nearest(name[len(ENV_PREFIX):], [k[len(ENV_PREFIX):] for k in known])
+        hint = f"; did you mean {ENV_PREFIX}{close}?" if close else ""
+        warnings.append(f"environment variable {name} is not a grpcmux setting and is "
+                        f"ignored{hint}")
+    return warnings
+
+
 def default_of(settings_class: type, option: _Option) -> Any:
     """The default value of the settings field an option fills."""
     for field in dataclasses.fields(settings_class):
@@ -998,6 +1086,8 @@ __all__ = [
     "ServerSettings",
     "config_search_path",
     "default_of",
+    "environment_warnings",
+    "nearest",
     "load_client_settings",
     "load_server_settings",
     "read_config_file",

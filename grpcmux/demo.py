@@ -124,8 +124,8 @@ class Demo:
         tunnel = Tunnel(
             reactor, args.client_id, example_address, multiplexer_address, labels=LABELS
         )
-        admitted = tunnel.when_admitted()
-        self._start(TunnelClientService(reactor, tunnel), "multiplexer client")
+        client = self._start(TunnelClientService(reactor, tunnel), "multiplexer client")
+        admitted = client.when_connected()
         self._describe(multiplexer_address, proxy_address, example_address)
         await self._within(admitted, f"admission of client {args.client_id!r}")
         if args.client_id not in registry.snapshot:

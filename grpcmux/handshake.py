@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
+from grpcmux.preface import WrongEndpoint
 
 MAGIC = b"\x00GRPCMUX\x01"
 WIRE_NATIVE = "native"
@@ -153,7 +154,8 @@ class ServerHandshake(_Preamble):
 
     Calls ``on_hello(handshake, hello)`` once with the client's ``ClientHello`` (or
     ``on_failure(handshake, reason)`` for bytes that are neither handshake), after
-    which the owner calls ``accept`` or ``reject``.
+    which the owner calls ``accept`` or ``reject``.  Once a native client is
+    accepted, each ``ClientMessage`` it sends goes to ``on_message(message)``.
 
     Nothing beyond the caps is kept: at most ``MAX_ID_LINE`` bytes of an id line,
     the magic plus one message of at most ``MAX_MESSAGE_SIZE`` (refused on its
@@ -162,17 +164,22 @@ class ServerHandshake(_Preamble):
 
     _log = Logger()
 
-    def __init__(self, on_hello, on_failure, make_inner_session):
+    def __init__(self, on_hello, on_failure, make_inner_session, on_message=None):
         self._on_hello = on_hello
         self._on_failure = on_failure
         self._make_inner_session = make_inner_session
+        self._on_message = on_message
         self._buffer = bytearray()
         self._reader = MessageReader()
         self.wire_protocol = None
         self._done = False
+        self._accepted = False
         self._after_reject = None
 
     def preamble_received(self, data):
+        if self._accepted and self.wire_protocol == WIRE_NATIVE:
+            self._control_received(data)
+            return
         if self._done:
             self._hold(data)
             return
@@ -232,6 +239,23 @@ class ServerHandshake(_Preamble):
             version=message.version,
         )
 
+    def _control_received(self, data):
+        """An admitted native client's later messages (its backend's health)."""
+        try:
+            bodies = self._reader.feed(data)
+        except HandshakeFailed as failure:
+            self._on_failure(self, f"control stream: {failure}")
+            return
+        for body in bodies:
+            message = tunnel_pb2.ClientMessage()
+            try:
+                message.ParseFromString(body)
+            except Exception:
+                self._on_failure(self, "control stream: a message is not valid protobuf")
+                return
+            if self._on_message is not None:
+                self._on_message(message)
+
     def _hold(self, data):
         """Keep what a legacy client's nested session sends while we decide on it."""
         if self.wire_protocol != WIRE_LEGACY or self.inner is not None or not data:
@@ -250,6 +274,7 @@ class ServerHandshake(_Preamble):
         """Admit the client; return the function that opens data streams to it."""
         if self.wire_protocol == WIRE_NATIVE:
             self.transport.write(encode_message(tunnel_pb2.ServerMessage(welcome=welcome)))
+            self._accepted = True
             return None
         inner = self._make_inner_session()
         leftover, self._buffer = bytes(self._buffer), None
@@ -286,13 +311,25 @@ class NativeClientHandshake(Protocol):
     """The client's control stream: sends Hello, waits for Welcome or Reject.
 
     ``result`` fires with the ``Welcome`` or fails with ``HandshakeRejected`` or
-    ``HandshakeFailed``.  The stream then stays open for the session's lifetime.
+    ``HandshakeFailed``.  The stream then stays open for the session's lifetime,
+    and carries ``ClientMessage``s (``report_backend_health``).
     """
 
     def __init__(self, hello):
         self._hello = hello
         self._reader = MessageReader()
         self.result = Deferred()
+        self.welcomed = False
+
+    def report_backend_health(self, status, detail=""):
+        """Tell the server how the gRPC server is (a ``BackendHealth.Status``).
+
+        Only after the Welcome; servers that predate the message ignore it.
+        """
+        if not self.welcomed:
+            return
+        health = tunnel_pb2.BackendHealth(status=status, detail=detail)
+        self.transport.write(encode_message(tunnel_pb2.ClientMessage(backend_health=health)))
 
     def connectionMade(self):
         hello = tunnel_pb2.Hello(
@@ -321,6 +358,7 @@ class NativeClientHandshake(Protocol):
             return
         kind = answer.WhichOneof("kind")
         if kind == "welcome":
+            self.welcomed = True
             self.result.callback(answer.welcome)
         elif kind == "reject":
             self._finish(HandshakeRejected(answer.reject.code, answer.reject.message))
@@ -335,9 +373,20 @@ class NativeClientHandshake(Protocol):
             self.result.errback(error)
 
     def connectionLost(self, reason=None):
-        self._finish(
-            HandshakeFailed(f"the server closed the control stream without a Welcome; {LEGACY_HINT}")
-        )
+        why = _wrong_endpoint(self.transport)
+        self._finish(HandshakeFailed(
+            why or f"the server closed the control stream without a Welcome; {LEGACY_HINT}"))
+
+
+def _wrong_endpoint(stream):
+    """What :class:`grpcmux.preface.PrefaceGuard` found, if it closed *stream*'s session."""
+    session = getattr(stream, "session", None)
+    if session is None or not session.closed:
+        return None
+    reason = []
+    session.when_closed().addBoth(reason.append)  # fired already: the session is closed
+    value = getattr(reason[0], "value", reason[0]) if reason else None
+    return str(value) if isinstance(value, WrongEndpoint) else None
 
 
 class LegacyClientHandshake(_Preamble):

@@ -14,9 +14,10 @@ from grpcmux.commands import EXIT_OK, CommandFailed, UsageError
 # Where --token is read from when not given: a command line is visible to `ps`.
 TOKEN_ENV = "GRPCMUX_TOKEN"
 
-TABLE_COLUMNS = ("CLIENT ID", "PROTOCOL", "REMOTE ADDRESS", "CONNECTED SINCE", "LABELS")
+TABLE_COLUMNS = ("CLIENT ID", "PROTOCOL", "HEALTH", "REMOTE ADDRESS", "CONNECTED SINCE",
+                 "LABELS")
 # Watch lines cannot be sized to their contents in advance: minimum widths instead.
-_WATCH_WIDTHS = (12, 16, 8, 21, 20, 0)
+_WATCH_WIDTHS = (12, 16, 8, 11, 21, 20, 0)
 
 
 class Server(NamedTuple):
@@ -28,6 +29,8 @@ class Server(NamedTuple):
     # RFC 3339 UTC with fractions ("...Z"), or None when the server did not say.
     connected_since: Optional[str]
     labels: Dict[str, str]
+    # What its client reports of it: "serving", "not_serving" or "unknown".
+    health: str = "unknown"
 
     def as_json(self) -> dict:
         return self._asdict()
@@ -38,7 +41,8 @@ class Server(NamedTuple):
         if since is not None:
             since = since.partition(".")[0].rstrip("Z") + "Z"
         labels = ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
-        values = (self.client_id, self.wire_protocol, self.remote_address, since, labels)
+        values = (self.client_id, self.wire_protocol, self.health, self.remote_address,
+                  since, labels)
         return [value or "-" for value in values]
 
 
@@ -46,6 +50,8 @@ class Server(NamedTuple):
 
 
 def _server(details, fallback_id: str) -> Server:
+    enum = type(details).Health
+    health = enum.Name(details.health) if details.health in enum.values() else "HEALTH_UNKNOWN"
     since = None
     if details.HasField("connected_since"):
         since = details.connected_since.ToJsonString()
@@ -55,6 +61,7 @@ def _server(details, fallback_id: str) -> Server:
         remote_address=details.remote_address,
         connected_since=since,
         labels=dict(details.labels),
+        health=health[len("HEALTH_"):].lower(),
     )
 
 
@@ -201,7 +208,8 @@ def run_watch(args, out, err) -> int:
     with channel_for(args) as channel:
         fetch_servers(channel, address, args.timeout, metadata)
         stub = discovery_pb2_grpc.DiscoveryServiceStub(channel)
-        call = stub.WatchGRPCServer(discovery_pb2.WatchGRPCServerRequest(replay=args.replay),
+        call = stub.WatchGRPCServer(discovery_pb2.WatchGRPCServerRequest(replay=args.replay,
+                                                                         updates=True),
                                     metadata=metadata)
         if not args.json:
             out.write(_line(["EVENT", *TABLE_COLUMNS], _WATCH_WIDTHS))

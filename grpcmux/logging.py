@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time as _time
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Optional
@@ -21,6 +22,7 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     Logger,
+    PredicateResult,
     formatEvent,
 )
 from twisted.python.failure import Failure
@@ -120,10 +122,31 @@ FORMATTERS: dict[str, Callable[[dict], str]] = {
 }
 
 
+# Twisted's own info lines for every listener and factory:
+# "Site starting on 7592", "(TCP Port 7592 Closed)", "Starting factory <...>".
+# grpcmux logs each endpoint once, with its address and purpose; these are debug.
+_TWISTED_CHATTER = re.compile(
+    r"\S.* starting on \S+|\((TCP |UNIX |UDP )?Port \S+ Closed\)|(Starting|Stopping) factory .*"
+)
+
+
+def _quiet_twisted_chatter(event: dict) -> PredicateResult:
+    """Drop Twisted's listener/factory lines (kept at --log-level debug)."""
+    namespace = event.get("log_namespace") or ""
+    twisted = namespace == "log_legacy" or namespace.startswith("twisted.")
+    if twisted and _level_of(event) == LogLevel.info:
+        if _TWISTED_CHATTER.fullmatch(_message(event)):
+            return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def filter_observer(observer: ILogObserver, level: str) -> ILogObserver:
-    """Pass on to *observer* only events at *level* ("debug".."error") or above."""
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
-    return FilteringLogObserver(observer, [predicate])
+    """Pass on to *observer* only events at *level* ("debug".."error") or above,
+    and Twisted's listener/factory chatter only at debug."""
+    predicates = [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])]
+    if level != "debug":
+        predicates.insert(0, _quiet_twisted_chatter)
+    return FilteringLogObserver(observer, predicates)
 
 
 def make_observer(out: IO[str], level: str = "info", fmt: str = "pretty") -> ILogObserver:

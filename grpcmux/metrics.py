@@ -22,14 +22,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
-from grpcmux.addresses import server_endpoint
-from grpcmux.registry import DISCONNECTED
+from grpcmux.listening import listen
+from grpcmux.registry import DISCONNECTED, HEALTH_VALUES
 
 # Handshake outcomes (the ``outcome`` label); ``reason`` is set for rejections only.
 ACCEPTED = "accepted"
@@ -72,15 +71,8 @@ class MetricsService(Service):
             from grpcmux.status import add_status_page
 
             add_status_page(root, self.status)
-        site = Site(root)
-        site.noisy = False
-        outcome = []
-        server_endpoint(self._reactor, self.listener).listen(site).addBoth(outcome.append)
-        if not outcome:
-            raise RuntimeError(f"metrics listener {self.listener!r} did not listen at once")
-        if isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
-        self.port = outcome[0]
+        site = _QuietSite(root)
+        self.port = listen(self._reactor, self.listener, site, "metrics-listener")
         super().startService()
         address = self.port.getHost()
         self._log.info("metrics on http://{host}:{port}/metrics",
@@ -90,6 +82,16 @@ class MetricsService(Service):
         super().stopService()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None
+
+
+class _QuietSite(Site):
+    """A Site without an access line per request: Prometheus records its scrapes,
+    and one line every 15 s per scraper is noise in the operator's log."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
 
 
 class _Root(Resource):
@@ -288,6 +290,16 @@ class _ServerCollector:
         for protocol, count in sorted(by_protocol.items()):
             clients.add_metric([protocol], count)
         yield clients
+        health = GaugeMetricFamily(
+            "grpcmux_server_client_backend_health",
+            "Admitted clients by the health they report of their gRPC server "
+            "(unknown, serving, not_serving).", labels=["health"])
+        by_health = dict.fromkeys(HEALTH_VALUES, 0)
+        for info in snapshot.values():
+            by_health[info.health] += 1
+        for value, count in by_health.items():
+            health.add_metric([value], count)
+        yield health
         yield GaugeMetricFamily(
             "grpcmux_server_sessions", "Open yamux sessions with clients (admitted or not).",
             value=len(connections))
@@ -352,3 +364,12 @@ class _ClientCollector:
         yield GaugeMetricFamily(
             "grpcmux_client_connected", "1 while the server has admitted this client.",
             value=int(connected))
+        checker = getattr(self.tunnel, "backend_health", None)
+        if checker is not None:
+            health = GaugeMetricFamily(
+                "grpcmux_client_backend_health",
+                "1 for the health of the gRPC server as this client last checked it.",
+                labels=["health"])
+            for value in HEALTH_VALUES:
+                health.add_metric([value], int(checker.health == value))
+            yield health

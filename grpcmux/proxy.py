@@ -18,12 +18,13 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from grpcmux.addresses import describe_address, listen_now, server_endpoint
+from grpcmux.addresses import describe_address
 from grpcmux.http2.config import H2Config
 from grpcmux.http2.connection import Budget
 from grpcmux.http2.router import Router, RouterLimits
 from grpcmux.http2.status import CallRefused, NOT_FOUND
 from grpcmux.http2.targets import EndpointTarget
+from grpcmux.listening import listen
 from grpcmux.registry import DISCONNECTED
 from grpcmux.runtime_dir import RuntimeDir
 
@@ -36,7 +37,8 @@ class ProxyService(Service):
     bounds the calls in progress, ``max_calls_per_client`` those to one client
     (None: no bound); beyond either, RESOURCE_EXHAUSTED. ``observer``, if given, is
     told of every call that ends (see :class:`Router`). ``tls`` (ServerTLS) and
-    ``tokens`` (ProxyTokens) secure the endpoint; None: off.
+    ``tokens`` (ProxyTokens) secure the endpoint; None: off. ``watch_queue_limit``:
+    registry changes kept for Discovery Watch callers (None: Discovery's default).
     """
 
     _log = Logger()
@@ -64,6 +66,7 @@ class ProxyService(Service):
         cluster_listener=None,
         node_token=None,
         cluster_tls=None,
+        watch_queue_limit=None,
     ):
         self._reactor = reactor
         self._registry = registry
@@ -84,10 +87,13 @@ class ProxyService(Service):
         self.cluster_router = None
         self.cluster_port = None
         self._caller_config = caller_config or H2Config()
+        # Upstreams are ours or our clients' backends: no idle limit, generous
+        # control budgets, but a backend that never speaks HTTP/2 fails its calls.
         self._upstream_config = upstream_config or H2Config(
-            idle_timeout=0, preface_timeout=0, control_burst=10**6, control_rate=10**5)
+            idle_timeout=0, control_burst=10**6, control_rate=10**5)
         self.budget = Budget(buffer_budget)
         self._instance = os.urandom(8).hex().encode()  # this router's pseudonym in via
+        self.watch_queue_limit = watch_queue_limit
         self.router = None
         self.local = None
         self.listening_port = None
@@ -99,8 +105,10 @@ class ProxyService(Service):
 
         path = self._runtime_dir.create()
         try:
+            limit = {} if self.watch_queue_limit is None else {
+                "watch_queue_limit": self.watch_queue_limit}
             self.local = LocalServices(self._reactor, self._registry,
-                                       self._runtime_dir.socket_path(), self.tokens)
+                                       self._runtime_dir.socket_path(), self.tokens, **limit)
             self.local.start()
             local = EndpointTarget(UNIXClientEndpoint(self._reactor, self.local.socket_path))
             self.router = Router(
@@ -111,12 +119,8 @@ class ProxyService(Service):
             factory = self.router.factory
             if self.tls is not None:
                 factory = TLSMemoryBIOFactory(self.tls.options(), False, factory)
-            try:
-                endpoint = server_endpoint(self._reactor, self.listen_address)
-            except ValueError as error:
-                raise OSError(f"proxy endpoint cannot listen on {self.listen_address!r}: "
-                              f"{error}") from None
-            self.listening_port = listen_now(endpoint, factory)
+            self.listening_port = listen(self._reactor, self.listen_address, factory,
+                                         "proxy-listener")
             if self._cluster_listener is not None:
                 self._listen_for_nodes()
         except BaseException:
@@ -145,8 +149,8 @@ class ProxyService(Service):
         factory = self.cluster_router.factory
         if self._cluster_tls is not None:
             factory = TLSMemoryBIOFactory(self._cluster_tls, False, factory)
-        self.cluster_port = listen_now(
-            server_endpoint(self._reactor, self._cluster_listener), factory)
+        self.cluster_port = listen(self._reactor, self._cluster_listener, factory,
+                                   "cluster-listener")
         self._log.info("cluster listener on {address}",
                        address=describe_address(self.cluster_port.getHost()))
 

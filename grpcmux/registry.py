@@ -6,7 +6,7 @@ immutable mapping that is replaced, never changed, so one attribute read gives t
 consistent view without locks.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Tuple
 
@@ -14,6 +14,14 @@ from twisted.logger import Logger
 
 CONNECTED = "connected"
 DISCONNECTED = "disconnected"
+# Told only to observers subscribed with ``updates=True``: an entry changed in place.
+UPDATED = "updated"
+
+# A client's report on its own gRPC server (``ClientInfo.health``).
+UNKNOWN = "unknown"
+SERVING = "serving"
+NOT_SERVING = "not_serving"
+HEALTH_VALUES = (UNKNOWN, SERVING, NOT_SERVING)
 
 
 @dataclass(frozen=True)
@@ -27,16 +35,22 @@ class ClientInfo:
     # "legacy" (grpc-multiplexer handshake) or "native" (grpcmux handshake).
     wire_protocol: str
     labels: Tuple[Tuple[str, str], ...] = ()
+    # The client's gRPC server as it last reported it; legacy clients stay UNKNOWN.
+    health: str = UNKNOWN
     # Cluster mode: the node holding the client's session (None: no cluster).
     node: Optional[str] = None
+
+    def __post_init__(self):
+        if self.health not in HEALTH_VALUES:
+            raise ValueError(f"health must be one of {HEALTH_VALUES}, not {self.health!r}")
 
 
 @dataclass(frozen=True)
 class RegistryEvent:
     """One change of the registry, as told to observers."""
 
-    kind: str  # CONNECTED or DISCONNECTED
-    info: ClientInfo
+    kind: str  # CONNECTED, DISCONNECTED or (to observers of updates) UPDATED
+    info: ClientInfo  # for UPDATED, the entry as it is now
     # DISCONNECTED only: the client is leaving on its own (it sent GoAway), so calls
     # in flight may finish; otherwise it is gone and they cannot.
     graceful: bool = False
@@ -69,18 +83,38 @@ class ClientRegistry:
             self._publish(RegistryEvent(DISCONNECTED, info, graceful))
         return info
 
+    def update(self, client_id: str, **fields) -> Optional[ClientInfo]:
+        """Change fields of a connected client's entry (``health=SERVING``).
+
+        Returns the entry as it is now, or None if the client is not connected.
+        A real change publishes UPDATED to the observers of updates; the same
+        values again publish nothing.
+        """
+        info = self._clients.get(client_id)
+        if info is None:
+            return None
+        updated = replace(info, **fields)
+        if updated != info:
+            self._clients[client_id] = updated
+            self._publish(RegistryEvent(UPDATED, updated))
+        return updated
+
     def get(self, client_id: str) -> Optional[ClientInfo]:
         return self._clients.get(client_id)
 
-    def subscribe(self, observer: Callable[[RegistryEvent], None]) -> Callable[[], None]:
+    def subscribe(
+        self, observer: Callable[[RegistryEvent], None], updates: bool = False
+    ) -> Callable[[], None]:
         """Call ``observer(event)`` after every change; returns the unsubscribe callable.
 
-        The snapshot already reflects the change when an observer runs, so
-        "snapshot + later events" is a consistent view for anyone subscribing on
-        the reactor thread.
+        Observers see CONNECTED and DISCONNECTED; with ``updates`` also UPDATED
+        (an entry changed in place), which observers written for two kinds
+        never get. The snapshot already reflects the change when an observer
+        runs, so "snapshot + later events" is a consistent view for anyone
+        subscribing on the reactor thread.
         """
         token = object()  # the same observer may subscribe twice
-        self._observers[token] = observer
+        self._observers[token] = (observer, updates)
 
         def unsubscribe():
             self._observers.pop(token, None)
@@ -89,7 +123,9 @@ class ClientRegistry:
 
     def _publish(self, event: RegistryEvent) -> None:
         self.snapshot = MappingProxyType(dict(self._clients))
-        for observer in list(self._observers.values()):
+        for observer, updates in list(self._observers.values()):
+            if event.kind == UPDATED and not updates:
+                continue
             try:
                 observer(event)
             except Exception:

@@ -10,6 +10,8 @@ import shutil
 import stat
 import tempfile
 
+from grpcmux.listening import StartupError
+
 LOCAL_SOCKET = "local.sock"
 
 
@@ -30,11 +32,12 @@ class RuntimeDir:
         except FileExistsError:
             pass  # not a directory: refused below
         except OSError as error:
-            raise OSError(f"cannot create runtime directory {path}: {error.strerror}") from None
+            raise StartupError(f"--runtime-dir {path}: cannot be created: "
+                               f"{error.strerror.lower()}") from None
         info = os.lstat(path)
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            raise OSError(
-                f"runtime directory {path} must be a directory (not a link) owned by "
+            raise StartupError(
+                f"--runtime-dir {path}: must be a directory (not a link) owned by "
                 f"the user running grpcmux (uid {os.getuid()})"
             )
         os.chmod(path, 0o700)

@@ -13,17 +13,22 @@ import time
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import DeferredList, fail, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from grpcmux import __version__, tls
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
-from grpcmux.addresses import describe_address, listen_now, server_endpoint
+from grpcmux.addresses import describe_address
 from grpcmux.admission import Admission
+from grpcmux.backend_health import ReportedHealth, record_health
 from grpcmux.handshake import WIRE_NATIVE, HandshakeRejected, ServerHandshake
 from grpcmux.http2.targets import TunnelTarget
 from grpcmux.ids import client_id_problem
+from grpcmux.listening import listen
+from grpcmux.preface import PrefaceGuard, judge_multiplexer_client
 from grpcmux.metrics import (
     ACCEPTED,
     FAILED,
@@ -36,9 +41,14 @@ from grpcmux.metrics import (
 from grpcmux.registry import ClientInfo, ClientRegistry
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.frame import GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR
+from grpcmux.tuning import tune_transport
 from grpcmux.yamux.session import YamuxSession
 
 Reject = tunnel_pb2.Reject
+# Seconds between checks whether a client that sent GoAway has calls left.
+DRAIN_CHECK_INTERVAL = 0.5
+# Seconds between two log lines saying that the handshake limit holds connections back.
+HANDSHAKE_LIMIT_LOG_INTERVAL = 60.0
 
 
 class _FirstStreamOnly(Factory):
@@ -85,9 +95,14 @@ class _ClientConnection:
         self.inner_session = None
         self.admitted = False
         self.cluster_claimed = False  # claimed in the cluster registry, not yet admitted
+        self.handshaking = True  # counted against max_handshakes
         self._departed = False
+        self._draining = None  # LoopingCall once the client sent GoAway
+        self.health_reports = ReportedHealth(
+            server.clock, lambda health, detail: server.health_reported(self, health, detail))
         self.handshake = ServerHandshake(
-            self._hello_received, self._handshake_failed, self._make_inner_session
+            self._hello_received, self._handshake_failed, self._make_inner_session,
+            on_message=self.health_reports.received,
         )
         session.stream_factory = _FirstStreamOnly(self)
         self._timeout = server.clock.callLater(
@@ -109,6 +124,15 @@ class _ClientConnection:
         """Streams open on this client's session(s), the legacy inner one included."""
         inner = self.inner_session
         return len(self.session.streams) + (len(inner.streams) if inner is not None else 0)
+
+    def calls_in_flight(self):
+        """Open streams other than the handshake's: what the client still carries."""
+        control = self.handshake.transport
+        return sum(
+            stream is not control
+            for session in (self.session, self.inner_session) if session is not None
+            for stream in session.streams.values()
+        )
 
     def _hello_received(self, handshake, hello):
         self.hello = hello
@@ -138,8 +162,9 @@ class _ClientConnection:
     def _leaving(self, _):
         """The client sent GoAway (it is stopping): route nothing new to it.
 
-        Its calls in flight go on; the proxy closes its connections to it once they
-        are done, which lets the client finish draining and close the session.
+        Its calls in flight go on for up to the shutdown grace; the session is
+        closed once they are done (or then), whatever the client does, and counts
+        against the client limit until it is.
         """
         self._log.info(
             "client {client_id} is leaving; its calls in flight may finish",
@@ -147,6 +172,31 @@ class _ClientConnection:
             remote_address=self.remote_address,
         )
         self._server.retire(self)
+        clock = self._server.clock
+        self._draining = LoopingCall(self._close_when_drained,
+                                     clock.seconds() + self._server.shutdown_grace)
+        self._draining.clock = clock
+        self._draining.start(min(DRAIN_CHECK_INTERVAL, self._server.shutdown_grace))
+
+    def _close_when_drained(self, deadline):
+        calls = self.calls_in_flight()
+        if calls == 0:
+            self._log.info(
+                "client {client_id} has no calls left; closing its session",
+                client_id=self.client_id,
+                remote_address=self.remote_address,
+            )
+            self.session.close()
+        elif self._server.clock.seconds() >= deadline:
+            self._log.warn(
+                "client {client_id} from {remote_address} still carries {calls} calls "
+                "{seconds:g} s after its GoAway; closing its session",
+                client_id=self.client_id,
+                remote_address=self.remote_address,
+                calls=calls,
+                seconds=self._server.shutdown_grace,
+            )
+            self.session.abort()
 
     def _refused(self, failure):
         failure.trap(HandshakeRejected)
@@ -196,6 +246,14 @@ class _ClientConnection:
 
     def _session_closed(self, reason):
         self._cancel_timeout()
+        if self._draining is not None and self._draining.running:
+            self._draining.stop()
+        transport = self.session.transport
+        if transport is not None and transport.connected:
+            # A polite close waits until the peer has read what is buffered; one
+            # that never reads would keep the connection (and its descriptor).
+            self._server.linger(self, self.session.config.connection_write_timeout)
+        self.health_reports.stop()
         problem = tls.failure_reason(reason) if self.hello is None else None
         if problem is not None:
             self._log.warn(
@@ -217,22 +275,77 @@ class _ClientConnection:
                 "client {client_id} disconnected ({reason})",
                 client_id=self.client_id,
                 remote_address=self.remote_address,
-                reason=reason or "closed",
+                reason=_reason_text(reason),
             )
 
 
+def _reason_text(reason):
+    """Why a session ended, as a log line's parenthesis: "connection was closed
+    cleanly", not Twisted's "Connection was closed cleanly."."""
+    text = str(getattr(reason, "value", reason) or "closed").strip().rstrip(".")
+    return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
+
+
+class _HandshakeGate(Factory):
+    """Refuses connections while ``max_handshakes`` are in progress.
+
+    The server stops accepting when its handshakes are full, but one accept batch
+    may hold more connections; those are closed at once.
+    """
+
+    noisy = False
+
+    def __init__(self, server, factory):
+        self._server = server
+        self._factory = factory
+
+    def buildProtocol(self, addr):
+        if self._server.handshakes_full:
+            return None
+        return self._factory.buildProtocol(addr)
+
+
 class _SessionFactory(Factory):
+    """A yamux session per connection, behind a check of the first bytes (a gRPC
+    caller or a TLS mismatch is told which endpoint or setting to use)."""
+
     noisy = False
 
     def __init__(self, server):
         self._server = server
+        tls_port = server.tls_options is not None
+        self._judge = lambda data: judge_multiplexer_client(data, tls_port, inside_tls=tls_port)
 
     def buildProtocol(self, addr):
         session = YamuxSession(
-            is_client=False, config=self._server.yamux_config, clock=self._server.clock
+            is_client=False, config=self._server.yamux_config, clock=self._server.clock,
+            tune_transport=tune_transport,
         )
         self._server.connection_accepted(session, addr)
-        return session
+        return PrefaceGuard(session, self._judge, describe_address)
+
+
+class _PlaintextCheck(Factory):
+    """In front of a TLS endpoint's factory: a client without --tls is told so."""
+
+    noisy = False
+
+    def __init__(self, tls_factory):
+        self._tls_factory = tls_factory
+
+    def doStart(self):
+        self._tls_factory.doStart()
+
+    def doStop(self):
+        self._tls_factory.doStop()
+
+    def buildProtocol(self, addr):
+        protocol = self._tls_factory.buildProtocol(addr)
+        if protocol is None:
+            return None
+        return PrefaceGuard(
+            protocol, lambda data: judge_multiplexer_client(data, tls_port=True),
+            describe_address)
 
 
 class MultiplexerServer(Service):
@@ -252,6 +365,8 @@ class MultiplexerServer(Service):
         max_clients=10000,
         tls_options=None,
         admission=None,
+        shutdown_grace=10.0,
+        max_handshakes=1000,
         claims=None,
     ):
         self.reactor = reactor
@@ -266,9 +381,17 @@ class MultiplexerServer(Service):
         self.duplicate_ping_timeout = duplicate_ping_timeout
         self.yamux_config = yamux_config or YamuxConfig()
         self.max_clients = max_clients
+        self.shutdown_grace = shutdown_grace  # for the calls of a client that sent GoAway
+        self.max_handshakes = max_handshakes
         self.port = None
+        self._handshakes = 0  # connections neither admitted nor closed yet
+        self._accept_paused = False
+        self._limit_logged_at = None
         self._connections = set()
-        self._by_id = {}
+        self._admitted = set()  # counted against max_clients until their session closes
+        self._by_id = {}  # the listed ones
+        self._lingering = {}  # closed connections whose transport is closing -> abort call
+        self._stopping = False
         self._claims = {}
         self.metrics = metrics or ServerMetrics()
         self.metrics.track(self)
@@ -276,12 +399,14 @@ class MultiplexerServer(Service):
     # service lifecycle
 
     def startService(self):
-        super().startService()
-        endpoint = server_endpoint(self.reactor, self._listener)
         factory = _SessionFactory(self)
         if self.tls_options is not None:
             factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
-        self.port = listen_now(endpoint, factory)
+            factory.noisy = False
+            factory = _PlaintextCheck(factory)
+        self.port = listen(self.reactor, self._listener, _HandshakeGate(self, factory),
+                           "multiplexer-listener")
+        super().startService()
         self._log.info(
             "multiplexer endpoint listening on {address} ({transport}; {security})",
             address=describe_address(self.port.getHost()),
@@ -313,6 +438,9 @@ class MultiplexerServer(Service):
 
     def stopService(self):
         super().stopService()
+        self._stopping = True  # what does not close now is left to the process's exit
+        for connection in list(self._lingering):
+            self._linger_over(connection)
         stopping = [self.stop_accepting()]
         for connection in list(self._connections):
             connection.session.close(GO_AWAY_NORMAL)
@@ -325,6 +453,38 @@ class MultiplexerServer(Service):
     def connection_accepted(self, session, addr):
         connection = _ClientConnection(self, session, describe_address(addr))
         self._connections.add(connection)
+        self._handshakes += 1
+        if self.handshakes_full:
+            self._pause_accepting()
+
+    @property
+    def handshakes_full(self):
+        return self._handshakes >= self.max_handshakes
+
+    def _pause_accepting(self):
+        """Leave new connections in the listen backlog until a handshake finishes."""
+        if self._accept_paused or not IPushProducer.providedBy(self.port):
+            return
+        self._accept_paused = True
+        self.port.pauseProducing()
+        now = self.clock.seconds()
+        if self._limit_logged_at is None or now - self._limit_logged_at >= HANDSHAKE_LIMIT_LOG_INTERVAL:
+            self._limit_logged_at = now
+            self._log.warn(
+                "{count} handshakes in progress, the most allowed (--max-handshakes); "
+                "new connections wait until one finishes",
+                count=self._handshakes,
+            )
+
+    def _handshake_over(self, connection):
+        if not connection.handshaking:
+            return
+        connection.handshaking = False
+        self._handshakes -= 1
+        if self._accept_paused and not self.handshakes_full:
+            self._accept_paused = False
+            if self.port is not None:
+                self.port.resumeProducing()
 
     def admit(self, connection):
         """Decide on a client's hello; fails with ``HandshakeRejected`` to refuse.
@@ -344,7 +504,7 @@ class MultiplexerServer(Service):
         if client_id in self._claims:
             return fail(self._already_connected(client_id))
         existing = self._by_id.get(client_id)
-        if existing is None and len(self._by_id) + len(self._claims) >= self.max_clients:
+        if existing is None and len(self._admitted) + len(self._claims) >= self.max_clients:
             return fail(HandshakeRejected(
                 Reject.CODE_RESOURCE_EXHAUSTED,
                 f"the server has its maximum of {self.max_clients} clients connected; "
@@ -402,6 +562,26 @@ class MultiplexerServer(Service):
             "or stop the other client",
         )
 
+    def linger(self, connection, seconds):
+        """Abort the transport of a closed connection unless it is gone in ``seconds``."""
+        if not self._stopping:
+            self._lingering[connection] = self.clock.callLater(
+                seconds, self._linger_over, connection)
+
+    def _linger_over(self, connection):
+        call = self._lingering.pop(connection)
+        if call.active():
+            call.cancel()
+        transport = connection.session.transport
+        if transport.connected:
+            self._log.warn(
+                "connection from {remote_address} still open {seconds:g} s after its "
+                "session closed (the peer reads nothing); aborting it",
+                remote_address=connection.remote_address,
+                seconds=connection.session.config.connection_write_timeout,
+            )
+            transport.abortConnection()
+
     def tunnel_for(self, client_id):
         """The upstream target of the admitted client ``client_id``, or None."""
         connection = self._by_id.get(client_id)
@@ -411,6 +591,8 @@ class MultiplexerServer(Service):
         client_id = connection.client_id
         self._release_claim(connection)
         self._by_id[client_id] = connection
+        self._admitted.add(connection)
+        self._handshake_over(connection)
         hello = connection.hello
         self.registry.add(
             ClientInfo(
@@ -428,6 +610,11 @@ class MultiplexerServer(Service):
             wire_protocol=hello.wire_protocol,
         )
 
+    def health_reported(self, connection, health, detail):
+        """A client's report on its gRPC server; only its current registration counts."""
+        if self._by_id.get(connection.client_id) is connection:
+            record_health(self.registry, connection.client_id, health, detail)
+
     def retire(self, connection):
         """Unlist a leaving client (gracefully); a newcomer may take its id."""
         if self._by_id.get(connection.client_id) is connection:
@@ -436,6 +623,8 @@ class MultiplexerServer(Service):
 
     def forget(self, connection):
         self._connections.discard(connection)
+        self._admitted.discard(connection)
+        self._handshake_over(connection)
         if connection.client_id is None:
             return
         self._release_claim(connection)
@@ -472,13 +661,32 @@ class ServerService(MultiService):
         self.multiplexer = multiplexer
         self.proxy = proxy
         self.metrics_service = metrics_service
+        # Started in this order: metrics needs nothing, and the proxy, which makes a
+        # runtime directory, comes last, so a listener that cannot be had stops
+        # start-up before anything is left behind.
+        if metrics_service is not None:
+            metrics_service.setName("metrics")
+            metrics_service.setServiceParent(self)
         multiplexer.setName("multiplexer")
         multiplexer.setServiceParent(self)
         proxy.setName("proxy")
         proxy.setServiceParent(self)
-        if metrics_service is not None:
-            metrics_service.setName("metrics")
-            metrics_service.setServiceParent(self)
+
+    def startService(self):
+        try:
+            super().startService()
+        except BaseException:
+            self._abandon_start()
+            raise
+
+    def _abandon_start(self):
+        """A listener could not be had: stop what did start (nothing waits for it)."""
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            if service.running:
+                stopped = service.stopService()
+                if stopped is not None:
+                    stopped.addErrback(lambda _: None)  # twistd exits meanwhile
 
     def stopService(self):
         Service.stopService(self)
@@ -551,6 +759,8 @@ def make_service(settings, reactor):
         ),
         metrics=metrics,
         max_clients=settings.max_clients,
+        max_handshakes=settings.max_handshakes,
+        shutdown_grace=settings.shutdown_grace,
         claims=cluster,
         **security_options(settings),
     )
@@ -575,6 +785,7 @@ def make_service(settings, reactor):
         observer=metrics.call_finished,
         max_concurrent_calls=settings.max_proxy_calls,
         max_calls_per_client=settings.max_calls_per_client,
+        watch_queue_limit=settings.watch_queue_limit,
         tls=proxy_security.tls,
         tokens=proxy_security.tokens,
         runtime_dir=settings.runtime_dir,

@@ -163,6 +163,10 @@ def peer_names(transport):
     return tuple(str(name.value) for name in names)
 
 
+# OpenSSL's words for a peer that answered a ClientHello with something not TLS.
+_NOT_TLS = ("wrong version number", "packet length too long", "record layer failure")
+
+
 def failure_reason(reason):
     """One line saying why TLS failed, or ``None`` when ``reason`` is no TLS error.
 
@@ -176,7 +180,10 @@ def failure_reason(reason):
         details = error.args[0] if error.args else None
         if isinstance(details, list) and details:
             reasons = [str(entry[-1]) for entry in details if entry]
-            return "TLS handshake failed: " + "; ".join(reasons)
+            hint = ""
+            if any(reason in _NOT_TLS for reason in reasons):
+                hint = " (the server does not speak TLS there: drop --tls, or check the address)"
+            return "TLS handshake failed: " + "; ".join(reasons) + hint
         return f"TLS handshake failed: {error}"
     return None
 

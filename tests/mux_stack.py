@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
+from grpcmux.client import Tunnel, TunnelClientService
 from grpcmux.registry import ClientRegistry
 from grpcmux.proxy import ProxyService
 from grpcmux.server import MultiplexerServer
@@ -62,7 +62,7 @@ class Stack:
 
     def client(self, client_id, wire_protocol="native", backend_address=None, labels=(),
                token=None, tls_creator=None):
-        """Start a client; ``.tunnel.when_admitted()`` tells when it is in.
+        """Start a client; ``.when_connected()`` tells when it is in.
 
         ``token`` and ``tls_creator`` (``grpcmux.tls.client_creator``) are the
         client's credentials; the server's are ``Stack(tls_options=, admission=)``.
@@ -74,7 +74,7 @@ class Stack:
             self.multiplexer_address,
             wire_protocol=wire_protocol,
             labels=labels,
-            retry_policy=_RetryPolicy(backoffPolicy(initialDelay=0.05, maxDelay=0.5)),
+            retry_policy=RecordingPolicy(),
             token=token,
         )
         service = TunnelClientService(self.reactor, tunnel, tls_creator=tls_creator)
@@ -83,7 +83,7 @@ class Stack:
         return service
 
     def admitted(self, service):
-        return service.tunnel.when_admitted().addTimeout(TIMEOUT, self.reactor)
+        return service.when_connected().addTimeout(TIMEOUT, self.reactor)
 
     def registered(self, client_id):
         """A Deferred firing once the server lists ``client_id`` in its registry."""
@@ -152,11 +152,31 @@ class Stack:
         await deferLater(self.reactor, 0, lambda: None)
 
 
-def first_report(service):
+class RecordingPolicy:
+    """A quick backoff that remembers the failed-attempt counts it was asked about."""
+
+    def __init__(self):
+        self.attempts = []
+        self._policy = backoffPolicy(initialDelay=0.05, maxDelay=0.5)
+
+    def __call__(self, attempt):
+        self.attempts.append(attempt)
+        return self._policy(attempt)
+
+
+def first_report(service, reactor=None):
     """A Deferred firing with the first problem a client service reports."""
+    from twisted.internet import reactor as default
+
     reported = Deferred()
-    service.tunnel._report = lambda problem: reported.called or reported.callback(problem)
-    return reported.addTimeout(TIMEOUT, service.tunnel._reactor)
+
+    def observe(problem):
+        if not reported.called:
+            remove()
+            reported.callback(problem)
+
+    remove = service.tunnel.add_problem_observer(observe)
+    return reported.addTimeout(TIMEOUT, reactor or default)
 
 
 def run_cli(reactor, *argv):

@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent, globalLogPublisher
 
 from grpcmux.admission import Admission
-from grpcmux.config import ClientSettings, ConfigError, load_client_settings
+from grpcmux.config import ClientSettings, ConfigError, ServerSettings, load_client_settings
 from grpcmux.handshake import WIRE_LEGACY, WIRE_NATIVE, ClientHello
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.tokens import ClientTokens, hash_token
@@ -134,6 +134,14 @@ def test_token_and_token_file_together_is_an_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         ClientSettings(token_file=str(tmp_path / "absent"))
     assert "cannot be read" in str(info.value)
+
+
+def test_a_missing_auth_tokens_file_names_the_option(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError) as info:
+        ServerSettings(auth_tokens=str(missing))
+    assert str(info.value) == (
+        f"--auth-tokens {missing}: cannot be read: No such file or directory")
 
 
 # -- over loopback ----------------------------------------------------------------

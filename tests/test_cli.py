@@ -37,7 +37,7 @@ _CHILD = (
 )
 
 LAB = ClientInfo("lab", 1700000000.5, "192.0.2.7:4567", "native",
-                 (("zone", "a"), ("rack", "r1")))
+                 (("zone", "a"), ("rack", "r1")), health="serving")
 OLD = ClientInfo("old", 1700000100.0, "[2001:db8::1]:50000", "legacy")
 LAB_JSON = {
     "client_id": "lab",
@@ -45,6 +45,7 @@ LAB_JSON = {
     "remote_address": "192.0.2.7:4567",
     "connected_since": "2023-11-14T22:13:20.500Z",
     "labels": {"zone": "a", "rack": "r1"},
+    "health": "serving",
 }
 OLD_JSON = {
     "client_id": "old",
@@ -52,11 +53,12 @@ OLD_JSON = {
     "remote_address": "[2001:db8::1]:50000",
     "connected_since": "2023-11-14T22:15:00Z",
     "labels": {},
+    "health": "unknown",
 }
 TABLE = (
-    "CLIENT ID  PROTOCOL  REMOTE ADDRESS       CONNECTED SINCE       LABELS\n"
-    "lab        native    192.0.2.7:4567       2023-11-14T22:13:20Z  rack=r1,zone=a\n"
-    "old        legacy    [2001:db8::1]:50000  2023-11-14T22:15:00Z  -\n"
+    "CLIENT ID  PROTOCOL  HEALTH   REMOTE ADDRESS       CONNECTED SINCE       LABELS\n"
+    "lab        native    serving  192.0.2.7:4567       2023-11-14T22:13:20Z  rack=r1,zone=a\n"
+    "old        legacy    unknown  [2001:db8::1]:50000  2023-11-14T22:15:00Z  -\n"
 )
 
 
@@ -122,7 +124,7 @@ async def test_list_json_is_an_array_of_objects(reactor, mux):
 @pytest_twisted.ensureDeferred
 async def test_list_with_nobody_connected(reactor, mux):
     status, out, err = await run_cli(reactor, "list", "--proxy-address", mux.address)
-    header = "CLIENT ID  PROTOCOL  REMOTE ADDRESS  CONNECTED SINCE  LABELS\n"
+    header = "CLIENT ID  PROTOCOL  HEALTH  REMOTE ADDRESS  CONNECTED SINCE  LABELS\n"
     assert (status, out, err) == (0, header, "no clients connected\n")
     status, out, err = await run_cli(reactor, "list", "--json", "--proxy-address", mux.address)
     assert (status, json.loads(out), err) == (0, [], "")
@@ -148,9 +150,9 @@ async def test_list_through_the_whole_stack(reactor, stack):
     status, out, err = await run_cli(reactor, "list", "--proxy-address", proxy)
     rows = [line.split() for line in out.splitlines()[1:]]
     assert (status, err) == (0, "")
-    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
-        ("lab", "native", snapshot["lab"].remote_address, "zone=a"),
-        ("old", "legacy", snapshot["old"].remote_address, "-"),
+    assert [(r[0], r[1], r[2], r[3], r[5]) for r in rows] == [
+        ("lab", "native", "unknown", snapshot["lab"].remote_address, "zone=a"),
+        ("old", "legacy", "unknown", snapshot["old"].remote_address, "-"),
     ]
 
 
@@ -167,13 +169,13 @@ def test_servers_of_a_go_server_listing_ids_only():
     servers = listing.servers_of(response)
     assert [s.as_json() for s in servers] == [
         {"client_id": i, "wire_protocol": "", "remote_address": "", "connected_since": None,
-         "labels": {}}
+         "labels": {}, "health": "unknown"}
         for i in ("a", "b")
     ]
     out = io.StringIO()
     listing.write_table(out, servers)
     rows = [line.split() for line in out.getvalue().splitlines()[1:]]
-    assert rows == [["a", "-", "-", "-", "-"], ["b", "-", "-", "-", "-"]]
+    assert rows == [["a", "-", "unknown", "-", "-", "-"], ["b", "-", "unknown", "-", "-", "-"]]
 
 
 class GoDiscovery(discovery_pb2_grpc.DiscoveryServiceServicer):
@@ -202,9 +204,10 @@ def test_list_and_watch_a_go_server(go_server):
     status, out, err = run_now("list", "--proxy-address", go_server)
     assert (status, err) == (0, "")
     assert [line.split() for line in out.splitlines()[1:]] == [
-        ["a", "-", "-", "-", "-"], ["b", "-", "-", "-", "-"]]
+        ["a", "-", "unknown", "-", "-", "-"], ["b", "-", "unknown", "-", "-", "-"]]
     status, out, err = run_now("watch", "--json", "--proxy-address", go_server)
-    empty = {"wire_protocol": "", "remote_address": "", "connected_since": None, "labels": {}}
+    empty = {"wire_protocol": "", "remote_address": "", "connected_since": None, "labels": {},
+             "health": "unknown"}
     assert [json.loads(line) for line in out.splitlines()] == [
         {"event": "connected", "client_id": "a", **empty},
         {"event": "disconnected", "client_id": "a", **empty},
@@ -245,6 +248,54 @@ def test_usage_errors_exit_2_with_one_line(argv, start):
     status, out, err = run_now(*argv)
     assert (status, out) == (2, "")
     assert_one_line(err, start)
+
+
+@pytest.mark.parametrize("argv, line", [
+    (("list", "--proxy", "h:1"), "grpcmux list: unrecognized arguments: --proxy h:1; did you "
+                                 "mean --proxy-address? (see 'grpcmux list --help')"),
+    (("watch", "--no-rep"), "grpcmux watch: unrecognized arguments: --no-rep; did you mean "
+                            "--no-replay? (see 'grpcmux watch --help')"),
+    (("demo", "--keep"), "grpcmux demo: unrecognized arguments: --keep; did you mean "
+                         "--keep-running? (see 'grpcmux demo --help')"),
+])
+def test_option_names_are_never_abbreviated(argv, line):
+    assert run_now(*argv) == (2, "", line + "\n")
+
+
+def test_a_bad_proxy_address_variable_is_named():
+    err = io.StringIO()
+    status = cli.run(["list"], io.StringIO(), err, environ={"GRPCMUX_PROXY_ADDRESS": "nohost"})
+    assert status == 2
+    assert_one_line(err.getvalue(), "grpcmux list: environment variable GRPCMUX_PROXY_ADDRESS: "
+                                    "expected HOST:PORT")
+
+
+def run_with_environ(reactor, environ, *argv):
+    from twisted.internet.threads import deferToThread
+
+    def run():
+        out, err = io.StringIO(), io.StringIO()
+        return cli.run(list(argv), out, err, environ=environ), out.getvalue(), err.getvalue()
+
+    return deferToThread(run).addTimeout(TIMEOUT, reactor)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("command", ["list", "watch"])
+async def test_list_and_watch_read_the_proxy_address_variable(reactor, command):
+    address = f"127.0.0.1:{closed_port()}"
+    environ = {"GRPCMUX_PROXY_ADDRESS": address, "GRPCMUX_PROXY_ADRESS": "typo"}
+    status, out, err = await run_with_environ(reactor, environ, command)
+    assert (status, out) == (1, "")
+    warning, failure = err.splitlines()
+    assert warning == ("grpcmux: warning: environment variable GRPCMUX_PROXY_ADRESS is not a "
+                       "grpcmux setting and is ignored; did you mean GRPCMUX_PROXY_ADDRESS?")
+    assert failure.startswith(f"grpcmux {command}: cannot reach the grpcmux proxy at {address}")
+    # the option still wins over the variable
+    other = f"127.0.0.1:{closed_port()}"
+    status, out, err = await run_with_environ(
+        reactor, {"GRPCMUX_PROXY_ADDRESS": address}, command, "--proxy-address", other)
+    assert_one_line(err, f"grpcmux {command}: cannot reach the grpcmux proxy at {other}")
 
 
 def test_help_and_version_exit_0(capsys):
@@ -356,9 +407,9 @@ def subscription_spy(registry):
     subscribed = Deferred()
     subscribe = registry.subscribe
 
-    def spy(observer):
+    def spy(observer, **kwargs):
         del registry.subscribe  # back to the method
-        unsubscribe = subscribe(observer)
+        unsubscribe = subscribe(observer, **kwargs)
         subscribed.callback(None)
         return unsubscribe
 
@@ -380,21 +431,33 @@ async def test_watch_json_replays_then_follows_until_ctrl_c(reactor, mux, watche
 
 
 @pytest_twisted.ensureDeferred
+async def test_watch_shows_health_changes(reactor, mux, watches):
+    mux.registry.add(LAB)
+    watch = watches("--json", "--proxy-address", mux.address)
+    assert json.loads(await watch.next_line()) == {"event": "connected", **LAB_JSON}
+    mux.registry.update("lab", health="not_serving")
+    assert json.loads(await watch.next_line()) == {
+        "event": "updated", **LAB_JSON, "health": "not_serving"}
+    assert await watch.interrupt() == (0, "")
+
+
+@pytest_twisted.ensureDeferred
 async def test_watch_table_without_replay(reactor, mux, watches):
     mux.registry.add(OLD)
     subscribed = subscription_spy(mux.registry)
     watch = watches("--no-replay", "--proxy-address", mux.address)
     header = await watch.next_line()
-    assert header.split() == ["EVENT", "CLIENT", "ID", "PROTOCOL", "REMOTE", "ADDRESS",
-                              "CONNECTED", "SINCE", "LABELS"]
+    assert header.split() == ["EVENT", "CLIENT", "ID", "PROTOCOL", "HEALTH", "REMOTE",
+                              "ADDRESS", "CONNECTED", "SINCE", "LABELS"]
     await subscribed.addTimeout(TIMEOUT, reactor)
     mux.registry.add(LAB)
     mux.registry.remove("old")
     assert await watch.next_line() == (
-        "CONNECTED     lab               native    192.0.2.7:4567         "
+        "CONNECTED     lab               native    serving      192.0.2.7:4567         "
         "2023-11-14T22:13:20Z  rack=r1,zone=a\n")
     assert (await watch.next_line()).split() == [
-        "DISCONNECTED", "old", "legacy", "[2001:db8::1]:50000", "2023-11-14T22:15:00Z", "-"]
+        "DISCONNECTED", "old", "legacy", "unknown", "[2001:db8::1]:50000",
+        "2023-11-14T22:15:00Z", "-"]
     assert await watch.interrupt() == (0, "")
 
 

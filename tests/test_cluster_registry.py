@@ -11,7 +11,7 @@ from fake_etcd import FakeEtcd
 from grpcmux.cluster.etcd import StoreUnavailable
 from grpcmux.cluster.registry import ClusterRegistry
 from grpcmux.handshake import HandshakeRejected
-from grpcmux.registry import CONNECTED, DISCONNECTED, ClientInfo
+from grpcmux.registry import CONNECTED, DISCONNECTED, SERVING, UPDATED, ClientInfo
 
 TTL = 3
 
@@ -93,7 +93,7 @@ def test_registers_node_and_clients(clock, etcd):
     assert a.connect("one") == "one"
     value = json.loads(etcd.data["/grpcmux/clients/one"].value)
     assert value == {"node": "a", "connected_at": 1.5, "remote_address": "127.0.0.1:1",
-                     "wire_protocol": "native", "labels": [["k", "v"]]}
+                     "wire_protocol": "native", "labels": [["k", "v"]], "health": "unknown"}
     assert etcd.data["/grpcmux/clients/one"].lease == a.registry._lease
     assert a.registry.get("one").node == "a"
     assert a.registry.node_address("a") == "a.example:7612"
@@ -269,4 +269,17 @@ def test_released_claim_deletes_the_pending_key(clock, etcd):
     a.registry.release("one")
     assert "/grpcmux/clients/one" not in etcd.data
     assert a.events == [] and b.events == []
+    stop(a, b)
+
+
+def test_updates_in_place_reach_every_node_as_updated(clock, etcd):
+    a, b = Node(clock, etcd, "a"), Node(clock, etcd, "b")
+    a.connect("one")
+    updates = []
+    b.registry.subscribe(lambda e: updates.append((e.kind, e.info.health)), updates=True)
+    assert a.registry.update("one", health=SERVING).health == SERVING
+    assert a.registry.update("nobody", health=SERVING) is None
+    assert b.registry.get("one").health == SERVING
+    assert updates == [(UPDATED, SERVING)]
+    assert b.events == [(CONNECTED, "one", "a")]  # observers of two kinds see none
     stop(a, b)

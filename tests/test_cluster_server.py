@@ -2,17 +2,16 @@
 
 import pytest
 import pytest_twisted
-from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredList
 
 from etcd_cluster import EtcdCluster, free_port
-from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
+from grpcmux.client import Tunnel, TunnelClientService
 from grpcmux.cluster.node import ClusterNode
 from grpcmux.cluster.registry import ClusterRegistry
 from grpcmux.config import load_server_settings
 from grpcmux.registry import ClientRegistry
 from grpcmux.server import ServerService, make_service
-from mux_stack import first_report
+from mux_stack import RecordingPolicy, first_report
 
 TIMEOUT = 20.0
 
@@ -63,7 +62,7 @@ def until(reactor, registry, predicate):
 def client(reactor, node, client_id, backend="127.0.0.1:1"):
     port = node.server.multiplexer.port.getHost().port
     tunnel = Tunnel(reactor, client_id, backend, f"127.0.0.1:{port}",
-                    retry_policy=_RetryPolicy(backoffPolicy(initialDelay=0.05, maxDelay=0.5)))
+                    retry_policy=RecordingPolicy())
     service = TunnelClientService(reactor, tunnel)
     service.startService()
     return service
@@ -80,7 +79,7 @@ async def test_two_servers_share_their_clients_and_their_ids(reactor, tmp_path, 
         a.startService()
         b.startService()
         clients.append(client(reactor, a, "alpha"))
-        await clients[0].tunnel.when_admitted().addTimeout(TIMEOUT, reactor)
+        await clients[0].when_connected().addTimeout(TIMEOUT, reactor)
         await until(reactor, b.registry, lambda: "alpha" in b.registry.snapshot)
         assert b.registry.get("alpha").node == "a"
         assert b.registry.node_address("a") == a.registry.advertise
@@ -128,7 +127,7 @@ async def test_a_call_entering_another_node_reaches_the_client(reactor, tmp_path
         a.startService()
         b.startService()
         clients.append(client(reactor, a, "lab", backend=backend.tcp_address))
-        await clients[0].tunnel.when_admitted().addTimeout(TIMEOUT, reactor)
+        await clients[0].when_connected().addTimeout(TIMEOUT, reactor)
         await until(reactor, b.registry, lambda: "lab" in b.registry.snapshot)
         channel = grpc.insecure_channel(f"127.0.0.1:{b.server.proxy.port}", options=UNLIMITED)
         result = await in_thread(reactor, invoke, channel, "Unary", b"through b",

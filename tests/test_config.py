@@ -64,9 +64,11 @@ def test_server_defaults(dirs):
         "handshake_timeout": 10.0,
         "duplicate_ping_timeout": 2.0,
         "max_clients": 10000,
+        "max_handshakes": 1000,
         "max_streams_per_client": 1000,
         "max_proxy_calls": 10000,
         "max_calls_per_client": 1000,
+        "watch_queue_limit": 10000,
         "proxy_tls_cert": None,
         "proxy_tls_key": None,
         "proxy_tls_client_ca": None,
@@ -613,7 +615,8 @@ def test_client_id_rule(text):
 
 # -- limits ------------------------------------------------------------------------------
 
-LIMITS = ("max_clients", "max_streams_per_client", "max_proxy_calls", "max_calls_per_client")
+LIMITS = ("max_clients", "max_handshakes", "max_streams_per_client", "max_proxy_calls",
+          "max_calls_per_client", "watch_queue_limit")
 
 
 @pytest.mark.parametrize("attr", LIMITS)
@@ -734,3 +737,58 @@ def test_keepalive_and_window_settings_reach_both_sessions(reactor):
     config_ = client.tunnel.yamux_config
     assert (config_.keepalive_interval, config_.connection_write_timeout) == (2.0, 1.0)
     assert config_.max_stream_window_size == 1024 * 1024
+
+
+# -- several multiplexer addresses (issue 13) ---------------------------------------
+
+
+def test_multiplexer_addresses_from_flag_environment_and_file(dirs, tmp_path):
+    flagged = client(dirs, {"multiplexer_address": "a.example:1, 127.0.0.1:2,[::1]:3"})
+    assert flagged.multiplexer_address == "a.example:1,127.0.0.1:2,[::1]:3"
+    assert flagged.multiplexer_addresses == ("a.example:1", "127.0.0.1:2", "[::1]:3")
+    from_env = client(dirs, environ={"GRPCMUX_MULTIPLEXER_ADDRESS": "x.example:7602,y:7602"})
+    assert from_env.multiplexer_addresses == ("x.example:7602", "y:7602")
+    listed = write(tmp_path, "multiplexer-address:\n  - one.example:7602\n  - unix:/run/m\n")
+    assert client(dirs, {"config": str(listed)}).multiplexer_addresses == (
+        "one.example:7602", "unix:/run/m")
+    text = write(tmp_path, "multiplexer-address: 'p:1,q:2'\n")
+    assert client(dirs, {"config": str(text)}).multiplexer_addresses == ("p:1", "q:2")
+    assert client(dirs).multiplexer_addresses == ("localhost:7602",)
+
+
+@pytest.mark.parametrize("value, detail", [
+    ("a:1,,b:2", "none empty"),
+    ("a:1,", "none empty"),
+    ("a:1,a:1", "addresses that are all different"),
+    ("a:1,b", "for each address ('b' is not)"),
+])
+def test_bad_multiplexer_address_lists(dirs, value, detail):
+    message = error_of(client, dirs, {"multiplexer_address": value})
+    assert message.startswith("--multiplexer-address: expected ")
+    assert detail in message and message.endswith(f"got {value!r}")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("multiplexer-address: []\n", "key 'multiplexer-address': expected a list of addresses"),
+    ("multiplexer-address: [a:1, 7]\n",
+     "key 'multiplexer-address': expected a list of addresses as strings, got ['a:1', 7]"),
+    ("multiplexer-address: [a:1, nowhere]\n",
+     "key 'multiplexer-address': expected HOST:PORT"),
+])
+def test_bad_multiplexer_address_lists_in_file(dirs, tmp_path, text, expected):
+    path = write(tmp_path, text)
+    assert expected in error_of(client, dirs, {"config": str(path)})
+
+
+def test_tls_names_each_server_by_its_own_host(dirs, pki):
+    settings = client(dirs, {"multiplexer_address": "a.example:1,b.example:2,a.example:3",
+                             "tls": True, "tls_ca": pki.ca})
+    assert settings.server_name_for("b.example:2") == "b.example"
+    assert set(settings.tls_creators) == {"a.example", "b.example"}
+    assert settings.tls_creator_for("a.example:3") is settings.tls_creator
+    named = client(dirs, {"multiplexer_address": "10.0.0.1:1,unix:/run/m", "tls": True,
+                          "tls_ca": pki.ca, "tls_server_name": "mux.example"})
+    assert set(named.tls_creators) == {"mux.example"}
+    message = error_of(client, dirs, {"multiplexer_address": "a.example:1,unix:/run/m",
+                                      "tls": True, "tls_ca": pki.ca})
+    assert message.startswith("--tls-server-name: expected a name")

@@ -58,10 +58,11 @@ def test_demo_calls_the_example_through_the_proxy_and_exits_0():
     out = result.stdout
     assert "Reply from server 'demo': Hello, world!\n" in out
     listing = out[out.index("Discovery listing"):].splitlines()[1:]
-    assert listing[0].split() == ["CLIENT", "ID", "PROTOCOL", "REMOTE", "ADDRESS",
+    assert listing[0].split() == ["CLIENT", "ID", "PROTOCOL", "HEALTH", "REMOTE", "ADDRESS",
                                   "CONNECTED", "SINCE", "LABELS"]
     row = listing[1].split()
-    assert (len(listing), row[0], row[1], row[4]) == (2, "demo", "native", "example=demo")
+    assert (len(listing), row[0], row[1], row[2], row[5]) == (
+        2, "demo", "native", "unknown", "example=demo")
     call = command_after(out, "grpcmux call")
     assert call[:3] + call[4:] == ["grpcmux", "call", "--proxy-address", "--client-id", "demo",
                                    "grpcmux.v1.DemoService/Hello", "-d", '{"name": "world"}']

@@ -6,11 +6,10 @@ import socket
 import grpc
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-from grpcmux.yamux.session import IO_SIZE
-from mux_stack import TIMEOUT
+from grpcmux.tuning import IO_SIZE
+from mux_stack import TIMEOUT, first_report
 from rpc_backend import route
 
 OK = grpc.StatusCode.OK
@@ -143,9 +142,11 @@ async def test_backend_down_then_up(stack, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_client_reconnects_after_server_restart(stack):
     client = await stack.connected_client("lab")
-    readmitted = client.tunnel.when_admitted()
+    session = client.tunnel.session
     await stack.restart_server()
-    await readmitted.addTimeout(TIMEOUT, stack.reactor)
+    await session.when_closed().addTimeout(TIMEOUT, stack.reactor)
+    await stack.registered("lab")  # by the next session: the client saw the old one end
+    assert await stack.admitted(client) is not session
     result = await stack.invoke("Unary", b"again", route("lab"), wait_for_ready=True)
     assert result.responses == [b"again"], result.details
 
@@ -191,9 +192,7 @@ async def test_watch_sees_connect_and_disconnect(stack):
 async def test_duplicate_id_of_a_live_client_is_refused(stack):
     first = await stack.connected_client("twin")
     second = stack.client("twin")
-    refused = Deferred()
-    second.tunnel._report = lambda problem: refused.called or refused.callback(problem)
-    problem = await refused.addTimeout(TIMEOUT, stack.reactor)
+    problem = await first_report(second)
     assert "CODE_ALREADY_EXISTS" in problem and "'twin' is already connected" in problem
     assert stack.server.connected_clients["twin"].session is not None
     assert first.tunnel.session is not None
@@ -217,9 +216,7 @@ async def test_duplicate_id_replaces_a_dead_session(stack):
 @pytest_twisted.ensureDeferred
 async def test_invalid_id_is_refused_with_a_reason(stack, bad_id, why):
     client = stack.client(bad_id)
-    refused = Deferred()
-    client.tunnel._report = lambda problem: refused.called or refused.callback(problem)
-    problem = await refused.addTimeout(TIMEOUT, stack.reactor)
+    problem = await first_report(client)
     assert "CODE_BAD_CLIENT_ID" in problem and why in problem
     assert stack.registry.snapshot == {}
 

@@ -30,10 +30,10 @@ from twisted.logger import globalLogPublisher
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.handshake import MAGIC, encode_message
-from grpcmux.testing import build_frame, data_frame, ping_frame, window_update
+from grpcmux.testing import build_frame, data_frame, go_away_frame, ping_frame, window_update
 from grpcmux.yamux import frame as f
 from grpcmux.yamux.config import YamuxConfig
-from grpcmux.yamux.session import IO_SIZE
+from grpcmux.tuning import IO_SIZE
 from mux_stack import TIMEOUT, Stack
 from rpc_backend import route
 
@@ -53,7 +53,7 @@ def held(connection):
     for session in (connection.session, connection.inner_session):
         if session is None:
             continue
-        total += len(session._parser._partial) + sum(map(len, session._control))
+        total += len(session._parser._partial) + session.sender.queued_control_bytes()
         for stream in list(session.streams.values()):
             total += len(stream._recv_buf) + stream._send_len
     transport = connection.session.transport
@@ -276,6 +276,53 @@ async def test_a_ping_flood_from_a_peer_that_does_not_read(reactor, tmp_path, wa
         attacker = await scene.attack(hello("flood") + flood, reads=False)
         texts = await scene.cut_off(attacker, "unanswered, closing the session")
         assert any("keepalive ping to" in text for text in texts)
+    finally:
+        await stack.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_that_send_goaway_after_welcome_are_closed_and_counted(
+        reactor, tmp_path, warnings):
+    # Each attacker is admitted, sends GoAway, then just reads.  Unlisted but never
+    # closed, such sessions used to let more clients in than --max-clients allows.
+    stack = Stack(reactor, tmp_path, max_clients=3)
+    scene = Scene(stack, warnings)
+    try:
+        await scene.start()
+        for index in range(6):
+            attacker = await scene.attack(hello(f"leaver-{index}"))
+            await stack.registered(f"leaver-{index}")
+            attacker.transport.write(bytes(go_away_frame()))
+            await attacker.closed.addTimeout(TIMEOUT, reactor)  # the server closed it
+            assert scene.meter.peak[attacker.port] <= BOUND
+        assert len(stack.server._connections) == 1
+        await stack.connected_client("late-1")
+        await stack.connected_client("late-2")
+        assert set(stack.registry.snapshot) == {"good", "late-1", "late-2"}
+        await scene.call_good()
+    finally:
+        await stack.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_max_handshakes_wait_for_a_place(reactor, tmp_path, warnings):
+    stack = Stack(reactor, tmp_path, max_handshakes=3, handshake_timeout=2.0)
+    scene = Scene(stack, warnings)
+    try:
+        await scene.start()
+        silent = [await scene.attack() for _ in range(3)]  # connect, then say nothing
+        waiting = await scene.attack()  # connected in the kernel's backlog only
+        late = stack.client("late")
+        await scene.call_good()  # admitted clients are served meanwhile
+        assert len(stack.server._connections) == 4  # good and the three silent ones
+        assert "late" not in stack.registry.snapshot
+        assert any("3 handshakes in progress, the most allowed" in e["log_format"].format(**e)
+                   for e in warnings)
+        for attacker in silent:  # their handshake deadline frees the places
+            await scene.cut_off(attacker, "no handshake from 127.0.0.1:")
+        await stack.admitted(late)
+        await stack.registered("late")
+        await scene.cut_off(waiting, "no handshake from 127.0.0.1:")
     finally:
         await stack.stop()
 

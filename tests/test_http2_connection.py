@@ -381,6 +381,20 @@ def test_continuation_without_headers_is_protocol_error():
     closed_with(caller, ERROR_PROTOCOL_ERROR)
 
 
+def test_settings_flood_is_enhance_your_calm_whatever_traffic_earns():
+    # SETTINGS may touch every open stream: they have a budget of their own that
+    # DATA does not refill (a caller alternating window sizes while data waits).
+    h = harness(settings_rate=0.001, settings_burst=5)
+    h.client()
+    caller = h.caller()  # its first SETTINGS took one
+    caller.call(1)
+    for size in (1, 0, 1, 0):
+        caller.send(h2.data(1, b"x"), h2.settings((SETTINGS_INITIAL_WINDOW_SIZE, size)))
+    assert not caller.disconnecting
+    caller.send(h2.settings((SETTINGS_INITIAL_WINDOW_SIZE, 1)))
+    closed_with(caller, ERROR_ENHANCE_YOUR_CALM)
+
+
 def test_continuation_flood_is_enhance_your_calm():
     h = harness(max_continuations=4)
     h.client()

@@ -9,18 +9,24 @@ import grpc
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import formatEvent
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.handshake import MAGIC, MessageReader, encode_message
 from grpcmux.registry import ClientRegistry
-from grpcmux.server import MultiplexerServer, _SessionFactory
+from grpcmux.server import MultiplexerServer, _HandshakeGate, _SessionFactory
 from grpcmux.testing import (
     RecorderFactory,
     StreamRecorder,
     data_frame,
+    go_away_frame,
+    ping_frame,
     read_frames,
     session_on_string_transport,
     window_update,
@@ -31,7 +37,7 @@ from grpcmux.yamux.errors import StreamLimitReached
 from mux_stack import Stack
 from rpc_backend import ENGINES, Mux, route, start_call
 
-SYN, ACK, RST = f.FLAG_SYN, f.FLAG_ACK, f.FLAG_RST
+SYN, ACK, FIN, RST = f.FLAG_SYN, f.FLAG_ACK, f.FLAG_FIN, f.FLAG_RST
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 TIMEOUT = 20.0
@@ -80,7 +86,7 @@ def test_ten_thousand_syns_without_data_cost_at_most_max_streams():
         session.dataReceived(b"".join(
             window_update(stream_id, flags=SYN) for stream_id in range(first, first + 200, 2)))
         # Bound: 100 streams (one protocol each), no control frame left queued.
-        assert len(session.streams) <= 100 and not session._control
+        assert len(session.streams) <= 100 and not session.sender.queued_control_bytes()
         resets += sum(frame.flags == RST for frame in read_frames(transport))
     assert len(factory.protocols) == 100
     assert resets == 9900
@@ -95,13 +101,14 @@ class Peer:
 
     def __init__(self, server, port):
         address = IPv4Address("TCP", "127.0.0.1", port)
-        self.session = _SessionFactory(server).buildProtocol(address)
+        self.connection = _SessionFactory(server).buildProtocol(address)
+        self.session = self.connection.protocol  # behind the first bytes' check
         self.transport = StringTransport(peerAddress=address)
-        self.session.makeConnection(self.transport)
+        self.connection.makeConnection(self.transport)
         self.frames = []
 
     def send(self, *frames):
-        self.session.dataReceived(b"".join(frames))
+        self.connection.dataReceived(b"".join(frames))
 
     def received(self):
         self.frames += read_frames(self.transport)
@@ -169,6 +176,165 @@ def test_beyond_max_clients_native_gets_resource_exhausted_legacy_is_dropped(tmp
     again.send(hello("second"))
     assert again.answers()[0].WhichOneof("kind") == "welcome"
     assert set(server.registry.snapshot) == {"second"}
+
+
+def test_a_departure_is_one_plain_line(tmp_path, log_events):
+    _, server = fake_server(tmp_path)
+    peer = Peer(server, 5006)
+    peer.send(hello("leaver"))
+    assert peer.answers()[0].WhichOneof("kind") == "welcome"
+    peer.connection.connectionLost(Failure(ConnectionDone()))
+    assert logged(log_events, "client leaver disconnected") == [
+        "client leaver disconnected (connection was closed cleanly)"]
+
+
+def welcomed(server, reactor, port, client_id):
+    """A native peer admitted as ``client_id``."""
+    peer = Peer(server, port)
+    peer.send(hello(client_id))
+    reactor.advance(0)
+    assert [a.WhichOneof("kind") for a in peer.answers()] == ["welcome"]
+    return peer
+
+
+def refused_for_the_limit(server, reactor, port, client_id):
+    peer = Peer(server, port)
+    peer.send(hello(client_id))
+    reactor.advance(0)
+    reactor.advance(0)
+    return [a.reject.code for a in peer.answers()] == [tunnel_pb2.Reject.CODE_RESOURCE_EXHAUSTED]
+
+
+def call_to(server, client_id, peer):
+    """A stream the server opens to a client, as the proxy does for a call; acked."""
+    stream = server.connected_clients[client_id].session.open_stream(StreamRecorder())
+    peer.send(window_update(stream.stream_id, flags=ACK))
+    return stream
+
+
+def test_a_client_that_sent_goaway_counts_until_its_calls_end_then_is_closed(
+        tmp_path, log_events):
+    reactor, server = fake_server(tmp_path, max_clients=1, shutdown_grace=30.0)
+    leaving = welcomed(server, reactor, 5001, "leaving")
+    call = call_to(server, "leaving", leaving)
+    leaving.send(go_away_frame())
+    assert not server.registry.snapshot  # unlisted at once: nothing new goes to it
+    assert not leaving.session.closed  # its call goes on ...
+    assert refused_for_the_limit(server, reactor, 5002, "newcomer")  # ... and it counts
+    reactor.advance(10)
+    assert not leaving.session.closed
+    call.loseConnection()  # the call ends (FIN both ways)
+    leaving.send(window_update(call.stream_id, flags=FIN))
+    reactor.advance(0.5)
+    assert leaving.session.closed and leaving.transport.disconnecting
+    assert logged(log_events, "client leaving has no calls left; closing its session")
+    welcomed(server, reactor, 5003, "newcomer")
+
+
+def test_a_client_that_sent_goaway_is_closed_after_the_grace_at_the_latest(
+        tmp_path, log_events):
+    reactor, server = fake_server(tmp_path, max_clients=1, shutdown_grace=5.0)
+    stuck = welcomed(server, reactor, 5001, "stuck")
+    call_to(server, "stuck", stuck)
+    stuck.send(go_away_frame())
+    reactor.advance(4.9)
+    assert not stuck.session.closed
+    assert refused_for_the_limit(server, reactor, 5002, "newcomer")
+    reactor.advance(0.1)
+    assert stuck.session.closed and stuck.transport.disconnected  # aborted
+    assert logged(log_events, "client stuck from 127.0.0.1:5001 still carries 1 calls 5 s "
+                              "after its GoAway; closing its session")
+    welcomed(server, reactor, 5003, "newcomer")
+
+
+def test_a_closed_connection_whose_peer_reads_nothing_is_aborted(tmp_path, log_events):
+    # A StringTransport never completes a polite close: a peer that does not read.
+    config = YamuxConfig(connection_write_timeout=3.0)
+    reactor, server = fake_server(tmp_path, yamux_config=config)
+    peer = welcomed(server, reactor, 5001, "deaf")
+    peer.send(go_away_frame())  # no calls: the server closes the session ...
+    assert peer.session.closed and peer.transport.disconnecting
+    reactor.advance(2.9)
+    assert not peer.transport.disconnected  # ... and waits for its bytes to be taken
+    reactor.advance(0.1)
+    assert peer.transport.disconnected  # then it aborts
+    assert logged(log_events, "connection from 127.0.0.1:5001 still open 3 s after its "
+                              "session closed (the peer reads nothing); aborting it")
+    assert not server._lingering and not reactor.getDelayedCalls()
+
+
+def test_goaway_right_after_welcome_closes_the_session_at_once(tmp_path):
+    # The issue's attack: Welcome, GoAway, then only answering pings.  Each such
+    # session used to stay open uncounted, letting more clients in than the limit.
+    reactor, server = fake_server(tmp_path, max_clients=2)
+    for port in range(5001, 5011):
+        peer = welcomed(server, reactor, port, f"leaver-{port}")
+        peer.send(go_away_frame())
+        assert peer.session.closed
+    welcomed(server, reactor, 5100, "a")
+    welcomed(server, reactor, 5101, "b")
+    assert refused_for_the_limit(server, reactor, 5102, "c")
+
+
+def test_a_legacy_client_sending_goaway_on_its_nested_session_is_closed_too(tmp_path):
+    reactor, server = fake_server(tmp_path, max_clients=1)
+    legacy = Peer(server, 5001)
+    legacy.send(window_update(1, flags=SYN), data_frame(1, b"old\n"))
+    assert "old" in server.registry.snapshot
+    legacy.send(data_frame(1, go_away_frame()))  # on the nested session it runs
+    assert legacy.session.closed and not server.registry.snapshot
+    welcomed(server, reactor, 5002, "new")
+
+
+@implementer(IPushProducer)
+class ListeningPort:
+    """Stands in for the listening port: records whether accepting is paused."""
+
+    paused = False
+
+    def pauseProducing(self):
+        assert not self.paused
+        self.paused = True
+
+    def resumeProducing(self):
+        assert self.paused
+        self.paused = False
+
+    def stopProducing(self):
+        raise AssertionError("the port is never stopped this way")
+
+
+def test_beyond_max_handshakes_connections_wait_until_one_finishes(tmp_path, log_events):
+    reactor, server = fake_server(tmp_path, max_handshakes=2, handshake_timeout=10.0)
+    server.port = ListeningPort()
+    gate = _HandshakeGate(server, _SessionFactory(server))
+    address = IPv4Address("TCP", "127.0.0.1", 5003)
+    silent = Peer(server, 5001)
+    silent.send(window_update(1, flags=SYN))
+    assert not server.port.paused
+    joining = Peer(server, 5002)
+    assert server.port.paused  # the rest wait in the listen backlog
+    assert gate.buildProtocol(address) is None  # one accepted in the same batch: closed
+    assert logged(log_events, "2 handshakes in progress, the most allowed (--max-handshakes); "
+                              "new connections wait until one finishes")
+    joining.send(hello("joining"))  # admitted: no longer a handshake
+    assert not server.port.paused and "joining" in server.registry.snapshot
+    assert gate.buildProtocol(address) is not None
+    assert server.port.paused
+    reactor.advance(10)  # the silent ones time out and free their places
+    assert silent.session.closed and not server.port.paused
+    assert len(logged(log_events, "handshakes in progress, the most allowed")) == 1
+    # Refused and failed handshakes free their places too.
+    duplicate = Peer(server, 5004)
+    duplicate.send(hello("joining"))  # an id in use: its holder is pinged first
+    broken = Peer(server, 5005)
+    assert server.port.paused
+    [ping] = [fr for fr in joining.received() if fr.type == f.TYPE_PING]
+    joining.send(ping_frame(ping.length, flags=ACK))  # alive: the duplicate is refused
+    reactor.advance(0)
+    assert duplicate.session.closed and not server.port.paused
+    broken.send(b"GET / HTTP/1.1\r\n")
+    assert broken.session.closed and server._handshakes == 0
 
 
 @pytest.mark.parametrize("admitted", [True, False])
@@ -299,8 +465,11 @@ def test_the_settings_reach_the_services(reactor):
     from grpcmux.server import make_service
 
     service = make_service(ServerSettings(
-        max_clients=7, max_streams_per_client=8, max_proxy_calls=9, max_calls_per_client=3),
-        reactor)
+        max_clients=7, max_streams_per_client=8, max_proxy_calls=9, max_calls_per_client=3,
+        watch_queue_limit=11, shutdown_grace=4.0, max_handshakes=12), reactor)
     assert service.multiplexer.max_clients == 7
+    assert service.multiplexer.max_handshakes == 12
+    assert service.multiplexer.shutdown_grace == 4.0
+    assert service.proxy.watch_queue_limit == 11
     assert service.multiplexer.yamux_config.max_streams == 8
     assert (service.proxy.limits.max_calls, service.proxy.limits.max_calls_per_client) == (9, 3)

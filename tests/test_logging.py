@@ -5,7 +5,9 @@ import json
 import logging
 
 import pytest
-from twisted.logger import LogLevel, LogPublisher, Logger
+import pytest_twisted
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogLevel, LogPublisher, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from grpcmux import logging as grpcmux_logging
@@ -200,3 +202,27 @@ def test_legacy_events_use_their_system_as_namespace():
     assert " [HTTP] x" in grpcmux_logging.format_pretty(event)
     event["system"] = "-"
     assert json.loads(grpcmux_logging.format_json(event))["namespace"] == "log_legacy"
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_listener_and_factory_lines_show_only_at_debug(reactor):
+    outs = {level: io.StringIO() for level in ("info", "debug")}
+    observers = [grpcmux_logging.make_observer(out, level, "pretty")
+                 for level, out in outs.items()]
+    for observer in observers:
+        globalLogPublisher.addObserver(observer)
+    try:
+        factory = Factory.forProtocol(Protocol)
+        factory.noisy = True
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        await port.stopListening()
+        Logger(namespace="grpcmux.test").info("metrics starting on 1234")  # ours: kept
+    finally:
+        for observer in observers:
+            globalLogPublisher.removeObserver(observer)
+    debug, info = outs["debug"].getvalue(), outs["info"].getvalue()
+    for chatter in ("Factory starting on", "Starting factory", "Stopping factory",
+                    "Port", "Closed)"):
+        assert chatter in debug
+        assert chatter not in info
+    assert info.count("\n") == 1 and "[grpcmux.test] metrics starting on 1234" in info

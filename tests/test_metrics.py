@@ -7,16 +7,17 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent
 from twisted.web.client import Agent, readBody
 
 from grpcmux import client as client_module
 from grpcmux import server as server_module
 from grpcmux.config import ClientSettings, ConfigError, ServerSettings
+from grpcmux.listening import StartupError
 from grpcmux.metrics import ClientMetrics, MetricsService, ServerMetrics, reject_reason
 from grpcmux.registry import ClientRegistry
-from mux_stack import TIMEOUT
+from mux_stack import TIMEOUT, first_report
 from rpc_backend import route
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -142,9 +143,7 @@ async def test_refusals_count_on_both_sides(metered):
     await metered.connected_client("twin")
     second = metered.client("twin")
     second_http = watch_client(metered, second)
-    refused = Deferred()
-    second.tunnel._report = lambda problem: refused.called or refused.callback(problem)
-    await refused.addTimeout(TIMEOUT, metered.reactor)
+    await first_report(second)
     server = await scrape(metered.reactor, metered.http)
     assert server[handshakes("server", "rejected", "already_exists")] >= 1
     assert server[handshakes("server", "accepted")] == 1
@@ -164,9 +163,11 @@ async def test_client_counts_a_reconnect_after_the_server_restarts(metered):
     assert first[("grpcmux_client_streams_spliced_total",)] >= 1
     assert first[handshakes("client", "accepted")] == 1
 
-    back = metered.admitted(client)
+    session = client.tunnel.session
     await metered.restart_server()
-    await back
+    await session.when_closed().addTimeout(TIMEOUT, metered.reactor)
+    await metered.registered("lab")  # by the next session: the client saw the old one end
+    assert await metered.admitted(client) is not session
     again = await scrape(metered.reactor, http)
     assert again[("grpcmux_client_connected",)] == 1
     assert again[("grpcmux_client_reconnects_total",)] >= 1
@@ -201,8 +202,20 @@ async def test_unknown_paths_are_not_found(reactor):
 
 
 def test_metrics_service_fails_at_start_on_a_bad_listener(reactor):
-    with pytest.raises(Exception):
+    with pytest.raises(StartupError, match="^--metrics-listener tcp:notaport: cannot listen"):
         MetricsService(reactor, "tcp:notaport", CollectorRegistry()).startService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scrape_logs_nothing(reactor, log_events):
+    http = serve(reactor, ServerMetrics())
+    try:
+        del log_events[:]
+        await scrape(reactor, http)
+        await scrape(reactor, http)
+    finally:
+        await http.stopService()
+    assert [formatEvent(e) for e in log_events if "metrics" in formatEvent(e)] == []
 
 
 # -- units: the server's handshake outcomes and byte counts on a fake clock ----------
@@ -212,10 +225,11 @@ def session_on_fake_clock(metrics):
     clock = task.Clock()
     server = server_module.MultiplexerServer(
         clock, ClientRegistry(), LOOPBACK, handshake_timeout=5.0, metrics=metrics)
-    session = server_module._SessionFactory(server).buildProtocol(
+    connection = server_module._SessionFactory(server).buildProtocol(
         IPv4Address("TCP", "127.0.0.1", 5555))
+    session = connection.protocol  # behind the first bytes' check
     transport = StringTransport()
-    session.makeConnection(transport)
+    connection.makeConnection(transport)
     return clock, server, session, transport
 
 

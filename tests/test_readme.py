@@ -62,8 +62,8 @@ def test_running_it_works_as_pasted():
     with Peer(argv_of(example, ports), env=env) as example_server:
         assert "listening on" in example_server.read_line(TIMEOUT)
         with Peer(argv_of(server, ports), env=env) as mux:
+            logged(mux, "metrics on")  # the server starts its metrics endpoint first
             logged(mux, "proxy endpoint listening")
-            logged(mux, "metrics on")
             with Peer(argv_of(client, ports), env=env):
                 logged(mux, "client lab-7 connected")
                 results = [subprocess.run(argv_of(c, ports), env=env, cwd=REPO, text=True,

@@ -56,13 +56,20 @@ def test_discovery_keeps_the_go_original_wire_format():
     assert _fields(discovery_pb2.ListGRPCServerRequest) == {}
     assert _fields(discovery_pb2.ListGRPCServerResponse) == {
         "servers": (1, string, repeated), "details": (2, message, repeated)}
-    assert _fields(discovery_pb2.WatchGRPCServerRequest) == {"replay": (1, boolean, optional)}
+    # updates (2): a grpcmux addition that Go callers never set.
+    assert _fields(discovery_pb2.WatchGRPCServerRequest) == {
+        "replay": (1, boolean, optional), "updates": (2, boolean, optional)}
     assert _fields(discovery_pb2.WatchGRPCServerResponse) == {
         "server": (1, string, optional), "event": (2, enum, optional),
         "details": (3, message, optional)}
     event = discovery_pb2.WatchGRPCServerResponse.Event
+    # EVENT_UPDATED goes only to watchers that set updates.
     assert dict(event.items()) == {
-        "EVENT_UNSPECIFIED": 0, "EVENT_CONNECTED": 1, "EVENT_DISCONNECTED": 2}
+        "EVENT_UNSPECIFIED": 0, "EVENT_CONNECTED": 1, "EVENT_DISCONNECTED": 2,
+        "EVENT_UPDATED": 3}
+    assert _fields(discovery_pb2.GRPCServer)["health"] == (6, enum, optional)
+    assert dict(discovery_pb2.GRPCServer.Health.items()) == {
+        "HEALTH_UNKNOWN": 0, "HEALTH_SERVING": 1, "HEALTH_NOT_SERVING": 2}
 
 
 def test_tunnel_messages():
@@ -74,3 +81,7 @@ def test_tunnel_messages():
     hello = tunnel_pb2.Hello(client_id="a", token="t", version="1", labels={"k": "v"})
     assert tunnel_pb2.Hello.FromString(hello.SerializeToString()) == hello
     assert [f.number for f in tunnel_pb2.Hello.DESCRIPTOR.fields] == [1, 2, 3, 4]
+    report = tunnel_pb2.ClientMessage(backend_health=tunnel_pb2.BackendHealth(
+        status=tunnel_pb2.BackendHealth.STATUS_NOT_SERVING, detail="connection refused"))
+    assert tunnel_pb2.ClientMessage.FromString(report.SerializeToString()) == report
+    assert [f.number for f in tunnel_pb2.BackendHealth.DESCRIPTOR.fields] == [1, 2]

@@ -7,6 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from twisted.internet.task import deferLater
 
+from grpcmux.listening import StartupError
 from grpcmux.registry import ClientRegistry
 from grpcmux.proxy import ProxyService
 from rpc_backend import ENGINES, Mux, start_call
@@ -25,7 +26,7 @@ async def mux(request, reactor, tmp_path):
 def test_nothing_grpc_before_start_and_bad_address_fails(reactor):
     service = ProxyService(reactor, ClientRegistry(), "256.0.0.1:99999")
     assert service.port is None
-    with pytest.raises(OSError, match="256.0.0.1:99999"):
+    with pytest.raises(StartupError, match=r"^--proxy-listener 256\.0\.0\.1:99999: cannot listen"):
         service.startService()
     assert not service.running
 

@@ -81,8 +81,8 @@ def rows_js():
 
 
 def column(title):
-    """Where ``title`` is while no client has a health or node (optional columns hidden)."""
-    return [c.title for c in COLUMNS if not c.optional].index(title)
+    """Where ``title`` is outside a cluster: every client has a health, none a node."""
+    return [c.title for c in COLUMNS if not c.optional or c.title == "Health"].index(title)
 
 
 # In a browser
@@ -103,6 +103,7 @@ async def test_clients_appear_and_disappear_live(watched, browser, tmp_path):
     assert [row[:3] for row in rows] == [[HOSTILE_ID, HOSTILE_CELL, "native"],
                                          ["beta", "-", "legacy"]]
     assert rows[0][column("Errors")] == "1"
+    assert rows[0][column("Health")] == "unknown"  # these clients check no gRPC server
     assert rows[0][column("Calls/s")] == f"{4 / RATE_WINDOW:.1f}"
     assert rows[0][column("Remote address")].startswith("127.0.0.1:")
     # Live updates are text, never markup: nothing injected, nothing ran.
@@ -146,7 +147,7 @@ async def test_without_javascript_the_page_is_a_plain_table(watched, browser):
     headers = await browser.evaluate(
         "[...document.querySelectorAll('#clients th')].map(th => th.textContent)")
     assert headers == ["Client ID", "Labels", "Protocol", "Remote address", "Connected since",
-                       "Calls/s", "Calls", "Errors", "Bytes in", "Bytes out"]
+                       "Health", "Calls/s", "Calls", "Errors", "Bytes in", "Bytes out"]
     assert await browser.evaluate(
         "[document.querySelectorAll('#clients img, #clients script, #clients b').length,"
         " typeof window.pwned]") == [0, "undefined"]
@@ -184,7 +185,7 @@ async def test_status_json_has_the_table_and_the_raw_rows(reactor, watched):
     assert data["rows"][0][:3] == ["alpha", "site=lab", "native"]
     raw = data["clients"][0]
     assert (raw["client_id"], raw["labels"], raw["calls"], raw["health"]) == (
-        "alpha", {"site": "lab"}, 0, None)
+        "alpha", {"site": "lab"}, 0, "unknown")
     assert raw["bytes_received"] > 0 and raw["bytes_sent"] > 0
 
 

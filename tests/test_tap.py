@@ -58,9 +58,11 @@ SERVER_HELP = {
     "--handshake-timeout=": "[default: 10]",
     "--duplicate-ping-timeout=": "[default: 2]",
     "--max-clients=": "[default: 10000]",
+    "--max-handshakes=": "[default: 1000]",
     "--max-streams-per-client=": "[default: 1000]",
     "--max-proxy-calls=": "[default: 10000]",
     "--max-calls-per-client=": "[default: 1000]",
+    "--watch-queue-limit=": "[default: 10000]",
     "--proxy-tls-cert=": "[default: off: plaintext]",
     "--proxy-tls-key=": "[default: none]",
     "--proxy-tls-client-ca=": "[default: off]",
@@ -400,8 +402,9 @@ TWISTD = textwrap.dedent(
 )
 
 
-def run_twistd(tmp_path, *argv):
+def run_twistd(tmp_path, *argv, environ=()):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPCMUX_")}
+    env.update(environ)
     env["HOME"] = str(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + sys.path)
     return subprocess.run(
@@ -455,6 +458,53 @@ def test_twistd_prints_config_error_without_traceback(tmp_path):
     output = result.stdout + result.stderr
     assert "--log-level: expected one of debug, info, warning, error, got 'loud'" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("role, argv, line", [
+    ("grpcmux-server", ["--log-level=loud"],
+     "--log-level: expected one of debug, info, warning, error, got 'loud'"),
+    ("grpcmux-server", ["--proxy-listen", "127.0.0.1:1"],
+     "no such option --proxy-listen; did you mean --proxy-listener?"),
+    ("grpcmux-client", ["--max-clients", "3"], "no such option --max-clients"),
+])
+def test_twistd_usage_error_is_one_line_and_a_pointer_to_help(tmp_path, role, argv, line):
+    result = run_twistd(tmp_path, role, *argv)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == f"twistd {role}: {line} (see 'twistd {role} --help')\n"
+
+
+@pytest.mark.parametrize("module", [server_tap, client_tap])
+def test_options_take_exact_names_only(dirs, module):
+    with pytest.raises(usage.UsageError) as info:
+        parse(module, ["--log-lev", "debug"], dirs)
+    assert str(info.value) == "no such option --log-lev; did you mean --log-level?"
+    with pytest.raises(usage.UsageError, match="^no such option --shutdown; did you mean "
+                                               "--shutdown-grace[?]$"):
+        parse(module, ["--log-level=debug", "--shutdown", "3"], dirs)
+    assert parse(module, ["--log-level=debug"], dirs).settings.log_level == "debug"
+
+
+def test_a_value_that_looks_like_an_option_is_a_value(dirs):
+    options = parse(server_tap, ["--default-client-id", "--proxy-listen"], dirs)
+    assert options.settings.default_client_id == "--proxy-listen"
+
+
+def test_unknown_grpcmux_variables_are_named_with_the_nearest_known_one():
+    environ = {"GRPCMUX_PROXY_LISTNER": "x", "GRPCMUX_CLIENT_ID": "a",
+               "GRPCMUX_PROXY_ADDRESS": "h:1", "GRPCMUX_ZZZ": "1", "HOME": "/"}
+    assert config.environment_warnings(environ) == [
+        "environment variable GRPCMUX_PROXY_LISTNER is not a grpcmux setting and is "
+        "ignored; did you mean GRPCMUX_PROXY_LISTENER?",
+        "environment variable GRPCMUX_ZZZ is not a grpcmux setting and is ignored",
+    ]
+
+
+def test_twistd_warns_about_a_misspelled_variable(tmp_path):
+    result = run_twistd(tmp_path, "grpcmux-server", environ={"GRPCMUX_LOG_LEVL": "debug"})
+    assert result.returncode == 0, result.stderr
+    assert ("WRN [grpcmux.tap] environment variable GRPCMUX_LOG_LEVL is not a grpcmux "
+            "setting and is ignored; did you mean GRPCMUX_LOG_LEVEL?") in result.stdout
 
 
 def test_tap_modules_import_without_grpc_or_reactor():

@@ -91,10 +91,12 @@ async def test_server_name_can_be_the_ip_address(tls_stack, pki):
 async def test_plain_client_gets_no_session_from_a_tls_server(tls_stack, pki, log_events):
     client = tls_stack.client("plain")
     problem = await first_report(client)
-    assert "refused client plain: the server closed the control stream" in problem
+    assert problem.endswith("refused client plain: the server speaks TLS: connect with --tls")
     assert tls_stack.registry.snapshot == {}
-    server_side = [t for t in texts(log_events) if t.startswith("TLS with 127.0.0.1:")]
-    assert server_side and "TLS handshake failed" in server_side[0]
+    server_side = [t for t in texts(log_events) if t.startswith("127.0.0.1:")]
+    assert server_side and server_side[0].endswith(
+        " sent plaintext to the TLS multiplexer endpoint: the client needs --tls (and "
+        "--tls-ca unless the system trusts the server's certificate); closing")
 
 
 @pytest_twisted.ensureDeferred
@@ -107,7 +109,7 @@ async def test_name_mismatch_is_one_line_and_the_client_retries(tls_stack, pki, 
         "certificate is not valid for mux.example.com; retrying"
     )
     assert await retried == 3
-    assert client.tunnel.retry_policy.unadmitted >= 2
+    assert max(client.tunnel.retry_policy.attempts) >= 2  # refusals count as failures
     assert tls_stack.registry.snapshot == {}
     assert not any("Traceback" in text for text in texts(log_events))
 
@@ -147,7 +149,7 @@ async def test_tls_over_a_unix_listener(reactor, tmp_path, pki):
     client = TunnelClientService(reactor, tunnel, tls_creator=client_tls(pki))
     client.startService()
     try:
-        session = await tunnel.when_admitted().addTimeout(TIMEOUT, reactor)
+        session = await client.when_connected().addTimeout(TIMEOUT, reactor)
         assert session.transport.getPeerCertificate() is not None  # the server's
         assert "local" in server.connected_clients
     finally:

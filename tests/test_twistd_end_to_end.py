@@ -65,3 +65,34 @@ def test_twistd_server_and_client_carry_a_call(tmp_path, backend):
         server.process.send_signal(signal.SIGTERM)
         assert server.wait(TIMEOUT) == 0
     assert "Traceback" not in server.stderr + client.stderr
+
+
+def test_twistd_client_in_front_of_the_servers_own_proxy_refuses(tmp_path):
+    """The mistake of issue 14 item 5: --grpc-server-address names the proxy."""
+    with twistd("grpcmux-server", "--multiplexer-listener", "127.0.0.1:0",
+                "--proxy-listener", "127.0.0.1:0", "--default-client-id", "edge-1") as server:
+        mux = wait_for_event(server, lambda e: "multiplexer endpoint listening" in e["message"])
+        proxy = wait_for_event(server, lambda e: "proxy endpoint listening" in e["message"])
+        proxy_address = f"127.0.0.1:{proxy['port']}"
+        with twistd("grpcmux-client", "--client-id", "edge-1",
+                    "--multiplexer-address", mux["address"],
+                    "--grpc-server-address", proxy_address) as client:
+            refused = wait_for_event(client, lambda e: "grpcmux proxy endpoint" in e["message"])
+            assert refused["level"] == "error"
+            assert refused["message"] == (
+                f"the gRPC server at {proxy_address} is a grpcmux proxy endpoint; "
+                "point --grpc-server-address at your gRPC server")
+            wait_for_event(server, lambda e: "reports its gRPC server down" in e["message"])
+            channel = grpc.insecure_channel(proxy_address)
+            try:  # routed by --default-client-id: without the refusal, a loop
+                result = invoke(channel, "Unary", b"loop?", (), TIMEOUT)
+            finally:
+                channel.close()
+            assert (result.code, result.details) == (
+                grpc.StatusCode.UNAVAILABLE, "client 'edge-1' reports its gRPC server down")
+            client.process.send_signal(signal.SIGTERM)
+            assert client.wait(TIMEOUT) == 0
+        server.process.send_signal(signal.SIGTERM)
+        assert server.wait(TIMEOUT) == 0
+    assert "Traceback" not in server.stderr + client.stderr
+

@@ -218,7 +218,7 @@ def test_paused_stream_never_pauses_connection_or_other_streams():
     assert slow.data == b"" and len(fast.data) == WINDOW
     assert transport.producerState == "producing"
     assert read_frames(transport) == [Frame(WU, 0, 3, WINDOW)]
-    assert session.streams[1]._recv_window == 0
+    assert session.streams[1].receive_window == 0
     slow.transport.resumeProducing()
     assert len(slow.data) == WINDOW
 
@@ -455,10 +455,10 @@ def test_one_flush_sends_a_bounded_amount_then_yields():
     transport.clear()
     for stream in streams:
         stream.write(b"w" * WINDOW)
-    session._flush()  # what the reactor runs; the rest waits for the next iteration
+    session.sender.flush()  # what the reactor runs; the rest waits for the next iteration
     first = sum(fr.length for fr in read_frames(transport))
     assert 1024 * 1024 <= first < 8 * WINDOW
-    assert [c.func for c in clock.getDelayedCalls() if c.getTime() == 0] == [session._flush]
+    assert [c.func for c in clock.getDelayedCalls() if c.getTime() == 0] == [session.sender.flush]
     clock.advance(0)
     assert first + sum(fr.length for fr in read_frames(transport)) == 8 * WINDOW
 

@@ -36,7 +36,8 @@ from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.cluster.etcd import DELETE, StoreUnavailable
 from grpcmux.cluster.store import Backoff, LeaseKeeper, PrefixWatch
 from grpcmux.handshake import HandshakeRejected
-from grpcmux.registry import CONNECTED, DISCONNECTED, ClientInfo, RegistryEvent
+from grpcmux.registry import (CONNECTED, DISCONNECTED, HEALTH_VALUES, UNKNOWN, UPDATED,
+                              ClientInfo, RegistryEvent)
 
 HEALTH_SERVICE = "grpcmux.cluster"
 DEFAULT_PREFIX = "/grpcmux/"
@@ -71,7 +72,8 @@ def _encode(info: Optional[ClientInfo], node):
     fields = {"node": node}
     if info is not None:
         fields.update(connected_at=info.connected_at, remote_address=info.remote_address,
-                      wire_protocol=info.wire_protocol, labels=[list(p) for p in info.labels])
+                      wire_protocol=info.wire_protocol, labels=[list(p) for p in info.labels],
+                      health=info.health)
     return json.dumps(fields, sort_keys=True).encode()
 
 
@@ -87,7 +89,10 @@ def _decode(client_id, value):
             remote_address=str(fields["remote_address"]),
             wire_protocol=str(fields["wire_protocol"]),
             labels=tuple((str(k), str(v)) for k, v in fields["labels"]),
+            health=fields.get("health", UNKNOWN),
         )
+        if values["health"] not in HEALTH_VALUES:
+            values["health"] = UNKNOWN
     except (ValueError, KeyError, TypeError):
         return None, None
     return node, ClientInfo(**values)
@@ -179,12 +184,27 @@ class ClusterRegistry(Service):
             self._settle(client_id)
         return info
 
+    def update(self, client_id: str, **fields) -> Optional[ClientInfo]:
+        """Change fields of one of this node's clients (``health=...``); written to
+        etcd, so every node sees it. The entry as it is now, or None."""
+        info = self._local.get(client_id)
+        if info is None:
+            return None
+        updated = dataclasses.replace(info, **fields)
+        if updated != info:
+            self._local[client_id] = updated
+            self._update(client_id)
+            self._settle(client_id)
+        return updated
+
     def get(self, client_id: str) -> Optional[ClientInfo]:
         return self._visible.get(client_id)
 
-    def subscribe(self, observer: Callable[[RegistryEvent], None]) -> Callable[[], None]:
+    def subscribe(self, observer: Callable[[RegistryEvent], None],
+                  updates: bool = False) -> Callable[[], None]:
+        """As ClientRegistry.subscribe: UPDATED events only with ``updates``."""
         token = object()
-        self._observers[token] = observer
+        self._observers[token] = (observer, updates)
         return lambda: self._observers.pop(token, None)
 
     def node_address(self, node: str) -> Optional[str]:
@@ -357,11 +377,12 @@ class ClusterRegistry(Service):
             node = self._node_entry(kv) if kv.key.startswith(self._nodes_prefix) else None
             if node is not None:
                 nodes[node.name] = node
+        # Nodes first: an observer told of a client may look up its node's address.
+        self.nodes = MappingProxyType(nodes)
         for client_id in sorted(set(self._remote) - set(clients)):  # gone first
             self._set_remote(client_id, None)
         for client_id, kv in sorted(clients.items()):
             self._set_remote(client_id, kv)
-        self.nodes = MappingProxyType(nodes)
         self.revision = revision
         if self.running:  # an observer may have stopped the service just now
             self._watch.start(revision)
@@ -558,6 +579,11 @@ class ClusterRegistry(Service):
         old = self._visible.get(client_id)
         if new == old:
             return
+        if (old is not None and new is not None and old.node == new.node
+                and old.connected_at == new.connected_at):
+            self._visible[client_id] = new  # the same session, changed in place
+            self._publish(RegistryEvent(UPDATED, new))
+            return
         if old is not None:
             del self._visible[client_id]
             self._publish(RegistryEvent(DISCONNECTED, old, graceful))
@@ -567,7 +593,9 @@ class ClusterRegistry(Service):
 
     def _publish(self, event):
         self.snapshot = MappingProxyType(dict(self._visible))
-        for observer in list(self._observers.values()):
+        for observer, updates in list(self._observers.values()):
+            if event.kind == UPDATED and not updates:
+                continue
             try:
                 observer(event)
             except Exception:

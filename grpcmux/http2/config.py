@@ -42,3 +42,8 @@ class H2Config:
     #: CVE-2025-8671) and closes the connection.
     reset_rate: float = 200.0
     reset_burst: int = 1000
+    #: SETTINGS frames a peer may send per second on average, and in one burst.
+    #: Traffic earns none (a peer sends a handful per connection), and each may
+    #: touch every open stream.
+    settings_rate: float = 10.0
+    settings_burst: int = 100

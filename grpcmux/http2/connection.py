@@ -233,6 +233,7 @@ class H2Connection(Protocol):
         self._preface_timer = None
         self._idle_timer = None
         self._controls = _TokenBucket(config.control_rate, config.control_burst, now)
+        self._settings = _TokenBucket(config.settings_rate, config.settings_burst, now)
         self._resets = _TokenBucket(config.reset_rate, config.reset_burst, now)
         self.on_made = None  # called with the connection once it has its transport
         self.on_settings = None  # called once the peer's first SETTINGS arrived
@@ -803,6 +804,8 @@ class H2Connection(Protocol):
             return
         if len(payload) % 6:
             raise H2ConnectionError(ERROR_FRAME_SIZE_ERROR, "SETTINGS of bad size")
+        if not self._settings.take():
+            raise H2ConnectionError(ERROR_ENHANCE_YOUR_CALM, "too many SETTINGS frames")
         # The last value of each setting counts: a frame that repeats one (2,730 fit in
         # 16 KiB) must not cost a pass over every stream per repeat.
         values = {}

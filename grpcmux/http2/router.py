@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from grpcmux.tokens import PROXY_TOKEN_METADATA_KEY
-from grpcmux.yamux.session import tune_transport
+from grpcmux.tuning import tune_transport
 
 from .connection import H2Connection
 from .frames import ERROR_CANCEL, ERROR_NO_ERROR, ERROR_PROTOCOL_ERROR, ERROR_REFUSED_STREAM

@@ -22,7 +22,7 @@ from collections import deque
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from grpcmux.yamux.session import tune_transport
+from grpcmux.tuning import tune_transport
 
 from .connection import H2Connection
 

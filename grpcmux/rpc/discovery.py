@@ -1,11 +1,14 @@
 """The Discovery API (grpc.multiplexer.v1.DiscoveryService) on the client registry.
 
-List reads the registry's immutable snapshot. Watch subscribes on the reactor thread
-and takes the replay snapshot in the same reactor turn, so no event is lost or seen
-twice; the reactor then pushes events to the watching call (a thread-safe queue for
-the threaded server, the asyncio loop for grpc.aio). A watcher that leaves is
-unsubscribed on the reactor thread, in order with its subscription, so even one
-that leaves before its subscription happened leaves nothing behind.
+List reads the registry's immutable snapshot.  Watch reads a shared log of the
+registry's last ``limit`` changes (``--watch-queue-limit``), which the reactor
+appends to: each caller keeps only its place in it, so callers cost no memory per
+event however many there are and however slow they read.  A caller joins the log
+on the reactor thread in the same turn as it takes the replay snapshot, so no
+event is lost or seen twice; it leaves when its call ends, even if that happens
+before it joined.  One whose next event has dropped out of the log fell more than
+``limit`` events behind: its stream ends with RESOURCE_EXHAUSTED, and it can watch
+again with replay to catch up.
 
 With proxy tokens configured, List and Watch require a known token in the
 ``grpcmux-token`` metadata (else UNAUTHENTICATED) and show only the ids that token
@@ -14,26 +17,46 @@ than the clients themselves.
 """
 
 import asyncio
-import queue
 import threading
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from twisted.logger import Logger
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-from grpcmux.registry import CONNECTED, DISCONNECTED, ClientInfo
+from grpcmux.registry import (
+    CONNECTED,
+    DISCONNECTED,
+    NOT_SERVING,
+    SERVING,
+    UNKNOWN,
+    UPDATED,
+    ClientInfo,
+)
 from grpcmux.rpc.security import UNAUTHENTICATED_DETAILS
-from grpcmux.rpc.threads import ReactorUnavailable, await_in_reactor, call_in_reactor
+from grpcmux.rpc.threads import ReactorUnavailable, await_in_reactor
 from grpcmux.tokens import ProxyTokens
 
 _EVENTS = {
     CONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_CONNECTED,
     DISCONNECTED: discovery_pb2.WatchGRPCServerResponse.EVENT_DISCONNECTED,
+    UPDATED: discovery_pb2.WatchGRPCServerResponse.EVENT_UPDATED,
 }
-# Pushed to a watcher to end its stream.
+_HEALTH = {
+    UNKNOWN: discovery_pb2.GRPCServer.HEALTH_UNKNOWN,
+    SERVING: discovery_pb2.GRPCServer.HEALTH_SERVING,
+    NOT_SERVING: discovery_pb2.GRPCServer.HEALTH_NOT_SERVING,
+}
+# Ends a watcher's stream: its call ended, or the server stops.
 _END = object()
-# How long a new watcher waits for the reactor to subscribe it.
+# Ends a watcher's stream in place of its events when it fell too far behind.
+_OVERFLOW = object()
+# How long a new watcher waits for the reactor to let it join the event log.
 SUBSCRIBE_TIMEOUT = 5.0
+# Registry changes kept for Watch callers (--watch-queue-limit): a reading caller
+# must not fall this far behind even when every client of a full server
+# (--max-clients) disconnects at once.
+WATCH_QUEUE_LIMIT = 10000
 
 
 def server_details(info: ClientInfo) -> discovery_pb2.GRPCServer:
@@ -46,6 +69,7 @@ def server_details(info: ClientInfo) -> discovery_pb2.GRPCServer:
         remote_address=info.remote_address,
         wire_protocol=info.wire_protocol,
         labels=dict(info.labels),
+        health=_HEALTH[info.health],
     )
 
 
@@ -77,128 +101,158 @@ def _watch_response(kind, info):
     )
 
 
-class _Subscription:
-    """One watcher's registry subscription. Both methods run on the reactor thread."""
-
-    def __init__(self, registry, push, visible=_everyone):
-        self._registry = registry
-        self._push = push
-        self._visible = visible
-        self._unsubscribe = None
-        self._ended = False
-
-    def start(self, replay):
-        """Subscribe; returns the entries to replay (sorted) when asked to."""
-        if self._ended:
-            return ()
-        self._unsubscribe = self._registry.subscribe(self._changed)
-        snapshot = self._registry.snapshot
-        return [snapshot[i] for i in sorted(snapshot) if self._visible(i)] if replay else ()
-
-    def _changed(self, event):
-        if self._visible(event.info.client_id):
-            self._push((event.kind, event.info))
-
-    def end(self):
-        self._ended = True
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+def _overflow_details(limit):
+    return (f"this Watch fell more than {limit} events behind; watch again "
+            "(with replay) to catch up")
 
 
-class _Watchers:
-    """The push functions of running Watch calls, so that close() can end them."""
+class _Reader:
+    """One Watch caller's place in the event log; ``wake()`` (any thread) tells it,
+    when it waits, that something happened."""
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pushes = set()
-        self._closed = False
+    __slots__ = ("position", "end_at", "wake", "updates")
 
-    def add(self, push):
-        """Track a watcher; False when closed already (the call should end)."""
-        with self._lock:
-            if not self._closed:
-                self._pushes.add(push)
-            return not self._closed
-
-    def discard(self, push):
-        with self._lock:
-            self._pushes.discard(push)
-
-    def close(self):
-        with self._lock:
-            self._closed = True
-            pushes = list(self._pushes)
-        for push in pushes:
-            push(_END)
+    def __init__(self, wake, updates=False):
+        self.position = None  # the sequence number of its next event
+        self.end_at = None  # ending: its events before this one, then _END
+        self.wake = wake
+        self.updates = updates  # it asked for UPDATED events (health changes)
 
 
-class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
-    """For the threaded grpc server: each Watch holds a worker thread.
+class _EventLog:
+    """The registry's last ``limit`` changes, shared by every Watch caller.
 
-    ``tokens`` (ProxyTokens), if given, decides who sees which ids.
+    The reactor appends; callers read on from their own positions on the asyncio
+    loop, under a lock.  Events are kept only while someone watches.
     """
 
-    def __init__(self, reactor, registry, tokens=None):
-        self._reactor = reactor
-        self._registry = registry
-        self._tokens = tokens
-        self._watchers = _Watchers()
+    def __init__(self, limit):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._ring = [None] * limit
+        self._next = 0  # the sequence number the next event gets
+        self._readers = set()
+        self._waiting = set()  # asyncio readers to wake on the next change
+        self._closed = False
 
-    def _visible(self, context):
-        visible = visible_ids(self._tokens, context.invocation_metadata())
-        if visible is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
-        return visible
+    def append(self, event):
+        """Registry observer (reactor thread)."""
+        with self._lock:
+            if self._readers:
+                self._ring[self._next % self.limit] = (event.kind, event.info)
+            self._next += 1
+            waiting, self._waiting = self._waiting, set()
+        for reader in waiting:
+            reader.wake()
 
-    def ListGRPCServer(self, request, context):
-        return list_response(self._registry.snapshot, self._visible(context))
+    def join(self, reader):
+        """Place ``reader`` at the next event; False when it may not (closed, or
+        its call ended already).  On the reactor thread, with the replay snapshot."""
+        with self._lock:
+            if self._closed or reader.end_at is not None:
+                return False
+            reader.position = self._next
+            self._readers.add(reader)
+            return True
 
-    def WatchGRPCServer(self, request, context):
-        events = queue.Queue()
-        subscription = _Subscription(self._registry, events.put, self._visible(context))
-
-        def departed():
-            events.put(_END)
-            self._watchers.discard(events.put)
-            self._reactor.callFromThread(subscription.end)
-
-        # Known before subscribing, so that close() always reaches this stream.
-        if not self._watchers.add(events.put):
-            return
-        try:
-            replay = call_in_reactor(self._reactor, subscription.start, request.replay,
-                                     timeout=SUBSCRIBE_TIMEOUT)
-        except (ReactorUnavailable, TimeoutError) as e:
-            departed()
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"multiplexer is shutting down: {e}")
-        # False when the call ended already.
-        if context.add_callback(departed) is False:
-            departed()
-        for info in replay:
-            yield _watch_response(CONNECTED, info)
-        while True:
-            item = events.get()
-            if item is _END:
-                return
-            yield _watch_response(*item)
+    def leave(self, reader):
+        """The caller's call ended (any thread, once or more)."""
+        with self._lock:
+            reader.end_at = -1
+            self._readers.discard(reader)
+            self._waiting.discard(reader)
+            if not self._readers:
+                self._ring = [None] * self.limit  # nobody needs them: let them go
+        reader.wake()
 
     def close(self):
-        """End every Watch stream (status OK), now and later: the server is stopping."""
-        self._watchers.close()
+        """End every reader after the events it has not read yet, now and later."""
+        with self._lock:
+            self._closed = True
+            readers = list(self._readers)
+            for reader in readers:
+                if reader.end_at is None:
+                    reader.end_at = self._next
+        for reader in readers:
+            reader.wake()
+
+    def next_batch(self, reader):
+        """The reader's next events, ``_END``, or ``_OVERFLOW`` when they are gone;
+        None when there is nothing yet (``reader.wake`` is called on the next change)."""
+        with self._lock:
+            end = self._next if reader.end_at is None else min(reader.end_at, self._next)
+            if reader.position is not None and reader.position < end:
+                if reader.position < self._next - self.limit:
+                    return _OVERFLOW
+                batch = [self._ring[n % self.limit] for n in range(reader.position, end)]
+                reader.position = end
+                return batch
+            if reader.end_at is not None:
+                return _END
+            self._waiting.add(reader)
+            return None
+
+    @property
+    def readers(self):
+        return len(self._readers)
 
 
 class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
-    """For grpc.aio: runs on the server's asyncio loop; a Watch costs no thread.
+    """Discovery for grpc.aio: runs on the server's asyncio loop; a Watch costs no thread.
 
-    ``tokens`` (ProxyTokens), if given, decides who sees which ids.
+    ``tokens`` (ProxyTokens), if given, decides who sees which ids.  The event log
+    follows the registry from the first Watch on (subscribed on the reactor thread).
     """
 
-    def __init__(self, reactor, registry, tokens=None):
+    _log = Logger()
+
+    def __init__(self, reactor, registry, tokens=None, queue_limit=WATCH_QUEUE_LIMIT):
         self._reactor = reactor
         self._registry = registry
         self._tokens = tokens
-        self._watchers = _Watchers()
+        self._events = _EventLog(queue_limit)
+        self._unsubscribe = None  # reactor thread only
+
+    def _join(self, reader, replay):
+        """Reactor thread: join the log; the entries to replay (sorted), None when
+        the call is to end now."""
+        if not self._events.join(reader):
+            return None
+        if self._unsubscribe is None:
+            self._unsubscribe = self._registry.subscribe(self._events.append, updates=True)
+        if not replay:
+            return ()
+        snapshot = self._registry.snapshot
+        return [snapshot[i] for i in sorted(snapshot)]
+
+    def _fell_behind(self, context):
+        self._reactor.callFromThread(
+            self._log.warn,
+            "Discovery Watch from {peer} fell more than {limit} events behind; "
+            "ending it with RESOURCE_EXHAUSTED",
+            peer=context.peer(),
+            limit=self._events.limit,
+        )
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, _overflow_details(self._events.limit)
+
+    @staticmethod
+    def _responses(batch, visible, updates):
+        return [_watch_response(kind, info) for kind, info in batch
+                if visible(info.client_id) and (updates or kind != UPDATED)]
+
+    def watching(self):
+        """Watch calls in progress (that have joined the event log)."""
+        return self._events.readers
+
+    def close(self):
+        """End every Watch stream (status OK), now and later: the server is stopping."""
+        self._events.close()
+        self._reactor.callFromThread(self._stop_following)
+
+    def _stop_following(self):
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
 
     async def _visible(self, context):
         visible = visible_ids(self._tokens, context.invocation_metadata())
@@ -212,35 +266,38 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def WatchGRPCServer(self, request, context):
         visible = await self._visible(context)
         loop = asyncio.get_running_loop()
-        events = asyncio.Queue()
+        arrived = asyncio.Event()
 
-        def push(item):  # any thread
+        def wake():  # any thread
             try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
+                loop.call_soon_threadsafe(arrived.set)
             except RuntimeError:
                 pass  # the loop is closed: the server is gone
 
-        subscription = _Subscription(self._registry, push, visible)
-        if not self._watchers.add(push):
-            return
+        reader = _Reader(wake, updates=request.updates)
         try:
             try:
-                replay = await await_in_reactor(self._reactor, subscription.start,
+                replay = await await_in_reactor(self._reactor, self._join, reader,
                                                 request.replay, timeout=SUBSCRIBE_TIMEOUT)
             except (ReactorUnavailable, TimeoutError) as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     f"multiplexer is shutting down: {e}")
+            if replay is None:
+                return
             for info in replay:
-                await context.write(_watch_response(CONNECTED, info))
+                if visible(info.client_id):
+                    await context.write(_watch_response(CONNECTED, info))
             while True:
-                item = await events.get()
-                if item is _END:
+                batch = self._events.next_batch(reader)
+                if batch is None:
+                    await arrived.wait()
+                    arrived.clear()
+                    continue
+                if batch is _END:
                     return
-                await context.write(_watch_response(*item))
+                if batch is _OVERFLOW:
+                    await context.abort(*self._fell_behind(context))
+                for response in self._responses(batch, visible, reader.updates):
+                    await context.write(response)
         finally:  # also when the caller cancels: the task is cancelled
-            self._watchers.discard(push)
-            self._reactor.callFromThread(subscription.end)
-
-    def close(self):
-        """End every Watch stream (status OK), now and later: the server is stopping."""
-        self._watchers.close()
+            self._events.leave(reader)

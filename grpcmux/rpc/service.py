@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-from grpcmux.rpc.discovery import AsyncDiscoveryServicer
+from grpcmux.rpc.discovery import WATCH_QUEUE_LIMIT, AsyncDiscoveryServicer
 
 DISCOVERY_SERVICE = discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name
 LOCAL_SERVICES = (DISCOVERY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -29,15 +29,20 @@ _START_TIMEOUT = 10.0
 
 
 class LocalServices:
-    """A grpc.aio server with Discovery, health and reflection on ``unix:<socket_path>``."""
+    """A grpc.aio server with Discovery, health and reflection on ``unix:<socket_path>``.
+
+    ``watch_queue_limit``: registry changes kept for Discovery Watch callers.
+    """
 
     _log = Logger()
 
-    def __init__(self, reactor, registry, socket_path, tokens=None):
+    def __init__(self, reactor, registry, socket_path, tokens=None,
+                 watch_queue_limit=WATCH_QUEUE_LIMIT):
         self._reactor = reactor
         self._registry = registry
         self.socket_path = socket_path
         self._tokens = tokens
+        self._watch_queue_limit = watch_queue_limit
         self._loop = None
         self._thread = None
         self._server = None
@@ -69,7 +74,8 @@ class LocalServices:
             loop.close()
 
     async def _start(self):
-        self._discovery = AsyncDiscoveryServicer(self._reactor, self._registry, self._tokens)
+        self._discovery = AsyncDiscoveryServicer(self._reactor, self._registry, self._tokens,
+                                                 self._watch_queue_limit)
         self._health = health.aio.HealthServicer()
         server = grpc.aio.server()
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(self._discovery, server)

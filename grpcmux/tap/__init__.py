@@ -30,6 +30,7 @@ from twisted.python.components import Componentized
 
 from grpcmux import config
 from grpcmux import logging as grpcmux_logging
+from grpcmux.listening import StartupError
 from grpcmux.malloc import tune_malloc
 
 
@@ -82,6 +83,45 @@ class SettingsOptions(usage.Options):
         self._home = home
         self._etc_dir = etc_dir
         self.settings: Any = None
+        self.warnings: list = []  # logged once logging is set up
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """Parse exact option names only; under twistd, a mistake is one line.
+
+        twistd answers a UsageError with the whole usage (about 100 lines) before
+        the one useful line; the line and a pointer to ``--help`` are enough.
+        """
+        argv = sys.argv[1:] if options is None else list(options)
+        try:
+            self._refuse_abbreviations(argv)
+            super().parseOptions(argv)
+        except usage.UsageError as error:
+            if self.parent is None:
+                raise  # called directly (tests, tools): the caller reports it
+            command = f"twistd {self.parent.subCommand}"
+            sys.stderr.write(f"{command}: {error} (see '{command} --help')\n")
+            raise SystemExit(1)
+
+    def _refuse_abbreviations(self, argv: Sequence[str]) -> None:
+        """getopt takes any unique prefix (``--proxy-listen``); take whole names.
+
+        Scans *argv* as getopt does: up to ``--`` or the first non-option, skipping
+        the values of options that take one.  (The taps have no short options;
+        getopt refuses any.)
+        """
+        names = {name.rstrip("=") for name in self.longOpt}
+        takes_value = {name[:-1] for name in self.longOpt if name.endswith("=")}
+        args = iter(argv)
+        for arg in args:
+            if arg == "--" or not arg.startswith("--"):
+                return
+            name, equals, _ = arg[2:].partition("=")
+            if name not in names:
+                close = config.nearest(name, names)
+                hint = f"; did you mean --{close}?" if close else ""
+                raise usage.UsageError(f"no such option --{name}{hint}")
+            if name in takes_value and not equals:
+                next(args, None)
 
     def given_flags(self) -> dict:
         """The options given on the command line, by attribute name."""
@@ -104,6 +144,7 @@ class SettingsOptions(usage.Options):
             )
         except config.ConfigError as error:
             raise usage.UsageError(str(error))
+        self.warnings = config.environment_warnings(self._environ)
 
 
 class TwistdRoot(MultiService):
@@ -138,7 +179,40 @@ class TwistdRoot(MultiService):
 
     def startService(self) -> None:
         grpcmux_logging.bridge_stdlib_logging(self.settings.log_level)
-        super().startService()
+        try:
+            super().startService()
+        except StartupError as error:
+            grpcmux_logging.unbridge_stdlib_logging()
+            if self._twistd_options is None:
+                raise  # not under twistd: the caller reports it
+            self._fail_start(str(error))
+
+    def _fail_start(self, message: str) -> None:
+        """End twistd with *message* as its one line, status 1, no traceback.
+
+        Logged at error level; shown on stderr as well unless the log already goes
+        to stdout; a daemonizing twistd's parent gets it through its status pipe
+        (cut at a word, as the pipe takes 100 bytes).  The pid file twistd wrote is
+        removed, as twistd does on its own failures.
+        """
+        self._log.error("{message}", message=message)
+        options = self._twistd_options
+        status_pipe = options.get("statusPipe")
+        if status_pipe is not None:
+            options["statusPipe"] = None
+            os.write(status_pipe, b"1 " + _cut(message.encode("ascii", "replace"), 98))
+            os.close(status_pipe)
+        elif self.observer is None or not _logs_to_stdout(options):
+            # twistd has pointed sys.stderr at the log by now: the terminal's is __stderr__
+            sys.__stderr__.write(message + "\n")
+            sys.__stderr__.flush()
+        pidfile = options.get("pidfile")
+        if pidfile:
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
+        raise SystemExit(1)
 
     def _exit_cleanly(self) -> None:
         """After a graceful stop, let twistd exit 0 rather than re-raise SIGTERM.
@@ -162,6 +236,13 @@ class TwistdRoot(MultiService):
         return d
 
 
+def _cut(text: bytes, limit: int) -> bytes:
+    """*text*, cut at a space with "..." if longer than *limit* bytes."""
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3].rsplit(b" ", 1)[0] + b"..."
+
+
 def twistd_observer(twistd_options: Any, level: str, fmt: str) -> ILogObserver:
     """The observer twistd should log to: twistd's destination, our level/format.
 
@@ -177,7 +258,7 @@ def twistd_observer(twistd_options: Any, level: str, fmt: str) -> ILogObserver:
         legacy = syslog.SyslogObserver(opts.get("prefix") or "twisted").emit
         return grpcmux_logging.filter_observer(LegacyLogObserverWrapper(legacy), level)
     logfile = opts.get("logfile") or ""
-    if twistd_options is None or logfile == "-" or (opts.get("nodaemon") and not logfile):
+    if twistd_options is None or _logs_to_stdout(opts):
         out = sys.stdout
     else:
         from twisted.python.logfile import LogFile
@@ -185,6 +266,14 @@ def twistd_observer(twistd_options: Any, level: str, fmt: str) -> ILogObserver:
         out = LogFile.fromFullPath(os.path.abspath(logfile or "twistd.log"))
         _rotate_on_sigusr1(out)
     return grpcmux_logging.make_observer(out, level, fmt)
+
+
+def _logs_to_stdout(twistd_options: Any) -> bool:
+    """Whether twistd's log goes to stdout (``--logfile=-``, or -n without one)."""
+    if twistd_options.get("syslog"):
+        return False
+    logfile = twistd_options.get("logfile") or ""
+    return logfile == "-" or bool(twistd_options.get("nodaemon") and not logfile)
 
 
 def _rotate_on_sigusr1(logfile: Any) -> None:
@@ -216,4 +305,6 @@ def make_twistd_service(
         log.info("using config file {config_file}", config_file=settings.config)
     else:
         log.info("no config file found; using flags, environment and defaults")
+    for warning in getattr(options, "warnings", ()):
+        log.warn("{warning}", warning=warning)
     return root

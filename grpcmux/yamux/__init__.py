@@ -18,12 +18,13 @@ from .errors import (
 )
 from .endpoints import YamuxStreamClientEndpoint
 from .session import YamuxFactory, YamuxSession
-from .stream import YamuxStream
+from .stream import StreamState, YamuxStream
 
 __all__ = [
     "YamuxSession",
     "YamuxFactory",
     "YamuxStream",
+    "StreamState",
     "YamuxStreamClientEndpoint",
     "GoAwaySent",
     "StreamAddress",

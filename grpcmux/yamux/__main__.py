@@ -23,7 +23,7 @@ grpc-multiplexer handshake, over the first outer stream (opened by drive);
 the streams are then opened on the inner session.
 
 Both modes send DATA frames as large as the window (as Go does), use big
-TCP buffers (YamuxSession tunes its transport, see session.tune_transport)
+TCP buffers (grpcmux.tuning.tune_transport, as the server and client use)
 and take received data as memoryviews (YamuxStream.deliver_views; the echo
 writes them back, the drive compares them: neither needs a copy): they exist
 to be measured against the Go peer.
@@ -45,6 +45,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from ..malloc import tune_malloc
+from ..tuning import tune_transport
 from .config import YamuxConfig
 from .errors import GoAwayReceived, ProtocolError, RemoteGoAwayError, YamuxConfigError
 from .session import YamuxSession
@@ -218,7 +219,7 @@ def run_echo(reactor, args, config):
     else:
         stream_factory = echo_factory
     connection = _OneConnection(
-        lambda: YamuxSession(is_client, stream_factory, config, reactor))
+        lambda: YamuxSession(is_client, stream_factory, config, reactor, tune_transport))
     host, port = args.listen
     try:
         listening = yield TCP4ServerEndpoint(reactor, port, interface=host).listen(connection)
@@ -363,7 +364,8 @@ def run_drive(reactor, args, config):
     """Connect, drive the streams, print the JSON line and return the exit code."""
     is_client = args.role == "client"
     endpoint = TCP4ClientEndpoint(reactor, *args.connect, timeout=10)
-    factory = Factory.forProtocol(lambda: YamuxSession(is_client, None, config, reactor))
+    factory = Factory.forProtocol(
+        lambda: YamuxSession(is_client, None, config, reactor, tune_transport))
     try:
         outer = yield endpoint.connect(factory)
     except Exception as exc:  # refused, unreachable, unresolvable, timed out

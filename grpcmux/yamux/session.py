@@ -1,16 +1,13 @@
 """YamuxSession: a yamux session as a Twisted protocol, and its factory.
 
 The session parses frames, keeps the stream table, hands peer-opened streams
-to ``stream_factory`` and sends: control frames (ACK, RST, PING, GO_AWAY,
-WINDOW_UPDATE) first, then DATA round-robin across streams, one bounded
-frame per stream per turn.  It registers itself as its transport's producer
-and sends no DATA while the transport has paused it.
+to ``stream_factory``, answers pings and handles GoAway; its ``Sender``
+(``sender.py``) writes control frames first, then DATA round-robin across
+streams.  It registers itself as its transport's producer and sends no DATA
+while the transport has paused it.
 """
 
-from collections import deque
-
 from twisted.internet import defer, error
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -37,7 +34,6 @@ from .frame import (
     GO_AWAY_INTERNAL_ERROR,
     GO_AWAY_NORMAL,
     GO_AWAY_PROTOCOL_ERROR,
-    INITIAL_STREAM_WINDOW,
     MAX_STREAM_ID,
     TYPE_GO_AWAY,
     TYPE_PING,
@@ -45,13 +41,8 @@ from .frame import (
     FrameParser,
     encode_header,
 )
+from .sender import Sender
 from .stream import YamuxStream
-
-# DATA bytes sent in one flush before yielding to the reactor (fairness with
-# everything else the reactor runs; transports that never pause, too).
-_FLUSH_BUDGET = 1024 * 1024
-# Collected frames are handed to the transport at least this often in a flush.
-_WRITE_SIZE = 256 * 1024
 
 
 @implementer(IPushProducer)
@@ -73,12 +64,17 @@ class YamuxSession(Protocol):
 
     Public state: ``is_client``, ``config``, ``stream_factory`` (replaceable),
     ``streams`` (id -> YamuxStream, read-only use), ``closed``,
-    ``go_away_received``, ``go_away_sent``, ``clock``.
+    ``go_away_received``, ``go_away_sent``, ``clock``, ``sender``.
+
+    ``tune_transport``, if given, is called with the transport in
+    ``connectionMade``: socket tuning belongs to the application (see
+    ``grpcmux.tuning``), not to the protocol.
     """
 
     _log = Logger()
 
-    def __init__(self, is_client, stream_factory=None, config=None, clock=None):
+    def __init__(self, is_client, stream_factory=None, config=None, clock=None,
+                 tune_transport=None):
         self.is_client = bool(is_client)
         self.stream_factory = stream_factory
         self.config = config if config is not None else YamuxConfig()
@@ -87,19 +83,10 @@ class YamuxSession(Protocol):
         self.closed = False
         self.go_away_received = False
         self.go_away_sent = False
+        self._tune_transport = tune_transport
         self._next_stream_id = 1 if self.is_client else 2
         self._parser = FrameParser(self)
-        self._control = []
-        self._ready = deque()
-        self._writing_paused = False
-        self._reading_paused = False
-        self._paused_control_bytes = 0
-        self._in_receive = False
-        self._flushing = False
-        self._flush_call = None
-        self._out = None  # while flushing: the pieces of the next transport write
-        self._out_len = 0
-        self._out_control = 0  # control bytes among them
+        self.sender = Sender(self, self._control_written)
         self._unacked_incoming = 0
         self._stream_limit_logged = False
         self._pings = {}
@@ -128,7 +115,8 @@ class YamuxSession(Protocol):
 
     def connectionMade(self):
         self.transport.registerProducer(self, True)
-        tune_transport(self.transport)
+        if self._tune_transport is not None:
+            self._tune_transport(self.transport)
         if self.config.enable_keepalive:
             self._schedule_keepalive()
 
@@ -136,23 +124,24 @@ class YamuxSession(Protocol):
         self.bytes_received += len(data)
         if self.closed:
             return
-        self._in_receive = True
+        sender = self.sender
+        sender.receiving = True
         try:
             self._parser.feed(data)
         except ProtocolError as exc:
-            self._in_receive = False
+            sender.receiving = False
             self._log.warn("yamux protocol error from {peer}: {error}",
                            peer=self._peer_address(), error=exc)
             self._fail(exc, GO_AWAY_PROTOCOL_ERROR)
             return
         except Exception as exc:
-            self._in_receive = False
+            sender.receiving = False
             self._log.failure("yamux session failed while receiving")
             self._fail(exc, GO_AWAY_INTERNAL_ERROR)
             return
-        self._in_receive = False
+        sender.receiving = False
         if not self.closed:
-            self._flush()
+            sender.flush()
 
     def connectionLost(self, reason=None):
         if not self.closed:
@@ -168,7 +157,7 @@ class YamuxSession(Protocol):
         self._next_stream_id = stream_id + 2
         stream = YamuxStream(self, stream_id)
         self.streams[stream_id] = stream
-        self._send_control(self._window_open_frame(stream, FLAG_SYN))
+        self.sender.send_control(stream._open_frame(FLAG_SYN))
         stream._open_timer = self.clock.callLater(
             self.config.stream_open_timeout, self._open_timed_out, stream
         )
@@ -186,7 +175,7 @@ class YamuxSession(Protocol):
         timeout = clock.callLater(
             self.config.connection_write_timeout, self._ping_timed_out, ping_id)
         self._pings[ping_id] = (result, clock.seconds(), timeout)
-        self._send_control(encode_header(TYPE_PING, FLAG_SYN, 0, ping_id))
+        self.sender.send_control(encode_header(TYPE_PING, FLAG_SYN, 0, ping_id))
         return result
 
     def go_away(self, code=GO_AWAY_NORMAL):
@@ -194,7 +183,7 @@ class YamuxSession(Protocol):
         if self.closed:
             return
         self.go_away_sent = True
-        self._send_control(encode_header(TYPE_GO_AWAY, 0, 0, code))
+        self.sender.send_control(encode_header(TYPE_GO_AWAY, 0, 0, code))
 
     def close(self, code=GO_AWAY_NORMAL):
         """Send GoAway(code), then close the transport; streams get connectionLost."""
@@ -238,18 +227,13 @@ class YamuxSession(Protocol):
     # -- IPushProducer (the transport's write side) ------------------------
 
     def pauseProducing(self):
-        self._writing_paused = True
+        self.sender.pause()
 
     def resumeProducing(self):
-        self._writing_paused = False
-        self._paused_control_bytes = 0
-        if self._reading_paused and not self.closed:
-            self._reading_paused = False
-            self.transport.resumeProducing()
-        self._flush()
+        self.sender.resume()
 
     def stopProducing(self):
-        self._writing_paused = True
+        self.sender.pause()
 
     # -- frame handler (called by FrameParser) -----------------------------
 
@@ -259,7 +243,7 @@ class YamuxSession(Protocol):
             return self._stream_frame(header)
         if ftype == TYPE_PING:
             if header.flags & FLAG_SYN:
-                self._send_control(encode_header(TYPE_PING, FLAG_ACK, 0, header.length))
+                self.sender.send_control(encode_header(TYPE_PING, FLAG_ACK, 0, header.length))
             elif header.flags & FLAG_ACK:
                 self._ping_answered(header.length)
             return False
@@ -294,28 +278,7 @@ class YamuxSession(Protocol):
         if stream is None:
             # Unknown or closed stream (Go sends updates for closed ones): ignore.
             return False
-        if flags & FLAG_ACK:
-            stream._remote_ack()
-        if flags & FLAG_RST:
-            stream._remote_rst()
-            return False
-        if header.type == TYPE_WINDOW_UPDATE:
-            stream._window_update(header.length)
-            if flags & FLAG_FIN and not stream.disconnected:
-                stream._remote_fin()
-            return False
-        length = header.length
-        if length > stream._recv_window:
-            raise ProtocolError(
-                f"stream {stream_id}: {length} bytes exceed the receive window "
-                f"({stream._recv_window} left)"
-            )
-        stream._recv_window -= length
-        if length:
-            return True
-        if flags & FLAG_FIN and not stream.disconnected:
-            stream._remote_fin()
-        return False
+        return stream._header_received(header)
 
     def _incoming_stream(self, stream_id):
         if stream_id == 0 or (stream_id & 1) == self.is_client:
@@ -348,10 +311,10 @@ class YamuxSession(Protocol):
             self._send_rst(stream_id)
             return None
         stream = YamuxStream(self, stream_id)
-        stream.established = True
+        stream._move(FLAG_SYN, False)
         self.streams[stream_id] = stream
         self._unacked_incoming += 1
-        self._send_control(self._window_open_frame(stream, FLAG_ACK))
+        self.sender.send_control(stream._open_frame(FLAG_ACK))
         try:
             stream._attach(protocol)
         except Exception:
@@ -363,118 +326,13 @@ class YamuxSession(Protocol):
 
     # -- sending -----------------------------------------------------------
 
-    def _window_open_frame(self, stream, flag):
-        """The SYN/ACK window update, advertising any window above 256 KiB."""
-        delta = self.config.max_stream_window_size - INITIAL_STREAM_WINDOW
-        stream._recv_window += delta
-        return encode_header(TYPE_WINDOW_UPDATE, flag, stream.stream_id, delta)
-
     def _send_rst(self, stream_id):
-        self._send_control(encode_header(TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
+        """Refuse a stream the peer opened (no YamuxStream was made for it)."""
+        self.sender.send_control(encode_header(TYPE_WINDOW_UPDATE, FLAG_RST, stream_id, 0))
 
-    def _send_control(self, frame):
-        """Queue a control frame; written at once unless a receive or flush is running."""
-        if self.closed:
-            return
-        self._control.append(frame)
-        if not self._in_receive and not self._flushing:
-            self._write_control()
-
-    def _write_control(self):
-        control = self._control
-        self._control = []
+    def _control_written(self):
+        # The ACKs queued so far are on their way: the accept backlog starts over.
         self._unacked_incoming = 0
-        data = control[0] if len(control) == 1 else b"".join(control)
-        self.bytes_sent += len(data)
-        if self._out is not None:
-            self._out.append(data)
-            self._out_len += len(data)
-            self._out_control += len(data)
-        else:
-            self.transport.write(data)
-            self._control_written(len(data))
-
-    def _control_written(self, count):
-        """Count control bytes that went into a full transport (this write may have
-        filled it); past max_control_buffer, stop reading: a peer that is not reading
-        cannot keep making us answer (pings, window updates) into its buffer."""
-        if self._writing_paused:
-            self._paused_control_bytes += count
-            if (self._paused_control_bytes > self.config.max_control_buffer
-                    and not self._reading_paused):
-                self._reading_paused = True
-                self.transport.pauseProducing()
-
-    def _schedule(self, stream):
-        """Put ``stream`` in the round-robin queue and make sure a flush comes."""
-        if not stream._scheduled and not self.closed:
-            stream._scheduled = True
-            self._ready.append(stream)
-            if self._flush_call is None and not self._in_receive and not self._flushing:
-                self._flush_call = self.clock.callLater(0, self._flush)
-
-    def _flush(self):
-        """Write control frames, then DATA round-robin while the transport takes it.
-
-        The frames are collected (headers, and bodies as views into the streams'
-        buffers) and handed to the transport joined, one write per _WRITE_SIZE
-        or less: a Twisted transport joins whatever is pending into one bytes
-        before send(), so a single pending bytes is sent as it is, with no copy
-        besides our join.  Past _WRITE_SIZE the transport gets what is collected,
-        so a full transport pauses the flush as before.
-        """
-        call, self._flush_call = self._flush_call, None
-        if call is not None and call.active():
-            call.cancel()
-        if self._flushing or self.closed:
-            return
-        self._flushing = True
-        self._out = out = []
-        self._out_len = 0
-        try:
-            if self._control:
-                self._write_control()
-            ready = self._ready
-            limit = self.config.max_frame_size
-            budget = _FLUSH_BUDGET
-            while ready and not self.closed:
-                if self._out_len >= _WRITE_SIZE:
-                    self._write_out()
-                if self._writing_paused or self.closed:
-                    break
-                if budget <= 0:
-                    self._flush_call = self.clock.callLater(0, self._flush)
-                    break
-                stream = ready.popleft()
-                stream._scheduled = False
-                if stream.disconnected:
-                    continue
-                before = stream._send_len
-                counted = self.bytes_sent
-                more = stream._send_turn(limit, out)
-                budget -= before - stream._send_len + 1
-                self._out_len += self.bytes_sent - counted
-                if self._control and not self.closed:
-                    self._write_control()
-                if more and not stream._scheduled:
-                    stream._scheduled = True
-                    ready.append(stream)
-        finally:
-            self._flushing = False
-            self._write_out()
-            self._out = None
-
-    def _write_out(self):
-        """Hand what the flush collected to the transport as one bytes."""
-        out = self._out
-        if out:
-            data = b"".join(out)
-            out.clear()
-            self._out_len = 0
-            control, self._out_control = self._out_control, 0
-            self.transport.write(data)
-            if control:
-                self._control_written(control)
 
     # -- streams -----------------------------------------------------------
 
@@ -550,24 +408,13 @@ class YamuxSession(Protocol):
         """End the session: flush control frames, drop streams, timers and the transport."""
         if self.closed:
             return
-        if self._control and self.transport is not None and not abort:
-            self._write_control()
-        if self._out:
-            # Shut down during a flush: what it collected goes before the close.
-            if abort or self.transport is None:
-                self._out.clear()
-            else:
-                self._write_out()
+        self.sender.stop(write=self.transport is not None and not abort)
         self.closed = True
         self._close_reason = reason
         self._parser.stop()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
         if self._keepalive_call is not None and self._keepalive_call.active():
             self._keepalive_call.cancel()
         self._keepalive_call = None
-        self._ready.clear()
         stream_reason = SessionClosed(f"session closed: {reason}" if reason else "session closed")
         for stream in list(self.streams.values()):
             stream._finish(stream_reason)
@@ -590,37 +437,17 @@ class YamuxSession(Protocol):
 class YamuxFactory(Factory):
     """Builds a YamuxSession per connection, all with the same settings."""
 
-    def __init__(self, is_client, stream_factory=None, config=None, clock=None):
+    def __init__(self, is_client, stream_factory=None, config=None, clock=None,
+                 tune_transport=None):
         self.is_client = is_client
         self.stream_factory = stream_factory
         self.config = config
         self.clock = clock
+        self.tune_transport = tune_transport
 
     def buildProtocol(self, addr):
-        session = YamuxSession(self.is_client, self.stream_factory, self.config, self.clock)
+        session = YamuxSession(self.is_client, self.stream_factory, self.config, self.clock,
+                               self.tune_transport)
         session.factory = self
         return session
 
-
-
-# Bytes per recv(), per send(), and buffered before the producer is paused, on the
-# transports that carry a tunnel's bytes. Twisted's 64 KiB (128 KiB per send) costs a
-# reactor turn per 64 KiB at hundreds of MB/s; one default window (256 KiB) moved a
-# 16 MiB server stream through grpcmux about 1.3x faster (benchmarks/grpc_bench.py).
-IO_SIZE = 256 * 1024
-
-
-def tune_transport(transport):
-    """Turn Nagle off on a TCP (or TLS over TCP) transport and size its I/O in bulk.
-
-    Frames are written whole, so nothing gains from coalescing; with Nagle on, a
-    small write behind unacknowledged data (a call's HEADERS after the previous
-    reply) waits for the peer's delayed ACK: 40 ms per unary call, measured.
-    Transports without these knobs (a yamux stream, a test's fake) are left alone.
-    """
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        set_no_delay(True)
-    if isinstance(transport, FileDescriptor):
-        transport.bufferSize = IO_SIZE
-        transport.SEND_LIMIT = IO_SIZE

@@ -1,12 +1,15 @@
 """YamuxStream: one yamux stream as a Twisted transport.
 
+The stream's place in the protocol is one ``StreamState`` (hashicorp/yamux's
+stream states), moved only by ``transition`` on the flags sent and received.
 Outbound bytes are buffered per stream and sent by the session's round-robin
-scheduler within the peer's window; the registered producer is paused while
+sender within the peer's window; the registered producer is paused while
 the window is spent or the buffer is above its high-water mark.  Inbound bytes
 are delivered while the stream is producing and buffered (at most one window)
 while it is paused; the receive window is credited only for bytes delivered.
 """
 
+import enum
 from collections import deque
 
 from twisted.internet import error
@@ -21,15 +24,64 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .address import StreamAddress
-from .errors import StreamReset
+from .errors import ProtocolError, StreamReset
 from .frame import (
+    FLAG_ACK,
     FLAG_FIN,
+    FLAG_RST,
+    FLAG_SYN,
     HEADER_SIZE,
     INITIAL_STREAM_WINDOW,
+    MAX_STREAM_WINDOW,
     TYPE_DATA,
     TYPE_WINDOW_UPDATE,
     encode_header,
 )
+
+
+class StreamState(enum.IntEnum):
+    """Where a stream is in the protocol (hashicorp/yamux ``streamState``)."""
+
+    INIT = 0
+    SYN_SENT = 1
+    SYN_RECEIVED = 2
+    ESTABLISHED = 3
+    LOCAL_CLOSE = 4  # our FIN is sent; the peer may still send
+    REMOTE_CLOSE = 5  # the peer's FIN arrived; we may still send
+    CLOSED = 6  # both FINs, or the session ended
+    RESET = 7
+
+
+INIT, SYN_SENT, SYN_RECEIVED, ESTABLISHED, LOCAL_CLOSE, REMOTE_CLOSE, CLOSED, RESET = StreamState
+_OPEN = frozenset((SYN_SENT, SYN_RECEIVED, ESTABLISHED))
+_FIN_SENT = frozenset((LOCAL_CLOSE, CLOSED))
+_FIN_RECEIVED = frozenset((REMOTE_CLOSE, CLOSED))
+_ENDED = frozenset((CLOSED, RESET))
+
+
+def transition(state, flags, sent):
+    """The state after a frame with ``flags`` was sent (``sent``) or received.
+
+    SYN opens (INIT -> SYN_SENT / SYN_RECEIVED); the ACK answering it
+    establishes; a FIN closes one direction, the second FIN both; RST resets
+    from anywhere.  What does not apply leaves the state as it is: an ACK or
+    SYN on an open stream, a repeated FIN (ignored, as before), anything after
+    CLOSED or RESET (late frames of a stream that is gone).
+    """
+    if flags & FLAG_RST:
+        return RESET
+    if state >= CLOSED:
+        return state
+    if flags & FLAG_SYN and state is INIT:
+        state = SYN_SENT if sent else SYN_RECEIVED
+    if flags & FLAG_ACK and state is (SYN_RECEIVED if sent else SYN_SENT):
+        state = ESTABLISHED
+    if flags & FLAG_FIN:
+        if state in _OPEN:
+            state = LOCAL_CLOSE if sent else REMOTE_CLOSE
+        elif state is (REMOTE_CLOSE if sent else LOCAL_CLOSE):
+            state = CLOSED
+    return state
 
 
 def _bytes_view(data):
@@ -53,26 +105,24 @@ class YamuxStream:
     def __init__(self, session, stream_id):
         config = session.config
         self.session = session
+        self._sender = session.sender
         self.stream_id = stream_id
+        self.state = INIT
         self.protocol = None
         self.connected = False
-        self.disconnecting = False
-        self.disconnected = False
-        self.established = False
+        self.disconnecting = False  # loseConnection called (or the stream ended)
+        self.disconnected = False  # connectionLost delivered
         self.producer = None
         self.deliver_views = False
         self._streaming = True
         self._producer_paused = False
         self._high_water = config.max_stream_send_buffer
-        # Send side: the peer's window, our buffer, FIN state.
+        # Send side: the peer's window, our buffer, whether a FIN is to follow it.
         self._send_window = INITIAL_STREAM_WINDOW
         self._send_buf = deque()
         self._send_head = 0  # bytes of _send_buf[0] already sent
         self._send_len = 0
         self._write_closed = False
-        self._fin_sent = False
-        self._close_requested = False
-        self._scheduled = False
         # Receive side: what the peer may still send, credit not yet granted.
         self._recv_max = config.max_stream_window_size
         self._recv_window = INITIAL_STREAM_WINDOW
@@ -80,13 +130,30 @@ class YamuxStream:
         self._recv_buf = bytearray()  # one buffer: tiny frames cost no per-chunk overhead
         self._reading_paused = False
         self._draining = False
-        self._fin_received = False
-        self._read_closed = False
+        self._read_closed = False  # the end of reading was delivered (or dropped)
         self._open_timer = None
         self._close_timer = None
 
     def __repr__(self):
-        return f"<YamuxStream {self.stream_id} of {self.session!r}>"
+        return f"<YamuxStream {self.stream_id} {self.state.name} of {self.session!r}>"
+
+    @property
+    def established(self):
+        """True once the peer acknowledged the stream (or opened it)."""
+        return self.state > SYN_SENT and self.state != SYN_RECEIVED
+
+    @property
+    def send_window(self):
+        """Bytes the peer's window lets this stream send now."""
+        return self._send_window
+
+    @property
+    def receive_window(self):
+        """Bytes the peer may still send before our next window update."""
+        return self._recv_window
+
+    def _move(self, flags, sent):
+        self.state = transition(self.state, flags, sent)
 
     # -- ITransport / IConsumer --------------------------------------------
 
@@ -102,7 +169,7 @@ class YamuxStream:
         self._send_buf.append(data)
         self._send_len += len(data)
         if self._send_window > 0:
-            self.session._schedule(self)
+            self._sender.schedule(self)
         if self.producer is not None:
             self._check_producer()
 
@@ -116,23 +183,22 @@ class YamuxStream:
         if self.disconnected or self._write_closed:
             return
         self._write_closed = True
-        self.session._schedule(self)
+        self._sender.schedule(self)
 
     def loseConnection(self):
         """FIN after the buffered data; connectionLost once the peer's FIN arrived."""
         if self.disconnected or self.disconnecting:
             return
         self.disconnecting = True
-        self._close_requested = True
         # Nothing more is delivered; whatever arrives is still credited so the
         # peer can finish and send its FIN.
         buffered = len(self._recv_buf)
         self._recv_buf.clear()
-        if self._fin_received:
+        if self.state in _FIN_RECEIVED:
             self._read_closed = True
         if buffered:
             self._add_credit(buffered)
-        if self._fin_sent:
+        if self.state in _FIN_SENT:
             self._after_fin_sent()
         else:
             self.loseWriteConnection()
@@ -141,7 +207,7 @@ class YamuxStream:
         """Reset the stream now (RST); connectionLost(ConnectionAborted)."""
         if self.disconnected:
             return
-        self.session._send_rst(self.stream_id)
+        self._send_rst()
         self._finish(error.ConnectionAborted())
 
     def getPeer(self):
@@ -205,22 +271,31 @@ class YamuxStream:
     def _can_send(self):
         if self._send_len:
             return self._send_window > 0
-        return self._write_closed and not self._fin_sent
+        return self._write_closed and self.state not in _FIN_SENT
+
+    # -- the send window: granted by the peer's updates, spent by _send_turn ---
 
     def _window_update(self, delta):
-        self._send_window += delta
+        window = self._send_window + delta
+        if window > MAX_STREAM_WINDOW:
+            raise ProtocolError(
+                f"stream {self.stream_id}: window update of {delta} takes the send window "
+                f"past {MAX_STREAM_WINDOW} bytes")
+        self._send_window = window
         if self._can_send():
-            self.session._schedule(self)
+            self._sender.schedule(self)
         if self.producer is not None:
             self._check_producer()
 
     def _send_turn(self, limit, out):
-        """Append one frame of at most ``limit`` body bytes to ``out``; True if more can go.
+        """Append one frame of at most ``limit`` body bytes (and a due FIN) to ``out``.
 
-        The body goes into ``out`` as the buffered writes themselves or memoryviews
-        into them, never as copies: the session joins ``out`` into one transport
-        write, the only copy made of the body before the socket.
+        Returns (bytes appended, body bytes, whether more can go).  The body goes
+        into ``out`` as the buffered writes themselves or memoryviews into them,
+        never as copies: the sender joins ``out`` into one transport write, the
+        only copy made of the body before the socket.
         """
+        written = 0
         size = min(limit, self._send_window, self._send_len)
         if size > 0:
             out.append(encode_header(TYPE_DATA, 0, self.stream_id, size))
@@ -242,24 +317,25 @@ class YamuxStream:
             self._send_head = head
             self._send_len -= size
             self._send_window -= size
-            self.session.bytes_sent += size + HEADER_SIZE
-        fin = self._write_closed and not self._fin_sent and not self._send_len
-        if fin:
+            written = size + HEADER_SIZE
+        else:
+            size = 0
+        if self._write_closed and not self._send_len and self.state not in _FIN_SENT:
             # FIN travels on its own WINDOW_UPDATE, as Go sends it: some hashicorp/yamux
             # versions let a reader see the FIN of a DATA|FIN frame before its body and
             # report EOF with the last bytes unread.
-            self._fin_sent = True
+            self._move(FLAG_FIN, True)
             out.append(encode_header(TYPE_WINDOW_UPDATE, FLAG_FIN, self.stream_id, 0))
-            self.session.bytes_sent += HEADER_SIZE
+            written += HEADER_SIZE
             self._after_fin_sent()
         if self.producer is not None and not self.disconnected:
             self._check_producer()
-        return not self.disconnected and self._can_send()
+        return written, size, not self.disconnected and self._can_send()
 
     def _after_fin_sent(self):
         if self._read_closed:
             self._finish(error.ConnectionDone())
-        elif self._close_requested:
+        elif self.disconnecting:
             if self._close_timer is None:
                 self._close_timer = self.session.clock.callLater(
                     self.session.config.stream_close_timeout, self._close_timed_out
@@ -273,15 +349,53 @@ class YamuxStream:
         self._close_timer = None
         self._log.info("stream {stream_id}: no FIN from the peer after close, resetting",
                        stream_id=self.stream_id)
-        self.session._send_rst(self.stream_id)
+        self._send_rst()
         self._finish(StreamReset("no FIN from the peer within stream_close_timeout"))
 
     # -- inbound -----------------------------------------------------------
 
+    def _header_received(self, header):
+        """Apply a frame's flags and window; True if its DATA body is to be read.
+
+        Called by the session for every frame of this stream (SYN already
+        handled); a FIN on a DATA frame with a body waits for the body's end.
+        """
+        flags = header.flags
+        if flags & FLAG_ACK:
+            self._remote_ack()
+        if flags & FLAG_RST:
+            self._remote_rst()
+            return False
+        if header.type == TYPE_WINDOW_UPDATE:
+            self._window_update(header.length)
+        elif header.length:
+            self._spend_recv_window(header.length)
+            return True
+        if flags & FLAG_FIN and not self.disconnected:
+            self._remote_fin()
+        return False
+
+    # -- the receive window: spent by the peer's DATA, credited for delivered bytes
+
+    def _open_frame(self, flag):
+        """The SYN or ACK window update, advertising any window above 256 KiB."""
+        self._move(flag, True)
+        delta = self._recv_max - INITIAL_STREAM_WINDOW
+        self._recv_window += delta
+        return encode_header(TYPE_WINDOW_UPDATE, flag, self.stream_id, delta)
+
+    def _spend_recv_window(self, length):
+        if length > self._recv_window:
+            raise ProtocolError(
+                f"stream {self.stream_id}: {length} bytes exceed the receive window "
+                f"({self._recv_window} left)"
+            )
+        self._recv_window -= length
+
     def _data_received(self, chunk):
-        if self._fin_received:
+        if self.state in _FIN_RECEIVED:
             return  # the peer broke its own FIN; nothing more is read (no credit needed)
-        if self._close_requested:
+        if self.disconnecting:
             self._add_credit(len(chunk))
         elif self._reading_paused or self._recv_buf:
             self._recv_buf += chunk
@@ -302,10 +416,11 @@ class YamuxStream:
 
     def _add_credit(self, count):
         credit = self._credit + count
-        if credit >= self._recv_max >> 1 and not self._fin_received and not self.disconnected:
+        if (credit >= self._recv_max >> 1 and self.state not in _FIN_RECEIVED
+                and not self.disconnected):
             self._credit = 0
             self._recv_window += credit
-            self.session._send_control(encode_header(TYPE_WINDOW_UPDATE, 0, self.stream_id, credit))
+            self._sender.send_control(encode_header(TYPE_WINDOW_UPDATE, 0, self.stream_id, credit))
         else:
             self._credit = credit
 
@@ -319,16 +434,17 @@ class YamuxStream:
                 self._deliver(data)
         finally:
             self._draining = False
-        if not self._recv_buf and self._fin_received and not self._read_closed:
+        if not self._recv_buf and self.state in _FIN_RECEIVED and not self._read_closed:
             self._deliver_read_closed()
 
     def _remote_fin(self):
-        if self._fin_received:
-            return
-        self._fin_received = True
-        if self._close_requested:
+        before = self.state
+        self._move(FLAG_FIN, False)
+        if self.state is before:
+            return  # a repeated FIN
+        if self.disconnecting:
             self._read_closed = True
-            if self._fin_sent:
+            if self.state is CLOSED:
                 self._finish(error.ConnectionDone())
         elif not self._recv_buf:
             self._deliver_read_closed()
@@ -338,21 +454,26 @@ class YamuxStream:
         half = IHalfCloseableProtocol(self.protocol, None)
         if half is not None:
             half.readConnectionLost()
-            if self._fin_sent and not self.disconnected:
+            if self.state in _FIN_SENT and not self.disconnected:
                 self._finish(error.ConnectionDone())
-        elif self._fin_sent:
+        elif self.state in _FIN_SENT:
             self._finish(error.ConnectionDone())
         else:
             self.loseConnection()
 
     def _remote_ack(self):
-        self.established = True
+        self._move(FLAG_ACK, False)
         if self._open_timer is not None:
             self._open_timer.cancel()
             self._open_timer = None
 
     def _remote_rst(self):
+        self._move(FLAG_RST, False)
         self._finish(StreamReset(f"stream {self.stream_id} reset by the peer"))
+
+    def _send_rst(self):
+        self._move(FLAG_RST, True)
+        self._sender.send_control(encode_header(TYPE_WINDOW_UPDATE, FLAG_RST, self.stream_id, 0))
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -365,6 +486,8 @@ class YamuxStream:
         """Close for good: leave the session's table, tell the protocol once."""
         if self.disconnected:
             return
+        if self.state is not RESET:
+            self.state = CLOSED  # both FINs, or the session ended under the stream
         self.disconnected = True
         self.connected = False
         self.disconnecting = True

@@ -1,9 +1,11 @@
-"""Build the Go reference peers (``yamuxpeer``, ``legacyclient``, ``legacyserver``).
+"""Build the Go programs: the interop peers (``yamuxpeer``, ``legacyclient``,
+``legacyserver``) and the benchmark's ``echobackend`` and ``loadgen``.
 
 They are built in GOPATH mode from Debian's packages only (``golang-go``,
 ``golang-github-hashicorp-yamux-dev``, ``golang-google-grpc-dev``; ``.ci/run``
 installs them), with no network. This directory is linked into a private
-GOPATH as ``grpcmuxinterop`` so the programs can share ``legacy/grpcproxy``.
+GOPATH as ``grpcmuxinterop`` so the programs can share ``legacy/grpcproxy``,
+and ``benchmarks/go`` as ``grpcmuxbench`` (``benchpb``, ``cli``).
 Binaries, that GOPATH and Go's build cache live outside the checkout (a link
 inside it would make a loop for anything that copies the tree): in
 ``$GRPCMUX_GO_CACHE`` if set, else in a per-user, per-checkout temp directory.
@@ -22,11 +24,20 @@ from pathlib import Path
 
 INTEROP_DIR = Path(__file__).resolve().parent
 DEBIAN_GOPATH = Path("/usr/share/gocode")
-IMPORT_ROOT = "grpcmuxinterop"
+# Import root -> the source tree linked there in the private GOPATH.
+TREES = {
+    "grpcmuxinterop": INTEROP_DIR,
+    "grpcmuxbench": INTEROP_DIR.parents[1] / "benchmarks" / "go",
+}
+# Program -> its Go import path.
 PROGRAMS = {
-    "yamuxpeer": "yamuxpeer",
-    "legacyclient": "legacy/legacyclient",
-    "legacyserver": "legacy/legacyserver",
+    "yamuxpeer": "grpcmuxinterop/yamuxpeer",
+    "legacyclient": "grpcmuxinterop/legacy/legacyclient",
+    "legacyserver": "grpcmuxinterop/legacy/legacyserver",
+    "interopserver": "grpcmuxinterop/grpcinterop/server",
+    "interopclient": "grpcmuxinterop/grpcinterop/client",
+    "echobackend": "grpcmuxbench/echobackend",
+    "loadgen": "grpcmuxbench/loadgen",
 }
 # Go import path -> the Debian package that ships it.
 REQUIRED_SOURCES = {
@@ -81,7 +92,8 @@ def _go_build(name):
         )
     cache = cache_dir()
     gopath = cache / "gopath"
-    _link_sources(gopath / "src" / IMPORT_ROOT)
+    for root, tree in TREES.items():
+        _link_sources(gopath / "src" / root, tree)
     output = cache / "bin" / name
     output.parent.mkdir(parents=True, exist_ok=True)
     env = dict(
@@ -93,7 +105,7 @@ def _go_build(name):
         GOPROXY="off",
         CGO_ENABLED="0",  # no C compiler needed
     )
-    command = [go, "build", "-o", str(output), f"{IMPORT_ROOT}/{PROGRAMS[name]}"]
+    command = [go, "build", "-o", str(output), PROGRAMS[name]]
     try:
         result = subprocess.run(
             command,
@@ -112,11 +124,11 @@ def _go_build(name):
     return output
 
 
-def _link_sources(link):
-    """Point ``link`` at this directory (idempotent, safe if the checkout moved)."""
+def _link_sources(link, tree):
+    """Point ``link`` at ``tree`` (idempotent, safe if the checkout moved)."""
     link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() and Path(os.readlink(link)) == INTEROP_DIR:
+    if link.is_symlink() and Path(os.readlink(link)) == tree:
         return
     if link.is_symlink() or link.exists():
         link.unlink()
-    link.symlink_to(INTEROP_DIR, target_is_directory=True)
+    link.symlink_to(tree, target_is_directory=True)

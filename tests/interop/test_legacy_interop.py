@@ -12,7 +12,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-from grpcmux.client import Tunnel, TunnelClientService, _RetryPolicy
+from grpcmux.client import Tunnel, TunnelClientService
 from mux_stack import TIMEOUT
 from peers import Peer
 from rpc_backend import Backend, in_thread, invoke
@@ -79,7 +79,7 @@ async def go_server(reactor, legacy_server_program):
 def tunnel_to(reactor, server, backend, wire_protocol, **kwargs):
     tunnel = Tunnel(reactor, "rainbow", f"unix:{backend.socket_path}", server.multiplexer,
                     wire_protocol=wire_protocol,
-                    retry_policy=_RetryPolicy(backoffPolicy(initialDelay=0.05, maxDelay=0.5)),
+                    retry_policy=backoffPolicy(initialDelay=0.05, maxDelay=0.5),
                     **kwargs)
     service = TunnelClientService(reactor, tunnel)
     service.startService()
@@ -92,7 +92,7 @@ async def test_grpcmux_legacy_client_is_served_by_go_server(reactor, tmp_path, g
     service = tunnel_to(reactor, go_server, backend, "legacy")
     channel = grpc.insecure_channel(go_server.proxy)
     try:
-        await service.tunnel.when_admitted().addTimeout(TIMEOUT, reactor)
+        await service.when_connected().addTimeout(TIMEOUT, reactor)
         assert await in_thread(reactor, go_server.read_line) == "registered rainbow"
         for kind, request, expected in CALLS:
             result = await in_thread(reactor, invoke, channel, kind, request,
@@ -112,7 +112,7 @@ async def test_native_client_against_go_server_suggests_legacy(reactor, tmp_path
     backend = Backend(str(tmp_path / "backend.sock"))
     service = tunnel_to(reactor, go_server, backend, "native", handshake_timeout=5.0)
     refused = Deferred()
-    service.tunnel._report = lambda problem: refused.called or refused.callback(problem)
+    service.tunnel.add_problem_observer(lambda problem: refused.called or refused.callback(problem))
     try:
         problem = await refused.addTimeout(TIMEOUT, reactor)
     finally:

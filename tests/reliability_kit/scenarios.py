@@ -189,7 +189,7 @@ async def _probe_until_ok(reactor, server, client_id, limit=10.0, pause=0.05):
 
 def backoff_bound(downtime, initial=0.5, factor=1.5, maximum=30.0, jitter=1.0):
     """The longest wait, after a server came back, that the client's default backoff
-    (grpcmux.client._RetryPolicy) allows: its attempt in progress began once the
+    (grpcmux.client.default_retry_policy) allows: its attempt in progress began once the
     delays before it (each at least their jitter-free value) fitted in ``downtime``."""
     elapsed, attempt = 0.0, 0
     while elapsed + initial * factor ** attempt <= downtime:

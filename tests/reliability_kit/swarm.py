@@ -28,8 +28,8 @@ def emit(**fields):
 def start_client(reactor, client_id, args):
     tunnel = Tunnel(reactor, client_id, args.backend, args.multiplexer)
     service = TunnelClientService(reactor, tunnel, shutdown_grace=1.0)
-    admitted = tunnel.when_admitted().addTimeout(TIMEOUT, reactor)
     service.startService()
+    admitted = service.when_connected().addTimeout(TIMEOUT, reactor)
     return service, admitted
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17grpcmux/v1/tunnel.proto\x12\ngrpcmux.v1\"\x98\x01\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12-\n\x06labels\x18\x04 \x03(\x0b\x32\x1d.grpcmux.v1.Hello.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x07Welcome\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x1d\n\x15keepalive_interval_ms\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\t\"\x99\x02\n\x06Reject\x12%\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x17.grpcmux.v1.Reject.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd6\x01\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ODE_BAD_CLIENT_ID\x10\x01\x12\x17\n\x13\x43ODE_ALREADY_EXISTS\x10\x02\x12\x1c\n\x18\x43ODE_UNSUPPORTED_VERSION\x10\x03\x12\x18\n\x14\x43ODE_UNAUTHENTICATED\x10\x04\x12\x1a\n\x16\x43ODE_PERMISSION_DENIED\x10\x05\x12\x1b\n\x17\x43ODE_RESOURCE_EXHAUSTED\x10\x06\x12\x16\n\x12\x43ODE_INVALID_HELLO\x10\x07\"e\n\rServerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.grpcmux.v1.WelcomeH\x00\x12$\n\x06reject\x18\x02 \x01(\x0b\x32\x12.grpcmux.v1.RejectH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17grpcmux/v1/tunnel.proto\x12\ngrpcmux.v1\"\x98\x01\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12-\n\x06labels\x18\x04 \x03(\x0b\x32\x1d.grpcmux.v1.Hello.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x07Welcome\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x1d\n\x15keepalive_interval_ms\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\t\"\x99\x02\n\x06Reject\x12%\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x17.grpcmux.v1.Reject.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd6\x01\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ODE_BAD_CLIENT_ID\x10\x01\x12\x17\n\x13\x43ODE_ALREADY_EXISTS\x10\x02\x12\x1c\n\x18\x43ODE_UNSUPPORTED_VERSION\x10\x03\x12\x18\n\x14\x43ODE_UNAUTHENTICATED\x10\x04\x12\x1a\n\x16\x43ODE_PERMISSION_DENIED\x10\x05\x12\x1b\n\x17\x43ODE_RESOURCE_EXHAUSTED\x10\x06\x12\x16\n\x12\x43ODE_INVALID_HELLO\x10\x07\"\x9b\x01\n\rBackendHealth\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32 .grpcmux.v1.BackendHealth.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"H\n\x06Status\x12\x12\n\x0eSTATUS_UNKNOWN\x10\x00\x12\x12\n\x0eSTATUS_SERVING\x10\x01\x12\x16\n\x12STATUS_NOT_SERVING\x10\x02\"L\n\rClientMessage\x12\x33\n\x0e\x62\x61\x63kend_health\x18\x01 \x01(\x0b\x32\x19.grpcmux.v1.BackendHealthH\x00\x42\x06\n\x04kind\"e\n\rServerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.grpcmux.v1.WelcomeH\x00\x12$\n\x06reject\x18\x02 \x01(\x0b\x32\x12.grpcmux.v1.RejectH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REJECT']._serialized_end=561
   _globals['_REJECT_CODE']._serialized_start=347
   _globals['_REJECT_CODE']._serialized_end=561
-  _globals['_SERVERMESSAGE']._serialized_start=563
-  _globals['_SERVERMESSAGE']._serialized_end=664
+  _globals['_BACKENDHEALTH']._serialized_start=564
+  _globals['_BACKENDHEALTH']._serialized_end=719
+  _globals['_BACKENDHEALTH_STATUS']._serialized_start=647
+  _globals['_BACKENDHEALTH_STATUS']._serialized_end=719
+  _globals['_CLIENTMESSAGE']._serialized_start=721
+  _globals['_CLIENTMESSAGE']._serialized_end=797
+  _globals['_SERVERMESSAGE']._serialized_start=799
+  _globals['_SERVERMESSAGE']._serialized_end=900
 # @@protoc_insertion_point(module_scope)

@@ -62,6 +62,28 @@ class Reject(_message.Message):
     message: str
     def __init__(self, code: _Optional[_Union[Reject.Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
+class BackendHealth(_message.Message):
+    __slots__ = ("status", "detail")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATUS_UNKNOWN: _ClassVar[BackendHealth.Status]
+        STATUS_SERVING: _ClassVar[BackendHealth.Status]
+        STATUS_NOT_SERVING: _ClassVar[BackendHealth.Status]
+    STATUS_UNKNOWN: BackendHealth.Status
+    STATUS_SERVING: BackendHealth.Status
+    STATUS_NOT_SERVING: BackendHealth.Status
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    status: BackendHealth.Status
+    detail: str
+    def __init__(self, status: _Optional[_Union[BackendHealth.Status, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ClientMessage(_message.Message):
+    __slots__ = ("backend_health",)
+    BACKEND_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    backend_health: BackendHealth
+    def __init__(self, backend_health: _Optional[_Union[BackendHealth, _Mapping]] = ...) -> None: ...
+
 class ServerMessage(_message.Message):
     __slots__ = ("welcome", "reject")
     WELCOME_FIELD_NUMBER: _ClassVar[int]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#grpc/multiplexer/v1/discovery.proto\x12\x13grpc.multiplexer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xef\x01\n\nGRPCServer\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x33\n\x0f\x63onnected_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eremote_address\x18\x03 \x01(\t\x12\x15\n\rwire_protocol\x18\x04 \x01(\t\x12;\n\x06labels\x18\x05 \x03(\x0b\x32+.grpc.multiplexer.v1.GRPCServer.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x17\n\x15ListGRPCServerRequest\"[\n\x16ListGRPCServerResponse\x12\x0f\n\x07servers\x18\x01 \x03(\t\x12\x30\n\x07\x64\x65tails\x18\x02 \x03(\x0b\x32\x1f.grpc.multiplexer.v1.GRPCServer\"(\n\x16WatchGRPCServerRequest\x12\x0e\n\x06replay\x18\x01 \x01(\x08\"\xeb\x01\n\x17WatchGRPCServerResponse\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x41\n\x05\x65vent\x18\x02 \x01(\x0e\x32\x32.grpc.multiplexer.v1.WatchGRPCServerResponse.Event\x12\x30\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x1f.grpc.multiplexer.v1.GRPCServer\"K\n\x05\x45vent\x12\x15\n\x11\x45VENT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_CONNECTED\x10\x01\x12\x16\n\x12\x45VENT_DISCONNECTED\x10\x02\x32\xed\x01\n\x10\x44iscoveryService\x12i\n\x0eListGRPCServer\x12*.grpc.multiplexer.v1.ListGRPCServerRequest\x1a+.grpc.multiplexer.v1.ListGRPCServerResponse\x12n\n\x0fWatchGRPCServer\x12+.grpc.multiplexer.v1.WatchGRPCServerRequest\x1a,.grpc.multiplexer.v1.WatchGRPCServerResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#grpc/multiplexer/v1/discovery.proto\x12\x13grpc.multiplexer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x02\n\nGRPCServer\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x33\n\x0f\x63onnected_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eremote_address\x18\x03 \x01(\t\x12\x15\n\rwire_protocol\x18\x04 \x01(\t\x12;\n\x06labels\x18\x05 \x03(\x0b\x32+.grpc.multiplexer.v1.GRPCServer.LabelsEntry\x12\x36\n\x06health\x18\x06 \x01(\x0e\x32&.grpc.multiplexer.v1.GRPCServer.Health\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x06Health\x12\x12\n\x0eHEALTH_UNKNOWN\x10\x00\x12\x12\n\x0eHEALTH_SERVING\x10\x01\x12\x16\n\x12HEALTH_NOT_SERVING\x10\x02\"\x17\n\x15ListGRPCServerRequest\"[\n\x16ListGRPCServerResponse\x12\x0f\n\x07servers\x18\x01 \x03(\t\x12\x30\n\x07\x64\x65tails\x18\x02 \x03(\x0b\x32\x1f.grpc.multiplexer.v1.GRPCServer\"9\n\x16WatchGRPCServerRequest\x12\x0e\n\x06replay\x18\x01 \x01(\x08\x12\x0f\n\x07updates\x18\x02 \x01(\x08\"\xfe\x01\n\x17WatchGRPCServerResponse\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x41\n\x05\x65vent\x18\x02 \x01(\x0e\x32\x32.grpc.multiplexer.v1.WatchGRPCServerResponse.Event\x12\x30\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x1f.grpc.multiplexer.v1.GRPCServer\"^\n\x05\x45vent\x12\x15\n\x11\x45VENT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_CONNECTED\x10\x01\x12\x16\n\x12\x45VENT_DISCONNECTED\x10\x02\x12\x11\n\rEVENT_UPDATED\x10\x03\x32\xed\x01\n\x10\x44iscoveryService\x12i\n\x0eListGRPCServer\x12*.grpc.multiplexer.v1.ListGRPCServerRequest\x1a+.grpc.multiplexer.v1.ListGRPCServerResponse\x12n\n\x0fWatchGRPCServer\x12+.grpc.multiplexer.v1.WatchGRPCServerRequest\x1a,.grpc.multiplexer.v1.WatchGRPCServerResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRPCSERVER_LABELSENTRY']._loaded_options = None
   _globals['_GRPCSERVER_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_GRPCSERVER']._serialized_start=94
-  _globals['_GRPCSERVER']._serialized_end=333
-  _globals['_GRPCSERVER_LABELSENTRY']._serialized_start=288
-  _globals['_GRPCSERVER_LABELSENTRY']._serialized_end=333
-  _globals['_LISTGRPCSERVERREQUEST']._serialized_start=335
-  _globals['_LISTGRPCSERVERREQUEST']._serialized_end=358
-  _globals['_LISTGRPCSERVERRESPONSE']._serialized_start=360
-  _globals['_LISTGRPCSERVERRESPONSE']._serialized_end=451
-  _globals['_WATCHGRPCSERVERREQUEST']._serialized_start=453
-  _globals['_WATCHGRPCSERVERREQUEST']._serialized_end=493
-  _globals['_WATCHGRPCSERVERRESPONSE']._serialized_start=496
-  _globals['_WATCHGRPCSERVERRESPONSE']._serialized_end=731
-  _globals['_WATCHGRPCSERVERRESPONSE_EVENT']._serialized_start=656
-  _globals['_WATCHGRPCSERVERRESPONSE_EVENT']._serialized_end=731
-  _globals['_DISCOVERYSERVICE']._serialized_start=734
-  _globals['_DISCOVERYSERVICE']._serialized_end=971
+  _globals['_GRPCSERVER']._serialized_end=463
+  _globals['_GRPCSERVER_LABELSENTRY']._serialized_start=344
+  _globals['_GRPCSERVER_LABELSENTRY']._serialized_end=389
+  _globals['_GRPCSERVER_HEALTH']._serialized_start=391
+  _globals['_GRPCSERVER_HEALTH']._serialized_end=463
+  _globals['_LISTGRPCSERVERREQUEST']._serialized_start=465
+  _globals['_LISTGRPCSERVERREQUEST']._serialized_end=488
+  _globals['_LISTGRPCSERVERRESPONSE']._serialized_start=490
+  _globals['_LISTGRPCSERVERRESPONSE']._serialized_end=581
+  _globals['_WATCHGRPCSERVERREQUEST']._serialized_start=583
+  _globals['_WATCHGRPCSERVERREQUEST']._serialized_end=640
+  _globals['_WATCHGRPCSERVERRESPONSE']._serialized_start=643
+  _globals['_WATCHGRPCSERVERRESPONSE']._serialized_end=897
+  _globals['_WATCHGRPCSERVERRESPONSE_EVENT']._serialized_start=803
+  _globals['_WATCHGRPCSERVERRESPONSE_EVENT']._serialized_end=897
+  _globals['_DISCOVERYSERVICE']._serialized_start=900
+  _globals['_DISCOVERYSERVICE']._serialized_end=1137
 # @@protoc_insertion_point(module_scope)
