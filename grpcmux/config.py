@@ -1039,8 +1039,9 @@ def load_client_settings(
                  home, etc_dir)
 
 
-# GRPCMUX_* variables the ``grpcmux`` command reads (beyond the options' own).
-COMMAND_ENVIRONMENT = ("GRPCMUX_PROXY_ADDRESS", "GRPCMUX_TOKEN")
+# GRPCMUX_* variables read beyond the options' own: the ``grpcmux`` command's, and
+# the test suite's Go build cache (tests/interop/gobuild.py), so neither is warned of.
+OTHER_ENVIRONMENT = ("GRPCMUX_PROXY_ADDRESS", "GRPCMUX_TOKEN", "GRPCMUX_GO_CACHE")
 
 
 def nearest(name: str, candidates: Sequence[str]) -> Optional[str]:
@@ -1057,7 +1058,7 @@ def environment_warnings(environ: Optional[Mapping[str, str]] = None) -> list:
     both (one environment file often serves both units).
     """
     environ = os.environ if environ is None else environ
-    known = {o.env for o in SERVER_OPTIONS + CLIENT_OPTIONS}.union(COMMAND_ENVIRONMENT)
+    known = {o.env for o in SERVER_OPTIONS + CLIENT_OPTIONS}.union(OTHER_ENVIRONMENT)
     warnings = []
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name in known:

@@ -28,7 +28,6 @@ from grpcmux.handshake import WIRE_NATIVE, HandshakeRejected, ServerHandshake
 from grpcmux.http2.targets import TunnelTarget
 from grpcmux.ids import client_id_problem
 from grpcmux.listening import listen
-from grpcmux.preface import PrefaceGuard, judge_multiplexer_client
 from grpcmux.metrics import (
     ACCEPTED,
     FAILED,
@@ -38,6 +37,7 @@ from grpcmux.metrics import (
     ServerMetrics,
     reject_reason,
 )
+from grpcmux.preface import PrefaceGuard, judge_multiplexer_client
 from grpcmux.registry import ClientInfo, ClientRegistry
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.frame import GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR
@@ -252,7 +252,8 @@ class _ClientConnection:
         if transport is not None and transport.connected:
             # A polite close waits until the peer has read what is buffered; one
             # that never reads would keep the connection (and its descriptor).
-            self._server.linger(self, self.session.config.connection_write_timeout)
+            self._server.linger(transport, self.remote_address,
+                                self.session.config.connection_write_timeout)
         self.health_reports.stop()
         problem = tls.failure_reason(reason) if self.hello is None else None
         if problem is not None:
@@ -390,7 +391,10 @@ class MultiplexerServer(Service):
         self._connections = set()
         self._admitted = set()  # counted against max_clients until their session closes
         self._by_id = {}  # the listed ones
-        self._lingering = {}  # closed connections whose transport is closing -> abort call
+        # Transports of closed sessions still closing -> their abort call. Only the
+        # transport is kept: Twisted drops its protocol (the whole session) once it
+        # is really closed, so a client that closed cleanly costs nothing meanwhile.
+        self._lingering = {}
         self._stopping = False
         self._claims = {}
         self.metrics = metrics or ServerMetrics()
@@ -439,8 +443,8 @@ class MultiplexerServer(Service):
     def stopService(self):
         super().stopService()
         self._stopping = True  # what does not close now is left to the process's exit
-        for connection in list(self._lingering):
-            self._linger_over(connection)
+        for transport in list(self._lingering):
+            self._linger_over(transport)
         stopping = [self.stop_accepting()]
         for connection in list(self._connections):
             connection.session.close(GO_AWAY_NORMAL)
@@ -562,24 +566,22 @@ class MultiplexerServer(Service):
             "or stop the other client",
         )
 
-    def linger(self, connection, seconds):
-        """Abort the transport of a closed connection unless it is gone in ``seconds``."""
+    def linger(self, transport, remote_address, seconds):
+        """Abort the transport of a closed session unless it is gone in ``seconds``."""
         if not self._stopping:
-            self._lingering[connection] = self.clock.callLater(
-                seconds, self._linger_over, connection)
+            self._lingering[transport] = self.clock.callLater(
+                seconds, self._linger_over, transport, remote_address, seconds)
 
-    def _linger_over(self, connection):
-        call = self._lingering.pop(connection)
+    def _linger_over(self, transport, remote_address=None, seconds=None):
+        call = self._lingering.pop(transport)
         if call.active():
             call.cancel()
-        transport = connection.session.transport
         if transport.connected:
-            self._log.warn(
-                "connection from {remote_address} still open {seconds:g} s after its "
-                "session closed (the peer reads nothing); aborting it",
-                remote_address=connection.remote_address,
-                seconds=connection.session.config.connection_write_timeout,
-            )
+            if seconds is not None:
+                self._log.warn(
+                    "connection from {remote_address} still open {seconds:g} s after "
+                    "its session closed (the peer reads nothing); aborting it",
+                    remote_address=remote_address, seconds=seconds)
             transport.abortConnection()
 
     def tunnel_for(self, client_id):

@@ -25,7 +25,7 @@ from grpcmux.preface import (
     judge_multiplexer_server,
 )
 from grpcmux.yamux.frame import FLAG_ACK, FLAG_FIN, FLAG_RST, FLAG_SYN, encode_header
-from mux_stack import TIMEOUT, Stack, first_report
+from mux_stack import Stack, first_report
 from rpc_backend import invoke
 
 CLIENT_HELLO = bytes([0x16, 3, 1, 0, 0xC8, 1]) + bytes(40)  # a TLS record, handshake

@@ -140,3 +140,14 @@ async def test_when_client_ready_fails_for_unknown_client(mux):
 
     with pytest.raises(CallRefused, match="client 'nobody' is not connected"):
         await mux.service.when_client_ready("nobody").addTimeout(15, mux.reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_services_stopped_right_after_start_stop_cleanly(reactor, tmp_path):
+    """What a proxy whose listener fails does: stop(0) at once. The stop coroutine
+    ran after ``stop`` had forgotten the server (AttributeError, logged unhandled)."""
+    from grpcmux.rpc.service import LocalServices
+
+    local = LocalServices(reactor, ClientRegistry(), str(tmp_path / "local.sock"), None)
+    local.start()
+    await local.stop(0).addTimeout(10, reactor)

@@ -492,7 +492,8 @@ def test_a_value_that_looks_like_an_option_is_a_value(dirs):
 
 def test_unknown_grpcmux_variables_are_named_with_the_nearest_known_one():
     environ = {"GRPCMUX_PROXY_LISTNER": "x", "GRPCMUX_CLIENT_ID": "a",
-               "GRPCMUX_PROXY_ADDRESS": "h:1", "GRPCMUX_ZZZ": "1", "HOME": "/"}
+               "GRPCMUX_PROXY_ADDRESS": "h:1", "GRPCMUX_GO_CACHE": "/c", "GRPCMUX_ZZZ": "1",
+               "HOME": "/"}
     assert config.environment_warnings(environ) == [
         "environment variable GRPCMUX_PROXY_LISTNER is not a grpcmux setting and is "
         "ignored; did you mean GRPCMUX_PROXY_LISTENER?",

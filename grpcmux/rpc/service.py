@@ -110,13 +110,14 @@ class LocalServices:
 
     def stop(self, grace):
         """Stop within ``grace`` seconds; a Deferred firing once the thread is done."""
-        if self._server is None:
+        server = self._server
+        if server is None:
             return succeed(None)
 
         async def stop():
             await self._health.enter_graceful_shutdown()
             self._discovery.close()  # Watch streams never end by themselves
-            await self._server.stop(grace)
+            await server.stop(grace)  # not self._server: None by the time this runs
 
         d = Deferred()
         future = asyncio.run_coroutine_threadsafe(stop(), self._loop)

@@ -14,6 +14,10 @@ Application: an observer that filters by ``--log-level`` and writes
 ``--nodaemon``, ``twistd.log``, or syslog with ``--syslog``).  An explicit
 ``--logger`` still wins.  Python ``logging`` (grpcio) is bridged into the same
 path while the service runs.
+
+Mistakes end in one line, never twistd's whole usage or a traceback: a bad or
+abbreviated option or a bad setting (``parseOptions``), and a listener that cannot
+be had (:class:`~grpcmux.listening.StartupError`, caught in ``TwistdRoot``).
 """
 
 from __future__ import annotations
@@ -197,6 +201,12 @@ class TwistdRoot(MultiService):
         """
         self._log.error("{message}", message=message)
         options = self._twistd_options
+        pidfile = options.get("pidfile")
+        if pidfile:  # first: a daemonizing twistd's parent exits on the status pipe
+            try:
+                os.unlink(pidfile)
+            except OSError:
+                pass
         status_pipe = options.get("statusPipe")
         if status_pipe is not None:
             options["statusPipe"] = None
@@ -206,12 +216,6 @@ class TwistdRoot(MultiService):
             # twistd has pointed sys.stderr at the log by now: the terminal's is __stderr__
             sys.__stderr__.write(message + "\n")
             sys.__stderr__.flush()
-        pidfile = options.get("pidfile")
-        if pidfile:
-            try:
-                os.unlink(pidfile)
-            except OSError:
-                pass
         raise SystemExit(1)
 
     def _exit_cleanly(self) -> None:
