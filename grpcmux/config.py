@@ -103,6 +103,25 @@ def _check_domain_or_ip(value: str) -> str:
         return _check_domain(value)
 
 
+def _check_etcd_urls(value: str) -> str:
+    from grpcmux.cluster.etcd import parse_endpoints
+
+    try:
+        parse_endpoints(value)
+    except ValueError as error:
+        raise _Invalid(f"etcd client URLs http(s)://HOST:PORT, comma-separated ({error})")
+    return value
+
+
+def _check_node_name(value: str) -> str:
+    if client_id_problem(value) is not None:
+        raise _Invalid(
+            f"a node name of 1-{MAX_CLIENT_ID_LENGTH} printable ASCII characters "
+            "without whitespace or '/'"
+        )
+    return value
+
+
 def _check_path(value: str) -> str:
     if not value or "\0" in value:
         raise _Invalid("a non-empty path")
@@ -432,6 +451,44 @@ _CLIENT_SECURITY_OPTIONS = (
             "File holding the token sent to the server.", optional=True),
 )
 
+# Cluster mode (README "Cluster"): several servers share one registry in etcd.
+_CLUSTER_OPTIONS = (
+    _Option("cluster-etcd", "str", _check_etcd_urls,
+            "etcd client URLs (http(s)://HOST:PORT, comma-separated): turns cluster "
+            "mode on, the registry of connected clients is shared through etcd.",
+            optional=True, shown_default="off: one server, registry in memory"),
+    _Option("cluster-etcd-ca", "str", _check_path,
+            "CA certificate(s) (PEM) to verify etcd with (https:// URLs).", optional=True,
+            shown_default="the system trust store"),
+    _Option("cluster-etcd-cert", "str", _check_path,
+            "Client certificate (PEM) for an etcd that requires one.", optional=True),
+    _Option("cluster-etcd-key", "str", _check_path,
+            "Private key (PEM) of the etcd client certificate.", optional=True),
+    _Option("cluster-etcd-user", "str", _check_token,
+            "etcd user name, for an etcd with authentication on.", optional=True),
+    _Option("cluster-etcd-password-file", "str", _check_path,
+            "File holding the etcd user's password.", optional=True),
+    _Option("node-name", "str", _check_node_name,
+            "This server's name in the cluster; unique per node.", optional=True,
+            shown_default="the host name"),
+    _Option("cluster-listener", "str", _check_multiplexer_listener,
+            "Listener for calls forwarded by other nodes: HOST:PORT or a Twisted "
+            "endpoint."),
+    _Option("cluster-advertise", "str", _check_dial_address,
+            "HOST:PORT other nodes dial to reach this node's cluster listener.",
+            optional=True, shown_default="the cluster listener's HOST:PORT"),
+    _Option("cluster-token-file", "str", _check_path,
+            "File holding the secret every node presents to the others (the same on "
+            "all nodes); required in cluster mode.", optional=True),
+    _Option("cluster-tls-cert", "str", _check_path,
+            "Certificate (PEM chain) of this node for mutual TLS between nodes.",
+            optional=True, shown_default="no TLS between nodes"),
+    _Option("cluster-tls-key", "str", _check_path,
+            "Private key (PEM) of the node certificate.", optional=True),
+    _Option("cluster-tls-ca", "str", _check_path,
+            "CA certificate(s) (PEM) that signed every node's certificate.", optional=True),
+)
+
 SERVER_OPTIONS: Tuple[_Option, ...] = (
     _Option("multiplexer-listener", "str", _check_multiplexer_listener,
             "Listener address used by multiplexer clients: HOST:PORT or a Twisted "
@@ -472,7 +529,8 @@ SERVER_OPTIONS: Tuple[_Option, ...] = (
             "YAML file mapping SHA-256 digests of end-user tokens to the client ids "
             "(glob patterns) they may call; callers send the metadata grpcmux-token.",
             optional=True, shown_default="off: every caller may call every client"),
-) + _SERVER_SECURITY_OPTIONS + _KEEPALIVE_OPTIONS + _LOG_OPTIONS + (_CONFIG_OPTION,)
+) + _SERVER_SECURITY_OPTIONS + _CLUSTER_OPTIONS + _KEEPALIVE_OPTIONS + _LOG_OPTIONS + (
+    _CONFIG_OPTION,)
 
 CLIENT_OPTIONS: Tuple[_Option, ...] = (
     _Option("client-id", "str", _check_client_id,
@@ -564,11 +622,26 @@ class ServerSettings(_CommonSettings):
     client_id_from_cert: bool = False
     auth_tokens: Optional[str] = None
     allow_legacy_clients: bool = False
+    # Cluster mode (None: off); files are read by _check_cluster.
+    cluster_etcd: Optional[str] = None
+    cluster_etcd_ca: Optional[str] = None
+    cluster_etcd_cert: Optional[str] = None
+    cluster_etcd_key: Optional[str] = None
+    cluster_etcd_user: Optional[str] = None
+    cluster_etcd_password_file: Optional[str] = None
+    node_name: Optional[str] = None  # None: the host name
+    cluster_listener: str = "localhost:7612"
+    cluster_advertise: Optional[str] = None  # None: the cluster listener's HOST:PORT
+    cluster_token_file: Optional[str] = None
+    cluster_tls_cert: Optional[str] = None
+    cluster_tls_key: Optional[str] = None
+    cluster_tls_ca: Optional[str] = None
 
     def __post_init__(self) -> None:
         _validate_fields(self, SERVER_OPTIONS)
         _check_key_pair(self, "proxy_tls_cert", "proxy_tls_key", "proxy_tls_client_ca")
         _check_server_security(self)
+        _check_cluster(self)
 
 
 def _check_key_pair(settings, cert: str, key: str, client_ca: Optional[str] = None) -> None:
@@ -652,6 +725,99 @@ def _check_server_security(settings: ServerSettings) -> None:
         raise ConfigError(f"--auth-tokens {error}")
     object.__setattr__(settings, "tls_options", tls_options)
     object.__setattr__(settings, "client_tokens", tokens)
+
+
+def _check_cluster(settings: ServerSettings) -> None:
+    """Cluster options need --cluster-etcd and each other; reads their files into
+    ``cluster_token``, ``etcd_password`` and ``etcd_tls`` (PEM bytes: ca, key, chain)
+    and fills ``node_name`` and ``cluster_advertise`` when left out."""
+    from grpcmux.cluster.etcd import parse_endpoints
+    from grpcmux.tls import TLSConfigError, read_certificates, read_key_pair
+
+    given = [o.flag for o in _CLUSTER_OPTIONS[1:] if getattr(settings, o.attr) is not None
+             and getattr(settings, o.attr) != default_of(ServerSettings, o)]
+    if settings.cluster_etcd is None:
+        if given:
+            raise ConfigError(f"--{given[0]}: expected --cluster-etcd as well")
+        return
+    _, https = parse_endpoints(settings.cluster_etcd)
+    for flag in ("cluster-etcd-ca", "cluster-etcd-cert"):
+        if getattr(settings, flag.replace("-", "_")) and not https:
+            raise ConfigError(f"--{flag}: expected https:// etcd URLs in --cluster-etcd")
+    _check_key_pair(settings, "cluster_etcd_cert", "cluster_etcd_key")
+    if (settings.cluster_etcd_user is None) != (settings.cluster_etcd_password_file is None):
+        raise ConfigError("--cluster-etcd-user and --cluster-etcd-password-file: "
+                          "expected both or neither")
+    if settings.cluster_token_file is None:
+        raise ConfigError("--cluster-token-file: expected a file holding the nodes' "
+                          "shared secret, as --cluster-etcd is given")
+    tls = (settings.cluster_tls_cert, settings.cluster_tls_key, settings.cluster_tls_ca)
+    if any(tls) and not all(tls):
+        raise ConfigError("--cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca: "
+                          "expected all three (mutual TLS between nodes) or none")
+    etcd_tls = None
+    try:
+        if all(tls):
+            read_key_pair(settings.cluster_tls_cert, settings.cluster_tls_key,
+                          "--cluster-tls-cert", "--cluster-tls-key")
+            read_certificates(settings.cluster_tls_ca, "--cluster-tls-ca")
+        if https:
+            ca = (read_certificates(settings.cluster_etcd_ca, "--cluster-etcd-ca")[0]
+                  if settings.cluster_etcd_ca else None)
+            pair = (read_key_pair(settings.cluster_etcd_cert, settings.cluster_etcd_key,
+                                  "--cluster-etcd-cert", "--cluster-etcd-key")
+                    if settings.cluster_etcd_cert else None)
+            etcd_tls = (ca, pair.key_pem if pair else None, pair.chain_pem if pair else None)
+    except TLSConfigError as error:
+        raise ConfigError(str(error))
+    password = None
+    if settings.cluster_etcd_password_file:
+        password = _read_secret_file(settings.cluster_etcd_password_file,
+                                     "--cluster-etcd-password-file", "a password")
+    token = _read_secret_file(settings.cluster_token_file, "--cluster-token-file",
+                              "a token of printable characters without whitespace")
+    if settings.node_name is None:
+        import socket
+
+        object.__setattr__(settings, "node_name", _node_name_from_host(socket.gethostname()))
+    if settings.cluster_advertise is None:
+        object.__setattr__(settings, "cluster_advertise",
+                           _advertised(settings.cluster_listener))
+    object.__setattr__(settings, "cluster_token", token)
+    object.__setattr__(settings, "etcd_password", password)
+    object.__setattr__(settings, "etcd_tls", etcd_tls)
+
+
+def _node_name_from_host(host: str) -> str:
+    try:
+        return _check_node_name(host)
+    except _Invalid as error:
+        raise ConfigError(f"--node-name: the host name {host!r} is not usable; expected "
+                          f"{error}")
+
+
+def _advertised(listener: str) -> str:
+    """The cluster listener's HOST:PORT, if other nodes can dial it."""
+    host = port = None
+    if addresses.is_host_port(listener):
+        host, port = addresses.parse_host_port(listener, listener=True)
+    if not host or host in ("0.0.0.0", "::") or not port:
+        raise ConfigError(
+            f"--cluster-advertise: expected the HOST:PORT other nodes dial, as "
+            f"--cluster-listener {listener} names no such address")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _read_secret_file(path: str, flag: str, expected: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            secret = stream.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"{flag} {path}: cannot be read: {reason}")
+    if not secret or not secret.isprintable() or any(c.isspace() for c in secret):
+        raise ConfigError(f"{flag} {path}: expected {expected}")
+    return secret
 
 
 def _check_client_security(settings: ClientSettings) -> None:

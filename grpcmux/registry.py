@@ -37,6 +37,8 @@ class ClientInfo:
     labels: Tuple[Tuple[str, str], ...] = ()
     # The client's gRPC server as it last reported it; legacy clients stay UNKNOWN.
     health: str = UNKNOWN
+    # Cluster mode: the node holding the client's session (None: no cluster).
+    node: Optional[str] = None
 
     def __post_init__(self):
         if self.health not in HEALTH_VALUES:

@@ -94,6 +94,7 @@ class _ClientConnection:
         self.tunnel = None
         self.inner_session = None
         self.admitted = False
+        self.cluster_claimed = False  # claimed in the cluster registry, not yet admitted
         self.handshaking = True  # counted against max_handshakes
         self._departed = False
         self._draining = None  # LoopingCall once the client sent GoAway
@@ -380,8 +381,11 @@ class MultiplexerServer(Service):
         admission=None,
         shutdown_grace=10.0,
         max_handshakes=1000,
+        claims=None,
     ):
         self.reactor = reactor
+        # Cluster mode (grpcmux.cluster): claim(id) -> Deferred, release(id).
+        self.claims = claims
         self.tls_options = tls_options  # None: plain TCP/UNIX listener
         self.admission = admission or Admission()
         self.clock = reactor
@@ -524,9 +528,22 @@ class MultiplexerServer(Service):
                 "try again later or another server",
             ))
         self._claims[client_id] = connection
-        if existing is None:
-            return succeed(None)
-        return self._challenge(existing, connection)
+        decided = succeed(None) if existing is None else self._challenge(existing, connection)
+        if self.claims is not None:
+            decided.addCallback(lambda _: self._cluster_claim(connection))
+        return decided
+
+    def _cluster_claim(self, connection):
+        """Claim the id cluster-wide too (a live holder on another node keeps it)."""
+        connection.cluster_claimed = True
+        d = self.claims.claim(connection.client_id)
+        d.addErrback(self._cluster_refused, connection)
+        return d
+
+    def _cluster_refused(self, failure, connection):
+        connection.cluster_claimed = False
+        self._release_claim(connection)
+        return failure
 
     def _challenge(self, existing, newcomer):
         """Ping the current holder of an id: a live one keeps it, a dead one is replaced."""
@@ -632,9 +649,19 @@ class MultiplexerServer(Service):
         if connection.client_id is None:
             return
         self._release_claim(connection)
+        if connection.cluster_claimed and not connection.admitted:
+            connection.cluster_claimed = False
+            self.claims.release(connection.client_id)
         if connection.admitted and self._by_id.get(connection.client_id) is connection:
             del self._by_id[connection.client_id]
             self.registry.remove(connection.client_id)
+
+    def disconnect(self, client_id, reason):
+        """Close the session of ``client_id`` (cluster: another node owns the id)."""
+        connection = self._by_id.get(client_id)
+        if connection is not None:
+            connection.session.close(GO_AWAY_NORMAL)
+            connection.depart(reason)
 
     @property
     def connected_clients(self):
@@ -732,8 +759,13 @@ def make_service(settings, reactor):
     from grpcmux.rpc.security import load_proxy_security
 
     raise_open_file_limit()
-    registry = ClientRegistry()
     metrics = ServerMetrics()
+    cluster = None
+    registry = ClientRegistry()
+    if settings.cluster_etcd:
+        from grpcmux.cluster.node import cluster_registry
+
+        registry = cluster = cluster_registry(settings, reactor, metrics.registry)
     multiplexer = MultiplexerServer(
         reactor,
         registry,
@@ -750,14 +782,23 @@ def make_service(settings, reactor):
         max_clients=settings.max_clients,
         max_handshakes=settings.max_handshakes,
         shutdown_grace=settings.shutdown_grace,
+        claims=cluster,
         **security_options(settings),
     )
+    if cluster is not None:
+        cluster.evict = multiplexer.disconnect
     proxy_security = load_proxy_security(settings)
+    cluster_options = {}
+    if cluster is not None:
+        from grpcmux.cluster.node import proxy_options
+
+        cluster_options = proxy_options(settings, reactor, cluster)
     proxy = ProxyService(
         reactor,
         registry,
         settings.proxy_listener,
         tunnels=multiplexer.tunnel_for,
+        **cluster_options,
         authority_domain=settings.authority_domain,
         default_client_id=settings.default_client_id,
         max_message_size=settings.max_message_size,
@@ -775,4 +816,9 @@ def make_service(settings, reactor):
     if settings.metrics_listener:
         metrics_service = MetricsService(reactor, settings.metrics_listener, metrics.registry,
                                          status=metrics)
-    return ServerService(multiplexer, proxy, metrics_service)
+    service = ServerService(multiplexer, proxy, metrics_service)
+    if cluster is not None:
+        from grpcmux.cluster.node import ClusterNode
+
+        return ClusterNode(cluster, service)
+    return service

@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "grpcmux" / "_proto"
 # Top-level proto packages that live inside grpcmux._proto.
-OUR_PACKAGES = ("grpc.multiplexer", "grpcmux")
+OUR_PACKAGES = ("grpc.multiplexer", "grpcmux", "etcd")
 _SERVICE = re.compile(r"^\s*service\s+\w+", re.MULTILINE)
 
 

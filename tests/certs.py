@@ -36,6 +36,7 @@ class Pki:
     chained_client: Issued  # DNS:sensor-3, signed by an intermediate of ca; file: leaf + intermediate
     other_ca: str  # an unrelated CA
     other_client: Issued  # DNS:sensor-1, signed by other_ca
+    node: Issued  # DNS:localhost, IP:127.0.0.1, for server and client auth (cluster mTLS)
 
 
 class _Authority:
@@ -67,14 +68,17 @@ class _Authority:
             .sign(signer.key, hashes.SHA256())
         )
 
-    def issue(self, common_name, dns=(), ips=(), server=False):
+    def issue(self, common_name, dns=(), ips=(), server=False, client=None):
+        """``server``: for server auth; ``client`` (default: not ``server``): client auth."""
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        client = not server if client is None else client
+        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
+            [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
         builder = (
             _builder(subject, self.name, key.public_key())
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
@@ -137,4 +141,6 @@ def make_pki(directory):
         chained_client=chained,
         other_ca=_write_cert(directory / "other-ca.crt", other.cert),
         other_client=_write_issued(directory, "other-client", other.issue("sensor", ["sensor-1"])),
+        node=_write_issued(directory, "node", ca.issue(
+            "node", ["localhost"], ["127.0.0.1"], server=True, client=True)),
     )

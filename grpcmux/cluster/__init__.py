@@ -1,0 +1,1 @@
+"""Cluster mode: several grpcmux servers share one registry in etcd (issue 13)."""

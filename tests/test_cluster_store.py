@@ -1,0 +1,99 @@
+"""Unit tests of grpcmux.cluster.store: LeaseKeeper and PrefixWatch on a fake etcd."""
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from fake_etcd import FakeEtcd
+from grpcmux.cluster.etcd import StoreUnavailable
+from grpcmux.cluster.store import Backoff, LeaseKeeper, PrefixWatch
+
+
+def keeper(clock, etcd, ttl=3):
+    lost = []
+    lease = etcd.grant(ttl).result
+    k = LeaseKeeper(clock, etcd, lease, ttl, lost.append)
+    k.start()
+    return k, lost
+
+
+def test_keeps_the_lease_alive():
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    k, lost = keeper(clock, etcd)
+    for _ in range(30):
+        clock.advance(0.5)
+        etcd.expire()
+    assert lost == [] and k.lease in etcd.leases
+    k.stop()
+    assert clock.getDelayedCalls() == []
+
+
+def test_lost_when_no_keep_alive_gets_through_within_the_ttl():
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    k, lost = keeper(clock, etcd)
+    clock.advance(1.0)  # one refresh at 1 s: the lease now lives until 4 s
+    etcd.set_down(True)
+    clock.advance(2.9)
+    assert lost == []
+    clock.advance(0.2)
+    assert lost == ["no keep-alive got through for 3 s"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_lost_when_etcd_says_it_expired():
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    k, lost = keeper(clock, etcd)
+    etcd.revoke_now(k.lease)
+    clock.advance(1.0)
+    assert lost == ["etcd says the lease expired"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_hung_keep_alive_still_expires():
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    etcd.keep_alive = lambda lease: Deferred()  # never answers
+    k, lost = keeper(clock, etcd)
+    clock.advance(3.0)
+    assert lost == ["no keep-alive got through for 3 s"]
+
+
+def test_backoff_doubles_to_its_cap_and_resets():
+    backoff = Backoff(0.2, 1.0)
+    assert [backoff.next() for _ in range(5)] == [0.2, 0.4, 0.8, 1.0, 1.0]
+    backoff.reset()
+    assert backoff.next() == 0.2
+
+
+def test_watch_delivers_from_the_revision_and_resumes_after_it():
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    etcd.put("/p/a", b"1")
+    start = etcd.revision
+    etcd.put("/p/b", b"2")
+    seen = []
+    watch = PrefixWatch(clock, etcd, "/p/", lambda events: seen.extend(
+        (e.kind, e.kv.key) for e in events), lambda: seen.append("compacted"))
+    watch.start(start)
+    assert seen == [("put", "/p/b")]
+    etcd.set_down(True)
+    etcd.set_down(False)
+    etcd.put("/p/c", b"3")  # while the watch waits to resume
+    etcd.put("/other", b"x")
+    clock.advance(0.2)
+    assert seen == [("put", "/p/b"), ("put", "/p/c")]
+    # A progress notification moves the revision on without events.
+    clock.advance(2.0)
+    assert watch.revision == etcd.revision
+    # Down again; meanwhile a change, and history compacted past it.
+    etcd.set_down(True)
+    etcd.put("/p/d", b"4")
+    etcd.compact()
+    etcd.set_down(False)
+    clock.advance(0.2)
+    clock.advance(0)
+    assert seen == [("put", "/p/b"), ("put", "/p/c"), "compacted"]
+    watch.stop()
+    assert [c for c in clock.getDelayedCalls() if c.active()] == []
