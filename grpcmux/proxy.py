@@ -29,6 +29,10 @@ from grpcmux.registry import DISCONNECTED
 from grpcmux.runtime_dir import RuntimeDir
 
 
+#: The health service name that says whether this node is registered in its cluster.
+CLUSTER_SERVICE = "grpcmux.cluster"
+
+
 class ProxyService(Service):
     """The proxy endpoint: routes calls to clients, answers Discovery, health, reflection.
 
@@ -67,6 +71,7 @@ class ProxyService(Service):
         node_token=None,
         cluster_tls=None,
         watch_queue_limit=None,
+        cluster_health=None,
     ):
         self._reactor = reactor
         self._registry = registry
@@ -86,6 +91,10 @@ class ProxyService(Service):
         self._cluster_tls = cluster_tls  # Twisted TLS options of the cluster listener
         self.cluster_router = None
         self.cluster_port = None
+        # add_health_observer(observer) of a cluster registry: the health of the
+        # grpcmux.cluster service follows whether this node is registered in etcd.
+        self._cluster_health = cluster_health
+        self._unobserve_cluster = None
         self._caller_config = caller_config or H2Config()
         # Upstreams are ours or our clients' backends: no idle limit, generous
         # control budgets, but a backend that never speaks HTTP/2 fails its calls.
@@ -132,6 +141,10 @@ class ProxyService(Service):
             raise
         self.port = getattr(self.listening_port.getHost(), "port", None)
         self._unsubscribe = self._registry.subscribe(self._registry_changed)
+        if self._cluster_health is not None:
+            local = self.local
+            self._unobserve_cluster = self._cluster_health(
+                lambda serving: local.set_serving(CLUSTER_SERVICE, serving))
         super().startService()
         self._log.info("proxy endpoint listening on {address} ({security}; local services "
                        "in {runtime_dir})", address=describe_address(self.listening_port.getHost()),
@@ -183,6 +196,9 @@ class ProxyService(Service):
         if self.router is None:
             return None
         self._unsubscribe()
+        if self._unobserve_cluster is not None:
+            self._unobserve_cluster()
+            self._unobserve_cluster = None
         routers = [r for r in (self.router, self.cluster_router) if r is not None]
         ports = [p for p in (self.listening_port, self.cluster_port) if p is not None]
         self.router = self.cluster_router = self.listening_port = self.cluster_port = None

@@ -798,6 +798,7 @@ def make_service(settings, reactor):
         registry,
         settings.proxy_listener,
         tunnels=multiplexer.tunnel_for,
+        cluster_health=cluster.add_health_observer if cluster is not None else None,
         **cluster_options,
         authority_domain=settings.authority_domain,
         default_client_id=settings.default_client_id,

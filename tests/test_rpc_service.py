@@ -151,3 +151,36 @@ async def test_local_services_stopped_right_after_start_stop_cleanly(reactor, tm
     local = LocalServices(reactor, ClientRegistry(), str(tmp_path / "local.sock"), None)
     local.start()
     await local.stop(0).addTimeout(10, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_health_follows_the_registration(reactor, tmp_path):
+    """``grpcmux.cluster`` health says whether the node is registered in etcd."""
+    observers = []
+
+    def add_health_observer(observer):
+        observers.append(observer)
+        observer(False)  # as a cluster registry does: at once, then on every change
+        return lambda: observers.remove(observer)
+
+    m = Mux(reactor, tmp_path, cluster_health=add_health_observer)
+    stub = health_pb2_grpc.HealthStub(m.channel)
+    request = health_pb2.HealthCheckRequest(service="grpcmux.cluster")
+
+    async def status():
+        for _ in range(100):  # the health servicer is set on its own thread
+            response = await m.in_thread(stub.Check, request, timeout=10)
+            if response.status == wanted:
+                return response.status
+            await deferLater(reactor, 0.05, lambda: None)
+        return response.status
+
+    try:
+        wanted = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await status() == wanted
+        observers[0](True)
+        wanted = SERVING
+        assert await status() == wanted
+    finally:
+        await m.stop()
+    assert observers == []  # stopping removed the observer
