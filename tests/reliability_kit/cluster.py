@@ -32,10 +32,10 @@ class ClusterScene(Scene):
         self.token = workdir / "cluster.token"
         self.token.write_text("cluster-secret-0123456789\n")
 
-    async def node(self, name, extra=()):
+    async def node(self, name, extra=(), keepalive=KEEPALIVE):
         workdir = self.workdir / name
         workdir.mkdir()
-        server = MuxServer(self.reactor, workdir, KEEPALIVE, extra=(
+        server = MuxServer(self.reactor, workdir, keepalive, extra=(
             "--node-name", name, "--cluster-etcd", self.etcd.endpoints,
             "--cluster-token-file", self.token,
             "--cluster-listener", f"127.0.0.1:{free_port()}", *extra))
