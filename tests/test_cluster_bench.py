@@ -41,6 +41,7 @@ def test_tiny_run_reports_the_hop_registration_and_watch_latency():
     registration = report["registration"]
     assert registration["clients"] == 7
     assert 0 < registration["admitted_s"] <= registration["listed_everywhere_s"]
+    assert registration["listed_per_node"] == {"a": 7, "b": 7, "c": 7}
     assert registration["etcd_rss_kib"] > 0
     assert sorted(registration["node_rss_kib"]) == ["a", "b", "c"]
     assert all(kib > 0 for kib in registration["node_rss_kib"].values())
