@@ -64,7 +64,7 @@ class ClientRegistry:
     def __init__(self):
         self._clients = {}
         self.snapshot: Mapping[str, ClientInfo] = MappingProxyType({})
-        self._observers = {}  # token -> observer, in subscription order
+        self._observers = Observers()
 
     def add(self, info: ClientInfo) -> None:
         """Register a client; KeyError if its id is taken."""
@@ -113,16 +113,29 @@ class ClientRegistry:
         runs, so "snapshot + later events" is a consistent view for anyone
         subscribing on the reactor thread.
         """
-        token = object()  # the same observer may subscribe twice
-        self._observers[token] = (observer, updates)
-
-        def unsubscribe():
-            self._observers.pop(token, None)
-
-        return unsubscribe
+        return self._observers.subscribe(observer, updates)
 
     def _publish(self, event: RegistryEvent) -> None:
         self.snapshot = MappingProxyType(dict(self._clients))
+        self._observers.publish(event)
+
+
+class Observers:
+    """A registry's change observers, in subscription order (any registry's)."""
+
+    _log = Logger()
+
+    def __init__(self):
+        self._observers = {}  # token -> (observer, wants UPDATED)
+
+    def subscribe(self, observer, updates=False):
+        """Add ``observer``; returns the callable that removes it."""
+        token = object()  # the same observer may subscribe twice
+        self._observers[token] = (observer, updates)
+        return lambda: self._observers.pop(token, None)
+
+    def publish(self, event):
+        """Tell every observer (UPDATED only those that asked); one failing is logged."""
         for observer, updates in list(self._observers.values()):
             if event.kind == UPDATED and not updates:
                 continue

@@ -37,9 +37,8 @@ from grpcmux.cluster.etcd import DELETE, StoreUnavailable
 from grpcmux.cluster.store import Backoff, LeaseKeeper, PrefixWatch
 from grpcmux.handshake import HandshakeRejected
 from grpcmux.registry import (CONNECTED, DISCONNECTED, HEALTH_VALUES, UNKNOWN, UPDATED,
-                              ClientInfo, RegistryEvent)
+                              ClientInfo, Observers, RegistryEvent)
 
-HEALTH_SERVICE = "grpcmux.cluster"
 DEFAULT_PREFIX = "/grpcmux/"
 DEFAULT_TTL = 5
 _LEASE_GONE = "requested lease not found"
@@ -126,7 +125,7 @@ class ClusterRegistry(Service):
         self.nodes: Mapping[str, NodeInfo] = MappingProxyType({})
         self.revision = 0  # etcd revision the remote part of the view is at
         self._visible = {}
-        self._observers = {}
+        self._observers = Observers()
         self._local = {}  # id -> ClientInfo: this node's clients
         self._remote = {}  # id -> (node, ClientInfo or None): every key in etcd
         # our keys in etcd
@@ -203,9 +202,7 @@ class ClusterRegistry(Service):
     def subscribe(self, observer: Callable[[RegistryEvent], None],
                   updates: bool = False) -> Callable[[], None]:
         """As ClientRegistry.subscribe: UPDATED events only with ``updates``."""
-        token = object()
-        self._observers[token] = (observer, updates)
-        return lambda: self._observers.pop(token, None)
+        return self._observers.subscribe(observer, updates)
 
     def node_address(self, node: str) -> Optional[str]:
         """HOST:PORT to dial for ``node``, or None if it is not registered."""
@@ -593,12 +590,4 @@ class ClusterRegistry(Service):
 
     def _publish(self, event):
         self.snapshot = MappingProxyType(dict(self._visible))
-        for observer, updates in list(self._observers.values()):
-            if event.kind == UPDATED and not updates:
-                continue
-            try:
-                observer(event)
-            except Exception:
-                self._log.failure(
-                    "registry observer {observer!r} failed on {kind} of {client_id}",
-                    observer=observer, kind=event.kind, client_id=event.info.client_id)
+        self._observers.publish(event)
