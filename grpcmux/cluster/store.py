@@ -160,13 +160,13 @@ class PrefixWatch:
             self._log.info("etcd watch of {prefix} resumed after revision {revision}",
                            prefix=self._prefix, revision=self.revision)
         self._backoff.reset()
+        # Only events move the revision on: etcd before 3.4.24 may answer a progress
+        # request with a revision ahead of events it has yet to send (etcd-io/etcd
+        # #15220), and those events must not be dropped as old.
         events = tuple(e for e in batch.events if e.kv.mod_revision > self.revision)
         if events:
             self.revision = events[-1].kv.mod_revision
             self._on_events(events)
-        elif not batch.events and not batch.created:
-            # A progress notification: nothing is pending up to its revision.
-            self.revision = max(self.revision, batch.revision)
 
     def _check(self):
         self._check_call = None

@@ -57,9 +57,12 @@ class HeldStreams:
         d = DeferredList(self.ended, consumeErrors=True).addTimeout(timeout, self.reactor)
         return d.addCallback(lambda results: [value for _, value in results])
 
-    def finish(self):
-        """End the calls cleanly (the caller half-closes; the echo ends)."""
-        for requests in self._requests:
+    def finish(self, rounds=0):
+        """End the calls cleanly: ``rounds`` more checked echo round trips each, then
+        the caller half-closes and the echo ends."""
+        for index, requests in enumerate(self._requests):
+            for round_ in range(ROUNDS, ROUNDS + rounds):
+                requests.put(echo_payload(index, round_))
             requests.put(None)
 
     def close(self):
@@ -81,8 +84,11 @@ class HeldStreams:
                     error = f"call {index} round {round_}: echo differs"
                 checked += len(answer)
             self.reactor.callFromThread(self.established[index].callback, index)
-            for answer in call:  # nothing more is sent: this waits for the end
-                error = error or f"call {index}: unexpected message"
+            # Nothing more is sent until finish(rounds): this waits for the end.
+            for round_, answer in enumerate(call, ROUNDS):
+                if answer != echo_payload(index, round_):
+                    error = error or f"call {index} round {round_}: unexpected message"
+                checked += len(answer)
         except grpc.RpcError:
             pass
         except StopIteration:
