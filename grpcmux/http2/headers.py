@@ -9,8 +9,6 @@ stream error (PROTOCOL_ERROR): a malformed request is never forwarded.
 
 import re
 
-from hpack import NeverIndexedHeaderTuple
-
 REQUEST_PSEUDO_HEADERS = frozenset([b":method", b":scheme", b":authority", b":path"])
 # Connection-specific fields (section 8.2.2); ``te`` is allowed with "trailers" only.
 CONNECTION_HEADERS = frozenset([
@@ -111,8 +109,3 @@ def check_response(headers, trailers=False):
 def check_trailers(headers):
     """Validate request trailers: regular fields only."""
     check_response(headers, trailers=True)
-
-
-def field(name, value, never_indexed=False):
-    """A header field to send; never-indexed ones stay never-indexed when re-encoded."""
-    return NeverIndexedHeaderTuple(name, value) if never_indexed else (name, value)
