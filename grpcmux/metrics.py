@@ -186,6 +186,9 @@ class ServerMetrics:
             "DATA bytes of calls through the proxy endpoint, by direction "
             "(received from callers, sent to callers).",
             ["direction"], registry=self.registry)
+        # Their two series, resolved once: call_finished runs for every call.
+        self._bytes_received = self.call_bytes.labels(direction="received")
+        self._bytes_sent = self.call_bytes.labels(direction="sent")
         self._live = _ServerCollector()
         self.registry.register(self._live)
 
@@ -260,9 +263,9 @@ class ServerMetrics:
             stats.finished(code_name)
         self.call_seconds.observe(seconds)
         if bytes_in:
-            self.call_bytes.labels(direction="received").inc(bytes_in)
+            self._bytes_received.inc(bytes_in)
         if bytes_out:
-            self.call_bytes.labels(direction="sent").inc(bytes_out)
+            self._bytes_sent.inc(bytes_out)
 
 
 class _ServerCollector:
