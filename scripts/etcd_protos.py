@@ -2,7 +2,7 @@
 """Copy etcd 3.4's API .proto files from Debian's golang-etcd-server-dev into proto/etcd/.
 
 grpcmux talks to etcd through stubs generated from etcd's own API definitions
-(see README "Cluster"). The files keep their paths and proto package names (the
+(see docs/cluster.rst). The files keep their paths and proto package names (the
 gRPC method paths, e.g. ``/etcdserverpb.KV/Range``, depend on the package); only
 the gogoproto and google.api (grpc-gateway) annotations are stripped, as they
 change nothing on the wire and would need their own .proto files. Run this, then

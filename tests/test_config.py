@@ -646,7 +646,7 @@ def test_bad_limits_are_one_line_errors(dirs, tmp_path, attr):
         f"ServerSettings.{attr}: expected a positive whole number, got -1")
 
 
-# -- security settings (README "Security") ------------------------------------------
+# -- security settings (docs/security.rst) -------------------------------------------
 
 
 def test_server_security_from_flags_environment_and_file(dirs, tmp_path, pki):

@@ -266,7 +266,7 @@ def test_valid_token_is_forwarded_stripped(guarded):
 def test_bad_client_id_without_a_token_is_unauthenticated(guarded, client_id):
     caller = guarded.caller()
     caller.call(1, client_id=None, extra=client_id)
-    refused(caller, 1, 16)  # before anything else, as README says
+    refused(caller, 1, 16)  # before anything else, as docs/security.rst says
 
 
 def test_token_is_checked_before_the_client_is_looked_up(guarded):

@@ -1,4 +1,4 @@
-"""README "Running it", as pasted: its commands run as processes and work.
+"""README's commands, as pasted: "Running it" runs and works, and "Testing" is CI's.
 
 The commands are read from the README itself, so the section cannot drift from what
 grpcmux does.  Its fixed ports are swapped for free ones; ``grpcmux list`` and
@@ -81,3 +81,11 @@ def test_running_it_works_as_pasted():
     assert [json.loads(line) for line in many.splitlines()] == [
         {"message": "Hello, world!", "server": "example"}] * 3
     assert status["rows"][0][:3] == ["lab-7", "site=berlin", "native"]
+
+
+def test_the_test_command_is_the_one_ci_runs():
+    text = (REPO / "README.rst").read_text()
+    section = text[text.index("Testing\n---"):]
+    (block,) = re.findall(r"::\n\n    (.*)\n", section)[:1]
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert block == ci
