@@ -11,14 +11,14 @@ import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
-from grpcmux.handshake import MAGIC, MessageReader, encode_message
+from grpcmux.handshake import MAGIC
 from grpcmux.registry import ClientRegistry
 from grpcmux.accepting import HandshakeGate, SessionFactory
 from grpcmux.config import ServerSettings
@@ -37,6 +37,7 @@ from grpcmux.yamux import frame as f
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.errors import StreamLimitReached
 from mux_stack import Stack
+from server_peer import Peer, hello
 from rpc_backend import ENGINES, Mux, route, start_call
 
 SYN, ACK, FIN, RST = f.FLAG_SYN, f.FLAG_ACK, f.FLAG_FIN, f.FLAG_RST
@@ -96,35 +97,6 @@ def test_ten_thousand_syns_without_data_cost_at_most_max_streams():
 
 
 # -- the server on a fake clock: handshake deadline, clients, extra streams -------------
-
-
-class Peer:
-    """A client connection to ``server`` on a StringTransport; frames written by hand."""
-
-    def __init__(self, server, port):
-        address = IPv4Address("TCP", "127.0.0.1", port)
-        self.connection = SessionFactory(server).buildProtocol(address)
-        self.session = self.connection.protocol  # behind the first bytes' check
-        self.transport = StringTransport(peerAddress=address)
-        self.connection.makeConnection(self.transport)
-        self.frames = []
-
-    def send(self, *frames):
-        self.connection.dataReceived(b"".join(frames))
-
-    def received(self):
-        self.frames += read_frames(self.transport)
-        return self.frames
-
-    def answers(self):
-        """The server's messages on the control stream."""
-        body = b"".join(fr.data for fr in self.received() if fr.type == f.TYPE_DATA)
-        return [tunnel_pb2.ServerMessage.FromString(m) for m in MessageReader().feed(body)]
-
-
-def hello(client_id):
-    return window_update(1, flags=SYN) + data_frame(
-        1, MAGIC + encode_message(tunnel_pb2.Hello(client_id=client_id)))
 
 
 def fake_server(tmp_path, reactor=None, **settings):
