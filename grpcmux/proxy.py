@@ -74,15 +74,11 @@ class ProxyService(Service):
         self._reactor = reactor
         self._registry = registry
         self.settings = settings
-        self.listen_address = settings.proxy_listener
         self._tunnels = tunnels or (lambda client_id: None)
-        self.shutdown_grace = settings.shutdown_grace
         self.tls = tls
         self.tokens = tokens
         self._runtime_dir = RuntimeDir(settings.runtime_dir)
         self.limits = RouterLimits.from_settings(settings)
-        self._routing = dict(authority_domain=settings.authority_domain,
-                             default_client_id=settings.default_client_id)
         self._observer = observer
         self._remote = remote
         self._cluster_listener = cluster_listener
@@ -96,7 +92,6 @@ class ProxyService(Service):
         self._unobserve_cluster = None
         self.budget = Budget(BUFFER_BUDGET)
         self._instance = os.urandom(8).hex().encode()  # this router's pseudonym in via
-        self.watch_queue_limit = settings.watch_queue_limit
         self.router = None
         self.local = None
         self.listening_port = None
@@ -110,18 +105,20 @@ class ProxyService(Service):
         try:
             self.local = LocalServices(self._reactor, self._registry,
                                        self._runtime_dir.socket_path(), self.tokens,
-                                       self.watch_queue_limit)
+                                       self.settings.watch_queue_limit)
             self.local.start()
             local = EndpointTarget(UNIXClientEndpoint(self._reactor, self.local.socket_path))
             self.router = Router(
                 self._reactor, self._registry, self._tunnels, local,
                 CALLER_CONFIG, UPSTREAM_CONFIG, limits=self.limits,
                 tokens=self.tokens, observer=self._observer, budget=self.budget,
-                instance=self._instance, remote=self._remote, **self._routing)
+                instance=self._instance, remote=self._remote,
+                authority_domain=self.settings.authority_domain,
+                default_client_id=self.settings.default_client_id)
             factory = self.router.factory
             if self.tls is not None:
                 factory = TLSMemoryBIOFactory(self.tls.options(), False, factory)
-            self.listening_port = listen(self._reactor, self.listen_address, factory,
+            self.listening_port = listen(self._reactor, self.settings.proxy_listener, factory,
                                          "proxy-listener")
             if self._cluster_listener is not None:
                 self._listen_for_nodes()
@@ -174,7 +171,7 @@ class ProxyService(Service):
                 if router is not None:
                     router.client_left(event.info.client_id, event.graceful)
 
-    def when_client_ready(self, client_id, timeout=10.0):
+    def when_client_ready(self, client_id):
         """A Deferred firing once calls can be routed to ``client_id``.
 
         The router opens a client's upstream on the first call, so this is a
@@ -200,14 +197,14 @@ class ProxyService(Service):
         for router in routers:
             router.drain()
         drained = _all_closed([c for router in routers for c in router.callers])
-        timer = self._reactor.callLater(self.shutdown_grace, drained.cancel)
+        timer = self._reactor.callLater(self.settings.shutdown_grace, drained.cancel)
 
         def finish(_):
             if timer.active():
                 timer.cancel()
             for router in routers:
                 router.cancel_all()
-            return self.local.stop(min(self.shutdown_grace, 1.0))
+            return self.local.stop(min(self.settings.shutdown_grace, 1.0))
 
         d = DeferredList([*stopped, drained], consumeErrors=True)
         d.addCallback(finish)

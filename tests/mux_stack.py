@@ -139,7 +139,7 @@ class Stack:
         After a failure grpc reconnects by itself after a short backoff; calls made
         in between fail fast, as they should, so a test waits for this first.
         """
-        return self.proxy.when_client_ready(client_id, TIMEOUT).addTimeout(
+        return self.proxy.when_client_ready(client_id).addTimeout(
             TIMEOUT + 5, self.reactor
         )
 

@@ -437,12 +437,9 @@ async def test_calls_beyond_the_proxy_limit_are_refused(reactor, tmp_path, engin
 def test_the_settings_reach_the_services(reactor):
     from grpcmux.tap.server import make_service
 
-    settings = ServerSettings(
-        max_clients=7, max_streams_per_client=8, max_proxy_calls=9, max_calls_per_client=3,
-        watch_queue_limit=11, shutdown_grace=4.0, max_handshakes=12)
+    settings = ServerSettings(max_streams_per_client=8, max_proxy_calls=9,
+                              max_calls_per_client=3)
     service = make_service(settings, reactor)
     assert service.multiplexer.settings is settings and service.proxy.settings is settings
-    assert service.proxy.shutdown_grace == 4.0
-    assert service.proxy.watch_queue_limit == 11
     assert service.multiplexer.yamux_config.max_streams == 8
     assert (service.proxy.limits.max_calls, service.proxy.limits.max_calls_per_client) == (9, 3)

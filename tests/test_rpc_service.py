@@ -128,7 +128,7 @@ async def test_backend_down_then_up_and_when_client_ready(mux):
     assert result.code == grpc.StatusCode.UNAVAILABLE
     backend = Backend(path)
     try:
-        await mux.service.when_client_ready("late", timeout=10).addTimeout(15, mux.reactor)
+        await mux.service.when_client_ready("late").addTimeout(15, mux.reactor)
         result = await mux.invoke("Unary", b"x", (("client-id", "late"),))
     finally:
         await mux.in_thread(backend.stop)
