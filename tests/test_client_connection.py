@@ -20,7 +20,6 @@ from grpcmux.testing import StreamRecorder, data_frame, go_away_frame, ping_fram
 from grpcmux.yamux import frame as f
 from server_peer import Peer, hello
 
-Reject = tunnel_pb2.Reject
 SYN, ACK, FIN = f.FLAG_SYN, f.FLAG_ACK, f.FLAG_FIN
 
 
@@ -98,7 +97,7 @@ def test_a_refused_hello_gets_its_reason_then_the_session_closes(log_events):
     peer = Peer(server, 5001)
     peer.send(hello("two words"))
     [answer] = peer.answers()
-    assert answer.reject.code == Reject.CODE_BAD_CLIENT_ID
+    assert answer.reject.code == tunnel_pb2.Reject.CODE_BAD_CLIENT_ID
     assert not peer.session.closed  # the Reject goes out first ...
     clock.advance(0)
     assert peer.session.closed  # ... then the session closes
@@ -152,7 +151,7 @@ def test_a_duplicate_id_whose_holder_answers_the_ping_is_refused():
     holder.send(ping_frame(ping.length, flags=ACK))
     clock.advance(0)
     [answer] = newcomer.answers()
-    assert answer.reject.code == Reject.CODE_ALREADY_EXISTS
+    assert answer.reject.code == tunnel_pb2.Reject.CODE_ALREADY_EXISTS
     assert "'twin' is already connected" in answer.reject.message
     clock.advance(0)
     assert newcomer.session.closed and not holder.session.closed
@@ -184,7 +183,7 @@ def test_a_second_newcomer_for_an_id_being_decided_is_refused_at_once():
     first.send(hello("twin"))
     second = Peer(server, 5003)
     second.send(hello("twin"))
-    assert [a.reject.code for a in second.answers()] == [Reject.CODE_ALREADY_EXISTS]
+    assert [a.reject.code for a in second.answers()] == [tunnel_pb2.Reject.CODE_ALREADY_EXISTS]
     assert kinds(first) == []
 
 

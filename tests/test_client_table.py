@@ -10,7 +10,6 @@ from grpcmux.client_table import ClientTable
 from grpcmux.config import ServerSettings
 from grpcmux.handshake import WIRE_NATIVE, ClientHello, HandshakeRejected
 
-Reject = tunnel_pb2.Reject
 
 
 class FakeSession:
@@ -92,14 +91,15 @@ def test_a_free_well_formed_id_is_admitted_and_listed():
 @pytest.mark.parametrize("client_id", ["", "two words", "a/b", "x" * 200])
 def test_a_malformed_id_is_refused(client_id):
     _, clients = table()
-    assert outcome(clients.admit(FakeConnection(client_id))) == Reject.CODE_BAD_CLIENT_ID
+    assert outcome(clients.admit(FakeConnection(client_id))) == tunnel_pb2.Reject.CODE_BAD_CLIENT_ID
 
 
 def test_the_admission_policy_is_asked():
     clock = Clock()
     clients = ClientTable(clock, ServerSettings(), Admission(client_ca=True,
                                                              client_id_from_cert=True))
-    assert outcome(clients.admit(FakeConnection("edge"))) == Reject.CODE_PERMISSION_DENIED
+    refused = outcome(clients.admit(FakeConnection("edge")))
+    assert refused == tunnel_pb2.Reject.CODE_PERMISSION_DENIED
 
 
 def test_max_clients_counts_pending_and_leaving_clients_until_forgotten():
@@ -107,12 +107,12 @@ def test_max_clients_counts_pending_and_leaving_clients_until_forgotten():
     first = listed(clients, "a")
     pending = FakeConnection("b")
     clients.admit(pending)
-    assert outcome(clients.admit(FakeConnection("c"))) == Reject.CODE_RESOURCE_EXHAUSTED
+    assert outcome(clients.admit(FakeConnection("c"))) == tunnel_pb2.Reject.CODE_RESOURCE_EXHAUSTED
     clients.forget(pending)
     assert clients.unlist(first)  # leaving: not routed to, still counted
     assert clients.holder("a") is None
     assert outcome(clients.admit(FakeConnection("c"))) is None
-    assert outcome(clients.admit(FakeConnection("d"))) == Reject.CODE_RESOURCE_EXHAUSTED
+    assert outcome(clients.admit(FakeConnection("d"))) == tunnel_pb2.Reject.CODE_RESOURCE_EXHAUSTED
     assert not clients.forget(first)  # no longer the listed one
     assert outcome(clients.admit(FakeConnection("d"))) is None
 
@@ -123,9 +123,9 @@ def test_a_live_holder_keeps_its_id():
     newcomer = FakeConnection("twin")
     decided = clients.admit(newcomer)
     assert outcome(decided) == "pending"
-    assert outcome(clients.admit(FakeConnection("twin"))) == Reject.CODE_ALREADY_EXISTS
+    assert outcome(clients.admit(FakeConnection("twin"))) == tunnel_pb2.Reject.CODE_ALREADY_EXISTS
     holder.session.pings[0].callback(0.001)
-    assert outcome(decided) == Reject.CODE_ALREADY_EXISTS
+    assert outcome(decided) == tunnel_pb2.Reject.CODE_ALREADY_EXISTS
     assert clients.holder("twin") is holder and holder.departed is None
     assert outcome(clients.admit(FakeConnection("twin"))) == "pending"  # claim released
 
@@ -160,11 +160,12 @@ def test_an_admitted_client_leaves_its_cluster_claim_to_the_registry():
 
 
 def test_a_cluster_refusal_frees_the_id_here():
-    claims = FakeClusterClaims(HandshakeRejected(Reject.CODE_ALREADY_EXISTS, "elsewhere"))
+    claims = FakeClusterClaims(
+        HandshakeRejected(tunnel_pb2.Reject.CODE_ALREADY_EXISTS, "elsewhere"))
     _, clients = table(cluster_claims=claims)
     connection = FakeConnection("edge")
-    assert outcome(clients.admit(connection)) == Reject.CODE_ALREADY_EXISTS
+    assert outcome(clients.admit(connection)) == tunnel_pb2.Reject.CODE_ALREADY_EXISTS
     clients.forget(connection)
     assert claims.released == []  # nothing to give back
-    assert outcome(clients.admit(FakeConnection("edge"))) == Reject.CODE_ALREADY_EXISTS
+    assert outcome(clients.admit(FakeConnection("edge"))) == tunnel_pb2.Reject.CODE_ALREADY_EXISTS
     assert claims.claimed == ["edge", "edge"]  # asked again: not refused here
