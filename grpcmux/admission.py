@@ -17,8 +17,6 @@ Reasons never say which ids exist or are connected, and never contain a token.
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.handshake import WIRE_LEGACY, HandshakeRejected
 
-Reject = tunnel_pb2.Reject
-
 
 class Admission:
     """The server's admission policy; ``Admission()`` admits every well-formed id."""
@@ -29,6 +27,17 @@ class Admission:
         self.client_ca = client_ca
         self.client_id_from_cert = client_id_from_cert
         self.allow_legacy_clients = allow_legacy_clients
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The policy of the server settings (whose token file they read and
+        checked when they were made)."""
+        return cls(
+            tokens=settings.client_tokens,
+            client_ca=bool(settings.tls_client_ca),
+            client_id_from_cert=settings.client_id_from_cert,
+            allow_legacy_clients=settings.allow_legacy_clients,
+        )
 
     @property
     def authenticates(self):
@@ -57,13 +66,13 @@ class Admission:
             return None
         if not self.allow_legacy_clients:
             return HandshakeRejected(
-                Reject.CODE_UNAUTHENTICATED,
+                tunnel_pb2.Reject.CODE_UNAUTHENTICATED,
                 "legacy clients carry no credentials and this server requires them "
                 "(--allow-legacy-clients admits them)",
             )
         if self.tokens is not None and self.tokens.covers(client_id):
             return HandshakeRejected(
-                Reject.CODE_UNAUTHENTICATED,
+                tunnel_pb2.Reject.CODE_UNAUTHENTICATED,
                 f"client id {client_id!r} needs a token, which a legacy client cannot send",
             )
         return None
@@ -71,12 +80,12 @@ class Admission:
     def _token_problem(self, client_id, token):
         if not token:
             return HandshakeRejected(
-                Reject.CODE_UNAUTHENTICATED,
+                tunnel_pb2.Reject.CODE_UNAUTHENTICATED,
                 "this server requires a token (client --token-file or GRPCMUX_TOKEN)",
             )
         if not self.tokens.admits(client_id, token):
             return HandshakeRejected(
-                Reject.CODE_UNAUTHENTICATED,
+                tunnel_pb2.Reject.CODE_UNAUTHENTICATED,
                 f"the token is not valid for client id {client_id!r}",
             )
         return None
@@ -85,13 +94,13 @@ class Admission:
     def _certificate_problem(client_id, names):
         if not names:
             return HandshakeRejected(
-                Reject.CODE_PERMISSION_DENIED,
+                tunnel_pb2.Reject.CODE_PERMISSION_DENIED,
                 "the client id must be a name in the client certificate, and the "
                 "client presented a certificate without names",
             )
         if client_id not in names:
             return HandshakeRejected(
-                Reject.CODE_PERMISSION_DENIED,
+                tunnel_pb2.Reject.CODE_PERMISSION_DENIED,
                 f"client id {client_id!r} is not a name in the client certificate "
                 f"({', '.join(names)})",
             )

@@ -585,7 +585,8 @@ class _CommonSettings:
     metrics_listener: Optional[str] = None  # None: no metrics endpoint
     keepalive_interval: float = 30.0
     keepalive_timeout: float = 10.0
-    # 1 MiB: streaming through the tunnel 1.25-1.5x faster than yamux's 256 KiB.
+    # 1 MiB rather than yamux's 256 KiB: one stream's bytes in flight, so a stream
+    # over a long or fast path is not held back by waiting for window updates.
     stream_window: int = 1024 * 1024
     log_level: str = "info"
     log_format: str = "pretty"
@@ -594,7 +595,12 @@ class _CommonSettings:
 
 @dataclass(frozen=True)
 class ServerSettings(_CommonSettings):
-    """Everything the multiplexer server needs; validated on construction."""
+    """Everything the multiplexer server needs; validated on construction.
+
+    The one place the server's options have their defaults: the components (the
+    multiplexer endpoint, the proxy, the router's limits, Discovery) are given
+    these settings, or a part made from them, and declare no defaults of their own.
+    """
 
     multiplexer_listener: str = "localhost:7602"
     proxy_listener: str = "localhost:7592"
@@ -609,6 +615,8 @@ class ServerSettings(_CommonSettings):
     max_streams_per_client: int = 1000
     max_proxy_calls: int = 10000
     max_calls_per_client: int = 1000
+    # A reading Watch caller must not fall this far behind even when every client
+    # of a full server (max_clients) disconnects at once.
     watch_queue_limit: int = 10000
     # Proxy endpoint security: file paths (None: off).
     proxy_tls_cert: Optional[str] = None

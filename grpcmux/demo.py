@@ -100,6 +100,7 @@ class Demo:
 
     async def run(self):
         from grpcmux.client import Tunnel, TunnelClientService
+        from grpcmux.config import ServerSettings
         from grpcmux.registry import ClientRegistry
         from grpcmux.proxy import ProxyService
         from grpcmux.server import MultiplexerServer
@@ -109,14 +110,16 @@ class Demo:
         example_address = f"127.0.0.1:{self.example_port}"
 
         registry = ClientRegistry()
+        settings = ServerSettings(multiplexer_listener=args.multiplexer_listener,
+                                  proxy_listener=args.proxy_listener,
+                                  shutdown_grace=STOP_GRACE)
         server = self._start(
-            MultiplexerServer(reactor, registry, args.multiplexer_listener),
+            MultiplexerServer(reactor, registry, settings),
             "multiplexer server",
         )
         multiplexer_address = dial_address(args.multiplexer_listener, server.port.getHost().port)
         proxy = self._start(
-            ProxyService(reactor, registry, args.proxy_listener, tunnels=server.tunnel_for,
-                         shutdown_grace=STOP_GRACE),
+            ProxyService(reactor, registry, settings, tunnels=server.tunnel_for),
             "proxy endpoint",
         )
         proxy_address = dial_address(args.proxy_listener, proxy.port)

@@ -35,8 +35,6 @@ MAX_ID_LINE = 4 * 128 + 1
 
 _LENGTH = struct.Struct(">I")
 
-Reject = tunnel_pb2.Reject
-
 
 @dataclass(frozen=True)
 class ClientHello:
@@ -58,7 +56,7 @@ class HandshakeRejected(Exception):
         self.message = message
 
     def __str__(self):
-        return f"{Reject.Code.Name(self.code)}: {self.message}"
+        return f"{tunnel_pb2.Reject.Code.Name(self.code)}: {self.message}"
 
 
 class HandshakeFailed(Exception):

@@ -283,7 +283,7 @@ class _ServerCollector:
     def collect(self):
         server = self.server
         snapshot = server.registry.snapshot if server is not None else {}
-        connections = tuple(server._connections) if server is not None else ()
+        connections = server.connections if server is not None else ()
         clients = GaugeMetricFamily(
             "grpcmux_server_connected_clients", "Admitted clients by wire protocol.",
             labels=["wire_protocol"])

@@ -31,18 +31,27 @@ from grpcmux.runtime_dir import RuntimeDir
 
 #: The health service name that says whether this node is registered in its cluster.
 CLUSTER_SERVICE = "grpcmux.cluster"
+#: Bytes the router may buffer for all its streams together (see ``Budget``).
+BUFFER_BUDGET = 256 * 1024 * 1024
+#: HTTP/2 of the callers' connections: the protocol library's bounds.
+CALLER_CONFIG = H2Config()
+#: Upstreams are ours or our clients' backends: no idle limit, generous control
+#: budgets, but a backend that never speaks HTTP/2 fails its calls.
+UPSTREAM_CONFIG = H2Config(idle_timeout=0, control_burst=10**6, control_rate=10**5)
 
 
 class ProxyService(Service):
     """The proxy endpoint: routes calls to clients, answers Discovery, health, reflection.
 
-    ``tunnels(client_id)`` returns the upstream target of a connected client, or
-    None (the multiplexer server's :meth:`tunnel_for`). ``max_concurrent_calls``
-    bounds the calls in progress, ``max_calls_per_client`` those to one client
-    (None: no bound); beyond either, RESOURCE_EXHAUSTED. ``observer``, if given, is
-    told of every call that ends (see :class:`Router`). ``tls`` (ServerTLS) and
-    ``tokens`` (ProxyTokens) secure the endpoint; None: off. ``watch_queue_limit``:
-    registry changes kept for Discovery Watch callers (None: Discovery's default).
+    ``settings`` (ServerSettings) give the listener, the routing by authority and
+    default client, the limits, the shutdown grace, the Watch queue and the runtime
+    directory. ``tunnels(client_id)`` returns the upstream target of a connected
+    client, or None (the multiplexer server's :meth:`tunnel_for`). ``observer``, if
+    given, is told of every call that ends (see :class:`Router`). ``tls``
+    (ServerTLS) and ``tokens`` (ProxyTokens), loaded from the settings' files,
+    secure the endpoint; None: off. In a cluster, ``remote``, ``cluster_listener``,
+    ``node_token`` and ``cluster_tls`` (see ``grpcmux.cluster.node.proxy_options``)
+    forward calls between nodes.
     """
 
     _log = Logger()
@@ -51,39 +60,25 @@ class ProxyService(Service):
         self,
         reactor,
         registry,
-        listen_address,
+        settings,
         tunnels=None,
-        authority_domain=None,
-        default_client_id=None,
-        max_message_size=None,
-        max_concurrent_calls=10000,
-        max_calls_per_client=1000,
-        shutdown_grace=10.0,
         observer=None,
         tls=None,
         tokens=None,
-        runtime_dir=None,
-        caller_config=None,
-        upstream_config=None,
-        buffer_budget=256 * 1024 * 1024,
         remote=None,
         cluster_listener=None,
         node_token=None,
         cluster_tls=None,
-        watch_queue_limit=None,
         cluster_health=None,
     ):
         self._reactor = reactor
         self._registry = registry
-        self.listen_address = listen_address
+        self.settings = settings
         self._tunnels = tunnels or (lambda client_id: None)
-        self.shutdown_grace = shutdown_grace
         self.tls = tls
         self.tokens = tokens
-        self._runtime_dir = RuntimeDir(runtime_dir)
-        self.limits = RouterLimits(max_concurrent_calls, max_calls_per_client, max_message_size)
-        self._routing = dict(authority_domain=authority_domain,
-                             default_client_id=default_client_id)
+        self._runtime_dir = RuntimeDir(settings.runtime_dir)
+        self.limits = RouterLimits.from_settings(settings)
         self._observer = observer
         self._remote = remote
         self._cluster_listener = cluster_listener
@@ -95,14 +90,8 @@ class ProxyService(Service):
         # grpcmux.cluster service follows whether this node is registered in etcd.
         self._cluster_health = cluster_health
         self._unobserve_cluster = None
-        self._caller_config = caller_config or H2Config()
-        # Upstreams are ours or our clients' backends: no idle limit, generous
-        # control budgets, but a backend that never speaks HTTP/2 fails its calls.
-        self._upstream_config = upstream_config or H2Config(
-            idle_timeout=0, control_burst=10**6, control_rate=10**5)
-        self.budget = Budget(buffer_budget)
+        self.budget = Budget(BUFFER_BUDGET)
         self._instance = os.urandom(8).hex().encode()  # this router's pseudonym in via
-        self.watch_queue_limit = watch_queue_limit
         self.router = None
         self.local = None
         self.listening_port = None
@@ -114,21 +103,22 @@ class ProxyService(Service):
 
         path = self._runtime_dir.create()
         try:
-            limit = {} if self.watch_queue_limit is None else {
-                "watch_queue_limit": self.watch_queue_limit}
             self.local = LocalServices(self._reactor, self._registry,
-                                       self._runtime_dir.socket_path(), self.tokens, **limit)
+                                       self._runtime_dir.socket_path(), self.tokens,
+                                       self.settings.watch_queue_limit)
             self.local.start()
             local = EndpointTarget(UNIXClientEndpoint(self._reactor, self.local.socket_path))
             self.router = Router(
                 self._reactor, self._registry, self._tunnels, local,
-                self._caller_config, self._upstream_config, limits=self.limits,
+                CALLER_CONFIG, UPSTREAM_CONFIG, limits=self.limits,
                 tokens=self.tokens, observer=self._observer, budget=self.budget,
-                instance=self._instance, remote=self._remote, **self._routing)
+                instance=self._instance, remote=self._remote,
+                authority_domain=self.settings.authority_domain,
+                default_client_id=self.settings.default_client_id)
             factory = self.router.factory
             if self.tls is not None:
                 factory = TLSMemoryBIOFactory(self.tls.options(), False, factory)
-            self.listening_port = listen(self._reactor, self.listen_address, factory,
+            self.listening_port = listen(self._reactor, self.settings.proxy_listener, factory,
                                          "proxy-listener")
             if self._cluster_listener is not None:
                 self._listen_for_nodes()
@@ -156,8 +146,8 @@ class ProxyService(Service):
     def _listen_for_nodes(self):
         """The cluster listener: calls other nodes forward to this node's clients."""
         self.cluster_router = Router(
-            self._reactor, self._registry, self._tunnels, None, self._caller_config,
-            self._upstream_config, limits=self.limits, observer=self._observer,
+            self._reactor, self._registry, self._tunnels, None, CALLER_CONFIG,
+            UPSTREAM_CONFIG, limits=self.limits, observer=self._observer,
             budget=self.budget, instance=self._instance, node_token=self._node_token)
         factory = self.cluster_router.factory
         if self._cluster_tls is not None:
@@ -181,7 +171,7 @@ class ProxyService(Service):
                 if router is not None:
                     router.client_left(event.info.client_id, event.graceful)
 
-    def when_client_ready(self, client_id, timeout=10.0):
+    def when_client_ready(self, client_id):
         """A Deferred firing once calls can be routed to ``client_id``.
 
         The router opens a client's upstream on the first call, so this is a
@@ -207,14 +197,14 @@ class ProxyService(Service):
         for router in routers:
             router.drain()
         drained = _all_closed([c for router in routers for c in router.callers])
-        timer = self._reactor.callLater(self.shutdown_grace, drained.cancel)
+        timer = self._reactor.callLater(self.settings.shutdown_grace, drained.cancel)
 
         def finish(_):
             if timer.active():
                 timer.cancel()
             for router in routers:
                 router.cancel_all()
-            return self.local.stop(min(self.shutdown_grace, 1.0))
+            return self.local.stop(min(self.settings.shutdown_grace, 1.0))
 
         d = DeferredList([*stopped, drained], consumeErrors=True)
         d.addCallback(finish)

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from grpcmux.config import ServerSettings
 from grpcmux.http2.config import H2Config
 from grpcmux.http2.frames import PREFACE, TYPE_HEADERS
 from grpcmux.http2.router import Router, RouterLimits
@@ -161,7 +162,7 @@ class RouterHarness:
             self.clock, self.registry, self.tunnels.get, self.local_target,
             caller or H2Config(), upstream or H2Config(
                 idle_timeout=0, preface_timeout=0, control_burst=10**6, control_rate=10**5),
-            limits=limits or RouterLimits(), tokens=tokens, authority_domain=authority_domain,
+            limits=limits or RouterLimits.from_settings(ServerSettings()), tokens=tokens, authority_domain=authority_domain,
             default_client_id=default_client_id, observer=self._observe, instance=instance,
             budget=budget)
 

@@ -4,6 +4,7 @@ Everything runs on the real reactor; blocking grpc client code runs in threads.
 Every wait has a timeout, so a broken tunnel fails a test instead of hanging it.
 """
 
+import dataclasses
 import io
 
 import grpc
@@ -13,6 +14,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from grpcmux.client import Tunnel, TunnelClientService
+from grpcmux.config import ServerSettings
 from grpcmux.registry import ClientRegistry
 from grpcmux.proxy import ProxyService
 from grpcmux.server import MultiplexerServer
@@ -24,29 +26,36 @@ TIMEOUT = 20.0
 class Stack:
     """Server + proxy on 127.0.0.1 ports chosen by the system, and a backend.
 
-    ``proxy_kwargs`` go to the ProxyService (``tls=``, ``tokens=``, ...); the others
-    to the MultiplexerServer.
+    ``settings`` are ServerSettings fields for both endpoints (``max_clients=``,
+    ``tls_cert=``, ``auth_tokens=``, ...); ``proxy_kwargs`` go to the ProxyService
+    (``tls=``, ``tokens=``, ``observer=``, ...), ``metrics`` to the MultiplexerServer.
     """
 
-    def __init__(self, reactor, tmp_path, proxy_kwargs=None, **server_kwargs):
+    def __init__(self, reactor, tmp_path, proxy_kwargs=None, settings=None, metrics=None):
         self.reactor = reactor
         self.tmp_path = tmp_path
         self.registry = ClientRegistry()
         self.backend = Backend(str(tmp_path / "backend.sock"), tcp=True)
         self.backend_address = f"unix:{self.backend.socket_path}"
-        self._server_kwargs = server_kwargs
-        self.server = self._start_server("tcp:0:interface=127.0.0.1")
+        self.settings = ServerSettings(**{
+            "multiplexer_listener": "tcp:0:interface=127.0.0.1",
+            "proxy_listener": "127.0.0.1:0",
+            "runtime_dir": str(tmp_path / "run"),
+            "shutdown_grace": 1.0,
+            **(settings or {}),
+        })
+        self._metrics = metrics
+        self.server = self._start_server(self.settings)
         self.multiplexer_address = f"127.0.0.1:{self.server.port.getHost().port}"
-        self.proxy = ProxyService(reactor, self.registry, "127.0.0.1:0",
+        self.proxy = ProxyService(reactor, self.registry, self.settings,
                                   tunnels=lambda client_id: self.server.tunnel_for(client_id),
-                                  runtime_dir=str(tmp_path / "run"),
-                                  **{"shutdown_grace": 1.0, **(proxy_kwargs or {})})
+                                  **(proxy_kwargs or {}))
         self.proxy.startService()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.proxy.port}", options=UNLIMITED)
         self.clients = []
 
-    def _start_server(self, listener):
-        server = MultiplexerServer(self.reactor, self.registry, listener, **self._server_kwargs)
+    def _start_server(self, settings):
+        server = MultiplexerServer(self.reactor, self.registry, settings, metrics=self._metrics)
         server.startService()
         return server
 
@@ -56,7 +65,8 @@ class Stack:
 
         def start_again(_):
             host, port = self.multiplexer_address.split(":")
-            self.server = self._start_server(f"tcp:{port}:interface={host}")
+            self.server = self._start_server(dataclasses.replace(
+                self.settings, multiplexer_listener=f"tcp:{port}:interface={host}"))
 
         return d.addCallback(start_again).addTimeout(TIMEOUT, self.reactor)
 
@@ -65,7 +75,7 @@ class Stack:
         """Start a client; ``.when_connected()`` tells when it is in.
 
         ``token`` and ``tls_creator`` (``grpcmux.tls.client_creator``) are the
-        client's credentials; the server's are ``Stack(tls_options=, admission=)``.
+        client's credentials; the server's are ``Stack(settings={"tls_cert": ...})``.
         """
         tunnel = Tunnel(
             self.reactor,
@@ -129,7 +139,7 @@ class Stack:
         After a failure grpc reconnects by itself after a short backoff; calls made
         in between fail fast, as they should, so a test waits for this first.
         """
-        return self.proxy.when_client_ready(client_id, TIMEOUT).addTimeout(
+        return self.proxy.when_client_ready(client_id).addTimeout(
             TIMEOUT + 5, self.reactor
         )
 

@@ -30,6 +30,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 
+from grpcmux.config import ServerSettings
 from grpcmux.registry import ClientInfo, ClientRegistry
 from grpcmux.http2.status import UNAVAILABLE
 from grpcmux.proxy import ProxyService
@@ -296,18 +297,26 @@ class SocketClient:
 
 
 class Mux:
-    """A started ProxyService on 127.0.0.1:0 with a registry, a Backend, a channel."""
+    """A started ProxyService on 127.0.0.1:0 with a registry, a Backend, a channel.
 
-    def __init__(self, reactor, tmp_path, registry=None, **service_kwargs):
+    ``settings`` are ServerSettings fields (``max_calls_per_client=``, ...);
+    ``service_kwargs`` go to the ProxyService (``tls=``, ``tokens=``, ...).
+    """
+
+    def __init__(self, reactor, tmp_path, registry=None, settings=None, **service_kwargs):
         self.reactor = reactor
         self.tmp_path = tmp_path
         self.registry = registry if registry is not None else ClientRegistry()
         self.backend = Backend(str(tmp_path / "backend.sock"))
-        service_kwargs.setdefault("shutdown_grace", 1.0)
+        self.settings = ServerSettings(**{
+            "proxy_listener": "127.0.0.1:0",
+            "runtime_dir": str(tmp_path / "run"),
+            "shutdown_grace": 1.0,
+            **(settings or {}),
+        })
         self.targets = {}
-        self.service = ProxyService(reactor, self.registry, "127.0.0.1:0",
-                                    tunnels=self.targets.get,
-                                    runtime_dir=str(tmp_path / "run"), **service_kwargs)
+        self.service = ProxyService(reactor, self.registry, self.settings,
+                                    tunnels=self.targets.get, **service_kwargs)
         self.service.startService()
         self.address = f"127.0.0.1:{self.service.port}"
         self.channel = grpc.insecure_channel(self.address, options=UNLIMITED)

@@ -18,7 +18,6 @@ from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.tokens import ClientTokens, hash_token
 from mux_stack import TIMEOUT, Stack, first_report
 
-Reject = tunnel_pb2.Reject
 TOKEN = "s3cret-Token-for-edge"
 OTHER_TOKEN = "another-s3cret-token"
 
@@ -64,7 +63,7 @@ def test_tokens(tokens, client_id, token, reason):
     if reason is None:
         assert refusal is None
     else:
-        assert refusal.code == Reject.CODE_UNAUTHENTICATED
+        assert refusal.code == tunnel_pb2.Reject.CODE_UNAUTHENTICATED
         assert reason in refusal.message
         assert TOKEN not in refusal.message and OTHER_TOKEN not in refusal.message
         assert "lab-" not in refusal.message.replace("'lab-7'", "")  # no other ids
@@ -74,7 +73,7 @@ def test_legacy_clients_are_refused_when_clients_authenticate(tokens):
     legacy = hello("free-id", wire_protocol=WIRE_LEGACY)
     for admission in (Admission(tokens=tokens), Admission(client_ca=True)):
         refusal = admission.refusal(legacy, None)
-        assert refusal.code == Reject.CODE_UNAUTHENTICATED
+        assert refusal.code == tunnel_pb2.Reject.CODE_UNAUTHENTICATED
         assert "--allow-legacy-clients" in refusal.message
 
 
@@ -83,19 +82,19 @@ def test_allowed_legacy_clients_may_not_take_ids_a_token_covers(tokens):
     assert admission.refusal(hello("free-id", wire_protocol=WIRE_LEGACY), None) is None
     for covered in ("edge-1", "lab-3"):
         refusal = admission.refusal(hello(covered, wire_protocol=WIRE_LEGACY), None)
-        assert refusal.code == Reject.CODE_UNAUTHENTICATED
+        assert refusal.code == tunnel_pb2.Reject.CODE_UNAUTHENTICATED
         assert "needs a token" in refusal.message
     # Native clients still need their token.
-    assert admission.refusal(hello("edge-1"), None).code == Reject.CODE_UNAUTHENTICATED
+    assert admission.refusal(hello("edge-1"), None).code == tunnel_pb2.Reject.CODE_UNAUTHENTICATED
 
 
 def test_certificate_binding_applies_to_allowed_legacy_clients_too():
     admission = Admission(client_ca=True, client_id_from_cert=True, allow_legacy_clients=True)
     legacy = hello("sensor-9", wire_protocol=WIRE_LEGACY)
     refusal = admission.refusal(legacy, ("sensor-1",))
-    assert refusal.code == Reject.CODE_PERMISSION_DENIED
+    assert refusal.code == tunnel_pb2.Reject.CODE_PERMISSION_DENIED
     assert admission.refusal(hello("sensor-1", wire_protocol=WIRE_LEGACY), ("sensor-1",)) is None
-    assert admission.refusal(hello("sensor-1"), None).code == Reject.CODE_PERMISSION_DENIED
+    assert admission.refusal(hello("sensor-1"), None).code == tunnel_pb2.Reject.CODE_PERMISSION_DENIED
 
 
 def test_token_is_not_in_the_repr_of_a_hello_or_the_settings(tmp_path):
@@ -171,9 +170,8 @@ def refused_event(events, client_id):
 
 
 def token_stack(reactor, tmp_path, allow_legacy_clients=False):
-    admission = Admission(tokens=ClientTokens.load(tokens_file(tmp_path)),
-                          allow_legacy_clients=allow_legacy_clients)
-    return Stack(reactor, tmp_path, admission=admission)
+    return Stack(reactor, tmp_path, settings={"auth_tokens": tokens_file(tmp_path),
+                                              "allow_legacy_clients": allow_legacy_clients})
 
 
 @pytest_twisted.async_yield_fixture

@@ -64,6 +64,7 @@ from grpcmux.registry import (
     ClientInfo,
     ClientRegistry,
 )
+from grpcmux.config import ServerSettings
 from grpcmux.rpc.discovery import AsyncDiscoveryServicer, server_details
 from grpcmux.server import MultiplexerServer
 
@@ -641,13 +642,13 @@ def test_record_health_logs_changes_only(log_events):
 def test_only_the_current_connection_of_an_id_reports():
     registry = ClientRegistry()
     registry.add(info())
-    server = MultiplexerServer(Clock(), registry, "tcp:0")
+    server = MultiplexerServer(Clock(), registry, ServerSettings())
 
     class Connection:
         client_id = "edge"
 
     current, replaced = Connection(), Connection()
-    server._by_id["edge"] = current
+    server.clients.list(current)
     server.health_reported(replaced, NOT_SERVING, "a late word from a replaced session")
     assert registry.get("edge").health == UNKNOWN
     server.health_reported(current, NOT_SERVING, "refused")
@@ -667,8 +668,8 @@ def test_discovery_shows_health_and_watchers_of_updates_see_changes():
     # A Watch that did not ask for updates is not sent them.
     batch = [(e.kind, e.info) for e in updates]
     everyone = lambda client_id: True  # noqa: E731
-    assert AsyncDiscoveryServicer._responses(batch, everyone, False) == []
-    sent = AsyncDiscoveryServicer._responses(batch, everyone, True)
+    assert AsyncDiscoveryServicer.responses(batch, everyone, False) == []
+    sent = AsyncDiscoveryServicer.responses(batch, everyone, True)
     assert [r.event for r in sent] == [discovery_pb2.WatchGRPCServerResponse.EVENT_UPDATED]
     details = server_details(registry.get("edge"))
     assert details.health == discovery_pb2.GRPCServer.HEALTH_NOT_SERVING
@@ -677,7 +678,7 @@ def test_discovery_shows_health_and_watchers_of_updates_see_changes():
 def test_metrics_carry_health():
     class Server:
         registry = ClientRegistry()
-        _connections = ()
+        connections = ()
 
     metrics = ServerMetrics()
     metrics.track(Server)

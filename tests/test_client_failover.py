@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IHostnameResolver
 from zope.interface import implementer
 
 from grpcmux.client import Tunnel, TunnelClientService
+from grpcmux.config import ServerSettings
 from grpcmux.registry import ClientRegistry
 from grpcmux.server import MultiplexerServer
 
@@ -28,7 +29,8 @@ class Servers:
 
     def start(self, listener):
         registry = ClientRegistry()
-        server = MultiplexerServer(self.reactor, registry, listener)
+        server = MultiplexerServer(self.reactor, registry,
+                                   ServerSettings(multiplexer_listener=listener))
         server.startService()
         server.registry = registry
         self.started.append(server)

@@ -10,7 +10,8 @@ from grpcmux.cluster.node import ClusterNode
 from grpcmux.cluster.registry import ClusterRegistry
 from grpcmux.config import load_server_settings
 from grpcmux.registry import ClientRegistry
-from grpcmux.server import ServerService, make_service
+from grpcmux.server_service import ServerService
+from grpcmux.tap.server import make_service
 from mux_stack import RecordingPolicy, first_report
 
 TIMEOUT = 20.0
@@ -41,7 +42,7 @@ def test_without_cluster_etcd_nothing_changes(reactor, tmp_path):
     service = make_service(settings(tmp_path, "solo"), reactor)
     assert isinstance(service, ServerService)
     assert type(service.multiplexer.registry) is ClientRegistry
-    assert service.multiplexer.claims is None
+    assert service.multiplexer.clients.cluster_claims is None
 
 
 def until(reactor, registry, predicate):

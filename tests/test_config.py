@@ -722,9 +722,9 @@ def test_client_security_errors(fields, expected):
     assert expected in str(info.value) and "\n" not in str(info.value)
 def test_keepalive_and_window_settings_reach_both_sessions(reactor):
     from grpcmux import client as client_module
-    from grpcmux import server as server_module
+    from grpcmux.tap.server import make_service
 
-    server = server_module.make_service(
+    server = make_service(
         ServerSettings(keepalive_interval=0.5, keepalive_timeout=0.25, stream_window=524288),
         reactor,
     )

@@ -9,7 +9,7 @@ import pytest_twisted
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.tuning import IO_SIZE
-from mux_stack import TIMEOUT, first_report
+from mux_stack import TIMEOUT, Stack, first_report
 from rpc_backend import route
 
 OK = grpc.StatusCode.OK
@@ -199,17 +199,21 @@ async def test_duplicate_id_of_a_live_client_is_refused(stack):
 
 
 @pytest_twisted.ensureDeferred
-async def test_duplicate_id_replaces_a_dead_session(stack):
-    stack.server.duplicate_ping_timeout = 0.2
-    first = await stack.connected_client("phoenix")
-    dead = stack.server.connected_clients["phoenix"]
-    first.tunnel.session.transport.pauseProducing()  # frozen: reads nothing, answers no ping
-    first.tunnel.session.transport.stopReading()
-    second = await stack.connected_client("phoenix")
-    assert stack.server.connected_clients["phoenix"] is not dead
-    result = await stack.invoke("Unary", b"new", route("phoenix"), wait_for_ready=True)
-    assert result.responses == [b"new"], result.details
-    assert second.tunnel.session is not None
+async def test_duplicate_id_replaces_a_dead_session(reactor, tmp_path):
+    stack = Stack(reactor, tmp_path, settings={"duplicate_ping_timeout": 0.2})
+    try:
+        first = await stack.connected_client("phoenix")
+        dead = stack.server.connected_clients["phoenix"]
+        # Frozen: reads nothing, answers no ping.
+        first.tunnel.session.transport.pauseProducing()
+        first.tunnel.session.transport.stopReading()
+        second = await stack.connected_client("phoenix")
+        assert stack.server.connected_clients["phoenix"] is not dead
+        result = await stack.invoke("Unary", b"new", route("phoenix"), wait_for_ready=True)
+        assert result.responses == [b"new"], result.details
+        assert second.tunnel.session is not None
+    finally:
+        await stack.stop()
 
 
 @pytest.mark.parametrize("bad_id, why", [("two words", "whitespace"), ("a/b", "'/'")])
@@ -244,7 +248,7 @@ class Conversation:
 
 @pytest_twisted.ensureDeferred
 async def test_graceful_stop_lets_calls_in_flight_finish(stack):
-    from grpcmux.server import ServerService
+    from grpcmux.server_service import ServerService
 
     await stack.connected_client("lab")
     talk = await stack.in_thread(Conversation, stack.channel, route("lab"))
@@ -322,7 +326,7 @@ async def test_tcp_legs_are_tuned(stack):
     service = await stack.connected_client("lab", backend_address=stack.backend.tcp_address)
     result = await stack.invoke("Unary", b"ping", route("lab"))
     assert result.code == OK
-    [connection] = stack.server._connections
+    [connection] = stack.server.connections
     assert _tuned(connection.session.transport)
     callers = [caller.transport for caller in stack.proxy.router.callers]
     assert callers and all(_tuned(t) for t in callers)

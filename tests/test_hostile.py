@@ -32,7 +32,6 @@ from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.handshake import MAGIC, encode_message
 from grpcmux.testing import build_frame, data_frame, go_away_frame, ping_frame, window_update
 from grpcmux.yamux import frame as f
-from grpcmux.yamux.config import YamuxConfig
 from grpcmux.tuning import IO_SIZE
 from mux_stack import TIMEOUT, Stack
 from rpc_backend import route
@@ -71,7 +70,7 @@ class Meter:
 
         def accepted(session, addr):
             accept(session, addr)
-            connection = next(c for c in server._connections if c.session is session)
+            connection = next(c for c in server.connections if c.session is session)
             receive = session.dataReceived
 
             def data_received(data):
@@ -160,7 +159,7 @@ class Scene:
         assert any(logged in text for text in texts), texts
         assert self.meter.peak.get(attacker.port, 0) <= BOUND
         assert not any(c.remote_address == f"127.0.0.1:{attacker.port}"
-                       for c in self.stack.server._connections)
+                       for c in self.stack.server.connections)
         await self.call_good()  # after
         return texts
 
@@ -239,7 +238,7 @@ async def test_ten_thousand_syns_without_data(scene):
 
 @pytest_twisted.ensureDeferred
 async def test_a_window_overrun(scene):
-    overrun = build_frame(f.TYPE_DATA, 0, 1, f.INITIAL_STREAM_WINDOW + 1) + b"x" * 1000
+    overrun = build_frame(f.TYPE_DATA, 0, 1, scene.stack.settings.stream_window + 1) + b"x" * 1000
     attacker = await scene.attack(syn() + overrun)
     await scene.cut_off(attacker, "exceed the receive window")
 
@@ -247,7 +246,7 @@ async def test_a_window_overrun(scene):
 @pytest_twisted.ensureDeferred
 async def test_one_byte_at_a_time(reactor, tmp_path, warnings):
     # A short deadline instead of 10 s; the trickle comes faster than the deadline.
-    stack = Stack(reactor, tmp_path, handshake_timeout=2.0)
+    stack = Stack(reactor, tmp_path, settings={"handshake_timeout": 2.0})
     scene = Scene(stack, warnings)
     try:
         await scene.start()
@@ -267,8 +266,8 @@ async def test_one_byte_at_a_time(reactor, tmp_path, warnings):
 async def test_a_ping_flood_from_a_peer_that_does_not_read(reactor, tmp_path, warnings):
     # The server answers pings while the peer reads; once its answers back up it stops
     # reading, and its own keepalive ping, unanswered, ends the session (short here).
-    config = YamuxConfig(keepalive_interval=0.5, connection_write_timeout=3.0)
-    stack = Stack(reactor, tmp_path, yamux_config=config)
+    stack = Stack(reactor, tmp_path, settings={"keepalive_interval": 0.5,
+                                               "keepalive_timeout": 3.0})
     scene = Scene(stack, warnings)
     try:
         await scene.start()
@@ -285,7 +284,7 @@ async def test_sessions_that_send_goaway_after_welcome_are_closed_and_counted(
         reactor, tmp_path, warnings):
     # Each attacker is admitted, sends GoAway, then just reads.  Unlisted but never
     # closed, such sessions used to let more clients in than --max-clients allows.
-    stack = Stack(reactor, tmp_path, max_clients=3)
+    stack = Stack(reactor, tmp_path, settings={"max_clients": 3})
     scene = Scene(stack, warnings)
     try:
         await scene.start()
@@ -295,7 +294,7 @@ async def test_sessions_that_send_goaway_after_welcome_are_closed_and_counted(
             attacker.transport.write(bytes(go_away_frame()))
             await attacker.closed.addTimeout(TIMEOUT, reactor)  # the server closed it
             assert scene.meter.peak[attacker.port] <= BOUND
-        assert len(stack.server._connections) == 1
+        assert len(stack.server.connections) == 1
         await stack.connected_client("late-1")
         await stack.connected_client("late-2")
         assert set(stack.registry.snapshot) == {"good", "late-1", "late-2"}
@@ -306,7 +305,8 @@ async def test_sessions_that_send_goaway_after_welcome_are_closed_and_counted(
 
 @pytest_twisted.ensureDeferred
 async def test_connections_beyond_max_handshakes_wait_for_a_place(reactor, tmp_path, warnings):
-    stack = Stack(reactor, tmp_path, max_handshakes=3, handshake_timeout=2.0)
+    stack = Stack(reactor, tmp_path, settings={"max_handshakes": 3,
+                                               "handshake_timeout": 2.0})
     scene = Scene(stack, warnings)
     try:
         await scene.start()
@@ -314,7 +314,7 @@ async def test_connections_beyond_max_handshakes_wait_for_a_place(reactor, tmp_p
         waiting = await scene.attack()  # connected in the kernel's backlog only
         late = stack.client("late")
         await scene.call_good()  # admitted clients are served meanwhile
-        assert len(stack.server._connections) == 4  # good and the three silent ones
+        assert len(stack.server.connections) == 4  # good and the three silent ones
         assert "late" not in stack.registry.snapshot
         assert any("3 handshakes in progress, the most allowed" in e["log_format"].format(**e)
                    for e in warnings)

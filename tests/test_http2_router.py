@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionLost
 
 import h2_frames as h2
+from grpcmux.config import ServerSettings
 from grpcmux.http2.config import H2Config
 from grpcmux.http2.connection import Budget
 from grpcmux.http2.frames import (
@@ -571,8 +572,13 @@ def test_response_end_resets_the_request_side_with_no_error(h):
 # -- limits ---------------------------------------------------------------------
 
 
+def limits(**settings):
+    """The router's limits under ServerSettings with ``settings``."""
+    return RouterLimits.from_settings(ServerSettings(**settings))
+
+
 def test_max_calls_is_resource_exhausted_until_one_ends():
-    h = RouterHarness(limits=RouterLimits(max_calls=1))
+    h = RouterHarness(limits=limits(max_proxy_calls=1))
     h.client("alpha")
     caller = h.caller()
     caller.call(1, end_stream=True)
@@ -584,7 +590,7 @@ def test_max_calls_is_resource_exhausted_until_one_ends():
 
 
 def test_max_calls_per_client_is_resource_exhausted_for_that_client_only():
-    h = RouterHarness(limits=RouterLimits(max_calls_per_client=1))
+    h = RouterHarness(limits=limits(max_calls_per_client=1))
     h.client("alpha")
     h.client("beta")
     caller = h.caller()
@@ -597,7 +603,7 @@ def test_max_calls_per_client_is_resource_exhausted_for_that_client_only():
 
 
 def limited(size):
-    h = RouterHarness(limits=RouterLimits(max_message_size=size))
+    h = RouterHarness(limits=limits(max_message_size=size))
     h.client("alpha")
     return h
 

@@ -11,16 +11,18 @@ import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
-from grpcmux.handshake import MAGIC, MessageReader, encode_message
+from grpcmux.handshake import MAGIC
 from grpcmux.registry import ClientRegistry
-from grpcmux.server import MultiplexerServer, _HandshakeGate, _SessionFactory
+from grpcmux.accepting import HandshakeGate, SessionFactory
+from grpcmux.config import ServerSettings
+from grpcmux.server import MultiplexerServer
 from grpcmux.testing import (
     RecorderFactory,
     StreamRecorder,
@@ -35,6 +37,7 @@ from grpcmux.yamux import frame as f
 from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.errors import StreamLimitReached
 from mux_stack import Stack
+from server_peer import Peer, hello
 from rpc_backend import ENGINES, Mux, route, start_call
 
 SYN, ACK, FIN, RST = f.FLAG_SYN, f.FLAG_ACK, f.FLAG_FIN, f.FLAG_RST
@@ -96,38 +99,10 @@ def test_ten_thousand_syns_without_data_cost_at_most_max_streams():
 # -- the server on a fake clock: handshake deadline, clients, extra streams -------------
 
 
-class Peer:
-    """A client connection to ``server`` on a StringTransport; frames written by hand."""
-
-    def __init__(self, server, port):
-        address = IPv4Address("TCP", "127.0.0.1", port)
-        self.connection = _SessionFactory(server).buildProtocol(address)
-        self.session = self.connection.protocol  # behind the first bytes' check
-        self.transport = StringTransport(peerAddress=address)
-        self.connection.makeConnection(self.transport)
-        self.frames = []
-
-    def send(self, *frames):
-        self.connection.dataReceived(b"".join(frames))
-
-    def received(self):
-        self.frames += read_frames(self.transport)
-        return self.frames
-
-    def answers(self):
-        """The server's messages on the control stream."""
-        body = b"".join(fr.data for fr in self.received() if fr.type == f.TYPE_DATA)
-        return [tunnel_pb2.ServerMessage.FromString(m) for m in MessageReader().feed(body)]
-
-
-def hello(client_id):
-    return window_update(1, flags=SYN) + data_frame(
-        1, MAGIC + encode_message(tunnel_pb2.Hello(client_id=client_id)))
-
-
-def fake_server(tmp_path, reactor=None, **kwargs):
+def fake_server(tmp_path, reactor=None, **settings):
     reactor = reactor if reactor is not None else MemoryReactorClock()
-    server = MultiplexerServer(reactor, ClientRegistry(), LOOPBACK, **kwargs)
+    server = MultiplexerServer(reactor, ClientRegistry(), ServerSettings(
+        multiplexer_listener=LOOPBACK, **settings))
     return reactor, server
 
 
@@ -143,7 +118,7 @@ def test_the_handshake_deadline_counts_from_accept_whatever_trickles_in(
         reactor.advance(1)
     assert peer.session.closed and peer.transport.disconnected  # aborted
     assert logged(log_events, "no handshake from 127.0.0.1:5555 within 10 s; closing")
-    assert not server._connections
+    assert not server.connections
 
 
 def test_beyond_max_clients_native_gets_resource_exhausted_legacy_is_dropped(tmp_path, log_events):
@@ -249,8 +224,7 @@ def test_a_client_that_sent_goaway_is_closed_after_the_grace_at_the_latest(
 
 def test_a_closed_connection_whose_peer_reads_nothing_is_aborted(tmp_path, log_events):
     # A StringTransport never completes a polite close: a peer that does not read.
-    config = YamuxConfig(connection_write_timeout=3.0)
-    reactor, server = fake_server(tmp_path, yamux_config=config)
+    reactor, server = fake_server(tmp_path, keepalive_timeout=3.0)
     peer = welcomed(server, reactor, 5001, "deaf")
     peer.send(go_away_frame())  # no calls: the server closes the session ...
     assert peer.session.closed and peer.transport.disconnecting
@@ -260,7 +234,7 @@ def test_a_closed_connection_whose_peer_reads_nothing_is_aborted(tmp_path, log_e
     assert peer.transport.disconnected  # then it aborts
     assert logged(log_events, "connection from 127.0.0.1:5001 still open 3 s after its "
                               "session closed (the peer reads nothing); aborting it")
-    assert not server._lingering and not reactor.getDelayedCalls()
+    assert not server.lingering and not reactor.getDelayedCalls()
 
 
 def test_goaway_right_after_welcome_closes_the_session_at_once(tmp_path):
@@ -307,7 +281,7 @@ class ListeningPort:
 def test_beyond_max_handshakes_connections_wait_until_one_finishes(tmp_path, log_events):
     reactor, server = fake_server(tmp_path, max_handshakes=2, handshake_timeout=10.0)
     server.port = ListeningPort()
-    gate = _HandshakeGate(server, _SessionFactory(server))
+    gate = HandshakeGate(server, SessionFactory(server))
     address = IPv4Address("TCP", "127.0.0.1", 5003)
     silent = Peer(server, 5001)
     silent.send(window_update(1, flags=SYN))
@@ -334,7 +308,7 @@ def test_beyond_max_handshakes_connections_wait_until_one_finishes(tmp_path, log
     reactor.advance(0)
     assert duplicate.session.closed and not server.port.paused
     broken.send(b"GET / HTTP/1.1\r\n")
-    assert broken.session.closed and server._handshakes == 0
+    assert broken.session.closed and server.handshakes_in_progress == 0
 
 
 @pytest.mark.parametrize("admitted", [True, False])
@@ -356,7 +330,7 @@ def test_a_client_opening_a_second_stream_is_disconnected(tmp_path, log_events, 
 @pytest_twisted.ensureDeferred
 async def test_a_stream_beyond_the_session_limit_fails_the_call_cleanly(reactor, tmp_path, log_events):
     # The control stream takes the only place: the router cannot open a data stream.
-    stack = Stack(reactor, tmp_path, yamux_config=YamuxConfig(max_streams=1))
+    stack = Stack(reactor, tmp_path, settings={"max_streams_per_client": 1})
     try:
         await stack.connected_client("full")
         result = await stack.invoke("Unary", b"x", route("full"))
@@ -411,7 +385,7 @@ async def call_beyond_two_held(mux, held_id, called_id):
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 @pytest_twisted.ensureDeferred
 async def test_calls_to_one_client_beyond_the_limit_are_refused(reactor, tmp_path, engine):
-    mux = Mux(reactor, tmp_path, max_calls_per_client=2, **ENGINES[engine])
+    mux = Mux(reactor, tmp_path, settings={"max_calls_per_client": 2}, **ENGINES[engine])
     try:
         mux.connect("busy")
         mux.connect("other")
@@ -429,7 +403,7 @@ async def test_calls_to_one_client_beyond_the_limit_are_refused(reactor, tmp_pat
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 @pytest_twisted.ensureDeferred
 async def test_a_call_that_cannot_be_made_gives_its_slot_back(reactor, tmp_path, engine):
-    mux = Mux(reactor, tmp_path, max_calls_per_client=1, **ENGINES[engine])
+    mux = Mux(reactor, tmp_path, settings={"max_calls_per_client": 1}, **ENGINES[engine])
     try:
         mux.connect("edge", str(tmp_path / "no-backend-here.sock"))
         for _ in range(2):  # with its slot kept, the second would be RESOURCE_EXHAUSTED
@@ -443,7 +417,7 @@ async def test_a_call_that_cannot_be_made_gives_its_slot_back(reactor, tmp_path,
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 @pytest_twisted.ensureDeferred
 async def test_calls_beyond_the_proxy_limit_are_refused(reactor, tmp_path, engine):
-    mux = Mux(reactor, tmp_path, max_concurrent_calls=2, **ENGINES[engine])
+    mux = Mux(reactor, tmp_path, settings={"max_proxy_calls": 2}, **ENGINES[engine])
     try:
         mux.connect("a")
         mux.connect("b")
@@ -461,15 +435,11 @@ async def test_calls_beyond_the_proxy_limit_are_refused(reactor, tmp_path, engin
 
 
 def test_the_settings_reach_the_services(reactor):
-    from grpcmux.config import ServerSettings
-    from grpcmux.server import make_service
+    from grpcmux.tap.server import make_service
 
-    service = make_service(ServerSettings(
-        max_clients=7, max_streams_per_client=8, max_proxy_calls=9, max_calls_per_client=3,
-        watch_queue_limit=11, shutdown_grace=4.0, max_handshakes=12), reactor)
-    assert service.multiplexer.max_clients == 7
-    assert service.multiplexer.max_handshakes == 12
-    assert service.multiplexer.shutdown_grace == 4.0
-    assert service.proxy.watch_queue_limit == 11
+    settings = ServerSettings(max_streams_per_client=8, max_proxy_calls=9,
+                              max_calls_per_client=3)
+    service = make_service(settings, reactor)
+    assert service.multiplexer.settings is settings and service.proxy.settings is settings
     assert service.multiplexer.yamux_config.max_streams == 8
     assert (service.proxy.limits.max_calls, service.proxy.limits.max_calls_per_client) == (9, 3)

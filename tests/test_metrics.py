@@ -12,11 +12,13 @@ from twisted.logger import formatEvent
 from twisted.web.client import Agent, readBody
 
 from grpcmux import client as client_module
-from grpcmux import server as server_module
+from grpcmux.accepting import SessionFactory
 from grpcmux.config import ClientSettings, ConfigError, ServerSettings
 from grpcmux.listening import StartupError
 from grpcmux.metrics import ClientMetrics, MetricsService, ServerMetrics, reject_reason
 from grpcmux.registry import ClientRegistry
+from grpcmux.server import MultiplexerServer
+from grpcmux.tap.server import make_service
 from mux_stack import TIMEOUT, first_report
 from rpc_backend import route
 
@@ -223,9 +225,9 @@ async def test_a_scrape_logs_nothing(reactor, log_events):
 
 def session_on_fake_clock(metrics):
     clock = task.Clock()
-    server = server_module.MultiplexerServer(
-        clock, ClientRegistry(), LOOPBACK, handshake_timeout=5.0, metrics=metrics)
-    connection = server_module._SessionFactory(server).buildProtocol(
+    server = MultiplexerServer(clock, ClientRegistry(), ServerSettings(
+        multiplexer_listener=LOOPBACK, handshake_timeout=5.0), metrics=metrics)
+    connection = SessionFactory(server).buildProtocol(
         IPv4Address("TCP", "127.0.0.1", 5555))
     session = connection.protocol  # behind the first bytes' check
     transport = StringTransport()
@@ -244,7 +246,7 @@ def test_a_silent_client_times_out_once():
     assert value(metrics, "grpcmux_server_handshakes_total",
                  outcome="timed_out", reason="") == 1
     assert value(metrics, "grpcmux_server_handshakes_total", outcome="failed", reason="") == 0
-    assert session.closed and not server._connections
+    assert session.closed and not server.connections
 
 
 def test_garbage_fails_the_handshake_and_its_bytes_are_counted():
@@ -306,9 +308,9 @@ def test_metrics_listener_is_off_by_default_and_checked():
 
 
 def test_make_service_adds_the_metrics_endpoint_only_when_asked(reactor):
-    plain = server_module.make_service(ServerSettings(), reactor)
+    plain = make_service(ServerSettings(), reactor)
     assert plain.metrics_service is None
-    with_metrics = server_module.make_service(
+    with_metrics = make_service(
         ServerSettings(metrics_listener="127.0.0.1:9102"), reactor)
     http = with_metrics.getServiceNamed("metrics")
     assert http.registry is with_metrics.multiplexer.metrics.registry

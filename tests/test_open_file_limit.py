@@ -4,8 +4,9 @@ import resource
 
 from twisted.logger import LogLevel, capturedLogs
 
-from grpcmux import server as server_module
+from grpcmux import open_file_limit
 from grpcmux.config import ServerSettings
+from grpcmux.tap.server import make_service
 
 
 class FakeLimits:
@@ -25,14 +26,14 @@ class FakeLimits:
 
 
 def _patch(monkeypatch, fake):
-    monkeypatch.setattr(server_module.resource, "getrlimit", fake.getrlimit)
-    monkeypatch.setattr(server_module.resource, "setrlimit", fake.setrlimit)
+    monkeypatch.setattr(open_file_limit.resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(open_file_limit.resource, "setrlimit", fake.setrlimit)
 
 
 def test_soft_limit_goes_up_to_the_hard_limit(monkeypatch):
     fake = FakeLimits(1024, 524288)
     _patch(monkeypatch, fake)
-    assert server_module.raise_open_file_limit() == 524288
+    assert open_file_limit.raise_open_file_limit() == 524288
     assert fake.limits == (524288, 524288)
 
 
@@ -40,7 +41,7 @@ def test_a_refused_raise_keeps_the_limit_and_says_so(monkeypatch):
     fake = FakeLimits(1024, 4096, refuse=True)
     _patch(monkeypatch, fake)
     with capturedLogs() as events:
-        assert server_module.raise_open_file_limit() == 1024
+        assert open_file_limit.raise_open_file_limit() == 1024
     assert fake.limits == (1024, 4096)
     [event] = events
     assert (event["log_level"], event["soft"], event["hard"]) == (LogLevel.warn, 1024, 4096)
@@ -49,11 +50,11 @@ def test_a_refused_raise_keeps_the_limit_and_says_so(monkeypatch):
 def test_nothing_to_do_at_the_hard_limit(monkeypatch):
     fake = FakeLimits(4096, 4096, refuse=True)
     _patch(monkeypatch, fake)
-    assert server_module.raise_open_file_limit() == 4096
+    assert open_file_limit.raise_open_file_limit() == 4096
 
 
 def test_the_twistd_service_raises_it(monkeypatch, reactor):
     fake = FakeLimits(1024, 8192)
     _patch(monkeypatch, fake)
-    server_module.make_service(ServerSettings(), reactor)
+    make_service(ServerSettings(), reactor)
     assert fake.limits == (8192, 8192)

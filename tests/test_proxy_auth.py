@@ -127,7 +127,8 @@ async def test_allowed_pattern_for_an_absent_client_is_not_found(mux):
 
 @pytest_twisted.ensureDeferred
 async def test_default_client_is_authorized_too(reactor, tmp_path, tokens, engine):
-    mux = Mux(reactor, tmp_path, **engine, tokens=tokens, default_client_id="beta")
+    mux = Mux(reactor, tmp_path, **engine, tokens=tokens,
+              settings={"default_client_id": "beta"})
     try:
         mux.connect("beta")
         denied = await mux.invoke("Unary", b"r", token(ALPHA_TOKEN))
@@ -140,7 +141,7 @@ async def test_default_client_is_authorized_too(reactor, tmp_path, tokens, engin
 
 @pytest_twisted.ensureDeferred
 async def test_authority_routing_is_authorized(reactor, tmp_path, tokens):
-    mux = Mux(reactor, tmp_path, authority_domain="mux.invalid", tokens=tokens)
+    mux = Mux(reactor, tmp_path, settings={"authority_domain": "mux.invalid"}, tokens=tokens)
     channel = grpc.insecure_channel(mux.address, options=UNLIMITED + [
         ("grpc.default_authority", "beta.mux.invalid")])
     try:

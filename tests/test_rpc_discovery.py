@@ -171,7 +171,7 @@ def test_readers_end_after_what_they_have_not_read_and_late_joiners_not_at_all()
 async def test_a_watcher_that_never_reads_is_ended_and_others_keep_watching(
         reactor, tmp_path, engine, log_events):
     limit = 20
-    mux = Mux(reactor, tmp_path, watch_queue_limit=limit, **ENGINES[engine])
+    mux = Mux(reactor, tmp_path, settings={"watch_queue_limit": limit}, **ENGINES[engine])
     discovery = mux.service.local._discovery
     # A connection of its own, whose window does not grow (BDP probing would let
     # grpc's client take in the stalled stream's messages, not the server hold them).

@@ -108,7 +108,7 @@ async def test_compression_on_both_hops(mux):
 
 @pytest_twisted.ensureDeferred
 async def test_max_message_size_bounds_messages(reactor, tmp_path):
-    mux = Mux(reactor, tmp_path, max_message_size=1024 * 1024)
+    mux = Mux(reactor, tmp_path, settings={"max_message_size": 1024 * 1024})
     try:
         mux.connect("alpha")
         small = await mux.invoke("Unary", b"s" * 1000, ROUTE)
@@ -228,7 +228,8 @@ async def test_client_leaving_gracefully_lets_its_calls_finish(reactor, tmp_path
 
 @pytest_twisted.async_yield_fixture
 async def routed(reactor, tmp_path):
-    m = Mux(reactor, tmp_path, authority_domain="mux.example.org", default_client_id="dflt")
+    m = Mux(reactor, tmp_path, settings={"authority_domain": "mux.example.org",
+                                   "default_client_id": "dflt"})
     for client_id in ("alpha", "beta", "dflt"):
         m.connect(client_id)
     yield m

@@ -7,6 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from twisted.internet.task import deferLater
 
+from grpcmux.config import ServerSettings
 from grpcmux.listening import StartupError
 from grpcmux.registry import ClientRegistry
 from grpcmux.proxy import ProxyService
@@ -24,9 +25,9 @@ async def mux(request, reactor, tmp_path):
 
 
 def test_nothing_grpc_before_start_and_bad_address_fails(reactor):
-    service = ProxyService(reactor, ClientRegistry(), "256.0.0.1:99999")
+    service = ProxyService(reactor, ClientRegistry(), ServerSettings(proxy_listener="192.0.2.1:1"))
     assert service.port is None
-    with pytest.raises(StartupError, match=r"^--proxy-listener 256\.0\.0\.1:99999: cannot listen"):
+    with pytest.raises(StartupError, match=r"^--proxy-listener 192\.0\.2\.1:1: cannot listen"):
         service.startService()
     assert not service.running
 
@@ -60,7 +61,7 @@ async def test_health_with_client_id_goes_to_the_client(mux):
 
 @pytest_twisted.ensureDeferred
 async def test_health_routed_by_authority_goes_to_the_client(reactor, tmp_path):
-    mux = Mux(reactor, tmp_path, authority_domain="mux.test")
+    mux = Mux(reactor, tmp_path, settings={"authority_domain": "mux.test"})
     channel = grpc.insecure_channel(mux.address,
                                     options=[("grpc.default_authority", "alpha.mux.test")])
     try:
@@ -127,7 +128,7 @@ async def test_backend_down_then_up_and_when_client_ready(mux):
     assert result.code == grpc.StatusCode.UNAVAILABLE
     backend = Backend(path)
     try:
-        await mux.service.when_client_ready("late", timeout=10).addTimeout(15, mux.reactor)
+        await mux.service.when_client_ready("late").addTimeout(15, mux.reactor)
         result = await mux.invoke("Unary", b"x", (("client-id", "late"),))
     finally:
         await mux.in_thread(backend.stop)
@@ -148,7 +149,8 @@ async def test_local_services_stopped_right_after_start_stop_cleanly(reactor, tm
     ran after ``stop`` had forgotten the server (AttributeError, logged unhandled)."""
     from grpcmux.rpc.service import LocalServices
 
-    local = LocalServices(reactor, ClientRegistry(), str(tmp_path / "local.sock"), None)
+    local = LocalServices(reactor, ClientRegistry(), str(tmp_path / "local.sock"), None,
+                          ServerSettings().watch_queue_limit)
     local.start()
     await local.stop(0).addTimeout(10, reactor)
 

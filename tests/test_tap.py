@@ -251,10 +251,13 @@ def test_make_service_hands_settings_and_global_reactor(dirs, monkeypatch, role)
         calls.append((settings, reactor))
         return inner
 
-    fake = types.ModuleType(f"grpcmux.{role}")
-    fake.make_service = make_service
-    monkeypatch.setitem(sys.modules, f"grpcmux.{role}", fake)
-    monkeypatch.setattr(grpcmux, role, fake, raising=False)
+    if role == "server":  # the server's composition is the tap module's own
+        monkeypatch.setattr(server_tap, "make_service", make_service)
+    else:
+        fake = types.ModuleType(f"grpcmux.{role}")
+        fake.make_service = make_service
+        monkeypatch.setitem(sys.modules, f"grpcmux.{role}", fake)
+        monkeypatch.setattr(grpcmux, role, fake, raising=False)
 
     options = parse(module, ["--log-level", "debug"], dirs)
     root = module.makeService(options)
@@ -392,9 +395,8 @@ TWISTD = textwrap.dedent(
             logging.getLogger("grpc._server").error("grpc says %s", "hello")
             reactor.callLater(0, reactor.stop)
 
-    fake = types.ModuleType("grpcmux.server")
-    fake.make_service = lambda settings, reactor: Fake()
-    sys.modules["grpcmux.server"] = grpcmux.server = fake
+    import grpcmux.tap.server
+    grpcmux.tap.server.make_service = lambda settings, reactor: Fake()
     sys.argv = ["twistd"] + sys.argv[1:]
     from twisted.scripts.twistd import run
     run()

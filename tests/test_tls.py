@@ -10,15 +10,17 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from grpcmux import tls
-from grpcmux.admission import Admission
 from grpcmux.client import Tunnel, TunnelClientService
+from grpcmux.config import ServerSettings
 from grpcmux.registry import ClientRegistry
 from grpcmux.server import MultiplexerServer
 from mux_stack import TIMEOUT, Stack, first_report
 
 
 def server_tls(pki, client_ca=False):
-    return tls.server_options(pki.server.cert, pki.server.key, pki.ca if client_ca else None)
+    """The ServerSettings fields of a TLS multiplexer endpoint."""
+    fields = {"tls_cert": pki.server.cert, "tls_key": pki.server.key}
+    return {**fields, "tls_client_ca": pki.ca} if client_ca else fields
 
 
 def client_tls(pki, name="localhost", ca=None, issued=None):
@@ -33,7 +35,7 @@ def client_tls(pki, name="localhost", ca=None, issued=None):
 @pytest_twisted.async_yield_fixture
 async def tls_stack(reactor, tmp_path, pki):
     """A stack whose multiplexer endpoint speaks TLS (no client certificates)."""
-    stack = Stack(reactor, tmp_path, tls_options=server_tls(pki))
+    stack = Stack(reactor, tmp_path, settings=server_tls(pki))
     yield stack
     await stack.stop()
 
@@ -41,9 +43,8 @@ async def tls_stack(reactor, tmp_path, pki):
 @pytest_twisted.async_yield_fixture
 async def mtls_stack(reactor, tmp_path, pki):
     """TLS with client certificates from the test CA and ids bound to them."""
-    admission = Admission(client_ca=True, client_id_from_cert=True)
-    stack = Stack(reactor, tmp_path, tls_options=server_tls(pki, client_ca=True),
-                  admission=admission)
+    stack = Stack(reactor, tmp_path,
+                  settings={**server_tls(pki, client_ca=True), "client_id_from_cert": True})
     yield stack
     await stack.stop()
 
@@ -142,8 +143,8 @@ async def test_legacy_handshake_over_tls(tls_stack, pki):
 async def test_tls_over_a_unix_listener(reactor, tmp_path, pki):
     registry = ClientRegistry()
     path = tmp_path / "mux.sock"
-    server = MultiplexerServer(reactor, registry, f"unix:{path}",
-                               tls_options=server_tls(pki))
+    server = MultiplexerServer(reactor, registry, ServerSettings(
+        multiplexer_listener=f"unix:{path}", **server_tls(pki)))
     server.startService()
     tunnel = Tunnel(reactor, "local", "127.0.0.1:1", f"unix:{path}")
     client = TunnelClientService(reactor, tunnel, tls_creator=client_tls(pki))

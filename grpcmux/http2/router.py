@@ -256,14 +256,22 @@ class Call:
 
 
 class RouterLimits:
-    """What the router admits: see README's Limits."""
+    """What the router admits (see README's Limits): calls in progress in all and
+    to one client, and the largest message (None: unbounded)."""
 
     __slots__ = ("max_calls", "max_calls_per_client", "max_message_size")
 
-    def __init__(self, max_calls=10000, max_calls_per_client=1000, max_message_size=None):
+    def __init__(self, max_calls, max_calls_per_client, max_message_size):
         self.max_calls = max_calls
         self.max_calls_per_client = max_calls_per_client
         self.max_message_size = max_message_size
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The limits the server settings give (``max_proxy_calls``,
+        ``max_calls_per_client``, ``max_message_size``)."""
+        return cls(settings.max_proxy_calls, settings.max_calls_per_client,
+                   settings.max_message_size)
 
 
 class _CallerFactory(Factory):
@@ -282,7 +290,8 @@ class Router:
     ``registry`` is read for who is connected; ``tunnels(client_id)`` returns the
     upstream target of a client connected here (or None); ``remote(info)``, in a
     cluster, the target of the node that holds a client connected elsewhere; ``local``
-    is the target of the local grpcio services. ``observer``, if given, is told of
+    is the target of the local grpcio services; ``limits`` (:class:`RouterLimits`)
+    bound the calls and messages admitted. ``observer``, if given, is told of
     every call that ends: ``observer(label, code_name, seconds, bytes_in, bytes_out)``.
 
     With ``node_token`` the router serves a cluster listener: every call must carry
@@ -294,7 +303,7 @@ class Router:
     _log = Logger()
 
     def __init__(self, clock, registry, tunnels, local, caller_config, upstream_config,
-                 limits=None, tokens=None, authority_domain=None, default_client_id=None,
+                 limits, tokens=None, authority_domain=None, default_client_id=None,
                  budget=None, observer=None, instance=b"proxy", remote=None,
                  node_token=None):
         self._clock = clock
@@ -302,7 +311,7 @@ class Router:
         self._tunnels = tunnels
         self._caller_config = caller_config
         self._upstream_config = upstream_config
-        self._limits = limits or RouterLimits()
+        self._limits = limits
         self._tokens = tokens
         self._authority_suffix = (
             ("." + authority_domain.strip(".").lower()).encode("ascii")

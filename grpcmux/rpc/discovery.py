@@ -53,10 +53,6 @@ _END = object()
 _OVERFLOW = object()
 # How long a new watcher waits for the reactor to let it join the event log.
 SUBSCRIBE_TIMEOUT = 5.0
-# Registry changes kept for Watch callers (--watch-queue-limit): a reading caller
-# must not fall this far behind even when every client of a full server
-# (--max-clients) disconnects at once.
-WATCH_QUEUE_LIMIT = 10000
 
 
 def server_details(info: ClientInfo) -> discovery_pb2.GRPCServer:
@@ -201,12 +197,13 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     """Discovery for grpc.aio: runs on the server's asyncio loop; a Watch costs no thread.
 
     ``tokens`` (ProxyTokens), if given, decides who sees which ids.  The event log
-    follows the registry from the first Watch on (subscribed on the reactor thread).
+    follows the registry from the first Watch on (subscribed on the reactor thread)
+    and keeps ``queue_limit`` changes (``--watch-queue-limit``).
     """
 
     _log = Logger()
 
-    def __init__(self, reactor, registry, tokens=None, queue_limit=WATCH_QUEUE_LIMIT):
+    def __init__(self, reactor, registry, tokens, queue_limit):
         self._reactor = reactor
         self._registry = registry
         self._tokens = tokens
@@ -236,7 +233,9 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, _overflow_details(self._events.limit)
 
     @staticmethod
-    def _responses(batch, visible, updates):
+    def responses(batch, visible, updates):
+        """The Watch responses of ``batch`` ((kind, info) pairs) for a caller who
+        sees the ids ``visible`` accepts, updates only if it asked (``updates``)."""
         return [_watch_response(kind, info) for kind, info in batch
                 if visible(info.client_id) and (updates or kind != UPDATED)]
 
@@ -297,7 +296,7 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                     return
                 if batch is _OVERFLOW:
                     await context.abort(*self._fell_behind(context))
-                for response in self._responses(batch, visible, reader.updates):
+                for response in self.responses(batch, visible, reader.updates):
                     await context.write(response)
         finally:  # also when the caller cancels: the task is cancelled
             self._events.leave(reader)

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
-from grpcmux.rpc.discovery import WATCH_QUEUE_LIMIT, AsyncDiscoveryServicer
+from grpcmux.rpc.discovery import AsyncDiscoveryServicer
 
 DISCOVERY_SERVICE = discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name
 LOCAL_SERVICES = (DISCOVERY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -31,13 +31,14 @@ _START_TIMEOUT = 10.0
 class LocalServices:
     """A grpc.aio server with Discovery, health and reflection on ``unix:<socket_path>``.
 
-    ``watch_queue_limit``: registry changes kept for Discovery Watch callers.
+    ``tokens`` (ProxyTokens or None) decide who sees which ids in Discovery;
+    ``watch_queue_limit``: registry changes kept for Watch callers (from the
+    settings' ``watch_queue_limit``).
     """
 
     _log = Logger()
 
-    def __init__(self, reactor, registry, socket_path, tokens=None,
-                 watch_queue_limit=WATCH_QUEUE_LIMIT):
+    def __init__(self, reactor, registry, socket_path, tokens, watch_queue_limit):
         self._reactor = reactor
         self._registry = registry
         self.socket_path = socket_path

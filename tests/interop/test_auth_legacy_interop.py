@@ -8,8 +8,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent, globalLogPublisher
 
-from grpcmux.admission import Admission
-from grpcmux.tokens import ClientTokens, hash_token
+from grpcmux.tokens import hash_token
 from mux_stack import TIMEOUT, Stack
 from peers import Peer
 
@@ -20,7 +19,7 @@ async def test_go_legacy_client_is_refused_when_tokens_are_required(reactor, tmp
     program = go_program("legacyclient")
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text(f"'*': {hash_token('only-for-native-clients')}\n")
-    stack = Stack(reactor, tmp_path, admission=Admission(tokens=ClientTokens.load(str(tokens))))
+    stack = Stack(reactor, tmp_path, settings={"auth_tokens": str(tokens)})
     refused = Deferred()
 
     def observe(event):
