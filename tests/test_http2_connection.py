@@ -203,13 +203,47 @@ def test_unknown_settings_are_ignored():
 # -- PING, GOAWAY, unknown and forbidden frames -----------------------------------
 
 
-def test_ping_is_answered_with_the_same_payload():
-    h = harness()
+def test_ping_is_answered_with_the_same_payload_within_the_ack_delay():
+    h = harness(ping_ack_delay=0.005, idle_timeout=0)
+    caller = h.caller()
+    caller.frames()
+    caller.send(h2.ping(b"12345678"))
+    assert caller.frames() == []
+    h.clock.advance(0.005)
+    (answer,) = caller.frames()
+    assert (answer.type, answer.ack, answer.payload) == (TYPE_PING, True, b"12345678")
+    assert not h.clock.getDelayedCalls()
+
+
+def test_ping_ack_goes_out_with_our_next_frame():
+    h = harness(ping_ack_delay=0.005, idle_timeout=0)
+    caller = h.caller()
+    caller.frames()
+    caller.send(h2.ping(b"first..."), h2.ping(b"second.."), h2.settings())
+    answers = caller.frames()
+    assert [(f.type, f.ack) for f in answers] == [
+        (TYPE_PING, True), (TYPE_PING, True), (TYPE_SETTINGS, True)]
+    assert [f.payload for f in answers[:2]] == [b"first...", b"second.."]
+    assert not h.clock.getDelayedCalls()  # nothing is left to send later
+
+
+def test_ping_ack_delay_zero_answers_at_once():
+    h = harness(ping_ack_delay=0)
     caller = h.caller()
     caller.frames()
     caller.send(h2.ping(b"12345678"))
     (answer,) = caller.frames()
-    assert (answer.type, answer.ack, answer.payload) == (TYPE_PING, True, b"12345678")
+    assert answer.ack and answer.payload == b"12345678"
+
+
+def test_held_ping_acks_are_bounded():
+    h = harness(ping_ack_delay=10.0, idle_timeout=0)
+    caller = h.caller()
+    caller.frames()
+    caller.send(h2.ping() * 15)
+    assert caller.frames() == []
+    caller.send(h2.ping())  # the 16th: all go out now
+    assert len([f for f in caller.frames() if f.type == TYPE_PING and f.ack]) == 16
 
 
 def test_ping_ack_is_not_answered():
@@ -238,6 +272,7 @@ def test_unknown_frame_types_are_ignored():
     h = harness()
     caller = h.caller()
     caller.send(h2.frame(0x42, 0xFF, 3, b"whatever"), h2.ping())
+    h.clock.advance(H2Config().ping_ack_delay)
     assert only(caller.frames(), TYPE_PING)
     assert not caller.disconnecting
 

@@ -27,6 +27,7 @@ from grpcmux.http2.frames import (
     TYPE_DATA,
     TYPE_GOAWAY,
     TYPE_HEADERS,
+    TYPE_PING,
     TYPE_RST_STREAM,
     TYPE_WINDOW_UPDATE,
 )
@@ -1024,8 +1025,22 @@ def test_upstream_ping_is_answered(h):
     upstream = h.tunnels["alpha"].upstream
     upstream.frames()
     upstream.send(h2.ping(b"upstream"))
+    assert upstream.frames() == []  # held for the next request, or the ack delay
+    h.clock.advance(H2Config().ping_ack_delay)
     (answer,) = upstream.frames()
     assert answer.ack and answer.payload == b"upstream"
+
+
+def test_upstream_ping_ack_rides_with_the_next_request(h):
+    caller = h.caller()
+    caller.call(1)
+    upstream = h.tunnels["alpha"].upstream
+    upstream.frames()
+    upstream.send(h2.ping(b"upstream"))
+    caller.send(h2.data(1, b"more", end_stream=True))
+    ack, data = upstream.frames()
+    assert ack.type == TYPE_PING and ack.ack and ack.payload == b"upstream"
+    assert data.type == TYPE_DATA and data.payload == b"more"
 
 
 def test_client_leaving_abruptly_fails_its_calls_as_unavailable(h):

@@ -42,6 +42,9 @@ class H2Config:
     #: CVE-2025-8671) and closes the connection.
     reset_rate: float = 200.0
     reset_burst: int = 1000
+    #: Seconds a PING ACK may wait for our next frame to that peer before it is
+    #: sent on its own (0: at once). Below any keepalive timeout by far.
+    ping_ack_delay: float = 0.005
     #: SETTINGS frames a peer may send per second on average, and in one burst.
     #: Traffic earns none (a peer sends a handful per connection), and each may
     #: touch every open stream.

@@ -79,6 +79,8 @@ _EARNED_CONTROLS = 4
 # Stream ids run out at 2^31 - 1; an upstream connection stops taking new streams
 # this many ids before, so a fresh connection is ready in time.
 _LAST_USABLE_STREAM_ID = 2**31 - 1 - 2 * 1000
+# PING acknowledgements held for the next write at most; more go out at once.
+_MAX_HELD_ACKS = 16
 
 
 class H2ConnectionError(Exception):
@@ -232,6 +234,8 @@ class H2Connection(Protocol):
         self._close_waiters = []
         self._preface_timer = None
         self._idle_timer = None
+        self._held_acks = []  # PING ACK frames waiting to go out with the next write
+        self._ack_timer = None
         self._controls = _TokenBucket(config.control_rate, config.control_burst, now)
         self._settings = _TokenBucket(config.settings_rate, config.settings_burst, now)
         self._resets = _TokenBucket(config.reset_rate, config.reset_burst, now)
@@ -268,7 +272,7 @@ class H2Connection(Protocol):
         out.append(frame_header(len(payload), TYPE_SETTINGS, 0, 0) + payload)
         # The connection window is credited on receipt: open it wide at once.
         out.append(self._window_update_frame(0, MAX_WINDOW - DEFAULT_WINDOW))
-        self.transport.writeSequence(out)
+        self._write_sequence(out)
         if self.config.preface_timeout:
             self._preface_timer = self.clock.callLater(
                 self.config.preface_timeout, self._preface_timed_out)
@@ -300,7 +304,7 @@ class H2Connection(Protocol):
         return d
 
     def _cancel_timers(self):
-        for timer in (self._preface_timer, self._idle_timer):
+        for timer in (self._preface_timer, self._idle_timer, self._ack_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._preface_timer = self._idle_timer = None
@@ -332,7 +336,7 @@ class H2Connection(Protocol):
             return
         self.go_away_sent = True
         payload = _GOAWAY.pack(self.last_peer_stream_id, code) + debug
-        self.transport.write(frame_header(len(payload), TYPE_GOAWAY, 0, 0) + payload)
+        self._write(frame_header(len(payload), TYPE_GOAWAY, 0, 0) + payload)
 
     def drain(self):
         """Graceful close: GOAWAY, then close once no stream is left."""
@@ -391,7 +395,7 @@ class H2Connection(Protocol):
         limit = self.peer_max_frame_size
         flags = FLAG_END_STREAM if end_stream else 0
         if len(block) <= limit:
-            self.transport.write(
+            self._write(
                 frame_header(len(block), TYPE_HEADERS, flags | FLAG_END_HEADERS, stream.id)
                 + block)
             return
@@ -402,7 +406,7 @@ class H2Connection(Protocol):
             kind = TYPE_HEADERS if offset == 0 else TYPE_CONTINUATION
             piece_flags = (flags if offset == 0 else 0) | (FLAG_END_HEADERS if last else 0)
             frames.append(frame_header(len(piece), kind, piece_flags, stream.id) + piece)
-        self.transport.writeSequence(frames)
+        self._write_sequence(frames)
 
     def send_data(self, stream, data, end_stream=False):
         """DATA for ``stream``, sent as the peer's windows allow."""
@@ -428,14 +432,14 @@ class H2Connection(Protocol):
         if stream._credit * 2 >= self.config.initial_window:
             increment, stream._credit = stream._credit, 0
             stream.recv_window += increment
-            self.transport.write(self._window_update_frame(stream.id, increment))
+            self._write(self._window_update_frame(stream.id, increment))
 
     def reset_stream(self, stream, code):
         """RST_STREAM ``code``: the stream ends at once on both sides."""
         if stream.reset or self.closed:
             return
         if not stream.closed:
-            self.transport.write(frame_header(4, TYPE_RST_STREAM, 0, stream.id) + _U32.pack(code))
+            self._write(frame_header(4, TYPE_RST_STREAM, 0, stream.id) + _U32.pack(code))
         stream.reset = True
         self._stream_closed(stream)
 
@@ -495,13 +499,13 @@ class H2Connection(Protocol):
             trailers, stream._trailers_pending = stream._trailers_pending, None
             if trailers is not None:
                 if frames:
-                    self.transport.writeSequence(frames)
+                    self._write_sequence(frames)
                     frames = []
                 self._write_headers(stream, trailers, True)
             elif not frames:
                 frames.append(frame_header(0, TYPE_DATA, FLAG_END_STREAM, stream.id))
         if frames:
-            self.transport.writeSequence(frames)
+            self._write_sequence(frames)
         if sent:
             stream.pending_bytes -= sent
             if self.budget is not None:
@@ -634,7 +638,7 @@ class H2Connection(Protocol):
         length = len(payload)
         self._recv_unacked += length
         if self._recv_unacked * 2 >= MAX_WINDOW:
-            self.transport.write(self._window_update_frame(0, self._recv_unacked))
+            self._write(self._window_update_frame(0, self._recv_unacked))
             self._recv_unacked = 0
         data = _unpad(flags, payload) if flags & FLAG_PADDED else payload
         end_stream = bool(flags & FLAG_END_STREAM)
@@ -670,7 +674,7 @@ class H2Connection(Protocol):
         if self._is_idle(stream_id):
             raise H2ConnectionError(ERROR_PROTOCOL_ERROR, f"{what} on idle stream {stream_id}")
         self._control()
-        self.transport.write(
+        self._write(
             frame_header(4, TYPE_RST_STREAM, 0, stream_id) + _U32.pack(ERROR_STREAM_CLOSED))
 
     def _is_idle(self, stream_id):
@@ -763,7 +767,7 @@ class H2Connection(Protocol):
         self.last_peer_stream_id = stream_id
         if self.go_away_sent or len(self.streams) >= self.config.max_concurrent_streams:
             self._control()
-            self.transport.write(
+            self._write(
                 frame_header(4, TYPE_RST_STREAM, 0, stream_id) + _U32.pack(ERROR_REFUSED_STREAM))
             return
         stream = Stream(self, stream_id, None)
@@ -814,7 +818,7 @@ class H2Connection(Protocol):
             values[identifier] = value
         for identifier, value in values.items():
             self._setting(identifier, value)
-        self.transport.write(frame_header(0, TYPE_SETTINGS, FLAG_ACK, 0))
+        self._write(frame_header(0, TYPE_SETTINGS, FLAG_ACK, 0))
         first = not self.settings_received
         self.settings_received = True
         if first:
@@ -899,7 +903,45 @@ class H2Connection(Protocol):
             raise H2ConnectionError(ERROR_FRAME_SIZE_ERROR, "PING of bad size")
         self._control()
         if not flags & FLAG_ACK:
-            self.transport.write(frame_header(8, TYPE_PING, FLAG_ACK, 0) + payload)
+            self._hold_ack(frame_header(8, TYPE_PING, FLAG_ACK, 0) + payload)
+
+    def _hold_ack(self, frame):
+        """Send a PING ACK with our next write, or after ``ping_ack_delay``.
+
+        gRPC peers ping with their traffic (BDP estimation): the ACK then rides on
+        the answer to that traffic instead of costing both sides a write and a
+        wakeup of its own.
+        """
+        self._held_acks.append(frame)
+        delay = self.config.ping_ack_delay
+        if not delay or len(self._held_acks) >= _MAX_HELD_ACKS:
+            self._write(b"")
+        elif self._ack_timer is None:
+            self._ack_timer = self.clock.callLater(delay, self._release_acks)
+
+    def _release_acks(self):
+        self._ack_timer = None
+        if not self.closed:
+            self._write(b"")
+
+    def _write(self, data):
+        """Write to the transport, behind any held PING ACKs."""
+        acks = self._held_acks
+        if acks:
+            self._held_acks = []
+            timer, self._ack_timer = self._ack_timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+            acks.append(data)
+            self.transport.writeSequence(acks)
+        else:
+            self.transport.write(data)
+
+    def _write_sequence(self, frames):
+        if self._held_acks:
+            self._write(b"".join(frames))
+        else:
+            self.transport.writeSequence(frames)
 
     def _go_away_frame(self, stream_id, payload):
         if stream_id != 0:
