@@ -7,11 +7,13 @@ Starts, each in its own process on loopback: the Go echo backend (``go/echobacke
 grpcmux.v1.BenchService on grpc-go), the real ``twistd grpcmux-server`` and ``twistd
 grpcmux-client`` (client id ``bench``), and the Go original's server and client
 (``tests/interop/legacy``, grpc-multiplexer v0.2.1 on the wire) in front of the same
-backend.  The Go load generator (``go/loadgen``, one process per measurement) calls
-the backend directly, through grpcmux's proxy endpoint and through the Go original;
-the three alternate (the order rotates every round), ``--runs`` rounds, and the table
-shows medians with the ratios proxied/direct and Go original/direct next to the
-target ratios (issue #12).  Both Go programs are built by ``tests/interop/gobuild.py``
+backend, and two chained Go TCP relays (``go/relay``) in front of it: the two extra
+hops a tunnel adds, at no cost of their own, hence the most of the direct rate any
+two-process proxy keeps on this machine.  The Go load generator (``go/loadgen``, one
+process per measurement) calls the backend directly, through grpcmux's proxy
+endpoint, through the Go original and through the relays; the modes alternate (the
+order rotates every round), ``--runs`` rounds, and the table shows medians with the
+ratios to direct next to the target ratios (issue #12).  Both Go programs are built by ``tests/interop/gobuild.py``
 from Debian's packages.  Then the CPU time per call at a fixed call rate (grpcmux:
 server + client processes, from /proc; the Go original's two; the backend's own for
 "direct"), and the server's memory with idle clients connected by ``crowd.py``.
@@ -69,7 +71,7 @@ def build_programs():
     """The Go programs' paths, built (once per checkout) from Debian's packages."""
     try:
         return {name: gobuild.build(name)
-                for name in ("echobackend", "loadgen", "legacyserver", "legacyclient")}
+                for name in ("echobackend", "loadgen", "legacyserver", "legacyclient", "relay")}
     except gobuild.GoBuildError as error:
         raise BenchError(f"cannot build the Go programs: {error}") from None
 
@@ -123,8 +125,20 @@ class Stack:
             self.addresses["go"] = go_proxy.split()[1]
             self.processes["go"] = {"go_server": go_server, "go_client": go_client}
 
+        if args.relays:
+            relay_far = self._relay("relay-2", self.backend_address)
+            relay_near = self._relay("relay-1", relay_far[1])
+            self.addresses["relays"] = relay_near[1]
+            self.processes["relays"] = {"relay_1": relay_near[0], "relay_2": relay_far[0]}
+
         self.pids = {child.name: child.pid for child in self.children}
         _progress(f"processes: {self.pids}")
+
+    def _relay(self, name, target):
+        """A Go TCP relay to ``target``: (its Child, its address)."""
+        relay = self._start(Child(name, [self.programs["relay"], "-target", target]))
+        port = relay.read_until(lambda l: l.startswith("listening "), TIMEOUT).split()[1]
+        return relay, f"127.0.0.1:{port}"
 
     def _start(self, child):
         self.children.append(child)
@@ -295,39 +309,50 @@ def _progress(text):
     print(f"  {text}", file=sys.stderr, flush=True)
 
 
-def render(report):
-    """The results as a fixed-width text table; the Go original's columns only when
-    it was measured."""
-    go = "go" in report["modes"]
-    rows = [("scenario", "metric", "direct", "proxied", "ratio", "target",
-             *(("Go original", "ratio") if go else ()))]
+#: Columns of the optional modes, in table order: mode -> heading.
+EXTRA_MODES = {"go": "Go original", "relays": "2 Go relays"}
 
-    def row(*cells, extra=("", "")):
-        rows.append((*cells, *(extra if go else ())))
+
+def render(report):
+    """The results as a fixed-width text table; a pair of columns (figure, ratio) for
+    each optional mode that was measured (the Go original, the two relays)."""
+    extras = [mode for mode in EXTRA_MODES if mode in report["modes"]]
+    rows = [("scenario", "metric", "direct", "proxied", "ratio", "target",
+             *(cell for mode in extras for cell in (EXTRA_MODES[mode], "ratio")))]
+
+    def row(*cells, extra=None):
+        """``extra(mode)`` gives the optional modes' two cells (default: empty)."""
+        rows.append((*cells, *(cell for mode in extras
+                               for cell in (extra(mode) if extra else ("", "")))))
 
     for name, entry in report["throughput"].items():
         metric = entry["metric"]
         d, p = entry["direct"], entry["proxied"]
         row(name, entry["unit"], f"{d[metric]:.1f}", f"{p[metric]:.1f}",
             f"{entry['proxied_ratio']:.2f}x", f"{entry['target_ratio']:.2f}x",
-            extra=go and (f"{entry['go'][metric]:.1f}", f"{entry['go_ratio']:.2f}x"))
+            extra=lambda mode: (f"{entry[mode][metric]:.1f}", f"{entry[mode + '_ratio']:.2f}x"))
         if name in LATENCY_SCENARIOS:
             for key in ("p50_ms", "p99_ms"):
                 row("", key.replace("_ms", " ms"), f"{d[key]:.2f}", f"{p[key]:.2f}", "", "",
-                    extra=go and (f"{entry['go'][key]:.2f}", ""))
+                    extra=lambda mode: (f"{entry[mode][key]:.2f}", ""))
     cpu = report.get("cpu")
     if cpu:
         row(f"cpu @ {cpu['rate']:.0f}/s", "ms CPU/call", f"{cpu['direct']['ms_per_call']:.3f}",
             f"{cpu['proxied']['ms_per_call']:.3f}", "", f"{cpu['target_ms']} ms",
-            extra=go and (f"{cpu['go']['ms_per_call']:.3f}", ""))
+            extra=lambda mode: (f"{cpu[mode]['ms_per_call']:.3f}", ""))
         proxied = cpu["proxied"]
+
+        def pair(mode):
+            first, second = [key for key in cpu[mode] if key.endswith("_ms_per_call")
+                             and key != "caller_ms_per_call"][:2]
+            return f"{cpu[mode][first]:.3f} / {cpu[mode][second]:.3f}", ""
+
         row("", "  server / client", "",
             f"{proxied['server_ms_per_call']:.3f} / {proxied['client_ms_per_call']:.3f}", "", "",
-            extra=go and (f"{cpu['go']['go_server_ms_per_call']:.3f} / "
-                          f"{cpu['go']['go_client_ms_per_call']:.3f}", ""))
+            extra=pair)
         row("", "  caller (load generator)", f"{cpu['direct']['caller_ms_per_call']:.3f}",
             f"{proxied['caller_ms_per_call']:.3f}", "", "",
-            extra=go and (f"{cpu['go']['caller_ms_per_call']:.3f}", ""))
+            extra=lambda mode: (f"{cpu[mode]['caller_ms_per_call']:.3f}", ""))
     memory = report.get("memory")
     if memory:
         for level in memory["levels"]:
@@ -364,6 +389,9 @@ def parse_args(argv=None):
                         help="extra flag for grpcmux-server (repeatable)")
     parser.add_argument("--go-original", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure through the Go original (default: yes)")
+    parser.add_argument("--relays", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure through two chained Go TCP relays, the two hops "
+                             "a tunnel adds at no cost of its own (default: yes)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "grpc_bench.json")
     args = parser.parse_args(argv)
     if args.quick:

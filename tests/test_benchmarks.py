@@ -52,15 +52,15 @@ def test_tiny_run_reports_every_scenario_in_every_mode(tmp_path):
     done = run_bench(*TINY, "--idle-clients", "1,3", "--json", str(out))
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
-    assert report["modes"] == ["direct", "proxied", "go"]
+    assert report["modes"] == ["direct", "proxied", "go", "relays"]
     assert set(report["throughput"]) == SCENARIOS
     for name, entry in report["throughput"].items():
         metric = entry["metric"]
-        for mode in ("direct", "proxied", "go"):
+        for mode in ("direct", "proxied", "go", "relays"):
             assert entry[mode]["runs"][0]["calls"] > 0, (name, mode)
             assert entry[mode][metric] > 0, (name, mode)
             assert entry[mode]["p50_ms"] <= entry[mode]["p99_ms"], (name, mode)
-        for mode in ("proxied", "go"):
+        for mode in ("proxied", "go", "relays"):
             assert entry[f"{mode}_ratio"] == entry[mode][metric] / entry["direct"][metric]
         assert isinstance(entry["meets_target"], bool)
     for name in ("server_stream", "client_stream"):  # payload bytes, both directions
@@ -71,7 +71,8 @@ def test_tiny_run_reports_every_scenario_in_every_mode(tmp_path):
     assert set(cpu["proxied"]) >= {"server_ms_per_call", "client_ms_per_call",
                                    "caller_ms_per_call"}
     assert set(cpu["go"]) >= {"go_server_ms_per_call", "go_client_ms_per_call"}
-    for mode in ("direct", "proxied", "go"):
+    assert set(cpu["relays"]) >= {"relay_1_ms_per_call", "relay_2_ms_per_call"}
+    for mode in ("direct", "proxied", "go", "relays"):
         assert cpu[mode]["ms_per_call"] >= 0 and cpu[mode]["caller_ms_per_call"] > 0
     levels = report["memory"]["levels"]
     assert [(level["clients"], level["listed"]) for level in levels] == [(1, 1), (3, 3)]
@@ -79,7 +80,7 @@ def test_tiny_run_reports_every_scenario_in_every_mode(tmp_path):
     assert "kib_per_idle_client" in report["memory"]
     header = done.stdout.splitlines()[0].split()
     assert header[:6] == ["scenario", "metric", "direct", "proxied", "ratio", "target"]
-    assert header[6:] == ["Go", "original", "ratio"]
+    assert header[6:] == ["Go", "original", "ratio", "2", "Go", "relays", "ratio"]
     for name in SCENARIOS:
         assert name in done.stdout  # the table
     assert "Traceback" not in done.stderr

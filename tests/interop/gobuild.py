@@ -38,6 +38,7 @@ PROGRAMS = {
     "interopclient": "grpcmuxinterop/grpcinterop/client",
     "echobackend": "grpcmuxbench/echobackend",
     "loadgen": "grpcmuxbench/loadgen",
+    "relay": "grpcmuxbench/relay",
 }
 # Go import path -> the Debian package that ships it.
 REQUIRED_SOURCES = {
