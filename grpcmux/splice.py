@@ -14,6 +14,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from grpcmux.writes import BATCH
+
 
 @implementer(IHalfCloseableProtocol)
 class SpliceProtocol(Protocol):
@@ -33,7 +35,13 @@ class SpliceProtocol(Protocol):
             self.transport.pauseProducing()
 
     def dataReceived(self, data):
-        self.peer.transport.write(data)
+        transport = self.peer.transport
+        BATCH.begin()
+        try:
+            transport.write(data)
+            BATCH.wrote(transport)
+        finally:
+            BATCH.end()
 
     def readConnectionLost(self):
         if self.peer is not None:

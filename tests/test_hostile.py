@@ -151,6 +151,21 @@ class Scene:
             attacker.transport.write(payload)
         return attacker
 
+    def logged(self, text):
+        """A Deferred that fires once a warning containing ``text`` is logged."""
+        seen = Deferred()
+
+        def observe(event):
+            if text in event.get("log_format", "").format(**event) and not seen.called:
+                globalLogPublisher.removeObserver(observe)
+                seen.callback(None)
+
+        for event in self.warnings:
+            observe(event)
+        if not seen.called:
+            globalLogPublisher.addObserver(observe)
+        return seen.addTimeout(TIMEOUT, self.stack.reactor)
+
     async def cut_off(self, attacker, logged):
         """The attacker is disconnected, logged, bounded; ``good`` still served."""
         await attacker.closed.addTimeout(TIMEOUT, self.stack.reactor)
@@ -273,6 +288,9 @@ async def test_a_ping_flood_from_a_peer_that_does_not_read(reactor, tmp_path, wa
         await scene.start()
         flood = b"".join(ping_frame(i) for i in range(700_000))  # 8.4 MB of pings
         attacker = await scene.attack(hello("flood") + flood, reads=False)
+        await scene.logged("unanswered, closing the session")
+        # The server aborted; a peer that neither reads nor writes cannot notice.
+        attacker.transport.resumeProducing()
         texts = await scene.cut_off(attacker, "unanswered, closing the session")
         assert any("keepalive ping to" in text for text in texts)
     finally:

@@ -27,6 +27,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from grpcmux.writes import BATCH
+
 from .hpack_cache import CachingDecoder, CachingEncoder
 from .frames import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -558,6 +560,13 @@ class H2Connection(Protocol):
     # -- receiving ----------------------------------------------------------
 
     def dataReceived(self, data):
+        BATCH.begin()
+        try:
+            self._receive(data)
+        finally:
+            BATCH.end()
+
+    def _receive(self, data):
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
@@ -936,12 +945,14 @@ class H2Connection(Protocol):
             self.transport.writeSequence(acks)
         else:
             self.transport.write(data)
+        BATCH.wrote(self.transport)
 
     def _write_sequence(self, frames):
         if self._held_acks:
             self._write(b"".join(frames))
         else:
             self.transport.writeSequence(frames)
+            BATCH.wrote(self.transport)
 
     def _go_away_frame(self, stream_id, payload):
         if stream_id != 0:

@@ -10,6 +10,8 @@ while the transport has paused the session (its registered producer).
 
 from collections import deque
 
+from grpcmux.writes import BATCH
+
 # DATA bytes sent in one flush before yielding to the reactor (fairness with
 # everything else the reactor runs; transports that never pause, too).
 FLUSH_BUDGET = 1024 * 1024
@@ -40,6 +42,7 @@ class Sender:
         self._queued = set()
         self._flushing = False
         self._flush_call = None
+        self._flush_batched = False  # a flush waits for the end of the write batch
         self._out = None  # while flushing: the pieces of the next transport write
         self._out_len = 0
         self._out_control = 0  # control bytes among them
@@ -64,8 +67,13 @@ class Sender:
         if stream not in queued and not self._session.closed:
             queued.add(stream)
             self._ready.append(stream)
-            if self._flush_call is None and not self.receiving and not self._flushing:
-                self._flush_call = self._session.clock.callLater(0, self.flush)
+            if (self._flush_call is None and not self._flush_batched and not self.receiving
+                    and not self._flushing):
+                if BATCH.active:  # another connection's read: flush as it ends
+                    self._flush_batched = True
+                    BATCH.before_send(self._batched_flush)
+                else:
+                    self._flush_call = self._session.clock.callLater(0, self.flush)
 
     def write_control(self):
         """Write the queued control frames (into the flush's write while one runs)."""
@@ -82,6 +90,7 @@ class Sender:
             self._out_control += len(data)
         else:
             session.transport.write(data)
+            BATCH.wrote(session.transport)
             self._count_control(len(data))
         self._control_written_hook()
 
@@ -137,6 +146,10 @@ class Sender:
             self._write_out()
             self._out = None
 
+    def _batched_flush(self):
+        self._flush_batched = False
+        self.flush()
+
     # -- the transport's producer signals (relayed by the session) ----------
 
     def pause(self):
@@ -180,7 +193,9 @@ class Sender:
             out.clear()
             self._out_len = 0
             control, self._out_control = self._out_control, 0
-            self._session.transport.write(data)
+            transport = self._session.transport
+            transport.write(data)
+            BATCH.wrote(transport)
             if control:
                 self._count_control(control)
 

@@ -41,6 +41,8 @@ from .frame import (
     FrameParser,
     encode_header,
 )
+from grpcmux.writes import BATCH
+
 from .sender import Sender
 from .stream import YamuxStream
 
@@ -124,6 +126,13 @@ class YamuxSession(Protocol):
         self.bytes_received += len(data)
         if self.closed:
             return
+        BATCH.begin()
+        try:
+            self._receive(data)
+        finally:
+            BATCH.end()
+
+    def _receive(self, data):
         sender = self.sender
         sender.receiving = True
         try:
