@@ -1127,3 +1127,27 @@ def test_caller_arriving_while_draining_is_drained(h):
     caller = h.caller()
     h.clock.advance(0)
     assert only(caller.frames(), TYPE_GOAWAY) and caller.disconnecting
+
+
+@pytest.mark.parametrize("piece", [1, 7, 16384 + 5])
+def test_frames_split_anywhere_across_reads_arrive_whole(h, piece):
+    # Reads end mid-header and mid-payload, on the caller's side and the upstream's.
+    def send_in_pieces(peer, data):
+        for start in range(0, len(data), piece):
+            peer.protocol.dataReceived(data[start:start + piece])
+
+    caller = h.caller()
+    request_block = h2.headers(caller.encoder, 1, request(), False)
+    body = h2.grpc_message(b"q" * 40000)
+    frames = [h2.data(1, body[i:i + 16000]) for i in range(0, len(body), 16000)]
+    send_in_pieces(caller, request_block + b"".join(frames) + h2.data(1, b"", end_stream=True))
+    upstream = h.tunnels["alpha"].upstream
+    sent = upstream.frames()
+    assert b"".join(f.payload for f in sent if f.type == TYPE_DATA) == body
+    reply = h2.grpc_message(b"r" * 30000)
+    send_in_pieces(upstream, h2.headers(upstream.encoder, 1, RESPONSE, False)
+                   + b"".join(h2.data(1, reply[i:i + 16000]) for i in range(0, len(reply), 16000))
+                   + h2.headers(upstream.encoder, 1, OK_TRAILERS, True))
+    received = caller.frames()
+    assert b"".join(f.payload for f in received if f.type == TYPE_DATA) == reply
+    assert status_of(caller, 1)[0] == 0
