@@ -440,7 +440,7 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         # DATA frames as large as the window, as the Go peer sends them (the
-        # library's default of 32 KiB favours fairness between many streams).
+        # library's default of one default window bounds a turn of the scheduler).
         config = YamuxConfig(max_stream_window_size=args.window, max_frame_size=args.window)
     except (UsageError, YamuxConfigError) as exc:
         print(f"python -m grpcmux.yamux: error: {exc}", file=sys.stderr)

@@ -21,7 +21,8 @@ class YamuxConfig:
     max_stream_send_buffer: high-water mark of a stream's send buffer: above it
         the stream pauses its registered producer.
     max_frame_size: largest DATA body sent in one turn of the round-robin
-        scheduler (fairness between streams).
+        scheduler (fairness between streams); one default window, so a bulk
+        stream costs its reader one frame per read rather than eight.
     max_control_buffer: bytes of control frames queued while the connection's
         write side is paused; beyond it the session stops reading until the
         queue drains (a peer that floods pings but never reads cannot grow it).
@@ -38,7 +39,7 @@ class YamuxConfig:
     stream_open_timeout: float = 75.0
     stream_close_timeout: float = 300.0
     max_stream_send_buffer: int = INITIAL_STREAM_WINDOW
-    max_frame_size: int = 32 * 1024
+    max_frame_size: int = INITIAL_STREAM_WINDOW
     max_control_buffer: int = 64 * 1024
     max_streams: int = 1000
 
