@@ -17,6 +17,7 @@ from grpcmux._proto.grpc.multiplexer.v1.discovery_pb2_grpc import DiscoveryServi
 from grpcmux.addresses import client_endpoint
 from grpcmux.backend_health import PROXY_ERROR, BackendHealthChecker
 from grpcmux.client import Tunnel, TunnelClientService
+from grpcmux.config import ClientSettings
 from grpcmux.http2.frames import (
     PREFACE,
     SETTINGS_ENABLE_PUSH,
@@ -57,12 +58,12 @@ def health_client(stack, client_id, address, wire_protocol="native"):
     reactor = stack.reactor
     checker = BackendHealthChecker(reactor, client_endpoint(reactor, address), address,
                                    interval=0.3, timeout=TIMEOUT)
-    tunnel = Tunnel(
-        reactor, client_id, address, stack.multiplexer_address,
-        wire_protocol=wire_protocol,
-        retry_policy=backoffPolicy(initialDelay=0.05, maxDelay=0.5),
-        backend_health=checker,
-    )
+    settings = ClientSettings(client_id=client_id, grpc_server_address=address,
+                              multiplexer_address=stack.multiplexer_address,
+                              wire_protocol=wire_protocol)
+    tunnel = Tunnel(reactor, settings,
+                    retry_policy=backoffPolicy(initialDelay=0.05, maxDelay=0.5),
+                    backend_health=checker)
     service = TunnelClientService(reactor, tunnel)
     checker.setServiceParent(service)
     service.startService()

@@ -215,7 +215,7 @@ async def test_duplicate_id_replaces_a_dead_session(stack):
 @pytest.mark.parametrize("bad_id, why", [("two words", "whitespace"), ("a/b", "'/'")])
 @pytest_twisted.ensureDeferred
 async def test_invalid_id_is_refused_with_a_reason(stack, bad_id, why):
-    client = stack.client(bad_id)
+    client = stack.client("placeholder", foreign_id=bad_id)
     problem = await first_report(client)
     assert "CODE_BAD_CLIENT_ID" in problem and why in problem
     assert stack.registry.snapshot == {}

@@ -251,10 +251,13 @@ def test_make_service_hands_settings_and_global_reactor(dirs, monkeypatch, role)
         calls.append((settings, reactor))
         return inner
 
-    fake = types.ModuleType(f"grpcmux.{role}")
-    fake.make_service = make_service
-    monkeypatch.setitem(sys.modules, f"grpcmux.{role}", fake)
-    monkeypatch.setattr(grpcmux, role, fake, raising=False)
+    if role == "client":
+        monkeypatch.setattr(client_tap, "make_service", make_service)
+    else:
+        fake = types.ModuleType("grpcmux.server")
+        fake.make_service = make_service
+        monkeypatch.setitem(sys.modules, "grpcmux.server", fake)
+        monkeypatch.setattr(grpcmux, "server", fake, raising=False)
 
     options = parse(module, ["--log-level", "debug"], dirs)
     root = module.makeService(options)

@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from grpcmux import tls
 from grpcmux.admission import Admission
 from grpcmux.client import Tunnel, TunnelClientService
+from grpcmux.config import ClientSettings
 from grpcmux.registry import ClientRegistry
 from grpcmux.server import MultiplexerServer
 from mux_stack import TIMEOUT, Stack, first_report
@@ -145,8 +146,10 @@ async def test_tls_over_a_unix_listener(reactor, tmp_path, pki):
     server = MultiplexerServer(reactor, registry, f"unix:{path}",
                                tls_options=server_tls(pki))
     server.startService()
-    tunnel = Tunnel(reactor, "local", "127.0.0.1:1", f"unix:{path}")
-    client = TunnelClientService(reactor, tunnel, tls_creator=client_tls(pki))
+    tunnel = Tunnel(reactor, ClientSettings(client_id="local", grpc_server_address="127.0.0.1:1",
+                                            multiplexer_address=f"unix:{path}"))
+    creator = client_tls(pki)
+    client = TunnelClientService(reactor, tunnel, tls_creator_for=lambda address: creator)
     client.startService()
     try:
         session = await client.when_connected().addTimeout(TIMEOUT, reactor)
