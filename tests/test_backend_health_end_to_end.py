@@ -89,15 +89,15 @@ def health_is(stack, client_id, health):
 def checker_health(checker, health, reactor):
     """A Deferred firing once the client's checker finds ``health``."""
     result = Deferred()
-    original = checker._set
 
-    def observed(*args, **kwargs):
-        original(*args, **kwargs)
-        if checker.health == health and not result.called:
+    def observed(found, detail):
+        if found == health and not result.called:
+            remove()
             result.callback(None)
 
-    checker._set = observed
+    remove = checker.add_health_observer(observed)
     if checker.health == health:
+        remove()
         result.callback(None)
     return result.addTimeout(TIMEOUT, reactor)
 
