@@ -53,9 +53,9 @@ def held(connection):
     for session in (connection.session, connection.inner_session):
         if session is None:
             continue
-        total += len(session._parser._partial) + session.sender.queued_control_bytes()
+        total += session.parser.buffered + session.sender.queued_control_bytes()
         for stream in list(session.streams.values()):
-            total += len(stream._recv_buf) + stream._send_len
+            total += stream.receive_buffered + stream.send_buffered
     transport = connection.session.transport
     if transport is not None and hasattr(transport, "_tempDataLen"):
         total += len(transport.dataBuffer) - transport.offset + transport._tempDataLen

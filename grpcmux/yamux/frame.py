@@ -77,6 +77,16 @@ class FrameParser:
         self._wanted = False
         self._stopped = False
 
+    @property
+    def buffered(self):
+        """Bytes of a split header kept until the rest of it is fed (at most 11)."""
+        return len(self._partial)
+
+    @property
+    def at_frame_boundary(self):
+        """True when the next byte fed starts a frame."""
+        return not self._partial and not self._remaining
+
     def stop(self):
         """Ignore everything fed from now on (the session is gone)."""
         self._stopped = True

@@ -123,7 +123,7 @@ class Sender:
                 queued.discard(stream)
                 if stream.disconnected:
                     continue
-                written, body, more = stream._send_turn(limit, out)
+                written, body, more = stream.send_turn(limit, out)
                 budget -= body + 1
                 self._out_len += written
                 session.bytes_sent += written
