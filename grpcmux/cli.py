@@ -84,11 +84,33 @@ def _run_demo(args, out, err) -> int:
 
 class _Parser(argparse.ArgumentParser):
     """Reports usage errors as UsageError instead of printing and exiting, and
-    takes whole option names only (``--proxy`` is not ``--proxy-address``)."""
+    takes whole option names only (``--proxy`` is not ``--proxy-address``).
+
+    ``option_names`` lists its options' names, those of its argument groups
+    included, for the errors that suggest one.
+    """
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        self.option_names = []  # first: __init__ adds --help
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.option_names.extend(action.option_strings)
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+
+        def add_and_name(*args, **kwargs):
+            action = add(*args, **kwargs)
+            self.option_names.extend(action.option_strings)
+            return action
+
+        group.add_argument = add_and_name
+        return group
 
     def error(self, message):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
@@ -303,7 +325,7 @@ def _unrecognized(parser, args, extra) -> UsageError:
     from grpcmux.config import nearest
 
     command = parser.commands.choices[args.command]
-    names = [o for action in command._actions for o in action.option_strings]
+    names = command.option_names
     first = extra[0].partition("=")[0]
     close = nearest(first, names) if first.startswith("--") else None
     hint = f"; did you mean {close}?" if close else ""

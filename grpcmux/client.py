@@ -62,7 +62,7 @@ class _StreamEnd(SpliceProtocol):
 
     def _connected(self, server_end):
         self._connecting = None
-        if self._closed:
+        if self.closed:
             server_end.abort()
             return
         self._grpc_server.reachable()
@@ -72,7 +72,7 @@ class _StreamEnd(SpliceProtocol):
 
     def _failed(self, failure):
         self._connecting = None
-        if not self._closed:
+        if not self.closed:
             self._grpc_server.metrics.backend_connect_failures.inc()
             self._grpc_server.unreachable(failure)
             self.abort()

@@ -141,7 +141,7 @@ class SettingsOptions(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self.settings = type(self)._loader(
+            self.settings = self._loader(
                 self.given_flags(),
                 environ=self._environ,
                 home=self._home,
