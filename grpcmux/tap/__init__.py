@@ -51,7 +51,7 @@ def _help(option: Any, default: Any, stem: str) -> str:
     return f"{text} [default: {shown}]"
 
 
-def _option_table(
+def option_table(
     options: Sequence[Any], settings_class: type, stem: str
 ) -> list:
     """usage.Options optParameters for every option except the repeatable --label."""
@@ -62,7 +62,7 @@ def _option_table(
     ]
 
 
-def _flag_table(options: Sequence[Any]) -> list:
+def flag_table(options: Sequence[Any]) -> list:
     """usage.Options optFlags for the on/off options (given: on)."""
     return [[o.flag, None, o.help] for o in options if o.kind == "bool"]
 

@@ -4,7 +4,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from grpcmux import config
-from grpcmux.tap import SettingsOptions, _flag_table, _option_table, make_twistd_service
+from grpcmux.tap import SettingsOptions, flag_table, option_table, make_twistd_service
 
 
 class Options(SettingsOptions):
@@ -20,10 +20,10 @@ class Options(SettingsOptions):
     )
     _config_options = config.CLIENT_OPTIONS
     _loader = staticmethod(config.load_client_settings)
-    optParameters = _option_table(
+    optParameters = option_table(
         config.CLIENT_OPTIONS, config.ClientSettings, config.CLIENT_FILE_STEM
     )
-    optFlags = _flag_table(config.CLIENT_OPTIONS)
+    optFlags = flag_table(config.CLIENT_OPTIONS)
     compData = usage.Completions(
         optActions={
             "log-level": usage.CompleteList(config.LOG_LEVELS),

@@ -43,7 +43,7 @@ def encode_header(type, flags, stream_id, length):
 
 def decode_header(buf, offset=0):
     """Decode the 12 header bytes found in ``buf`` at ``offset``."""
-    return FrameHeader._make(_unpack_from(buf, offset))
+    return FrameHeader(*_unpack_from(buf, offset))
 
 
 class FrameParser:
