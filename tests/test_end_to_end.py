@@ -317,8 +317,8 @@ def _tuned(transport):
 
 @pytest_twisted.ensureDeferred
 async def test_tcp_legs_are_tuned(stack):
-    """Nagle is off on every TCP leg (a unary call took 40 ms, a delayed ACK, with it on),
-    and each reads and sends in bulk."""
+    """Nagle is off on every TCP leg (with it on, a small write waits for the peer's
+    delayed ACK: tens of milliseconds per unary call), and each reads and sends in bulk."""
     service = await stack.connected_client("lab", backend_address=stack.backend.tcp_address)
     result = await stack.invoke("Unary", b"ping", route("lab"))
     assert result.code == OK

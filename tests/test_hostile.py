@@ -283,8 +283,8 @@ async def test_a_ping_flood_from_a_peer_that_does_not_read(reactor, tmp_path, wa
 @pytest_twisted.ensureDeferred
 async def test_sessions_that_send_goaway_after_welcome_are_closed_and_counted(
         reactor, tmp_path, warnings):
-    # Each attacker is admitted, sends GoAway, then just reads.  Unlisted but never
-    # closed, such sessions used to let more clients in than --max-clients allows.
+    # Each attacker is admitted, sends GoAway, then just reads.  Left open after
+    # being unlisted, such sessions would let more clients in than --max-clients.
     stack = Stack(reactor, tmp_path, max_clients=3)
     scene = Scene(stack, warnings)
     try:

@@ -93,7 +93,7 @@ class Sender:
         or less: a Twisted transport joins whatever is pending into one bytes
         before send(), so a single pending bytes is sent as it is, with no copy
         besides our join.  Past WRITE_SIZE the transport gets what is collected,
-        so a full transport pauses the flush as before.
+        so a full transport still pauses the flush.
         """
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():

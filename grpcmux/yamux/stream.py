@@ -65,7 +65,7 @@ def transition(state, flags, sent):
     SYN opens (INIT -> SYN_SENT / SYN_RECEIVED); the ACK answering it
     establishes; a FIN closes one direction, the second FIN both; RST resets
     from anywhere.  What does not apply leaves the state as it is: an ACK or
-    SYN on an open stream, a repeated FIN (ignored, as before), anything after
+    SYN on an open stream, a repeated FIN (ignored), anything after
     CLOSED or RESET (late frames of a stream that is gone).
     """
     if flags & FLAG_RST:
