@@ -480,9 +480,9 @@ async def churn_calls(reactor, workdir, calls=100000, warmup=20000, concurrency=
     """``calls`` proxied unary calls to one client; the server's and the client's
     resources before (after ``warmup`` calls) and after.
 
-    The server's RSS grows over its first tens of thousands of calls as its
-    allocator's pools fill, then stays: a warm-up of 20,000 calls puts that growth
-    in the baseline, so the comparison shows leaks."""
+    The server's RSS grows over its first tens of thousands of calls, then stays:
+    a warm-up of 20,000 calls puts that growth in the baseline, so the comparison
+    shows leaks."""
     async with Scene(reactor, workdir) as scene:
         backend = await scene.backend()
         server = await scene.server(keepalive=(30.0, 10.0))
