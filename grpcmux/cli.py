@@ -29,10 +29,12 @@ from grpcmux.commands import (
     CommandFailed,
     UsageError,
 )
+from grpcmux.config import ServerSettings, environment_warnings, nearest
 from grpcmux.ids import client_id_problem
 from grpcmux.listing import TOKEN_ENV
 
-DEFAULT_PROXY_ADDRESS = "localhost:7592"
+# Where a server started with its defaults serves the proxy endpoint.
+DEFAULT_PROXY_ADDRESS = ServerSettings.proxy_listener
 # Where --proxy-address is read from when not given (as the server reads GRPCMUX_*).
 PROXY_ADDRESS_ENV = "GRPCMUX_PROXY_ADDRESS"
 DEFAULT_TIMEOUT = 10.0
@@ -322,8 +324,6 @@ def _proxy_address_from(environ, command: str) -> str:
 def _unrecognized(parser, args, extra) -> UsageError:
     """The error for arguments argparse left over, named after the subcommand (which
     argparse does not do), with the nearest option of that subcommand."""
-    from grpcmux.config import nearest
-
     command = parser.commands.choices[args.command]
     names = command.option_names
     first = extra[0].partition("=")[0]
@@ -339,8 +339,6 @@ def run(argv, out, err, environ=None) -> int:
     *environ* (default ``os.environ``) supplies ``$GRPCMUX_PROXY_ADDRESS``; every
     GRPCMUX_* variable no grpcmux program reads is warned about on *err*.
     """
-    from grpcmux.config import environment_warnings
-
     environ = os.environ if environ is None else environ
     try:
         parser = make_parser()
