@@ -202,10 +202,6 @@ class Tunnel(Factory):
         self.metrics.track(self)
         self._sessions_started = 0
         self.client_id = settings.client_id or random_client_id()
-        self.multiplexer_addresses = settings.multiplexer_addresses
-        self.multiplexer_address = settings.multiplexer_address
-        self.wire_protocol = settings.wire_protocol
-        self.labels = settings.labels
         self.handshake_timeout = handshake_timeout
         self.yamux_config = settings.yamux_config()
         endpoint = client_endpoint(reactor, settings.grpc_server_address)
@@ -221,7 +217,7 @@ class Tunnel(Factory):
         self._draining = None
         self._last_problem = None
         self._problem_observers = []
-        self.dialling = self.multiplexer_address  # set by the dialer for each attempt
+        self.dialling = settings.multiplexer_address  # set by the dialer for each attempt
 
     def buildProtocol(self, addr):
         return _TunnelSession(
@@ -243,7 +239,7 @@ class Tunnel(Factory):
             self.metrics.reconnects.inc()
         self._sessions_started += 1
         result = Deferred(lambda _: session.close())
-        if self.wire_protocol == WIRE_LEGACY:
+        if self.settings.wire_protocol == WIRE_LEGACY:
             # A legacy server answers nothing: the session counts as admitted once it
             # answers a ping (TLS and yamux work, the server did not hang up).
             inner = YamuxSession(is_client=False, stream_factory=self.grpc_server,
@@ -268,7 +264,7 @@ class Tunnel(Factory):
         hello = ClientHello(
             client_id=self.client_id,
             wire_protocol=WIRE_NATIVE,
-            labels=self.labels,
+            labels=self.settings.labels,
             version=__version__,
             token=self._token,
         )
@@ -299,7 +295,7 @@ class Tunnel(Factory):
             "client {client_id} connected to multiplexer {address} ({wire_protocol})",
             client_id=self.client_id,
             address=session.address,
-            wire_protocol=self.wire_protocol,
+            wire_protocol=self.settings.wire_protocol,
         )
         result.callback(session)
 
