@@ -26,6 +26,7 @@ from twisted.protocols.basic import LineReceiver  # noqa: E402
 
 from grpcmux.addresses import parse_host_port  # noqa: E402
 from grpcmux.client import Tunnel  # noqa: E402
+from grpcmux.config import ClientSettings  # noqa: E402
 from grpcmux.metrics import ClientMetrics  # noqa: E402
 
 CONNECT_TIMEOUT = 60.0
@@ -40,8 +41,10 @@ class Crowd:
         self.limit = DeferredSemaphore(args.in_flight)
 
     def _connect_one(self, index):
-        tunnel = Tunnel(reactor, f"{self.args.prefix}{index}", self.args.backend,
-                        self.args.multiplexer, metrics=self.metrics)
+        settings = ClientSettings(client_id=f"{self.args.prefix}{index}",
+                                  grpc_server_address=self.args.backend,
+                                  multiplexer_address=self.args.multiplexer)
+        tunnel = Tunnel(reactor, settings, metrics=self.metrics)
         self.tunnels.append(tunnel)
         endpoint = TCP4ClientEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
         admitted = endpoint.connect(tunnel).addCallback(tunnel.admit)

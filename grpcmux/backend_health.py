@@ -411,6 +411,7 @@ class BackendHealthChecker(Service):
         self._decided = False  # the first attempt has told what the address is
         self._waiters = []
         self._control = None
+        self._observers = []
 
     # what the client uses
 
@@ -438,6 +439,11 @@ class BackendHealthChecker(Service):
         if self.health != UNKNOWN:
             control.report_backend_health(_TO_REPORT[self.health], self.detail)
         return welcome
+
+    def add_health_observer(self, observer):
+        """Call ``observer(health, detail)`` at each change of ``health``; returns a remover."""
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
 
     # service
 
@@ -623,6 +629,8 @@ class BackendHealthChecker(Service):
                            address=self.address)
         if self._control is not None:
             self._control.report_backend_health(_TO_REPORT[health], detail)
+        for observer in list(self._observers):
+            observer(health, detail)
 
 
 class ReportedHealth:

@@ -29,10 +29,12 @@ from grpcmux.commands import (
     CommandFailed,
     UsageError,
 )
+from grpcmux.config import ServerSettings, environment_warnings, nearest
 from grpcmux.ids import client_id_problem
 from grpcmux.listing import TOKEN_ENV
 
-DEFAULT_PROXY_ADDRESS = "localhost:7592"
+# Where a server started with its defaults serves the proxy endpoint.
+DEFAULT_PROXY_ADDRESS = ServerSettings.proxy_listener
 # Where --proxy-address is read from when not given (as the server reads GRPCMUX_*).
 PROXY_ADDRESS_ENV = "GRPCMUX_PROXY_ADDRESS"
 DEFAULT_TIMEOUT = 10.0
@@ -84,11 +86,33 @@ def _run_demo(args, out, err) -> int:
 
 class _Parser(argparse.ArgumentParser):
     """Reports usage errors as UsageError instead of printing and exiting, and
-    takes whole option names only (``--proxy`` is not ``--proxy-address``)."""
+    takes whole option names only (``--proxy`` is not ``--proxy-address``).
+
+    ``option_names`` lists its options' names, those of its argument groups
+    included, for the errors that suggest one.
+    """
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        self.option_names = []  # first: __init__ adds --help
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.option_names.extend(action.option_strings)
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+
+        def add_and_name(*args, **kwargs):
+            action = add(*args, **kwargs)
+            self.option_names.extend(action.option_strings)
+            return action
+
+        group.add_argument = add_and_name
+        return group
 
     def error(self, message):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
@@ -300,10 +324,8 @@ def _proxy_address_from(environ, command: str) -> str:
 def _unrecognized(parser, args, extra) -> UsageError:
     """The error for arguments argparse left over, named after the subcommand (which
     argparse does not do), with the nearest option of that subcommand."""
-    from grpcmux.config import nearest
-
     command = parser.commands.choices[args.command]
-    names = [o for action in command._actions for o in action.option_strings]
+    names = command.option_names
     first = extra[0].partition("=")[0]
     close = nearest(first, names) if first.startswith("--") else None
     hint = f"; did you mean {close}?" if close else ""
@@ -317,8 +339,6 @@ def run(argv, out, err, environ=None) -> int:
     *environ* (default ``os.environ``) supplies ``$GRPCMUX_PROXY_ADDRESS``; every
     GRPCMUX_* variable no grpcmux program reads is warned about on *err*.
     """
-    from grpcmux.config import environment_warnings
-
     environ = os.environ if environ is None else environ
     try:
         parser = make_parser()

@@ -20,7 +20,6 @@ from twisted.python.failure import Failure
 
 from grpcmux import __version__, tls
 from grpcmux.addresses import client_endpoint
-from grpcmux.backend_health import BackendHealthChecker
 from grpcmux.dialer import MultiplexerDialer
 from grpcmux.handshake import (
     WIRE_LEGACY,
@@ -38,13 +37,11 @@ from grpcmux.metrics import (
     REJECTED,
     TIMED_OUT,
     ClientMetrics,
-    MetricsService,
     reject_reason,
 )
 from grpcmux.http2.frames import PREFACE
 from grpcmux.preface import Wrong, WrongEndpoint, judge_multiplexer_server
 from grpcmux.splice import SpliceProtocol, splice
-from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.errors import PingTimeout
 from grpcmux.tuning import tune_transport
 from grpcmux.yamux.session import YamuxSession
@@ -53,53 +50,54 @@ from grpcmux.yamux.session import YamuxSession
 class _StreamEnd(SpliceProtocol):
     """A stream the server opened: connects to the gRPC server, then splices."""
 
-    def __init__(self, backend):
-        self._backend = backend
+    def __init__(self, grpc_server):
+        self._grpc_server = grpc_server
         self._connecting = None
 
     def connectionMade(self):
         super().connectionMade()
-        self._backend.active += 1
-        self._connecting = self._backend.connect(SpliceProtocol())
+        self._grpc_server.active += 1
+        self._connecting = self._grpc_server.connect(SpliceProtocol())
         self._connecting.addCallbacks(self._connected, self._failed)
 
-    def _connected(self, backend_end):
+    def _connected(self, server_end):
         self._connecting = None
-        if self._closed:
-            backend_end.abort()
+        if self.closed:
+            server_end.abort()
             return
-        self._backend.reachable()
-        self._backend.metrics.streams_spliced.inc()
-        tune_transport(backend_end.transport)
-        splice(self, backend_end)
+        self._grpc_server.reachable()
+        self._grpc_server.metrics.streams_spliced.inc()
+        tune_transport(server_end.transport)
+        splice(self, server_end)
 
     def _failed(self, failure):
         self._connecting = None
-        if not self._closed:
-            self._backend.metrics.backend_connect_failures.inc()
-            self._backend.unreachable(failure)
+        if not self.closed:
+            self._grpc_server.metrics.backend_connect_failures.inc()
+            self._grpc_server.unreachable(failure)
             self.abort()
 
     def connectionLost(self, reason=None):
         super().connectionLost(reason)
         if self._connecting is not None:
             self._connecting.cancel()
-        self._backend.active -= 1
-        self._backend.stream_ended()
+        self._grpc_server.active -= 1
+        self._grpc_server.stream_ended()
 
 
-class _Backend(Factory):
-    """The local gRPC server; builds a ``_StreamEnd`` per accepted stream.
+class _GrpcServer(Factory):
+    """The gRPC server the client proxies; builds a ``_StreamEnd`` per accepted stream.
 
-    Reachability changes are logged once each, not once per stream.
+    ``endpoint`` reaches it (``address`` names it in the log).  Reachability
+    changes are logged once each, not once per stream.
     """
 
     noisy = False
 
     _log = Logger()
 
-    def __init__(self, reactor, address, client_id, stream_ended, metrics):
-        self._endpoint = client_endpoint(reactor, address)
+    def __init__(self, endpoint, address, client_id, stream_ended, metrics):
+        self._endpoint = endpoint
         self.metrics = metrics
         self.address = address
         self._client_id = client_id
@@ -127,9 +125,6 @@ class _Backend(Factory):
                 address=self.address,
                 error=failure.getErrorMessage(),
             )
-
-
-
 
 
 class _TunnelSession(YamuxSession):
@@ -171,6 +166,10 @@ class _TunnelSession(YamuxSession):
         super().connectionLost(reason)
 
 
+#: Seconds the server has to welcome the client (the legacy one: to answer a ping).
+HANDSHAKE_TIMEOUT = 10.0
+
+
 def default_retry_policy():
     """Backoff between attempts: 0.5 s growing 1.5x to 30 s, plus up to 1 s of jitter."""
     return backoffPolicy(initialDelay=0.5, maxDelay=30.0)
@@ -180,48 +179,37 @@ class Tunnel(Factory):
     """Builds sessions for ``ClientService``; ``admit`` (its prepareConnection) runs
     the handshake on each, and the tunnel then serves the server's streams.
 
-    ``retry_policy`` maps the number of failed attempts in a row to the seconds
-    to wait (``ClientService``'s retryPolicy).  ``add_problem_observer`` lets a
-    caller see each problem the tunnel reports (the line it logs).
+    ``settings`` (a :class:`grpcmux.config.ClientSettings`) says who the client is,
+    where the multiplexer and the gRPC server are, and how the sessions behave; a
+    client without ``client_id`` gets a random one.  ``retry_policy`` maps the
+    number of failed attempts in a row to the seconds to wait (``ClientService``'s
+    retryPolicy).  ``backend_health`` (a BackendHealthChecker, or None) guards the
+    streams' connections and hears the handshake's welcome.
+    ``add_problem_observer`` lets a caller see each problem the tunnel reports
+    (the line it logs).
     """
 
     noisy = False
 
     _log = Logger()
 
-    def __init__(
-        self,
-        reactor,
-        client_id,
-        grpc_server_address,
-        multiplexer_address,
-        wire_protocol=WIRE_NATIVE,
-        labels=(),
-        handshake_timeout=10.0,
-        yamux_config=None,
-        retry_policy=None,
-        metrics=None,
-        token=None,
-        backend_health=None,
-    ):
+    def __init__(self, reactor, settings, *, handshake_timeout=HANDSHAKE_TIMEOUT,
+                 retry_policy=None, metrics=None, backend_health=None):
         self._reactor = reactor
-        self._token = token or ""
+        self.settings = settings
+        self._token = settings.token or ""
         self.metrics = metrics or ClientMetrics()
         self.metrics.track(self)
         self._sessions_started = 0
-        self.client_id = client_id
-        self.multiplexer_addresses = _address_list(multiplexer_address)
-        self.multiplexer_address = ",".join(self.multiplexer_addresses)
-        self.wire_protocol = wire_protocol
-        self.labels = tuple(labels)
+        self.client_id = settings.client_id or random_client_id()
         self.handshake_timeout = handshake_timeout
-        self.yamux_config = yamux_config or YamuxConfig()
-        self.backend = _Backend(
-            reactor, grpc_server_address, client_id, self._close_if_drained, self.metrics
-        )
-        self.backend_health = backend_health  # a BackendHealthChecker, or None
+        self.yamux_config = settings.yamux_config()
+        endpoint = client_endpoint(reactor, settings.grpc_server_address)
         if backend_health is not None:  # no stream to a grpcmux proxy: a call would loop
-            self.backend._endpoint = backend_health.guard(self.backend._endpoint)
+            endpoint = backend_health.guard(endpoint)
+        self.grpc_server = _GrpcServer(endpoint, settings.grpc_server_address, self.client_id,
+                                       self._close_if_drained, self.metrics)
+        self.backend_health = backend_health
         self.retry_policy = retry_policy or default_retry_policy()
         self.session = None  # the admitted session, while there is one
         self.stopping = False
@@ -229,7 +217,7 @@ class Tunnel(Factory):
         self._draining = None
         self._last_problem = None
         self._problem_observers = []
-        self.dialling = self.multiplexer_address  # set by the dialer for each attempt
+        self.dialling = settings.multiplexer_address  # set by the dialer for each attempt
 
     def buildProtocol(self, addr):
         return _TunnelSession(
@@ -251,10 +239,10 @@ class Tunnel(Factory):
             self.metrics.reconnects.inc()
         self._sessions_started += 1
         result = Deferred(lambda _: session.close())
-        if self.wire_protocol == WIRE_LEGACY:
+        if self.settings.wire_protocol == WIRE_LEGACY:
             # A legacy server answers nothing: the session counts as admitted once it
             # answers a ping (TLS and yamux work, the server did not hang up).
-            inner = YamuxSession(is_client=False, stream_factory=self.backend,
+            inner = YamuxSession(is_client=False, stream_factory=self.grpc_server,
                                  config=self.yamux_config, clock=self._reactor)
             inner.when_closed().addCallback(lambda _: session.close())
             session.open_stream(LegacyClientHandshake(self.client_id, inner))
@@ -272,11 +260,11 @@ class Tunnel(Factory):
                         if failure.check(PingTimeout) else "the server closed the session")),
                     session, result))
             return result
-        session.stream_factory = self.backend
+        session.stream_factory = self.grpc_server
         hello = ClientHello(
             client_id=self.client_id,
             wire_protocol=WIRE_NATIVE,
-            labels=self.labels,
+            labels=self.settings.labels,
             version=__version__,
             token=self._token,
         )
@@ -307,7 +295,7 @@ class Tunnel(Factory):
             "client {client_id} connected to multiplexer {address} ({wire_protocol})",
             client_id=self.client_id,
             address=session.address,
-            wire_protocol=self.wire_protocol,
+            wire_protocol=self.settings.wire_protocol,
         )
         result.callback(session)
 
@@ -348,7 +336,7 @@ class Tunnel(Factory):
             "its {active} stream(s) in flight are done",
             address=session.address,
             client_id=self.client_id,
-            active=self.backend.active,
+            active=self.grpc_server.active,
         )
         self._draining = session
         self._close_if_drained()
@@ -371,7 +359,7 @@ class Tunnel(Factory):
         return closed
 
     def _close_if_drained(self):
-        if self._draining is not None and self.backend.active == 0:
+        if self._draining is not None and self.grpc_server.active == 0:
             session, self._draining = self._draining, None
             session.close()
 
@@ -422,16 +410,6 @@ def _cancelling(timer):
     return cancel
 
 
-def _address_list(addresses):
-    """``HOST:PORT[,HOST:PORT...]`` (or a sequence of them) as a tuple of addresses."""
-    if isinstance(addresses, str):
-        addresses = addresses.split(",")
-    found = tuple(address.strip() for address in addresses if address.strip())
-    if not found:
-        raise ValueError("no multiplexer address")
-    return found
-
-
 def _readable(policy):
     """``policy`` with its delays rounded: ClientService logs them as they are."""
     return lambda attempt: round(policy(attempt), 2)
@@ -441,18 +419,21 @@ class TunnelClientService(MultiService):
     """The client for twistd: a ``ClientService`` keeping one tunnel up.
 
     Stopping drains first: the server may open no new streams, and those in
-    flight get up to ``shutdown_grace`` seconds to finish; the connector stops
-    before the session's end reaches it, so nothing is reported or retried.
+    flight get up to the settings' ``shutdown_grace`` seconds to finish; the
+    connector stops before the session's end reaches it, so nothing is reported
+    or retried.  ``tls_creator_for(address)`` gives the TLS options for dialling
+    a multiplexer address (default: the settings', with ``tls`` on; else
+    plaintext); ``resolver`` and ``rng`` go to the :class:`MultiplexerDialer`.
     """
 
-    def __init__(self, reactor, tunnel, shutdown_grace=10.0, tls_creator=None,
-                 tls_creator_for=None, resolver=None, rng=None):
+    def __init__(self, reactor, tunnel, tls_creator_for=None, resolver=None, rng=None):
         super().__init__()
         self.tunnel = tunnel
-        self.shutdown_grace = shutdown_grace
+        settings = tunnel.settings
+        self.shutdown_grace = settings.shutdown_grace
         self._reactor = reactor
-        if tls_creator_for is None and tls_creator is not None:
-            tls_creator_for = lambda address: tls_creator  # noqa: E731
+        if tls_creator_for is None and settings.tls:
+            tls_creator_for = settings.tls_creator_for
         self.dialer = MultiplexerDialer(reactor, tunnel, tls_creator_for, resolver, rng)
         self.connector = ClientService(
             self.dialer,
@@ -481,40 +462,3 @@ class TunnelClientService(MultiService):
         drained = self.tunnel.drain(self.shutdown_grace)
         drained.addCallback(lambda _: MultiService.stopService(self))
         return drained
-
-
-def make_service(settings, reactor):
-    client_id = settings.client_id
-    if not client_id:
-        client_id = random_client_id()
-        Tunnel._log.info("no --client-id given; using {client_id}", client_id=client_id)
-    backend_health = BackendHealthChecker(
-        reactor, client_endpoint(reactor, settings.grpc_server_address),
-        settings.grpc_server_address)
-    tunnel = Tunnel(
-        reactor,
-        client_id,
-        settings.grpc_server_address,
-        settings.multiplexer_addresses,
-        wire_protocol=settings.wire_protocol,
-        labels=settings.labels,
-        token=settings.token,
-        yamux_config=YamuxConfig(
-            keepalive_interval=settings.keepalive_interval,
-            connection_write_timeout=settings.keepalive_timeout,
-            max_stream_window_size=settings.stream_window,
-        ),
-        backend_health=backend_health,
-    )
-    if settings.token and not settings.tls:
-        Tunnel._log.warn("a token without --tls crosses the network in clear")
-    service = TunnelClientService(
-        reactor, tunnel, shutdown_grace=settings.shutdown_grace,
-        tls_creator_for=settings.tls_creator_for if settings.tls else None,
-    )
-    backend_health.setServiceParent(service)
-    if settings.metrics_listener:
-        metrics = MetricsService(reactor, settings.metrics_listener, tunnel.metrics.registry)
-        metrics.setName("metrics")
-        metrics.setServiceParent(service)
-    return service

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 from grpcmux import addresses
 from grpcmux.addresses import AddressError
 from grpcmux.ids import MAX_CLIENT_ID_LENGTH, client_id_problem
+from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.frame import INITIAL_STREAM_WINDOW, MAX_STREAM_WINDOW
 
 ENV_PREFIX = "GRPCMUX_"
@@ -591,6 +592,16 @@ class _CommonSettings:
     log_level: str = "info"
     log_format: str = "pretty"
     config: Optional[str] = None  # the config file the values were read from
+
+    def yamux_config(self, **more: Any) -> YamuxConfig:
+        """The multiplexer sessions' configuration: keepalive and stream window from
+        these settings, ``more`` YamuxConfig fields as given, the rest yamux's."""
+        return YamuxConfig(
+            keepalive_interval=self.keepalive_interval,
+            connection_write_timeout=self.keepalive_timeout,
+            max_stream_window_size=self.stream_window,
+            **more,
+        )
 
 
 @dataclass(frozen=True)

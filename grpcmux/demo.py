@@ -100,7 +100,7 @@ class Demo:
 
     async def run(self):
         from grpcmux.client import Tunnel, TunnelClientService
-        from grpcmux.config import ServerSettings
+        from grpcmux.config import ClientSettings, ServerSettings
         from grpcmux.registry import ClientRegistry
         from grpcmux.proxy import ProxyService
         from grpcmux.server import MultiplexerServer
@@ -124,9 +124,9 @@ class Demo:
         )
         proxy_address = dial_address(args.proxy_listener, proxy.port)
 
-        tunnel = Tunnel(
-            reactor, args.client_id, example_address, multiplexer_address, labels=LABELS
-        )
+        tunnel = Tunnel(reactor, ClientSettings(
+            client_id=args.client_id, grpc_server_address=example_address,
+            multiplexer_address=multiplexer_address, labels=LABELS))
         client = self._start(TunnelClientService(reactor, tunnel), "multiplexer client")
         admitted = client.when_connected()
         self._describe(multiplexer_address, proxy_address, example_address)

@@ -104,7 +104,7 @@ class MultiplexerDialer:
     def __init__(self, reactor, tunnel, tls_creator_for=None, resolver=None, rng=None):
         self._reactor = reactor
         self._tunnel = tunnel
-        self._addresses = tunnel.multiplexer_addresses
+        self._addresses = tunnel.settings.multiplexer_addresses
         self._tls_creator_for = tls_creator_for or (lambda address: None)
         self._resolver = resolver
         self._random = rng or random.Random()
@@ -112,7 +112,7 @@ class MultiplexerDialer:
         self._offsets = {}  # host name address -> where its next turn starts
 
     def __repr__(self):
-        return f"multiplexer {self._tunnel.multiplexer_address}"
+        return f"multiplexer {self._tunnel.settings.multiplexer_address}"
 
     def connect(self, factory):
         return self._attempt(_GateFactory(factory)).addCallback(lambda gate: gate.proxy)

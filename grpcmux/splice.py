@@ -11,7 +11,6 @@ the gRPC caller nor the backend ever waits on a pipe whose other end has gone.
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from grpcmux.writes import BATCH
@@ -23,12 +22,11 @@ class SpliceProtocol(Protocol):
 
     Until ``splice`` joins it to a peer, the end is held paused, so whatever
     arrives early stays in its transport's bounded buffer rather than here.
+    ``closed`` turns true when its connection is lost.
     """
 
-    _log = Logger()
-
     peer = None
-    _closed = False
+    closed = False
 
     def connectionMade(self):
         if self.peer is None:
@@ -51,9 +49,9 @@ class SpliceProtocol(Protocol):
         """Our write side is shut; nothing to do until the read side ends too."""
 
     def connectionLost(self, reason=None):
-        self._closed = True
+        self.closed = True
         peer, self.peer = self.peer, None
-        if peer is None or peer._closed:
+        if peer is None or peer.closed:
             return
         peer.peer = None
         peer.transport.unregisterProducer()
@@ -64,7 +62,7 @@ class SpliceProtocol(Protocol):
 
     def abort(self):
         """Drop this end at once; the peer is aborted in turn."""
-        if not self._closed:
+        if not self.closed:
             _abort(self.transport)
 
 

@@ -6,7 +6,7 @@ answer at once (fired Deferreds); ``down = True`` makes every call fail and ends
 every watch, like an unreachable etcd; ``compact()`` drops history.
 """
 
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
 from grpcmux.cluster.etcd import (DELETE, PUT, Compacted, Created, Event, KeyValue,
                                   StoreUnavailable, WatchBatch)
@@ -203,3 +203,61 @@ class FakeEtcd:
     def compact(self):
         self.compacted = self.revision
         self.history.clear()
+
+
+class _DeadWatch:
+    """The watch handle of a link that answers nothing."""
+
+    def progress(self):
+        pass
+
+    def cancel(self):
+        pass
+
+
+class Link:
+    """One node's way to a FakeEtcd: the fake itself until cut or silenced.
+
+    ``cut`` (a set of method names) makes those calls fail as an unreachable etcd
+    would, for this node only; ``silence()`` is the node's process dying: nothing
+    it asks is answered any more and its watches deliver nothing.  ``watches``
+    holds the watch handles this node opened.
+    """
+
+    def __init__(self, etcd):
+        self.etcd = etcd
+        self.cut = set()
+        self.silent = False
+        self.watches = []
+
+    def silence(self):
+        self.silent = True
+
+    def watch(self, prefix, start_revision, on_batch, on_end):
+        if self.silent:
+            return _DeadWatch()
+        handle = self.etcd.watch(prefix, start_revision, self._unless_silent(on_batch),
+                                 self._unless_silent(on_end))
+        self.watches.append(handle)
+        return handle
+
+    def _unless_silent(self, fn):
+        def call(*args):
+            if not self.silent:
+                fn(*args)
+
+        return call
+
+    def __getattr__(self, name):
+        real = getattr(self.etcd, name)
+        if not callable(real):
+            return real
+
+        def call(*args, **kwargs):
+            if self.silent:
+                return Deferred()
+            if name in self.cut:
+                return fail(StoreUnavailable("cut off"))
+            return real(*args, **kwargs)
+
+        return call

@@ -14,7 +14,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from grpcmux.client import Tunnel, TunnelClientService
-from grpcmux.config import ServerSettings
+from grpcmux.config import ClientSettings, ServerSettings
 from grpcmux.registry import ClientRegistry
 from grpcmux.proxy import ProxyService
 from grpcmux.server import MultiplexerServer
@@ -71,23 +71,28 @@ class Stack:
         return d.addCallback(start_again).addTimeout(TIMEOUT, self.reactor)
 
     def client(self, client_id, wire_protocol="native", backend_address=None, labels=(),
-               token=None, tls_creator=None):
+               token=None, tls_creator=None, foreign_id=None):
         """Start a client; ``.when_connected()`` tells when it is in.
 
         ``token`` and ``tls_creator`` (``grpcmux.tls.client_creator``) are the
         client's credentials; the server's are ``Stack(settings={"tls_cert": ...})``.
+        ``foreign_id`` is an id to introduce the client with that its settings
+        would refuse, as a client other than grpcmux's might send.
         """
-        tunnel = Tunnel(
-            self.reactor,
-            client_id,
-            backend_address or self.backend_address,
-            self.multiplexer_address,
+        settings = ClientSettings(
+            client_id=client_id,
+            grpc_server_address=backend_address or self.backend_address,
+            multiplexer_address=self.multiplexer_address,
             wire_protocol=wire_protocol,
             labels=labels,
-            retry_policy=RecordingPolicy(),
             token=token,
         )
-        service = TunnelClientService(self.reactor, tunnel, tls_creator=tls_creator)
+        tunnel = Tunnel(self.reactor, settings, retry_policy=RecordingPolicy())
+        if foreign_id is not None:
+            tunnel.client_id = foreign_id
+        service = TunnelClientService(
+            self.reactor, tunnel,
+            tls_creator_for=None if tls_creator is None else lambda address: tls_creator)
         service.startService()
         self.clients.append(service)
         return service

@@ -90,13 +90,15 @@ class Backend(grpc.GenericRpcHandler):
             return None
         behavior = getattr(self, "_" + name.lower())
         idle = iter(()) if name in ("ServerStream", "Bidi") else b""
-        return kinds[name](lambda request, context: self._run(behavior, idle, request, context))
+        method = handler_call_details.method
+        return kinds[name](
+            lambda request, context: self._run(method, behavior, idle, request, context))
 
-    def _run(self, behavior, idle, request, context):
+    def _run(self, method, behavior, idle, request, context):
         seen = context.invocation_metadata()
         metadata = tuple((k, v) for k, v in seen if k not in ("user-agent", "via"))
         remaining = context.time_remaining()
-        record = CallRecord(context._rpc_event.call_details.method.decode(), metadata,
+        record = CallRecord(method, metadata,
                             remaining if remaining < 1e9 else None,
                             via=dict(seen).get("via"))
         context.add_callback(record.ended.set)
@@ -144,14 +146,14 @@ class Backend(grpc.GenericRpcHandler):
 
 
 class _TrackedEnd(SpliceProtocol):
-    """The tunnel's side of one connection; tells the tunnel when it ends."""
+    """The tunnel's side of one connection; ``lost(end)`` is called when it ends."""
 
-    def __init__(self, tunnel):
-        self._tunnel = tunnel
+    def __init__(self, lost):
+        self._lost = lost
 
     def connectionLost(self, reason=None):
         super().connectionLost(reason)
-        self._tunnel._lost(self)
+        self._lost(self)
 
 
 class Tunnel:
@@ -168,7 +170,7 @@ class Tunnel:
         self._port = reactor.listenUNIX(socket_path, factory)
 
     def _accepted(self, addr):
-        inbound = _TrackedEnd(self)
+        inbound = _TrackedEnd(self._lost)
         self._ends.append(inbound)
         d = self._target.connect(Factory.forProtocol(SpliceProtocol))
         d.addCallbacks(lambda outbound: splice(inbound, outbound),

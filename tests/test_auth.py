@@ -250,7 +250,7 @@ def test_token_command_prints_a_fresh_token_and_its_digest():
 
 
 def test_client_warns_about_a_token_without_tls(reactor, log_events):
-    from grpcmux.client import make_service
+    from grpcmux.tap.client import make_service
 
     make_service(ClientSettings(client_id="edge-1", token=TOKEN), reactor)
     texts = [formatEvent(event) for event in log_events]

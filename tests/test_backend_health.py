@@ -242,6 +242,22 @@ def test_serving_then_watch_reports_a_change_at_once():
     checker.stopService()
 
 
+def test_health_observers_see_each_change_until_removed():
+    checker, clock, endpoint = make_checker()
+    seen = []
+    remove = checker.add_health_observer(lambda health, detail: seen.append((health, detail)))
+    checker.startService()
+    conn = endpoint.last
+    conn.send(settings())
+    conn.answer(1, Status.Value("SERVING"))
+    conn.answer(3, Status.Value("SERVING"), Status.Value("SERVING"), end=False)  # no change
+    assert seen == [(SERVING, "health status SERVING")]
+    remove()
+    conn.answer(3, Status.Value("NOT_SERVING"), end=False)
+    assert checker.health == NOT_SERVING and len(seen) == 1
+    checker.stopService()
+
+
 def test_checks_again_every_interval_on_the_same_connection():
     checker, clock, endpoint, conn = started_serving()
     clock.advance(5.0)

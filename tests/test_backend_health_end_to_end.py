@@ -17,6 +17,7 @@ from grpcmux._proto.grpc.multiplexer.v1.discovery_pb2_grpc import DiscoveryServi
 from grpcmux.addresses import client_endpoint
 from grpcmux.backend_health import PROXY_ERROR, BackendHealthChecker
 from grpcmux.client import Tunnel, TunnelClientService
+from grpcmux.config import ClientSettings
 from grpcmux.http2.frames import (
     PREFACE,
     SETTINGS_ENABLE_PUSH,
@@ -57,12 +58,12 @@ def health_client(stack, client_id, address, wire_protocol="native"):
     reactor = stack.reactor
     checker = BackendHealthChecker(reactor, client_endpoint(reactor, address), address,
                                    interval=0.3, timeout=TIMEOUT)
-    tunnel = Tunnel(
-        reactor, client_id, address, stack.multiplexer_address,
-        wire_protocol=wire_protocol,
-        retry_policy=backoffPolicy(initialDelay=0.05, maxDelay=0.5),
-        backend_health=checker,
-    )
+    settings = ClientSettings(client_id=client_id, grpc_server_address=address,
+                              multiplexer_address=stack.multiplexer_address,
+                              wire_protocol=wire_protocol)
+    tunnel = Tunnel(reactor, settings,
+                    retry_policy=backoffPolicy(initialDelay=0.05, maxDelay=0.5),
+                    backend_health=checker)
     service = TunnelClientService(reactor, tunnel)
     checker.setServiceParent(service)
     service.startService()
@@ -88,15 +89,15 @@ def health_is(stack, client_id, health):
 def checker_health(checker, health, reactor):
     """A Deferred firing once the client's checker finds ``health``."""
     result = Deferred()
-    original = checker._set
 
-    def observed(*args, **kwargs):
-        original(*args, **kwargs)
-        if checker.health == health and not result.called:
+    def observed(found, detail):
+        if found == health and not result.called:
+            remove()
             result.callback(None)
 
-    checker._set = observed
+    remove = checker.add_health_observer(observed)
     if checker.health == health:
+        remove()
         result.callback(None)
     return result.addTimeout(TIMEOUT, reactor)
 

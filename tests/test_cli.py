@@ -257,6 +257,8 @@ def test_usage_errors_exit_2_with_one_line(argv, start):
                             "--no-replay? (see 'grpcmux watch --help')"),
     (("demo", "--keep"), "grpcmux demo: unrecognized arguments: --keep; did you mean "
                          "--keep-running? (see 'grpcmux demo --help')"),
+    (("call", "--tls-server"), "grpcmux call: unrecognized arguments: --tls-server; did you "
+                               "mean --tls-server-name? (see 'grpcmux call --help')"),
 ])
 def test_option_names_are_never_abbreviated(argv, line):
     assert run_now(*argv) == (2, "", line + "\n")

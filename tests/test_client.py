@@ -9,6 +9,7 @@ import random
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -18,10 +19,11 @@ from zope.interface import implementer
 
 from grpcmux._proto.grpcmux.v1 import tunnel_pb2
 from grpcmux.client import Tunnel, TunnelClientService
+from grpcmux.config import ClientSettings
 from grpcmux.handshake import MAGIC, encode_message
+from grpcmux.ids import client_id_problem
 from grpcmux.testing import data_frame, go_away_frame, parse_frames, window_update
 from grpcmux.yamux import frame as f
-from grpcmux.yamux.config import YamuxConfig
 
 ACK = f.FLAG_ACK
 
@@ -68,17 +70,18 @@ class Rig:
     """A client service on a MemoryReactorClock, and the connections it dials."""
 
     def __init__(self, addresses="127.0.0.1:7602", rng=None, resolver=None, wire="native",
-                 handshake_timeout=10.0):
+                 handshake_timeout=10.0, client_id="edge", backend_health=None):
         self.reactor = MemoryReactorClock()
         self.policy = Policy()
-        self.tunnel = Tunnel(self.reactor, "edge", "127.0.0.1:50051", addresses,
-                             wire_protocol=wire, handshake_timeout=handshake_timeout,
-                             retry_policy=self.policy,
-                             yamux_config=YamuxConfig(enable_keepalive=False))
+        settings = ClientSettings(client_id=client_id, grpc_server_address="127.0.0.1:50051",
+                                  multiplexer_address=addresses, wire_protocol=wire,
+                                  shutdown_grace=5.0)
+        self.tunnel = Tunnel(self.reactor, settings, handshake_timeout=handshake_timeout,
+                             retry_policy=self.policy, backend_health=backend_health)
         self.problems = []
         self.tunnel.add_problem_observer(self.problems.append)
-        self.service = TunnelClientService(self.reactor, self.tunnel, shutdown_grace=5.0,
-                                           resolver=resolver, rng=rng or Rng())
+        self.service = TunnelClientService(self.reactor, self.tunnel, resolver=resolver,
+                                           rng=rng or Rng())
         self.dialled = 0
 
     def start(self):
@@ -151,6 +154,44 @@ def test_hello_goes_on_the_first_stream_and_welcome_admits():
     [session] = got
     assert rig.tunnel.session is session and session.admitted and not session.closed
     assert rig.problems == []
+
+
+class Guard:
+    """Stands in for the BackendHealthChecker: its guard is the gRPC server's endpoint."""
+
+    def __init__(self):
+        self.guarded = []
+        self.connects = 0
+        self.welcomes = []
+
+    def guard(self, endpoint):
+        self.guarded.append(endpoint)
+        return self
+
+    def connect(self, factory):
+        self.connects += 1
+        return Deferred()  # the gRPC server has not answered yet
+
+    def welcomed(self, welcome, control):
+        self.welcomes.append(welcome)
+        return welcome
+
+
+def test_streams_reach_the_grpc_server_through_the_health_checkers_guard():
+    guard = Guard()
+    rig = Rig(backend_health=guard).start()
+    assert len(guard.guarded) == 1  # the gRPC server's endpoint, guarded once
+    protocol, _ = rig.accept()
+    rig.welcome(protocol)
+    assert len(guard.welcomes) == 1 and rig.tunnel.session is not None
+    protocol.dataReceived(window_update(2, 0, f.FLAG_SYN))  # the server opens a stream
+    assert guard.connects == 1
+    rig.service.stopService()
+
+
+def test_a_client_without_an_id_gets_a_random_one():
+    client_id = Rig(client_id=None).tunnel.client_id
+    assert client_id and client_id_problem(client_id) is None
 
 
 def test_refusals_are_failed_attempts_with_growing_backoff():
@@ -353,12 +394,6 @@ def test_a_name_that_resolves_to_nothing_moves_on():
         "gone.test resolves to no address.; good.test:7603 (127.0.0.1): Connection was "
         "refused by other side.; retrying"]
     rig.service.stopService()
-
-
-@pytest.mark.parametrize("addresses", ["", " , ", ()])
-def test_no_address_is_an_error(addresses):
-    with pytest.raises(ValueError):
-        Tunnel(MemoryReactorClock(), "edge", "127.0.0.1:1", addresses)
 
 
 def test_a_stopped_service_starts_again():

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IHostnameResolver
 from zope.interface import implementer
 
 from grpcmux.client import Tunnel, TunnelClientService
-from grpcmux.config import ServerSettings
+from grpcmux.config import ClientSettings, ServerSettings
 from grpcmux.registry import ClientRegistry
 from grpcmux.server import MultiplexerServer
 
@@ -71,9 +71,11 @@ def client(reactor, addresses, rng_seed=0, resolver=None, client_id="roamer"):
         attempts.append(attempt)
         return policy(attempt)
 
-    tunnel = Tunnel(reactor, client_id, "127.0.0.1:1", addresses, retry_policy=recording)
-    service = TunnelClientService(reactor, tunnel, shutdown_grace=1.0,
-                                  resolver=resolver, rng=random.Random(rng_seed))
+    settings = ClientSettings(client_id=client_id, grpc_server_address="127.0.0.1:1",
+                              multiplexer_address=addresses, shutdown_grace=1.0)
+    tunnel = Tunnel(reactor, settings, retry_policy=recording)
+    service = TunnelClientService(reactor, tunnel, resolver=resolver,
+                                  rng=random.Random(rng_seed))
     service.attempts = attempts
     service.startService()
     return service

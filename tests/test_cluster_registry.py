@@ -4,10 +4,9 @@ import json
 
 import pytest
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from fake_etcd import FakeEtcd
+from fake_etcd import FakeEtcd, Link
 from grpcmux.cluster.etcd import StoreUnavailable
 from grpcmux.cluster.registry import ClusterRegistry
 from grpcmux.handshake import HandshakeRejected
@@ -24,7 +23,8 @@ def info(client_id, address="127.0.0.1:1"):
 class Node:
     def __init__(self, clock, etcd, name):
         self.metrics = CollectorRegistry()
-        self.registry = ClusterRegistry(clock, etcd, name, f"{name}.example:7612", ttl=TTL,
+        self.link = Link(etcd)
+        self.registry = ClusterRegistry(clock, self.link, name, f"{name}.example:7612", ttl=TTL,
                                         metrics_registry=self.metrics, check_interval=1.0)
         self.events = []
         self.health = []
@@ -63,19 +63,14 @@ def stop(*nodes):
         node.registry.stopService()
 
 
-class _Silent:
-    """A client of a killed process: nothing it was asked ever answers."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: Deferred()
-
-
 def kill(node):
     """The node's process dies: no more keep-alives, watch or writes."""
-    registry = node.registry
-    registry._keeper.stop()
-    registry._watch.stop()
-    registry._client = _Silent()
+    node.link.silence()
+
+
+def lease_of(etcd, node):
+    """The lease the node's registration is kept under."""
+    return etcd.data[f"/grpcmux/nodes/{node}"].lease
 
 
 def advance(clock, etcd, seconds, step=0.5):
@@ -94,7 +89,7 @@ def test_registers_node_and_clients(clock, etcd):
     value = json.loads(etcd.data["/grpcmux/clients/one"].value)
     assert value == {"node": "a", "connected_at": 1.5, "remote_address": "127.0.0.1:1",
                      "wire_protocol": "native", "labels": [["k", "v"]], "health": "unknown"}
-    assert etcd.data["/grpcmux/clients/one"].lease == a.registry._lease
+    assert etcd.data["/grpcmux/clients/one"].lease == lease_of(etcd, "a")
     assert a.registry.get("one").node == "a"
     assert a.registry.node_address("a") == "a.example:7612"
     a.registry.remove("one")
@@ -123,7 +118,11 @@ def test_live_holder_keeps_its_id(clock, etcd):
     assert refused.check(HandshakeRejected)
     assert "node a" in str(refused.value)
     assert b.events == [(CONNECTED, "one", "a")]
-    assert "one" not in b.registry._pending
+    assert "one" not in b.registry.pending_claims
+    b.registry.claim("two")  # a handshake in progress
+    assert b.registry.pending_claims == {"two"}
+    b.registry.release("two")
+    assert b.registry.pending_claims == set()
     stop(a, b)
 
 
@@ -141,7 +140,7 @@ def test_dead_holders_claim_is_taken_over(clock, etcd):
 
 def test_expired_lease_with_key_left_is_taken_over(clock, etcd):
     b = Node(clock, etcd, "b")
-    stale = etcd._grant(TTL).result
+    stale = etcd.grant(TTL).result
     etcd.put("/grpcmux/clients/one", json.dumps({"node": "a"}).encode(), stale)
     etcd.leases[stale] = clock.seconds() - 1  # expired, not yet reaped
     etcd.expire = lambda: None
@@ -166,7 +165,7 @@ def test_losing_etcd_keeps_local_clients_then_reregisters(clock, etcd, log_event
     assert a.health[-1] is True
     assert {k for k in etcd.data if "clients" in k} == {
         "/grpcmux/clients/one", "/grpcmux/clients/two"}
-    assert all(etcd.data[k].lease == a.registry._lease for k in etcd.data)
+    assert all(etcd.data[k].lease == lease_of(etcd, "a") for k in etcd.data)
     assert a.events == [(CONNECTED, "one", "a"), (CONNECTED, "two", "a")]
     stop(a)
 
@@ -175,24 +174,10 @@ def test_id_claimed_elsewhere_meanwhile_closes_the_stale_session(clock, etcd):
     a, b = Node(clock, etcd, "a"), Node(clock, etcd, "b")
     a.connect("one")
     # a is cut off from etcd (only a: b still reaches it).
-    calls = {}
-    for name in ("keep_alive", "grant", "create", "replace", "delete", "time_to_live"):
-        calls[name] = getattr(etcd, name)
-    cut = [True]
-
-    class CutOff:
-        def __getattr__(self, name):
-            real = getattr(etcd, name)
-            if name in calls and cut[0]:
-                from twisted.internet.defer import fail
-                return lambda *a, **k: fail(StoreUnavailable("cut off"))
-            return real
-
-    a.registry._client = CutOff()
-    a.registry._keeper._client = a.registry._client
+    a.link.cut = {"keep_alive", "grant", "create", "replace", "delete", "time_to_live"}
     advance(clock, etcd, TTL + 1)  # a's lease expires in etcd
     assert b.connect("one") == "one"  # the client reconnected to b
-    cut[0] = False
+    a.link.cut = set()
     advance(clock, etcd, 2 * TTL)
     assert a.health[-1] is True
     assert a.evicted == ["one"]
@@ -201,17 +186,16 @@ def test_id_claimed_elsewhere_meanwhile_closes_the_stale_session(clock, etcd):
     assert a.events == [(CONNECTED, "one", "a"), (DISCONNECTED, "one", "a"),
                         (CONNECTED, "one", "b")]
     assert a.registry.remove("one") is None  # the server forgets the closed session
-    assert etcd.data["/grpcmux/clients/one"].lease == b.registry._lease
+    assert etcd.data["/grpcmux/clients/one"].lease == lease_of(etcd, "b")
     stop(a, b)
 
 
 def test_watch_resumes_after_errors_without_gaps_or_repeats(clock, etcd):
     a, b = Node(clock, etcd, "a"), Node(clock, etcd, "b")
     a.connect("one")
-    for watch in list(etcd.watches):
-        if watch.on_batch.__self__ is b.registry._watch:
-            watch.cancel()
-            watch.on_end(StoreUnavailable("member died"))
+    for watch in [w for w in b.link.watches if not w.cancelled]:
+        watch.cancel()
+        watch.on_end(StoreUnavailable("member died"))
     a.connect("two")  # while b's watch is down
     advance(clock, etcd, 2)
     a.connect("three")
@@ -222,7 +206,7 @@ def test_watch_resumes_after_errors_without_gaps_or_repeats(clock, etcd):
 
 def test_stalled_watch_is_noticed_and_replaced(clock, etcd):
     a, b = Node(clock, etcd, "a"), Node(clock, etcd, "b")
-    (stalled,) = [w for w in etcd.watches if w.on_batch.__self__ is b.registry._watch]
+    (stalled,) = [w for w in b.link.watches if not w.cancelled]
     stalled.stalled = True
     a.connect("one")
     assert b.events == []
@@ -236,10 +220,9 @@ def test_compaction_rereads_and_tells_only_the_difference(clock, etcd):
     a, b = Node(clock, etcd, "a"), Node(clock, etcd, "b")
     a.connect("one")
     a.connect("two")
-    for watch in list(etcd.watches):
-        if watch.on_batch.__self__ is b.registry._watch:
-            watch.cancel()
-            watch.on_end(StoreUnavailable("member died"))
+    for watch in [w for w in b.link.watches if not w.cancelled]:
+        watch.cancel()
+        watch.on_end(StoreUnavailable("member died"))
     a.registry.remove("one")
     a.connect("three")
     etcd.compact()

@@ -8,7 +8,7 @@ from etcd_cluster import EtcdCluster, free_port
 from grpcmux.client import Tunnel, TunnelClientService
 from grpcmux.cluster.node import ClusterNode
 from grpcmux.cluster.registry import ClusterRegistry
-from grpcmux.config import load_server_settings
+from grpcmux.config import ClientSettings, load_server_settings
 from grpcmux.registry import ClientRegistry
 from grpcmux.server_service import ServerService
 from grpcmux.tap.server import make_service
@@ -62,8 +62,9 @@ def until(reactor, registry, predicate):
 
 def client(reactor, node, client_id, backend="127.0.0.1:1"):
     port = node.server.multiplexer.port.getHost().port
-    tunnel = Tunnel(reactor, client_id, backend, f"127.0.0.1:{port}",
-                    retry_policy=RecordingPolicy())
+    settings = ClientSettings(client_id=client_id, grpc_server_address=backend,
+                              multiplexer_address=f"127.0.0.1:{port}")
+    tunnel = Tunnel(reactor, settings, retry_policy=RecordingPolicy())
     service = TunnelClientService(reactor, tunnel)
     service.startService()
     return service

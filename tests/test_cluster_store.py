@@ -3,7 +3,7 @@
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from fake_etcd import FakeEtcd
+from fake_etcd import FakeEtcd, Link
 from grpcmux.cluster.etcd import StoreUnavailable, WatchBatch
 from grpcmux.cluster.store import Backoff, LeaseKeeper, PrefixWatch
 
@@ -74,7 +74,8 @@ def test_watch_delivers_from_the_revision_and_resumes_after_it():
     start = etcd.revision
     etcd.put("/p/b", b"2")
     seen = []
-    watch = PrefixWatch(clock, etcd, "/p/", lambda events: seen.extend(
+    link = Link(etcd)
+    watch = PrefixWatch(clock, link, "/p/", lambda events: seen.extend(
         (e.kind, e.kv.key) for e in events), lambda: seen.append("compacted"))
     watch.start(start)
     assert seen == [("put", "/p/b")]
@@ -86,7 +87,7 @@ def test_watch_delivers_from_the_revision_and_resumes_after_it():
     assert seen == [("put", "/p/b"), ("put", "/p/c")]
     # A progress notification proves the stream alive; it does not move the revision.
     clock.advance(2.0)
-    assert watch._handle.progress_requests == 1
+    assert link.watches[-1].progress_requests == 1
     assert watch.revision == etcd.revision - 1  # /p/c's; /other is not watched
     # Down again; meanwhile a change, and history compacted past it.
     etcd.set_down(True)
@@ -103,15 +104,16 @@ def test_watch_delivers_from_the_revision_and_resumes_after_it():
 def test_a_progress_answer_ahead_of_pending_events_loses_none_of_them():
     """etcd 3.4.23 (Debian's) may answer a progress request of a watcher that is
     catching up with the store's current revision before the events up to it
-    (etcd-io/etcd#15220): under 10,000 registrations a node's Discovery stayed 15
-    clients short for good."""
+    (etcd-io/etcd#15220); a watcher that took that revision as reached would miss
+    those events for good."""
     clock = Clock()
     etcd = FakeEtcd(clock)
     seen = []
-    watch = PrefixWatch(clock, etcd, "/p/", lambda events: seen.extend(
+    link = Link(etcd)
+    watch = PrefixWatch(clock, link, "/p/", lambda events: seen.extend(
         e.kv.key for e in events), lambda: seen.append("compacted"))
     watch.start(etcd.revision)
-    handle = watch._handle
+    (handle,) = link.watches
     handle.stalled = True  # the next change is not sent yet: the watcher lags
     etcd.put("/p/late", b"1")
     handle.on_batch(WatchBatch(etcd.revision))  # the progress answer, ahead of it

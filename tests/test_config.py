@@ -721,7 +721,7 @@ def test_client_security_errors(fields, expected):
         ClientSettings(**fields)
     assert expected in str(info.value) and "\n" not in str(info.value)
 def test_keepalive_and_window_settings_reach_both_sessions(reactor):
-    from grpcmux import client as client_module
+    from grpcmux.tap import client as client_tap
     from grpcmux.tap.server import make_service
 
     server = make_service(
@@ -731,12 +731,20 @@ def test_keepalive_and_window_settings_reach_both_sessions(reactor):
     config_ = server.multiplexer.yamux_config
     assert (config_.keepalive_interval, config_.connection_write_timeout) == (0.5, 0.25)
     assert config_.max_stream_window_size == 524288
-    client = client_module.make_service(
+    client = client_tap.make_service(
         ClientSettings(client_id="c", keepalive_interval=2, keepalive_timeout=1), reactor
     )
     config_ = client.tunnel.yamux_config
     assert (config_.keepalive_interval, config_.connection_write_timeout) == (2.0, 1.0)
     assert config_.max_stream_window_size == 1024 * 1024
+
+
+def test_yamux_config_is_derived_from_the_settings():
+    config_ = ClientSettings(keepalive_interval=3, keepalive_timeout=2,
+                             stream_window=524288).yamux_config(max_streams=7)
+    assert (config_.keepalive_interval, config_.connection_write_timeout) == (3.0, 2.0)
+    assert (config_.max_stream_window_size, config_.max_streams) == (524288, 7)
+    assert config_.stream_open_timeout == 75.0  # not a setting: yamux's own
 
 
 # -- several multiplexer addresses (issue 13) ---------------------------------------
@@ -759,6 +767,7 @@ def test_multiplexer_addresses_from_flag_environment_and_file(dirs, tmp_path):
 @pytest.mark.parametrize("value, detail", [
     ("a:1,,b:2", "none empty"),
     ("a:1,", "none empty"),
+    (" , ", "none empty"),
     ("a:1,a:1", "addresses that are all different"),
     ("a:1,b", "for each address ('b' is not)"),
 ])

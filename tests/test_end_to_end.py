@@ -219,7 +219,7 @@ async def test_duplicate_id_replaces_a_dead_session(reactor, tmp_path):
 @pytest.mark.parametrize("bad_id, why", [("two words", "whitespace"), ("a/b", "'/'")])
 @pytest_twisted.ensureDeferred
 async def test_invalid_id_is_refused_with_a_reason(stack, bad_id, why):
-    client = stack.client(bad_id)
+    client = stack.client("placeholder", foreign_id=bad_id)
     problem = await first_report(client)
     assert "CODE_BAD_CLIENT_ID" in problem and why in problem
     assert stack.registry.snapshot == {}
@@ -321,8 +321,8 @@ def _tuned(transport):
 
 @pytest_twisted.ensureDeferred
 async def test_tcp_legs_are_tuned(stack):
-    """Nagle is off on every TCP leg (a unary call took 40 ms, a delayed ACK, with it on),
-    and each reads and sends in bulk."""
+    """Nagle is off on every TCP leg (with it on, a small write waits for the peer's
+    delayed ACK: tens of milliseconds per unary call), and each reads and sends in bulk."""
     service = await stack.connected_client("lab", backend_address=stack.backend.tcp_address)
     result = await stack.invoke("Unary", b"ping", route("lab"))
     assert result.code == OK

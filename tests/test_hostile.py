@@ -52,9 +52,9 @@ def held(connection):
     for session in (connection.session, connection.inner_session):
         if session is None:
             continue
-        total += len(session._parser._partial) + session.sender.queued_control_bytes()
+        total += session.parser.buffered + session.sender.queued_control_bytes()
         for stream in list(session.streams.values()):
-            total += len(stream._recv_buf) + stream._send_len
+            total += stream.receive_buffered + stream.send_buffered
     transport = connection.session.transport
     if transport is not None and hasattr(transport, "_tempDataLen"):
         total += len(transport.dataBuffer) - transport.offset + transport._tempDataLen
@@ -300,8 +300,8 @@ async def test_a_ping_flood_from_a_peer_that_does_not_read(reactor, tmp_path, wa
 @pytest_twisted.ensureDeferred
 async def test_sessions_that_send_goaway_after_welcome_are_closed_and_counted(
         reactor, tmp_path, warnings):
-    # Each attacker is admitted, sends GoAway, then just reads.  Unlisted but never
-    # closed, such sessions used to let more clients in than --max-clients allows.
+    # Each attacker is admitted, sends GoAway, then just reads.  Left open after
+    # being unlisted, such sessions would let more clients in than --max-clients.
     stack = Stack(reactor, tmp_path, settings={"max_clients": 3})
     scene = Scene(stack, warnings)
     try:

@@ -238,8 +238,8 @@ def test_a_closed_connection_whose_peer_reads_nothing_is_aborted(tmp_path, log_e
 
 
 def test_goaway_right_after_welcome_closes_the_session_at_once(tmp_path):
-    # The attack: Welcome, GoAway, then only answering pings.  Each such
-    # session used to stay open uncounted, letting more clients in than the limit.
+    # The attack: Welcome, GoAway, then only answering pings.  Each such session,
+    # left open uncounted, would let more clients in than the limit.
     reactor, server = fake_server(tmp_path, max_clients=2)
     for port in range(5001, 5011):
         peer = welcomed(server, reactor, port, f"leaver-{port}")

@@ -11,8 +11,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent
 from twisted.web.client import Agent, readBody
 
-from grpcmux import client as client_module
 from grpcmux.accepting import SessionFactory
+from grpcmux.tap import client as client_tap
 from grpcmux.config import ClientSettings, ConfigError, ServerSettings
 from grpcmux.listening import StartupError
 from grpcmux.metrics import ClientMetrics, MetricsService, ServerMetrics, reject_reason
@@ -317,9 +317,9 @@ def test_make_service_adds_the_metrics_endpoint_only_when_asked(reactor):
     assert http.status is with_metrics.multiplexer.metrics  # the status page at /
 
     settings = ClientSettings(client_id="c", metrics_listener="tcp:9103")
-    client = client_module.make_service(settings, reactor)
+    client = client_tap.make_service(settings, reactor)
     assert client.getServiceNamed("metrics").registry is client.tunnel.metrics.registry
     assert client.getServiceNamed("metrics").status is None
     with pytest.raises(KeyError):
-        client_module.make_service(ClientSettings(client_id="c"), reactor).getServiceNamed(
+        client_tap.make_service(ClientSettings(client_id="c"), reactor).getServiceNamed(
             "metrics")

@@ -14,7 +14,7 @@ import pytest_twisted
 from reliability_kit import scenarios
 from reliability_kit.scenarios import GIB, MIB
 
-# The count; about 2 minutes on an idle 2-core machine (~900 calls/s).
+# Enough calls for a leak of a few bytes per call to stand out; a run takes minutes.
 CHURN_CALLS = 100000
 
 

@@ -7,15 +7,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import pytest
 from twisted.application.service import Application, IService, Service
-from twisted.logger import ILogObserver, LogLevel, Logger
+from twisted.internet.error import ReactorNotRunning
+from twisted.logger import ILogObserver, LogLevel, Logger, formatEvent
 from twisted.python import usage
 
-import grpcmux
 from grpcmux import config, tap
 from grpcmux import logging as grpcmux_logging
 from grpcmux.config import ClientSettings, ServerSettings
@@ -251,13 +250,9 @@ def test_make_service_hands_settings_and_global_reactor(dirs, monkeypatch, role)
         calls.append((settings, reactor))
         return inner
 
-    if role == "server":  # the server's composition is the tap module's own
-        monkeypatch.setattr(server_tap, "make_service", make_service)
-    else:
-        fake = types.ModuleType(f"grpcmux.{role}")
-        fake.make_service = make_service
-        monkeypatch.setitem(sys.modules, f"grpcmux.{role}", fake)
-        monkeypatch.setattr(grpcmux, role, fake, raising=False)
+    # Each role's composition is its tap module's own.
+    monkeypatch.setattr(server_tap if role == "server" else client_tap, "make_service",
+                        make_service)
 
     options = parse(module, ["--log-level", "debug"], dirs)
     root = module.makeService(options)
@@ -275,6 +270,53 @@ class FakeTwistdOptions(dict):
 
 def root_for(settings, twistd_options):
     return tap.TwistdRoot(Service(), settings, twistd_options)
+
+
+class SignalledReactor:
+    """A reactor's signal and stop surface: startup triggers, handlers, stop."""
+
+    def __init__(self):
+        self.triggers = []
+        self.stops = 0
+        self.running = True
+
+    def addSystemEventTrigger(self, phase, event, callable_):
+        self.triggers.append(((phase, event), callable_))
+
+    def callFromThread(self, f, *args):
+        f(*args)
+
+    def sigTerm(self, number, frame):
+        raise AssertionError("the reactor's handler ran")
+
+    def stop(self):
+        if not self.running:
+            raise ReactorNotRunning()
+        self.running = False
+        self.stops += 1
+
+
+def test_root_takes_the_reactors_stop_signals_so_that_twistd_exits_0(log_events):
+    reactor = SignalledReactor()
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    root = tap.TwistdRoot(Service(), ClientSettings(), None, reactor)
+    try:
+        signal.signal(signal.SIGTERM, reactor.sigTerm)  # as the reactor installs it
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # not the reactor's
+        root.startService()
+        [(when, take)] = reactor.triggers
+        assert when == ("after", "startup")
+        take()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)  # again while stopping: no error
+        assert reactor.stops == 1
+    finally:
+        root.stopService()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    assert "Received SIGTERM, shutting down." in [formatEvent(e) for e in log_events]
 
 
 def test_root_offers_filtered_formatted_observer_to_application(tmp_path):

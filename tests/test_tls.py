@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 
 from grpcmux import tls
 from grpcmux.client import Tunnel, TunnelClientService
-from grpcmux.config import ServerSettings
+from grpcmux.config import ClientSettings, ServerSettings
 from grpcmux.registry import ClientRegistry
 from grpcmux.server import MultiplexerServer
 from mux_stack import TIMEOUT, Stack, first_report
@@ -146,8 +146,10 @@ async def test_tls_over_a_unix_listener(reactor, tmp_path, pki):
     server = MultiplexerServer(reactor, registry, ServerSettings(
         multiplexer_listener=f"unix:{path}", **server_tls(pki)))
     server.startService()
-    tunnel = Tunnel(reactor, "local", "127.0.0.1:1", f"unix:{path}")
-    client = TunnelClientService(reactor, tunnel, tls_creator=client_tls(pki))
+    tunnel = Tunnel(reactor, ClientSettings(client_id="local", grpc_server_address="127.0.0.1:1",
+                                            multiplexer_address=f"unix:{path}"))
+    creator = client_tls(pki)
+    client = TunnelClientService(reactor, tunnel, tls_creator_for=lambda address: creator)
     client.startService()
     try:
         session = await client.when_connected().addTimeout(TIMEOUT, reactor)

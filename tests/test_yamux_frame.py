@@ -137,7 +137,7 @@ def test_unwanted_body_is_skipped_without_buffering():
     parser.feed(frame.encode_header(frame.TYPE_DATA, 0, 5, 1 << 31))
     for _ in range(10):
         parser.feed(b"\0" * 65536)
-    assert parser._partial == b""
+    assert parser.buffered == 0
     assert [e[0] for e in rec.events] == ["frame"]
 
 
@@ -147,7 +147,7 @@ def test_large_announced_length_is_streamed_not_buffered():
     parser.feed(frame.encode_header(frame.TYPE_DATA, 0, 1, 100000))
     parser.feed(b"a" * 1000)
     assert rec.events[-1] == ("data", 1, b"a" * 1000, False)
-    assert parser._partial == b""
+    assert parser.buffered == 0
 
 
 @pytest.mark.parametrize("raw", [
@@ -193,3 +193,16 @@ def test_testing_helpers_round_trip():
     ]
     with pytest.raises(ValueError):
         testing.parse_frames(data[:-1])
+
+
+def test_parser_tells_what_it_holds_and_where_it_is():
+    rec = Recorder()
+    parser = frame.FrameParser(rec)
+    assert (parser.buffered, parser.at_frame_boundary) == (0, True)
+    header = frame.encode_header(frame.TYPE_DATA, 0, 1, 3)
+    parser.feed(header[:5])
+    assert (parser.buffered, parser.at_frame_boundary) == (5, False)
+    parser.feed(header[5:] + b"ab")
+    assert (parser.buffered, parser.at_frame_boundary) == (0, False)  # in the body
+    parser.feed(b"c")
+    assert (parser.buffered, parser.at_frame_boundary) == (0, True)

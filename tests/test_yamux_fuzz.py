@@ -73,8 +73,8 @@ def run(chunks, is_client=False, protocol_class=StreamRecorder):
     for chunk in chunks:
         session.dataReceived(chunk)  # must never raise
         for stream in session.streams.values():
-            assert len(stream._recv_buf) <= stream._recv_max
-        assert len(session._parser._partial) < f.HEADER_SIZE
+            assert stream.receive_buffered <= session.config.max_stream_window_size
+        assert session.parser.buffered < f.HEADER_SIZE
         clock.advance(1)
     sent = parse_frames(transport.value())
     if session.closed:
@@ -83,7 +83,7 @@ def run(chunks, is_client=False, protocol_class=StreamRecorder):
         go_aways = [fr for fr in sent if fr.type == f.TYPE_GO_AWAY]
         assert remote_error or go_aways[-1].length == f.GO_AWAY_PROTOCOL_ERROR
         assert transport.disconnecting
-    elif not session._parser._partial and not session._parser._remaining:
+    elif session.parser.at_frame_boundary:
         # Still working (and at a frame boundary): a ping is answered.
         transport.clear()
         session.dataReceived(ping_frame(424242))

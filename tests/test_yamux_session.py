@@ -85,7 +85,7 @@ def test_open_connects_protocol_and_data_may_follow_before_ack():
 
 def test_stream_ids_exhausted():
     session, _, _ = make(is_client=True)
-    session._next_stream_id = 0xFFFFFFFD
+    session.next_stream_id = 0xFFFFFFFD
     session.open_stream(StreamRecorder())
     with pytest.raises(StreamIdsExhausted):
         session.open_stream(StreamRecorder())

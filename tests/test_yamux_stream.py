@@ -430,7 +430,7 @@ def test_backpressure_end_to_end_memory_bounded():
         clock.advance(0)
     sent = sum(fr.length for fr in read_frames(transport))
     assert sent == WINDOW
-    assert stream._send_len <= 64 * 1024
+    assert stream.send_buffered <= 64 * 1024
     assert producer.calls == ["pause"]
 
 
@@ -501,6 +501,6 @@ def test_tiny_frames_on_a_paused_stream_are_buffered_compactly():
     session, transport, _, stream, proto = opened(Counting())
     stream.pauseProducing()
     session.dataReceived(b"".join(data_frame(1, b"%d" % (i % 10)) for i in range(10000)))
-    assert len(stream._recv_buf) == 10000 and proto.calls == 0
+    assert stream.receive_buffered == 10000 and proto.calls == 0
     stream.resumeProducing()
     assert proto.calls == 1 and proto.data == b"0123456789" * 1000

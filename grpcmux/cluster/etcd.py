@@ -145,7 +145,7 @@ class EtcdClient:
         self._keepalive = None  # the open LeaseKeepAlive stream (a grpc.aio call)
         self._keepalive_lock = None
         self._streams = set()  # watch tasks
-        # Batched crossings (see _to_loop), under one lock.
+        # Batched crossings (see to_loop), under one lock.
         self._lock = threading.Lock()
         self._outbox, self._outbox_waking = [], False
         self._inbox, self._inbox_waking = [], False
@@ -272,9 +272,9 @@ class EtcdClient:
         notification now, ``cancel()`` ends the watch (on_end is not called then)."""
         handle = _WatchHandle(self, prefix, start_revision, on_batch, on_end)
         if self._stopping:
-            handle._cancelled = True
+            handle.cancel()
         else:
-            self._to_loop(handle.begin)
+            self.to_loop(handle.begin)
         return handle
 
     # -- loop thread -----------------------------------------------------------------
@@ -285,14 +285,20 @@ class EtcdClient:
             coroutine.close()
             return fail(StoreUnavailable("the etcd client is stopped"))
         d = Deferred()
-        self._to_loop(self._start_call, coroutine, d)
+        self.to_loop(self._start_call, coroutine, d)
         return d
 
     # Work crosses threads in batches: one wake-up of the other side per batch, not
-    # per call (a wake-up per call cost 0.6 ms of GIL hand-over each, measured with
-    # 10,000 calls in flight).
+    # per call, as each wake-up hands the GIL over, which with thousands of calls in
+    # flight costs more than the calls.
 
-    def _to_loop(self, fn, *args):  # reactor
+    @property
+    def stopping(self):
+        """True once ``stop`` was called: nothing more is sent to the loop."""
+        return self._stopping
+
+    def to_loop(self, fn, *args):  # reactor
+        """Run ``fn(*args)`` on the loop thread (in a batch with others)."""
         with self._lock:
             self._outbox.append((fn, args))
             wake, self._outbox_waking = not self._outbox_waking, True
@@ -305,6 +311,7 @@ class EtcdClient:
         self._run_batch(batch)
 
     def to_reactor(self, fn, *args):  # loop
+        """Run ``fn(*args)`` on the reactor (in a batch with others)."""
         with self._lock:
             self._inbox.append((fn, args))
             wake, self._inbox_waking = not self._inbox_waking, True
@@ -322,6 +329,11 @@ class EtcdClient:
                 fn(*args)
             except Exception:
                 self._log.failure("etcd client: {fn!r} failed", fn=fn)
+
+    def track_stream(self, task):  # loop
+        """Keep ``task`` (a watch stream) until it is done, for ``stop`` to cancel."""
+        self._streams.add(task)
+        task.add_done_callback(self._streams.discard)
 
     def _start_call(self, coroutine, d):  # loop
         task = asyncio.ensure_future(coroutine)
@@ -463,8 +475,7 @@ class _WatchHandle:
         if self._cancelled:
             return
         self._task = asyncio.ensure_future(self._read())
-        self._client._streams.add(self._task)
-        self._task.add_done_callback(self._client._streams.discard)
+        self._client.track_stream(self._task)
 
     async def _read(self):
         client = self._client
@@ -524,8 +535,8 @@ class _WatchHandle:
         self._on_loop(self._stop)
 
     def _on_loop(self, fn, *args):
-        if not self._client._stopping:
-            self._client._to_loop(fn, *args)
+        if not self._client.stopping:
+            self._client.to_loop(fn, *args)
 
     def _stop(self):
         if self._call is not None:

@@ -211,6 +211,11 @@ class ClusterRegistry(Service):
 
     # -- claims (MultiplexerServer.admit/forget) ---------------------------------------
 
+    @property
+    def pending_claims(self):
+        """The ids claimed here for a handshake and not yet added (a frozenset)."""
+        return frozenset(self._pending)
+
     def claim(self, client_id):
         """Claim ``client_id`` for a handshake here; fails with HandshakeRejected if a
         live node holds it. Without etcd the claim is provisional (made later)."""

@@ -28,6 +28,7 @@ import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import ILogObserver, Logger, LegacyLogObserverWrapper
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -50,7 +51,7 @@ def _help(option: Any, default: Any, stem: str) -> str:
     return f"{text} [default: {shown}]"
 
 
-def _option_table(
+def option_table(
     options: Sequence[Any], settings_class: type, stem: str
 ) -> list:
     """usage.Options optParameters for every option except the repeatable --label."""
@@ -61,7 +62,7 @@ def _option_table(
     ]
 
 
-def _flag_table(options: Sequence[Any]) -> list:
+def flag_table(options: Sequence[Any]) -> list:
     """usage.Options optFlags for the on/off options (given: on)."""
     return [[o.flag, None, o.help] for o in options if o.kind == "bool"]
 
@@ -140,7 +141,7 @@ class SettingsOptions(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self.settings = type(self)._loader(
+            self.settings = self._loader(
                 self.given_flags(),
                 environ=self._environ,
                 home=self._home,
@@ -190,6 +191,8 @@ class TwistdRoot(MultiService):
             if self._twistd_options is None:
                 raise  # not under twistd: the caller reports it
             self._fail_start(str(error))
+        if self._reactor is not None:  # the reactor installs its handlers during startup
+            self._reactor.addSystemEventTrigger("after", "startup", self.take_stop_signals)
 
     def _fail_start(self, message: str) -> None:
         """End twistd with *message* as its one line, status 1, no traceback.
@@ -218,22 +221,35 @@ class TwistdRoot(MultiService):
             sys.__stderr__.flush()
         raise SystemExit(1)
 
-    def _exit_cleanly(self) -> None:
-        """After a graceful stop, let twistd exit 0 rather than re-raise SIGTERM.
+    def take_stop_signals(self) -> None:
+        """Handle SIGTERM and SIGINT in place of the reactor, so that twistd exits 0.
 
-        twistd normally ends by killing itself with the signal that stopped it; an
-        operator's SIGTERM (systemd stop, Ctrl-C) that drained everything is a
-        normal end, and scripts and unit files expect status 0 for it.
+        The reactor's handlers stop it and remember the signal, and twistd then
+        ends by killing itself with that signal.  An operator's SIGTERM (systemd
+        stop) or Ctrl-C stops the service gracefully: a normal end, for which
+        scripts and unit files expect status 0.  Ours stop the reactor the same
+        way and remember nothing.  A signal the reactor does not handle (SIGINT
+        under a debugger) is left alone.
         """
-        if getattr(self._reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
-            self._reactor._exitSignal = None
+        for number in (signal.SIGTERM, signal.SIGINT):
+            if getattr(signal.getsignal(number), "__self__", None) is self._reactor:
+                signal.signal(number, self._stop_signalled)
+
+    def _stop_signalled(self, number: int, frame: Any) -> None:
+        self._reactor.callFromThread(self._stop_reactor, signal.Signals(number).name)
+
+    def _stop_reactor(self, name: str) -> None:
+        self._log.info("Received {signal}, shutting down.", signal=name)
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second signal while the service drains
 
     def stopService(self):
         d = super().stopService()
 
         def unbridge(result):
             grpcmux_logging.unbridge_stdlib_logging()
-            self._exit_cleanly()
             return result
 
         d.addBoth(unbridge)

@@ -1,9 +1,10 @@
 """``twistd grpcmux-client``: the multiplexer client's options and service."""
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from grpcmux import config
-from grpcmux.tap import SettingsOptions, _flag_table, _option_table, make_twistd_service
+from grpcmux.tap import SettingsOptions, flag_table, option_table, make_twistd_service
 
 
 class Options(SettingsOptions):
@@ -19,10 +20,10 @@ class Options(SettingsOptions):
     )
     _config_options = config.CLIENT_OPTIONS
     _loader = staticmethod(config.load_client_settings)
-    optParameters = _option_table(
+    optParameters = option_table(
         config.CLIENT_OPTIONS, config.ClientSettings, config.CLIENT_FILE_STEM
     )
-    optFlags = _flag_table(config.CLIENT_OPTIONS)
+    optFlags = flag_table(config.CLIENT_OPTIONS)
     compData = usage.Completions(
         optActions={
             "log-level": usage.CompleteList(config.LOG_LEVELS),
@@ -37,10 +38,39 @@ class Options(SettingsOptions):
         self.setdefault("label", []).append(value)
 
 
+_log = Logger()
+
+
+def make_service(settings, reactor):
+    """The whole client for ``settings`` (a ClientSettings): the tunnel kept up by a
+    TunnelClientService, the gRPC server's health checks and, if asked, metrics.
+
+    The client's modules are imported here, not with the tap's options, which
+    ``twistd grpcmux-client --help`` loads.
+    """
+    from grpcmux.addresses import client_endpoint
+    from grpcmux.backend_health import BackendHealthChecker
+    from grpcmux.client import Tunnel, TunnelClientService
+    from grpcmux.metrics import MetricsService
+
+    address = settings.grpc_server_address
+    backend_health = BackendHealthChecker(reactor, client_endpoint(reactor, address), address)
+    tunnel = Tunnel(reactor, settings, backend_health=backend_health)
+    if not settings.client_id:
+        _log.info("no --client-id given; using {client_id}", client_id=tunnel.client_id)
+    if settings.token and not settings.tls:
+        _log.warn("a token without --tls crosses the network in clear")
+    service = TunnelClientService(reactor, tunnel)
+    backend_health.setServiceParent(service)
+    if settings.metrics_listener:
+        metrics = MetricsService(reactor, settings.metrics_listener, tunnel.metrics.registry)
+        metrics.setName("metrics")
+        metrics.setServiceParent(service)
+    return service
+
+
 def makeService(options):
     """The client service for twistd (the reactor is imported only now)."""
     from twisted.internet import reactor
-
-    from grpcmux.client import make_service
 
     return make_twistd_service(options, make_service(options.settings, reactor), reactor)

@@ -3,7 +3,7 @@
 from twisted.python import usage
 
 from grpcmux import config
-from grpcmux.tap import SettingsOptions, _flag_table, _option_table, make_twistd_service
+from grpcmux.tap import SettingsOptions, flag_table, option_table, make_twistd_service
 
 
 class Options(SettingsOptions):
@@ -19,10 +19,10 @@ class Options(SettingsOptions):
     )
     _config_options = config.SERVER_OPTIONS
     _loader = staticmethod(config.load_server_settings)
-    optParameters = _option_table(
+    optParameters = option_table(
         config.SERVER_OPTIONS, config.ServerSettings, config.SERVER_FILE_STEM
     )
-    optFlags = _flag_table(config.SERVER_OPTIONS)
+    optFlags = flag_table(config.SERVER_OPTIONS)
     compData = usage.Completions(
         optActions={
             "log-level": usage.CompleteList(config.LOG_LEVELS),

@@ -19,8 +19,8 @@ class YamuxStreamClientEndpoint:
         """Build a protocol and connect it to a new stream; fails like open_stream."""
         session = self._session
         try:
-            session._check_can_open()
-            address = StreamAddress(session._peer_address(), session._next_stream_id)
+            session.check_can_open()
+            address = StreamAddress(session.peer_address(), session.next_stream_id)
             protocol = protocolFactory.buildProtocol(address)
             if protocol is None:
                 raise ValueError(f"{protocolFactory!r} built no protocol")

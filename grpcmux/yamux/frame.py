@@ -43,7 +43,7 @@ def encode_header(type, flags, stream_id, length):
 
 def decode_header(buf, offset=0):
     """Decode the 12 header bytes found in ``buf`` at ``offset``."""
-    return FrameHeader._make(_unpack_from(buf, offset))
+    return FrameHeader(*_unpack_from(buf, offset))
 
 
 class FrameParser:
@@ -76,6 +76,16 @@ class FrameParser:
         self._remaining = 0
         self._wanted = False
         self._stopped = False
+
+    @property
+    def buffered(self):
+        """Bytes of a split header kept until the rest of it is fed (at most 11)."""
+        return len(self._partial)
+
+    @property
+    def at_frame_boundary(self):
+        """True when the next byte fed starts a frame."""
+        return not self._partial and not self._remaining
 
     def stop(self):
         """Ignore everything fed from now on (the session is gone)."""

@@ -102,7 +102,7 @@ class Sender:
         or less: a Twisted transport joins whatever is pending into one bytes
         before send(), so a single pending bytes is sent as it is, with no copy
         besides our join.  Past WRITE_SIZE the transport gets what is collected,
-        so a full transport pauses the flush as before.
+        so a full transport still pauses the flush.
         """
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
@@ -132,7 +132,7 @@ class Sender:
                 queued.discard(stream)
                 if stream.disconnected:
                     continue
-                written, body, more = stream._send_turn(limit, out)
+                written, body, more = stream.send_turn(limit, out)
                 budget -= body + 1
                 self._out_len += written
                 session.bytes_sent += written

@@ -66,7 +66,8 @@ class YamuxSession(Protocol):
 
     Public state: ``is_client``, ``config``, ``stream_factory`` (replaceable),
     ``streams`` (id -> YamuxStream, read-only use), ``closed``,
-    ``go_away_received``, ``go_away_sent``, ``clock``, ``sender``.
+    ``go_away_received``, ``go_away_sent``, ``clock``, ``sender``, ``parser``;
+    ``next_stream_id``, the id the next stream opened here gets.
 
     ``tune_transport``, if given, is called with the transport in
     ``connectionMade``: socket tuning belongs to the application (see
@@ -86,8 +87,8 @@ class YamuxSession(Protocol):
         self.go_away_received = False
         self.go_away_sent = False
         self._tune_transport = tune_transport
-        self._next_stream_id = 1 if self.is_client else 2
-        self._parser = FrameParser(self)
+        self.next_stream_id = 1 if self.is_client else 2
+        self.parser = FrameParser(self)
         self.sender = Sender(self, self._control_written)
         self._unacked_incoming = 0
         self._stream_limit_logged = False
@@ -136,11 +137,11 @@ class YamuxSession(Protocol):
         sender = self.sender
         sender.receiving = True
         try:
-            self._parser.feed(data)
+            self.parser.feed(data)
         except ProtocolError as exc:
             sender.receiving = False
             self._log.warn("yamux protocol error from {peer}: {error}",
-                           peer=self._peer_address(), error=exc)
+                           peer=self.peer_address(), error=exc)
             self._fail(exc, GO_AWAY_PROTOCOL_ERROR)
             return
         except Exception as exc:
@@ -161,16 +162,14 @@ class YamuxSession(Protocol):
 
     def open_stream(self, protocol):
         """Open a stream (SYN) and connect ``protocol`` to it; data may be written at once."""
-        self._check_can_open()
-        stream_id = self._next_stream_id
-        self._next_stream_id = stream_id + 2
+        self.check_can_open()
+        stream_id = self.next_stream_id
+        self.next_stream_id = stream_id + 2
         stream = YamuxStream(self, stream_id)
         self.streams[stream_id] = stream
-        self.sender.send_control(stream._open_frame(FLAG_SYN))
-        stream._open_timer = self.clock.callLater(
-            self.config.stream_open_timeout, self._open_timed_out, stream
-        )
-        stream._attach(protocol)
+        self.sender.send_control(stream.open_frame(FLAG_SYN))
+        stream.await_ack(self.config.stream_open_timeout, self._open_timed_out)
+        stream.attach(protocol)
         return stream
 
     def ping(self):
@@ -264,7 +263,7 @@ class YamuxSession(Protocol):
                 waiter.callback(None)
         else:
             self._log.warn("peer {peer} closed the session with GoAway({code})",
-                           peer=self._peer_address(), code=code)
+                           peer=self.peer_address(), code=code)
             self._shutdown(RemoteGoAwayError(f"peer sent GoAway({code})"), lose_transport=True)
         return False
 
@@ -272,9 +271,9 @@ class YamuxSession(Protocol):
         stream = self.streams.get(header.stream_id)
         if stream is None:
             return
-        stream._data_received(chunk)
+        stream.receive_data(chunk)
         if last and header.flags & FLAG_FIN and not stream.disconnected:
-            stream._remote_fin()
+            stream.receive_fin()
 
     def _stream_frame(self, header):
         stream_id = header.stream_id
@@ -287,7 +286,7 @@ class YamuxSession(Protocol):
         if stream is None:
             # Unknown or closed stream (Go sends updates for closed ones): ignore.
             return False
-        return stream._header_received(header)
+        return stream.receive_header(header)
 
     def _incoming_stream(self, stream_id):
         if stream_id == 0 or (stream_id & 1) == self.is_client:
@@ -299,7 +298,7 @@ class YamuxSession(Protocol):
             if not self._stream_limit_logged:  # once: a flood of SYNs is one event
                 self._stream_limit_logged = True
                 self._log.warn("peer {peer} opened more than {max_streams} streams; "
-                               "resetting the extra ones", peer=self._peer_address(),
+                               "resetting the extra ones", peer=self.peer_address(),
                                max_streams=self.config.max_streams)
             self._send_rst(stream_id)
             return None
@@ -312,7 +311,7 @@ class YamuxSession(Protocol):
         if self.stream_factory is not None:
             try:
                 protocol = self.stream_factory.buildProtocol(
-                    StreamAddress(self._peer_address(), stream_id))
+                    StreamAddress(self.peer_address(), stream_id))
             except Exception:
                 self._log.failure("stream factory failed for stream {stream_id}",
                                   stream_id=stream_id)
@@ -320,12 +319,12 @@ class YamuxSession(Protocol):
             self._send_rst(stream_id)
             return None
         stream = YamuxStream(self, stream_id)
-        stream._move(FLAG_SYN, False)
+        stream.move(FLAG_SYN, sent=False)
         self.streams[stream_id] = stream
         self._unacked_incoming += 1
-        self.sender.send_control(stream._open_frame(FLAG_ACK))
+        self.sender.send_control(stream.open_frame(FLAG_ACK))
         try:
-            stream._attach(protocol)
+            stream.attach(protocol)
         except Exception:
             self._log.failure("stream {stream_id}: makeConnection failed", stream_id=stream_id)
             stream.abortConnection()
@@ -345,7 +344,8 @@ class YamuxSession(Protocol):
 
     # -- streams -----------------------------------------------------------
 
-    def _check_can_open(self):
+    def check_can_open(self):
+        """Raise what ``open_stream`` would raise now, if anything."""
         if self.closed or self.transport is None:
             raise SessionClosed("session closed")
         if self.go_away_received:
@@ -355,24 +355,26 @@ class YamuxSession(Protocol):
         if len(self.streams) >= self.config.max_streams:
             raise StreamLimitReached(
                 f"{len(self.streams)} streams are open, the session's limit (max_streams)")
-        if self._next_stream_id >= MAX_STREAM_ID - 1:
+        if self.next_stream_id >= MAX_STREAM_ID - 1:
             raise StreamIdsExhausted("no stream ids left in this session")
 
-    def _stream_finished(self, stream):
+    def stream_finished(self, stream):
+        """``stream`` ended: it leaves the table (called by the stream)."""
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
 
     def _open_timed_out(self, stream):
-        stream._open_timer = None
         self._log.warn("stream {stream_id} not acknowledged in time, closing the session",
                        stream_id=stream.stream_id)
         self._shutdown(StreamOpenTimeout(f"stream {stream.stream_id} was not acknowledged"),
                        lose_transport=True)
 
-    def _peer_address(self):
+    def peer_address(self):
+        """The transport's peer address (None without a transport)."""
         return self.transport.getPeer() if self.transport is not None else None
 
-    def _host_address(self):
+    def host_address(self):
+        """The transport's host address (None without a transport)."""
         return self.transport.getHost() if self.transport is not None else None
 
     # -- ping and keepalive ------------------------------------------------
@@ -401,7 +403,7 @@ class YamuxSession(Protocol):
     def _keepalive_failed(self, failure):
         if failure.check(PingTimeout):
             self._log.warn("keepalive ping to {peer} unanswered, closing the session",
-                           peer=self._peer_address())
+                           peer=self.peer_address())
             # Abort: a peer that does not read would hold a polite close open forever.
             self._shutdown(failure.value, lose_transport=True, abort=True)
         # SessionClosed: the session ended anyway.
@@ -420,13 +422,13 @@ class YamuxSession(Protocol):
         self.sender.stop(write=self.transport is not None and not abort)
         self.closed = True
         self._close_reason = reason
-        self._parser.stop()
+        self.parser.stop()
         if self._keepalive_call is not None and self._keepalive_call.active():
             self._keepalive_call.cancel()
         self._keepalive_call = None
         stream_reason = SessionClosed(f"session closed: {reason}" if reason else "session closed")
         for stream in list(self.streams.values()):
-            stream._finish(stream_reason)
+            stream.finish(stream_reason)
         self.streams.clear()
         pings, self._pings = self._pings, {}
         for result, _, timeout in pings.values():

@@ -65,7 +65,7 @@ def transition(state, flags, sent):
     SYN opens (INIT -> SYN_SENT / SYN_RECEIVED); the ACK answering it
     establishes; a FIN closes one direction, the second FIN both; RST resets
     from anywhere.  What does not apply leaves the state as it is: an ACK or
-    SYN on an open stream, a repeated FIN (ignored, as before), anything after
+    SYN on an open stream, a repeated FIN (ignored), anything after
     CLOSED or RESET (late frames of a stream that is gone).
     """
     if flags & FLAG_RST:
@@ -152,8 +152,31 @@ class YamuxStream:
         """Bytes the peer may still send before our next window update."""
         return self._recv_window
 
-    def _move(self, flags, sent):
+    @property
+    def send_buffered(self):
+        """Bytes written and not yet sent."""
+        return self._send_len
+
+    @property
+    def receive_buffered(self):
+        """Bytes received and not yet delivered (the protocol is paused)."""
+        return len(self._recv_buf)
+
+    # The session's side: YamuxSession and its Sender drive the stream through
+    # move, open_frame, await_ack, attach, receive_header, receive_data,
+    # receive_fin, send_turn and finish; a protocol uses the transport methods.
+
+    def move(self, flags, sent):
+        """Move the state for a frame with ``flags`` sent (``sent``) or received."""
         self.state = transition(self.state, flags, sent)
+
+    def await_ack(self, timeout, timed_out):
+        """Call ``timed_out(stream)`` unless the peer's ACK comes within ``timeout``."""
+        self._open_timer = self.session.clock.callLater(timeout, self._ack_timed_out, timed_out)
+
+    def _ack_timed_out(self, timed_out):
+        self._open_timer = None
+        timed_out(self)
 
     # -- ITransport / IConsumer --------------------------------------------
 
@@ -208,13 +231,13 @@ class YamuxStream:
         if self.disconnected:
             return
         self._send_rst()
-        self._finish(error.ConnectionAborted())
+        self.finish(error.ConnectionAborted())
 
     def getPeer(self):
-        return StreamAddress(self.session._peer_address(), self.stream_id)
+        return StreamAddress(self.session.peer_address(), self.stream_id)
 
     def getHost(self):
-        return StreamAddress(self.session._host_address(), self.stream_id)
+        return StreamAddress(self.session.host_address(), self.stream_id)
 
     def registerProducer(self, producer, streaming):
         if self.producer is not None:
@@ -287,7 +310,7 @@ class YamuxStream:
         if self.producer is not None:
             self._check_producer()
 
-    def _send_turn(self, limit, out):
+    def send_turn(self, limit, out):
         """Append one frame of at most ``limit`` body bytes (and a due FIN) to ``out``.
 
         Returns (bytes appended, body bytes, whether more can go).  The body goes
@@ -324,7 +347,7 @@ class YamuxStream:
             # FIN travels on its own WINDOW_UPDATE, as Go sends it: some hashicorp/yamux
             # versions let a reader see the FIN of a DATA|FIN frame before its body and
             # report EOF with the last bytes unread.
-            self._move(FLAG_FIN, True)
+            self.move(FLAG_FIN, True)
             out.append(encode_header(TYPE_WINDOW_UPDATE, FLAG_FIN, self.stream_id, 0))
             written += HEADER_SIZE
             self._after_fin_sent()
@@ -334,7 +357,7 @@ class YamuxStream:
 
     def _after_fin_sent(self):
         if self._read_closed:
-            self._finish(error.ConnectionDone())
+            self.finish(error.ConnectionDone())
         elif self.disconnecting:
             if self._close_timer is None:
                 self._close_timer = self.session.clock.callLater(
@@ -350,11 +373,11 @@ class YamuxStream:
         self._log.info("stream {stream_id}: no FIN from the peer after close, resetting",
                        stream_id=self.stream_id)
         self._send_rst()
-        self._finish(StreamReset("no FIN from the peer within stream_close_timeout"))
+        self.finish(StreamReset("no FIN from the peer within stream_close_timeout"))
 
     # -- inbound -----------------------------------------------------------
 
-    def _header_received(self, header):
+    def receive_header(self, header):
         """Apply a frame's flags and window; True if its DATA body is to be read.
 
         Called by the session for every frame of this stream (SYN already
@@ -372,14 +395,14 @@ class YamuxStream:
             self._spend_recv_window(header.length)
             return True
         if flags & FLAG_FIN and not self.disconnected:
-            self._remote_fin()
+            self.receive_fin()
         return False
 
     # -- the receive window: spent by the peer's DATA, credited for delivered bytes
 
-    def _open_frame(self, flag):
+    def open_frame(self, flag):
         """The SYN or ACK window update, advertising any window above 256 KiB."""
-        self._move(flag, True)
+        self.move(flag, True)
         delta = self._recv_max - INITIAL_STREAM_WINDOW
         self._recv_window += delta
         return encode_header(TYPE_WINDOW_UPDATE, flag, self.stream_id, delta)
@@ -392,7 +415,8 @@ class YamuxStream:
             )
         self._recv_window -= length
 
-    def _data_received(self, chunk):
+    def receive_data(self, chunk):
+        """A piece of a DATA body whose length ``receive_header`` accepted."""
         if self.state in _FIN_RECEIVED:
             return  # the peer broke its own FIN; nothing more is read (no credit needed)
         if self.disconnecting:
@@ -437,15 +461,16 @@ class YamuxStream:
         if not self._recv_buf and self.state in _FIN_RECEIVED and not self._read_closed:
             self._deliver_read_closed()
 
-    def _remote_fin(self):
+    def receive_fin(self):
+        """The peer's FIN arrived (after the body of its frame, if any)."""
         before = self.state
-        self._move(FLAG_FIN, False)
+        self.move(FLAG_FIN, False)
         if self.state is before:
             return  # a repeated FIN
         if self.disconnecting:
             self._read_closed = True
             if self.state is CLOSED:
-                self._finish(error.ConnectionDone())
+                self.finish(error.ConnectionDone())
         elif not self._recv_buf:
             self._deliver_read_closed()
 
@@ -455,34 +480,35 @@ class YamuxStream:
         if half is not None:
             half.readConnectionLost()
             if self.state in _FIN_SENT and not self.disconnected:
-                self._finish(error.ConnectionDone())
+                self.finish(error.ConnectionDone())
         elif self.state in _FIN_SENT:
-            self._finish(error.ConnectionDone())
+            self.finish(error.ConnectionDone())
         else:
             self.loseConnection()
 
     def _remote_ack(self):
-        self._move(FLAG_ACK, False)
+        self.move(FLAG_ACK, False)
         if self._open_timer is not None:
             self._open_timer.cancel()
             self._open_timer = None
 
     def _remote_rst(self):
-        self._move(FLAG_RST, False)
-        self._finish(StreamReset(f"stream {self.stream_id} reset by the peer"))
+        self.move(FLAG_RST, False)
+        self.finish(StreamReset(f"stream {self.stream_id} reset by the peer"))
 
     def _send_rst(self):
-        self._move(FLAG_RST, True)
+        self.move(FLAG_RST, True)
         self._sender.send_control(encode_header(TYPE_WINDOW_UPDATE, FLAG_RST, self.stream_id, 0))
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _attach(self, protocol):
+    def attach(self, protocol):
+        """Connect ``protocol`` to this stream (its makeConnection)."""
         self.protocol = protocol
         self.connected = True
         protocol.makeConnection(self)
 
-    def _finish(self, reason):
+    def finish(self, reason):
         """Close for good: leave the session's table, tell the protocol once."""
         if self.disconnected:
             return
@@ -499,7 +525,7 @@ class YamuxStream:
         self._send_head = 0
         self._send_len = 0
         self._recv_buf.clear()
-        self.session._stream_finished(self)
+        self.session.stream_finished(self)
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.stopProducing()

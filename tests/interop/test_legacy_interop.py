@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2, discovery_pb2_grpc
 from grpcmux.client import Tunnel, TunnelClientService
+from grpcmux.config import ClientSettings
 from mux_stack import TIMEOUT
 from peers import Peer
 from rpc_backend import Backend, in_thread, invoke
@@ -77,10 +78,12 @@ async def go_server(reactor, legacy_server_program):
 
 
 def tunnel_to(reactor, server, backend, wire_protocol, **kwargs):
-    tunnel = Tunnel(reactor, "rainbow", f"unix:{backend.socket_path}", server.multiplexer,
-                    wire_protocol=wire_protocol,
-                    retry_policy=backoffPolicy(initialDelay=0.05, maxDelay=0.5),
-                    **kwargs)
+    settings = ClientSettings(client_id="rainbow",
+                              grpc_server_address=f"unix:{backend.socket_path}",
+                              multiplexer_address=server.multiplexer,
+                              wire_protocol=wire_protocol)
+    tunnel = Tunnel(reactor, settings,
+                    retry_policy=backoffPolicy(initialDelay=0.05, maxDelay=0.5), **kwargs)
     service = TunnelClientService(reactor, tunnel)
     service.startService()
     return service

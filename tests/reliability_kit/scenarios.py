@@ -480,9 +480,9 @@ async def churn_calls(reactor, workdir, calls=100000, warmup=20000, concurrency=
     """``calls`` proxied unary calls to one client; the server's and the client's
     resources before (after ``warmup`` calls) and after.
 
-    The server's RSS settles over its first tens of thousands of calls (about +5 MiB
-    after 50,000, +8 after 100,000 and 150,000 measured from a 2,000-call warm-up):
-    a warm-up of 20,000 puts that in the baseline, so the comparison shows leaks."""
+    The server's RSS grows over its first tens of thousands of calls, then stays:
+    a warm-up of 20,000 calls puts that growth in the baseline, so the comparison
+    shows leaks."""
     async with Scene(reactor, workdir) as scene:
         backend = await scene.backend()
         server = await scene.server(keepalive=(30.0, 10.0))

@@ -17,6 +17,7 @@ from twisted.internet import defer, task
 from twisted.internet.defer import DeferredList, DeferredSemaphore
 
 from grpcmux.client import Tunnel, TunnelClientService
+from grpcmux.config import ClientSettings
 
 TIMEOUT = 60.0
 
@@ -26,8 +27,9 @@ def emit(**fields):
 
 
 def start_client(reactor, client_id, args):
-    tunnel = Tunnel(reactor, client_id, args.backend, args.multiplexer)
-    service = TunnelClientService(reactor, tunnel, shutdown_grace=1.0)
+    settings = ClientSettings(client_id=client_id, grpc_server_address=args.backend,
+                              multiplexer_address=args.multiplexer, shutdown_grace=1.0)
+    service = TunnelClientService(reactor, Tunnel(reactor, settings))
     service.startService()
     admitted = service.when_connected().addTimeout(TIMEOUT, reactor)
     return service, admitted
