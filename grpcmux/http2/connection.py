@@ -102,12 +102,16 @@ class _StreamError(Exception):
 
 
 class Stream:
-    """One stream of a connection, as the router sees it."""
+    """One stream of a connection, as the router sees it.
+
+    Its windows and queues are kept by its ``H2Connection``; handlers read
+    ``closed`` and the flags, and talk to the connection.
+    """
 
     __slots__ = (
-        "id", "connection", "handler", "send_window", "recv_window", "_credit",
-        "_pending", "pending_bytes", "_end_pending", "_trailers_pending",
-        "local_closed", "remote_closed", "reset", "_blocked",
+        "id", "connection", "handler", "send_window", "recv_window", "uncredited",
+        "queued", "queued_bytes", "end_queued", "trailers_queued",
+        "local_closed", "remote_closed", "reset", "blocked",
     )
 
     def __init__(self, connection, stream_id, handler):
@@ -116,15 +120,15 @@ class Stream:
         self.handler = handler
         self.send_window = connection.peer_initial_window
         self.recv_window = connection.config.initial_window
-        self._credit = 0  # bytes delivered but not yet credited to the peer
-        self._pending = deque()  # our DATA waiting for the peer's windows
-        self.pending_bytes = 0
-        self._end_pending = False
-        self._trailers_pending = None
+        self.uncredited = 0  # bytes delivered but not yet credited to the peer
+        self.queued = deque()  # our DATA waiting for the peer's windows
+        self.queued_bytes = 0
+        self.end_queued = False  # END_STREAM goes out once the queue is sent
+        self.trailers_queued = None  # the trailers that carry it, if any
         self.local_closed = False  # we sent END_STREAM (or RST)
         self.remote_closed = False  # the peer sent END_STREAM (or RST)
         self.reset = False
-        self._blocked = False
+        self.blocked = False  # waiting in the connection's list for its window
 
     @property
     def closed(self):
@@ -384,9 +388,9 @@ class H2Connection(Protocol):
         """HEADERS for ``stream``; trailers (end_stream) wait behind pending DATA."""
         if stream.local_closed or self.closed:
             return
-        if stream._pending or stream._end_pending:
-            stream._trailers_pending = headers
-            stream._end_pending = True
+        if stream.queued or stream.end_queued:
+            stream.trailers_queued = headers
+            stream.end_queued = True
             return
         self._write_headers(stream, headers, end_stream)
         if end_stream:
@@ -415,12 +419,12 @@ class H2Connection(Protocol):
         if stream.local_closed or self.closed:
             return
         if data:
-            stream._pending.append(data)
-            stream.pending_bytes += len(data)
+            stream.queued.append(data)
+            stream.queued_bytes += len(data)
             if self.budget is not None:
                 self.budget.add(len(data))
         if end_stream:
-            stream._end_pending = True
+            stream.end_queued = True
         self._flush_stream(stream)
 
     def credit(self, stream, count):
@@ -430,9 +434,9 @@ class H2Connection(Protocol):
         if self.budget is not None and self.budget.over:
             self.budget.defer(self, stream, count)
             return
-        stream._credit += count
-        if stream._credit * 2 >= self.config.initial_window:
-            increment, stream._credit = stream._credit, 0
+        stream.uncredited += count
+        if stream.uncredited * 2 >= self.config.initial_window:
+            increment, stream.uncredited = stream.uncredited, 0
             stream.recv_window += increment
             self._write(self._window_update_frame(stream.id, increment))
 
@@ -455,7 +459,7 @@ class H2Connection(Protocol):
         for stream in list(self.streams.values()):
             if self._paused:
                 break
-            if stream._pending or stream._end_pending:
+            if stream.queued or stream.end_queued:
                 self._flush_stream(stream)
 
     def stopProducing(self):
@@ -466,7 +470,7 @@ class H2Connection(Protocol):
         if self._paused:
             return
         sent = 0
-        pending = stream._pending
+        pending = stream.queued
         frames = []
         max_frame = self.peer_max_frame_size
         while pending:
@@ -483,22 +487,22 @@ class H2Connection(Protocol):
             stream.send_window -= size
             self.send_window -= size
             sent += size
-            end = not pending and stream._end_pending and stream._trailers_pending is None
+            end = not pending and stream.end_queued and stream.trailers_queued is None
             frames.append(frame_header(size, TYPE_DATA, FLAG_END_STREAM if end else 0, stream.id))
             frames.append(piece)
             self._controls.give(_EARNED_CONTROLS)  # the peer answers DATA with WINDOW_UPDATE
         if not pending:
-            if stream._blocked:
-                stream._blocked = False
+            if stream.blocked:
+                stream.blocked = False
                 self._unblock(stream)
-        elif not stream._blocked and self.send_window <= 0:
-            stream._blocked = True
+        elif not stream.blocked and self.send_window <= 0:
+            stream.blocked = True
             self._blocked.append(stream)
         ended = False
-        if not pending and stream._end_pending:
-            stream._end_pending = False
+        if not pending and stream.end_queued:
+            stream.end_queued = False
             ended = True
-            trailers, stream._trailers_pending = stream._trailers_pending, None
+            trailers, stream.trailers_queued = stream.trailers_queued, None
             if trailers is not None:
                 if frames:
                     self._write_sequence(frames)
@@ -509,7 +513,7 @@ class H2Connection(Protocol):
         if frames:
             self._write_sequence(frames)
         if sent:
-            stream.pending_bytes -= sent
+            stream.queued_bytes -= sent
             if self.budget is not None:
                 self.budget.remove(sent)
         if ended:
@@ -532,19 +536,19 @@ class H2Connection(Protocol):
             self.reset_stream(stream, ERROR_NO_ERROR)
 
     def _forget_pending(self, stream):
-        if stream.pending_bytes and self.budget is not None:
-            self.budget.remove(stream.pending_bytes)
-        stream._pending.clear()
-        stream.pending_bytes = 0
-        stream._end_pending = False
-        stream._trailers_pending = None
+        if stream.queued_bytes and self.budget is not None:
+            self.budget.remove(stream.queued_bytes)
+        stream.queued.clear()
+        stream.queued_bytes = 0
+        stream.end_queued = False
+        stream.trailers_queued = None
 
     def _stream_closed(self, stream):
         if self.streams.pop(stream.id, None) is None:
             return
         self._forget_pending(stream)
-        if stream._blocked:
-            stream._blocked = False
+        if stream.blocked:
+            stream.blocked = False
             self._unblock(stream)
         if not self.streams:
             if self.go_away_sent or self.go_away_received is not None:
@@ -859,7 +863,7 @@ class H2Connection(Protocol):
                         raise H2ConnectionError(ERROR_FLOW_CONTROL_ERROR, "window overflow")
                 if delta > 0:
                     for stream in list(self.streams.values()):
-                        if stream._pending or stream._end_pending:
+                        if stream.queued or stream.end_queued:
                             self._flush_stream(stream)
         elif identifier == SETTINGS_MAX_FRAME_SIZE:
             if not DEFAULT_MAX_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT:
@@ -886,7 +890,7 @@ class H2Connection(Protocol):
             blocked = self._blocked
             while blocked and self.send_window > 0 and not self._paused:
                 stream = blocked.popleft()
-                stream._blocked = False
+                stream.blocked = False
                 if stream.id in self.streams:
                     self._flush_stream(stream)
             return
@@ -902,7 +906,7 @@ class H2Connection(Protocol):
         if stream.send_window > MAX_WINDOW:
             self._stream_error(stream, ERROR_FLOW_CONTROL_ERROR)
             return
-        if stream._pending or stream._end_pending:
+        if stream.queued or stream.end_queued:
             self._flush_stream(stream)
 
     def _ping_frame(self, flags, stream_id, payload):
