@@ -90,7 +90,7 @@ class Stack:
             raise
 
     def _launch(self, args, workdir):
-        self.backend = self._start(Child("backend", [self.programs["echobackend"]]))
+        self.backend = self.adopt(Child("backend", [self.programs["echobackend"]]))
         port = self.backend.read_until(lambda l: l.startswith("listening "), TIMEOUT).split()[1]
         self.backend_address = f"127.0.0.1:{port}"
         self.addresses = {"direct": self.backend_address}
@@ -99,12 +99,12 @@ class Stack:
         server_argv = ["grpcmux-server", "--multiplexer-listener", "127.0.0.1:0",
                        "--proxy-listener", "127.0.0.1:0", "--runtime-dir", workdir / "run",
                        *args.server_arg]
-        self.server = self._start(twistd("grpcmux-server", *server_argv))
+        self.server = self.adopt(twistd("grpcmux-server", *server_argv))
         mux = _event(self.server, "multiplexer endpoint listening")
         proxy = _event(self.server, "proxy endpoint listening")
         self.multiplexer_address = mux["address"]
         self.addresses["proxied"] = proxy["address"]
-        self.client = self._start(twistd(
+        self.client = self.adopt(twistd(
             "grpcmux-client", "grpcmux-client", "--client-id", CLIENT_ID,
             "--multiplexer-address", self.multiplexer_address,
             "--grpc-server-address", self.backend_address))
@@ -112,12 +112,12 @@ class Stack:
         self.processes["proxied"] = {"server": self.server, "client": self.client}
 
         if args.go_original:
-            go_server = self._start(Child("go-server", [
+            go_server = self.adopt(Child("go-server", [
                 self.programs["legacyserver"], "-multiplexer-listener", "127.0.0.1:0",
                 "-proxy-listener", "127.0.0.1:0"]))
             go_mux = go_server.read_until(lambda l: l.startswith("multiplexer "), TIMEOUT)
             go_proxy = go_server.read_until(lambda l: l.startswith("proxy "), TIMEOUT)
-            go_client = self._start(Child("go-client", [
+            go_client = self.adopt(Child("go-client", [
                 self.programs["legacyclient"], "-client-id", CLIENT_ID,
                 "-multiplexer-address", go_mux.split()[1],
                 "-grpc-server-address", self.backend_address]))
@@ -136,11 +136,16 @@ class Stack:
 
     def _relay(self, name, target):
         """A Go TCP relay to ``target``: (its Child, its address)."""
-        relay = self._start(Child(name, [self.programs["relay"], "-target", target]))
+        relay = self.adopt(Child(name, [self.programs["relay"], "-target", target]))
         port = relay.read_until(lambda l: l.startswith("listening "), TIMEOUT).split()[1]
         return relay, f"127.0.0.1:{port}"
 
-    def _start(self, child):
+    def adopt(self, child):
+        """Own ``child`` (a started Child), so that ``stop()`` ends it; returns it.
+
+        Measurements that start processes of their own (the memory crowd) adopt
+        them, so that a failed run leaves nothing running.
+        """
         self.children.append(child)
         return child
 
@@ -265,9 +270,9 @@ def measure_memory(stack, args):
         _progress(f"memory: at most {fd_cap} clients fit in the open-file limit {hard}")
     out = {"unit": "KiB", "target_kib_per_client": GO_KIB_PER_IDLE_CLIENT,
            "requested": args.idle_clients, "fd_limit": hard, "levels": []}
-    crowd = stack._start(Child("crowd", [sys.executable, HERE / "crowd.py",
-                                         "--multiplexer", stack.multiplexer_address,
-                                         "--backend", stack.backend_address]))
+    crowd = stack.adopt(Child("crowd", [sys.executable, HERE / "crowd.py",
+                                        "--multiplexer", stack.multiplexer_address,
+                                        "--backend", stack.backend_address]))
     crowd.read_until(lambda l: l == "ready", TIMEOUT)
     connect_seconds = 0.0
     for level in levels:

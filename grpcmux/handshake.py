@@ -81,6 +81,11 @@ class MessageReader:
         self._max_size = max_size
         self._buffer = bytearray()
 
+    @property
+    def buffered(self):
+        """Bytes of an incomplete message kept until the rest of it is fed."""
+        return len(self._buffer)
+
     def feed(self, data):
         """Add bytes; return the complete message bodies now available."""
         self._buffer += data
@@ -173,6 +178,17 @@ class ServerHandshake(_Preamble):
         self._done = False
         self._accepted = False
         self._after_reject = None
+
+    @property
+    def preamble_buffered(self):
+        """Bytes of an id line, of the magic or of a legacy client's early frames
+        kept between reads (at most the caps above; none once accepted)."""
+        return len(self._buffer or b"")
+
+    @property
+    def message_buffered(self):
+        """Bytes of an incomplete native handshake message kept between reads."""
+        return self._reader.buffered
 
     def preamble_received(self, data):
         if self._accepted and self.wire_protocol == WIRE_NATIVE:

@@ -212,6 +212,11 @@ class ServerMetrics:
             stats = self._client_stats[client_id] = ClientStats(self._clock)
         return stats
 
+    @property
+    def client_ids_with_stats(self):
+        """The ids that have ClientStats now (sorted): connected ones only."""
+        return sorted(self._client_stats)
+
     def clients(self):
         """A ClientStatus per connected client, by id (reactor thread)."""
         server = self._live.server

@@ -161,12 +161,12 @@ def test_legacy_id_line_of_a_mebibyte_fails_without_buffering_it():
     for _ in range(256):
         server.feed(chunk, one_byte_at_a_time=False)
     assert len(server.failures) == 1
-    assert len(server.handshake._buffer) < MAX_ID_LINE
+    assert server.handshake.preamble_buffered < MAX_ID_LINE
 
 
 def buffered(handshake):
     """Bytes the handshake keeps between reads."""
-    return len(handshake._buffer or b"") + len(handshake._reader._buffer)
+    return handshake.preamble_buffered + handshake.message_buffered
 
 
 @pytest.mark.parametrize(

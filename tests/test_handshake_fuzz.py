@@ -78,8 +78,7 @@ class Run:
         self.pair.server.abort()
 
     def kept(self):
-        handshake = self.handshake
-        return len(handshake._buffer or b""), len(handshake._reader._buffer)
+        return self.handshake.preamble_buffered, self.handshake.message_buffered
 
 
 def check(chunks):

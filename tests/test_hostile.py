@@ -48,7 +48,7 @@ SYN = f.FLAG_SYN
 def held(connection):
     """Bytes the server holds for one client connection right now."""
     handshake = connection.handshake
-    total = len(handshake._buffer or b"") + len(handshake._reader._buffer)
+    total = handshake.preamble_buffered + handshake.message_buffered
     for session in (connection.session, connection.inner_session):
         if session is None:
             continue

@@ -824,7 +824,7 @@ def test_connection_window_is_credited_on_receipt_upstream(h):
     assert (window.stream_id, window.increment) == (0, 2**31 - 1 - 65535)
     # The stream's DATA waits for the caller; the connection's window is not held.
     upstream.send(h2.data(1, b"q" * 16384) * 8)
-    assert upstream.protocol._recv_unacked == 8 * 16384
+    assert upstream.protocol.receive_credit_owed == 8 * 16384
 
 
 # -- hostile callers ----------------------------------------------------------------
@@ -996,7 +996,7 @@ def test_stream_ids_near_the_end_move_to_a_fresh_connection(h):
     first = tunnel.upstream
     first.respond(1)
     last = 2**31 - 1 - 2000  # the connection keeps a margin below 2^31 - 1
-    first.protocol._next_stream_id = last
+    first.protocol.skip_stream_ids(last)
     caller.call(3, end_stream=True)
     assert forwarded(first)[-1].stream_id == last
     caller.call(5, end_stream=True)

@@ -26,7 +26,7 @@ async def until(reactor, predicate, what):
 
 def watching(mux, count):
     """Wait until ``count`` Watch calls have joined the service's event log."""
-    discovery = mux.service.local._discovery
+    discovery = mux.service.local.discovery
     return until(mux.reactor, lambda: discovery.watching() == count, f"{count} watching")
 
 
@@ -163,7 +163,7 @@ def test_readers_end_after_what_they_have_not_read_and_late_joiners_not_at_all()
     assert log.next_batch(reader) is _END and woken
     assert not log.join(_Reader(lambda: None))
     log.leave(reader)
-    assert log.readers == 0 and log._ring == [None] * 3  # nothing kept for nobody
+    assert log.readers == 0 and log.kept == 0  # nothing kept for nobody
 
 
 @pytest.mark.parametrize("engine", sorted(ENGINES))
@@ -172,7 +172,7 @@ async def test_a_watcher_that_never_reads_is_ended_and_others_keep_watching(
         reactor, tmp_path, engine, log_events):
     limit = 20
     mux = Mux(reactor, tmp_path, settings={"watch_queue_limit": limit}, **ENGINES[engine])
-    discovery = mux.service.local._discovery
+    discovery = mux.service.local.discovery
     # A connection of its own, whose window does not grow (BDP probing would let
     # grpc's client take in the stalled stream's messages, not the server hold them).
     stalled_channel = grpc.insecure_channel(
@@ -198,7 +198,7 @@ async def test_a_watcher_that_never_reads_is_ended_and_others_keep_watching(
                 mux.registry.add(info)
                 mux.registry.remove(info.client_id)
                 sent += [info.client_id] * 2
-            assert sum(e is not None for e in discovery._events._ring) <= limit
+            assert discovery.events_kept() <= limit
             await until(reactor, lambda: len(seen) == len(sent), "the reader caught up")
         mux.connect("after")  # the reading watcher goes on
         await until(reactor, lambda: seen[-1:] == ["after"], "the reader saw 'after'")
@@ -223,7 +223,7 @@ async def test_a_watcher_that_never_reads_is_ended_and_others_keep_watching(
         reading.cancel()
         await reader
         await watching(mux, 0)
-        assert discovery._events._ring == [None] * limit  # nothing kept once nobody watches
+        assert discovery.events_kept() == 0  # nothing kept once nobody watches
     finally:
         stalled_channel.close()
         await mux.stop()

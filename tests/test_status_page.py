@@ -235,7 +235,7 @@ def test_calls_count_while_connected_and_never_for_ids_not_connected():
     for i in range(100):
         metrics.call_finished(f"nobody-{i}", "NOT_FOUND", 0.001, 0, 0)
     metrics.call_finished("", "OK", 0.001, 0, 0)  # the proxy's own services
-    assert metrics._client_stats == {}
+    assert metrics.client_ids_with_stats == []
     server.registry.add(ClientInfo(client_id="a", connected_at=0.0, remote_address="x:1",
                                    wire_protocol="native"))
     metrics.call_finished("a", "OK", 0.001, 5, 5)
@@ -243,7 +243,7 @@ def test_calls_count_while_connected_and_never_for_ids_not_connected():
     (row,) = metrics.clients()
     assert (row.client_id, row.calls, row.errors, row.bytes_received) == ("a", 2, 1, None)
     server.registry.remove("a")
-    assert metrics._client_stats == {} and metrics.clients() == []
+    assert metrics.client_ids_with_stats == [] and metrics.clients() == []
 
 
 def test_optional_columns_show_only_when_some_client_has_a_value():

@@ -434,7 +434,7 @@ TWISTD = textwrap.dedent(
             from twisted.internet import reactor
             self.log.info("info from the service")
             self.log.warn("client {client_id} is slow", client_id="zed")
-            logging.getLogger("grpc._server").error("grpc says %s", "hello")
+            logging.getLogger("grpc").error("grpc says %s", "hello")
             reactor.callLater(0, reactor.stop)
 
     import grpcmux.tap.server
@@ -468,7 +468,7 @@ def test_twistd_applies_json_format_and_level(tmp_path):
         ("error", "grpc says hello"),
     ]
     assert records[0]["client_id"] == "zed"
-    assert records[1]["namespace"] == "grpc._server"
+    assert records[1]["namespace"] == "grpc"
 
 
 def test_twistd_pretty_logs_config_file_and_twistd_lines(tmp_path):

@@ -366,6 +366,23 @@ class H2Connection(Protocol):
 
     # -- what the router calls ----------------------------------------------------
 
+    @property
+    def receive_credit_owed(self):
+        """DATA bytes received on the connection and not yet credited back to the
+        peer (a WINDOW_UPDATE on stream 0 goes out once they reach half the window)."""
+        return self._recv_unacked
+
+    def skip_stream_ids(self, next_id):
+        """Make ``next_id`` the id of the next stream we open (client role).
+
+        The ids skipped are never used (RFC 9113 section 5.1.1 allows it), which
+        brings a connection to the end of its id space without opening a billion
+        streams first.
+        """
+        if next_id < self._next_stream_id or (next_id - self._next_stream_id) % 2:
+            raise ValueError(f"stream id {next_id} is not one of ours still unused")
+        self._next_stream_id = next_id
+
     def can_open_stream(self):
         """Whether a new stream may be opened now (client role)."""
         if self.closed or self.go_away_received is not None or self.go_away_sent:

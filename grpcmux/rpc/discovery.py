@@ -192,6 +192,12 @@ class _EventLog:
     def readers(self):
         return len(self._readers)
 
+    @property
+    def kept(self):
+        """Events held now: at most ``limit``, and none while nobody watches."""
+        with self._lock:
+            return sum(entry is not None for entry in self._ring)
+
 
 class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     """Discovery for grpc.aio: runs on the server's asyncio loop; a Watch costs no thread.
@@ -242,6 +248,10 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     def watching(self):
         """Watch calls in progress (that have joined the event log)."""
         return self._events.readers
+
+    def events_kept(self):
+        """Registry changes held for Watch callers now (the memory they cost)."""
+        return self._events.kept
 
     def close(self):
         """End every Watch stream (status OK), now and later: the server is stopping."""

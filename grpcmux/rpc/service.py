@@ -50,6 +50,11 @@ class LocalServices:
         self._discovery = None
         self._health = None
 
+    @property
+    def discovery(self):
+        """The Discovery servicer (AsyncDiscoveryServicer) once started, else None."""
+        return self._discovery
+
     def start(self):
         """Bind and start; waits (briefly) for the loop thread. OSError if it cannot bind."""
         self._loop = asyncio.new_event_loop()
