@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from grpcmux.writes import BATCH
+from grpcmux.writes import BATCH, batched
 
 
 @implementer(IHalfCloseableProtocol)
@@ -32,14 +32,11 @@ class SpliceProtocol(Protocol):
         if self.peer is None:
             self.transport.pauseProducing()
 
+    @batched
     def dataReceived(self, data):
         transport = self.peer.transport
-        BATCH.begin()
-        try:
-            transport.write(data)
-            BATCH.wrote(transport)
-        finally:
-            BATCH.end()
+        transport.write(data)
+        BATCH.wrote(transport)
 
     def readConnectionLost(self):
         if self.peer is not None:

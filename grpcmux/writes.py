@@ -8,14 +8,16 @@ so each hop of a call paid one more reactor turn per send (two ``epoll_ctl``, on
 end of the read instead: still one send per connection written to, as Twisted's
 own coalescing gives, one turn earlier.
 
-Readers (the yamux session, an HTTP/2 connection, a splice end) bracket their
-``dataReceived`` with :meth:`WriteBatch.begin` and :meth:`WriteBatch.end`; writers
+Readers (the yamux session, an HTTP/2 connection, a splice end) decorate their
+``dataReceived`` with :func:`batched`; writers
 report the transports they wrote with :meth:`WriteBatch.wrote`.  Only socket
 transports (Twisted ``FileDescriptor``) are sent early; anything else (TLS, a yamux
 stream, a test's ``StringTransport``) is left alone: its bytes reach a socket
 transport that is.  Writes outside a read (timers, a resumed producer) take
 Twisted's usual path.
 """
+
+import functools
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
@@ -87,3 +89,16 @@ def send_now(transport):
 
 #: The process's batch: there is one reactor, and one read is handled at a time.
 BATCH = WriteBatch()
+
+
+def batched(data_received):
+    """Decorate a protocol's ``dataReceived``: what it writes to sockets goes out as it
+    returns (or as the outermost read it is nested in returns)."""
+    @functools.wraps(data_received)
+    def handle(self, data):
+        BATCH.begin()
+        try:
+            return data_received(self, data)
+        finally:
+            BATCH.end()
+    return handle

@@ -1019,12 +1019,18 @@ def test_upstream_header_table_size_is_honoured_up_to_ours(h):
     assert upstream.reader.decoder.header_table.maxsize == 0
 
 
-def test_upstream_ping_is_answered(h):
+def pinged_upstream(h):
+    """A call in progress whose upstream has just sent a PING; (caller, upstream)."""
     caller = h.caller()
     caller.call(1)
     upstream = h.tunnels["alpha"].upstream
     upstream.frames()
     upstream.send(h2.ping(b"upstream"))
+    return caller, upstream
+
+
+def test_upstream_ping_is_answered(h):
+    _, upstream = pinged_upstream(h)
     assert upstream.frames() == []  # held for the next request, or the ack delay
     h.clock.advance(H2Config().ping_ack_delay)
     (answer,) = upstream.frames()
@@ -1032,11 +1038,7 @@ def test_upstream_ping_is_answered(h):
 
 
 def test_upstream_ping_ack_rides_with_the_next_request(h):
-    caller = h.caller()
-    caller.call(1)
-    upstream = h.tunnels["alpha"].upstream
-    upstream.frames()
-    upstream.send(h2.ping(b"upstream"))
+    caller, upstream = pinged_upstream(h)
     caller.send(h2.data(1, b"more", end_stream=True))
     ack, data = upstream.frames()
     assert ack.type == TYPE_PING and ack.ack and ack.payload == b"upstream"

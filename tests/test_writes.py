@@ -105,3 +105,28 @@ def test_a_failed_send_stays_registered_so_the_reactor_closes_it():
     socket = FakeSocket(result=CONNECTION_LOST)
     send_now(socket)
     assert socket.sends == 1 and socket.writing == 1
+
+
+def test_batched_data_received_sends_as_it_returns_even_when_it_raises():
+    from grpcmux.writes import BATCH, batched
+
+    class Reader:
+        def __init__(self):
+            self.socket = FakeSocket()
+
+        @batched
+        def dataReceived(self, data):
+            BATCH.wrote(self.socket)
+            assert self.socket.sends == 0 and BATCH.active
+            if data == b"boom":
+                raise ValueError(data)
+
+    reader = Reader()
+    reader.dataReceived(b"x")
+    assert reader.socket.sends == 1 and not BATCH.active
+    failing = Reader()
+    try:
+        failing.dataReceived(b"boom")
+    except ValueError:
+        pass
+    assert failing.socket.sends == 1 and not BATCH.active

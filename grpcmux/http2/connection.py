@@ -27,7 +27,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from grpcmux.writes import BATCH
+from grpcmux.writes import BATCH, batched
 
 from .hpack_cache import CachingDecoder, CachingEncoder
 from .frames import (
@@ -580,14 +580,8 @@ class H2Connection(Protocol):
 
     # -- receiving ----------------------------------------------------------
 
+    @batched
     def dataReceived(self, data):
-        BATCH.begin()
-        try:
-            self._receive(data)
-        finally:
-            BATCH.end()
-
-    def _receive(self, data):
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""

@@ -41,7 +41,7 @@ from .frame import (
     FrameParser,
     encode_header,
 )
-from grpcmux.writes import BATCH
+from grpcmux.writes import batched
 
 from .sender import Sender
 from .stream import YamuxStream
@@ -123,17 +123,11 @@ class YamuxSession(Protocol):
         if self.config.enable_keepalive:
             self._schedule_keepalive()
 
+    @batched
     def dataReceived(self, data):
         self.bytes_received += len(data)
         if self.closed:
             return
-        BATCH.begin()
-        try:
-            self._receive(data)
-        finally:
-            BATCH.end()
-
-    def _receive(self, data):
         sender = self.sender
         sender.receiving = True
         try:

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
+	"syscall"
 )
 
 // Parse parses os.Args for program name; no positional arguments are accepted.
@@ -34,4 +36,23 @@ func Parse(name string) {
 func Fail(name, format string, args ...interface{}) {
 	fmt.Fprintf(os.Stderr, name+": "+format+"\n", args...)
 	os.Exit(2)
+}
+
+// WaitForStop returns on SIGTERM or SIGINT or, when stdin is a pipe (a parent's),
+// once that pipe closes: a benchmark program never outlives its harness.
+func WaitForStop() {
+	done := make(chan struct{}, 2)
+	if info, err := os.Stdin.Stat(); err == nil && info.Mode()&os.ModeNamedPipe != 0 {
+		go func() {
+			io.Copy(io.Discard, os.Stdin)
+			done <- struct{}{}
+		}()
+	}
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		<-signals
+		done <- struct{}{}
+	}()
+	<-done
 }

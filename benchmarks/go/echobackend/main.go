@@ -14,10 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"os/signal"
 	"sync"
-	"syscall"
 
 	"google.golang.org/grpc"
 
@@ -129,19 +126,6 @@ func main() {
 	go server.Serve(listener)
 	fmt.Printf("listening %d\n", listener.Addr().(*net.TCPAddr).Port)
 
-	done := make(chan struct{}, 2)
-	if info, err := os.Stdin.Stat(); err == nil && info.Mode()&os.ModeNamedPipe != 0 {
-		go func() {
-			io.Copy(io.Discard, os.Stdin)
-			done <- struct{}{}
-		}()
-	}
-	signals := make(chan os.Signal, 1)
-	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
-	go func() {
-		<-signals
-		done <- struct{}{}
-	}()
-	<-done
+	cli.WaitForStop()
 	server.Stop()
 }

@@ -16,8 +16,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/signal"
-	"syscall"
 
 	"grpcmuxbench/cli"
 )
@@ -64,18 +62,5 @@ func main() {
 	}()
 	fmt.Printf("listening %d\n", listener.Addr().(*net.TCPAddr).Port)
 
-	done := make(chan struct{}, 2)
-	if info, err := os.Stdin.Stat(); err == nil && info.Mode()&os.ModeNamedPipe != 0 {
-		go func() {
-			io.Copy(io.Discard, os.Stdin)
-			done <- struct{}{}
-		}()
-	}
-	signals := make(chan os.Signal, 1)
-	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
-	go func() {
-		<-signals
-		done <- struct{}{}
-	}()
-	<-done
+	cli.WaitForStop()
 }
