@@ -9,7 +9,7 @@ from twisted.logger import formatEvent
 from grpcmux._proto.grpc.multiplexer.v1 import discovery_pb2 as pb
 from grpcmux._proto.grpc.multiplexer.v1.discovery_pb2_grpc import DiscoveryServiceStub
 from grpcmux.registry import ClientInfo
-from grpcmux.rpc.discovery import _END, _OVERFLOW, _EventLog, _Reader
+from grpcmux.rpc.discovery import END_OF_WATCH, OVERFLOW, EventLog, WatchReader
 from rpc_backend import ENGINES, Mux
 
 CONNECTED = pb.WatchGRPCServerResponse.EVENT_CONNECTED
@@ -131,10 +131,10 @@ def names(batch):
 
 
 def test_the_event_log_keeps_the_last_limit_events_for_its_readers():
-    log = _EventLog(3)
+    log = EventLog(3)
     log.append(Event("before"))  # nobody reads: not kept
     woken = []
-    slow, quick = _Reader(lambda: woken.append("slow")), _Reader(lambda: woken.append("quick"))
+    slow, quick = WatchReader(lambda: woken.append("slow")), WatchReader(lambda: woken.append("quick"))
     assert log.join(slow) and log.join(quick)
     for name in "abc":
         log.append(Event(name))
@@ -144,15 +144,15 @@ def test_the_event_log_keeps_the_last_limit_events_for_its_readers():
     log.append(Event("e"))
     assert woken == ["quick"]  # once, and only the one waiting
     assert names(log.next_batch(quick)) == ["d", "e"]
-    assert log.next_batch(slow) is _OVERFLOW
+    assert log.next_batch(slow) is OVERFLOW
     log.leave(slow)
-    assert log.next_batch(slow) is _END and log.readers == 1 and woken[-1] == "slow"
+    assert log.next_batch(slow) is END_OF_WATCH and log.readers == 1 and woken[-1] == "slow"
 
 
 def test_readers_end_after_what_they_have_not_read_and_late_joiners_not_at_all():
-    log = _EventLog(3)
+    log = EventLog(3)
     woken = []
-    reader, gone = _Reader(lambda: woken.append(True)), _Reader(lambda: None)
+    reader, gone = WatchReader(lambda: woken.append(True)), WatchReader(lambda: None)
     log.join(reader)
     log.append(Event("a"))
     log.leave(gone)  # its call ended before it joined
@@ -160,8 +160,8 @@ def test_readers_end_after_what_they_have_not_read_and_late_joiners_not_at_all()
     log.close()
     log.append(Event("after"))
     assert names(log.next_batch(reader)) == ["a"]
-    assert log.next_batch(reader) is _END and woken
-    assert not log.join(_Reader(lambda: None))
+    assert log.next_batch(reader) is END_OF_WATCH and woken
+    assert not log.join(WatchReader(lambda: None))
     log.leave(reader)
     assert log.readers == 0 and log.kept == 0  # nothing kept for nobody
 

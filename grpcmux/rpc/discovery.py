@@ -48,9 +48,9 @@ _HEALTH = {
     NOT_SERVING: discovery_pb2.GRPCServer.HEALTH_NOT_SERVING,
 }
 # Ends a watcher's stream: its call ended, or the server stops.
-_END = object()
+END_OF_WATCH = object()
 # Ends a watcher's stream in place of its events when it fell too far behind.
-_OVERFLOW = object()
+OVERFLOW = object()
 # How long a new watcher waits for the reactor to let it join the event log.
 SUBSCRIBE_TIMEOUT = 5.0
 
@@ -102,7 +102,7 @@ def _overflow_details(limit):
             "(with replay) to catch up")
 
 
-class _Reader:
+class WatchReader:
     """One Watch caller's place in the event log; ``wake()`` (any thread) tells it,
     when it waits, that something happened."""
 
@@ -110,12 +110,12 @@ class _Reader:
 
     def __init__(self, wake, updates=False):
         self.position = None  # the sequence number of its next event
-        self.end_at = None  # ending: its events before this one, then _END
+        self.end_at = None  # ending: its events before this one, then END_OF_WATCH
         self.wake = wake
         self.updates = updates  # it asked for UPDATED events (health changes)
 
 
-class _EventLog:
+class EventLog:
     """The registry's last ``limit`` changes, shared by every Watch caller.
 
     The reactor appends; callers read on from their own positions on the asyncio
@@ -173,18 +173,18 @@ class _EventLog:
             reader.wake()
 
     def next_batch(self, reader):
-        """The reader's next events, ``_END``, or ``_OVERFLOW`` when they are gone;
+        """The reader's next events, ``END_OF_WATCH``, or ``OVERFLOW`` when they are gone;
         None when there is nothing yet (``reader.wake`` is called on the next change)."""
         with self._lock:
             end = self._next if reader.end_at is None else min(reader.end_at, self._next)
             if reader.position is not None and reader.position < end:
                 if reader.position < self._next - self.limit:
-                    return _OVERFLOW
+                    return OVERFLOW
                 batch = [self._ring[n % self.limit] for n in range(reader.position, end)]
                 reader.position = end
                 return batch
             if reader.end_at is not None:
-                return _END
+                return END_OF_WATCH
             self._waiting.add(reader)
             return None
 
@@ -213,7 +213,7 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         self._reactor = reactor
         self._registry = registry
         self._tokens = tokens
-        self._events = _EventLog(queue_limit)
+        self._events = EventLog(queue_limit)
         self._unsubscribe = None  # reactor thread only
 
     def _join(self, reader, replay):
@@ -283,7 +283,7 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
             except RuntimeError:
                 pass  # the loop is closed: the server is gone
 
-        reader = _Reader(wake, updates=request.updates)
+        reader = WatchReader(wake, updates=request.updates)
         try:
             try:
                 replay = await await_in_reactor(self._reactor, self._join, reader,
@@ -302,9 +302,9 @@ class AsyncDiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                     await arrived.wait()
                     arrived.clear()
                     continue
-                if batch is _END:
+                if batch is END_OF_WATCH:
                     return
-                if batch is _OVERFLOW:
+                if batch is OVERFLOW:
                     await context.abort(*self._fell_behind(context))
                 for response in self.responses(batch, visible, reader.updates):
                     await context.write(response)
