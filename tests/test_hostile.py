@@ -56,6 +56,8 @@ def held(connection):
         for stream in list(session.streams.values()):
             total += stream.receive_buffered + stream.send_buffered
     transport = connection.session.transport
+    # Twisted has no public count of what a transport buffers: read FileDescriptor's
+    # own fields (the one private read left in the tests, of Twisted, not of ours).
     if transport is not None and hasattr(transport, "_tempDataLen"):
         total += len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     return total
