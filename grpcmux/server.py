@@ -25,21 +25,10 @@ from grpcmux.lingering import LingeringTransports
 from grpcmux.listening import listen
 from grpcmux.metrics import ServerMetrics
 from grpcmux.registry import ClientInfo
-from grpcmux.yamux.config import YamuxConfig
 from grpcmux.yamux.frame import GO_AWAY_NORMAL
 
 #: Seconds between two log lines saying that the handshake limit holds connections back.
 HANDSHAKE_LIMIT_LOG_INTERVAL = 60.0
-
-
-def session_config(settings):
-    """The yamux configuration of client sessions under the server ``settings``."""
-    return YamuxConfig(
-        keepalive_interval=settings.keepalive_interval,
-        connection_write_timeout=settings.keepalive_timeout,
-        max_streams=settings.max_streams_per_client,
-        max_stream_window_size=settings.stream_window,
-    )
 
 
 class MultiplexerServer(Service):
@@ -58,7 +47,7 @@ class MultiplexerServer(Service):
         self.settings = settings
         self.tls_options = settings.tls_options  # None: plain TCP/UNIX listener
         self.admission = Admission.from_settings(settings)
-        self.yamux_config = session_config(settings)
+        self.yamux_config = settings.yamux_config(max_streams=settings.max_streams_per_client)
         self.clients = ClientTable(reactor, settings, self.admission, cluster_claims)
         self.lingering = LingeringTransports(reactor)
         self.port = None
