@@ -939,35 +939,37 @@ class H2Connection(Protocol):
         self._held_acks.append(frame)
         delay = self.config.ping_ack_delay
         if not delay or len(self._held_acks) >= _MAX_HELD_ACKS:
-            self._write(b"")
+            self._write_sequence(())
         elif self._ack_timer is None:
             self._ack_timer = self.clock.callLater(delay, self._release_acks)
 
     def _release_acks(self):
         self._ack_timer = None
         if not self.closed:
-            self._write(b"")
+            self._write_sequence(())
+
+    def _take_acks(self):
+        """The held PING ACKs, to be written now: their timer is off."""
+        acks, self._held_acks = self._held_acks, []
+        timer, self._ack_timer = self._ack_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        return acks
 
     def _write(self, data):
         """Write to the transport, behind any held PING ACKs."""
-        acks = self._held_acks
-        if acks:
-            self._held_acks = []
-            timer, self._ack_timer = self._ack_timer, None
-            if timer is not None and timer.active():
-                timer.cancel()
-            acks.append(data)
-            self.transport.writeSequence(acks)
-        else:
-            self.transport.write(data)
+        if self._held_acks:
+            self._write_sequence((data,))
+            return
+        self.transport.write(data)
         BATCH.wrote(self.transport)
 
     def _write_sequence(self, frames):
+        """Write ``frames`` to the transport, behind any held PING ACKs."""
         if self._held_acks:
-            self._write(b"".join(frames))
-        else:
-            self.transport.writeSequence(frames)
-            BATCH.wrote(self.transport)
+            frames = self._take_acks() + list(frames)
+        self.transport.writeSequence(frames)
+        BATCH.wrote(self.transport)
 
     def _go_away_frame(self, stream_id, payload):
         if stream_id != 0:
