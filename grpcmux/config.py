@@ -411,7 +411,7 @@ _LIMIT_OPTIONS = (
             "is ended with RESOURCE_EXHAUSTED (watch again with replay)."),
 )
 
-# Security of the multiplexer endpoint (README "Security").
+# Security of the multiplexer endpoint (docs/security.rst).
 _SERVER_SECURITY_OPTIONS = (
     _Option("tls-cert", "str", _check_path,
             "TLS certificate (PEM, leaf first, then intermediates) for the multiplexer "
@@ -452,7 +452,7 @@ _CLIENT_SECURITY_OPTIONS = (
             "File holding the token sent to the server.", optional=True),
 )
 
-# Cluster mode (README "Cluster"): several servers share one registry in etcd.
+# Cluster mode (docs/cluster.rst): several servers share one registry in etcd.
 _CLUSTER_OPTIONS = (
     _Option("cluster-etcd", "str", _check_etcd_urls,
             "etcd client URLs (http(s)://HOST:PORT, comma-separated): turns cluster "
@@ -634,7 +634,7 @@ class ServerSettings(_CommonSettings):
     proxy_tls_key: Optional[str] = None
     proxy_tls_client_ca: Optional[str] = None
     proxy_auth_tokens: Optional[str] = None
-    # Multiplexer endpoint security (README "Security").
+    # Multiplexer endpoint security (docs/security.rst).
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     tls_client_ca: Optional[str] = None
@@ -687,7 +687,7 @@ class ClientSettings(_CommonSettings):
     grpc_server_address: str = "localhost:7592"
     labels: Tuple[Tuple[str, str], ...] = ()
     wire_protocol: str = "native"
-    # security (README "Security"); token is the one in effect, read from token_file
+    # security (docs/security.rst); token is the one in effect, read from token_file
     tls: bool = False
     tls_ca: Optional[str] = None
     tls_server_name: Optional[str] = None

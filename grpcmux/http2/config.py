@@ -7,7 +7,7 @@ from dataclasses import dataclass
 class H2Config:
     """Limits and windows of one side of the router (callers or upstreams).
 
-    Every bound here is stated in README's Limits section, with what a peer that
+    Every bound here is stated in docs/limits.rst, with what a peer that
     passes it gets.
     """
 

@@ -256,7 +256,7 @@ class Call:
 
 
 class RouterLimits:
-    """What the router admits (see README's Limits): calls in progress in all and
+    """What the router admits (see docs/limits.rst): calls in progress in all and
     to one client, and the largest message (None: unbounded)."""
 
     __slots__ = ("max_calls", "max_calls_per_client", "max_message_size")
